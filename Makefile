@@ -1,0 +1,45 @@
+# memkern: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# The CPU build on CPU-only machines; override (e.g. TORCH_SPEC=torch==2.11.0) elsewhere.
+# Only installed when the environment has no torch yet, so a bare `torch` is never asked for.
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.memkern-installed
+SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: install demo test bench info cuda-check clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PY) -m pip install -q --upgrade "setuptools>=64" wheel ninja
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')" \
+		|| $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	@touch $@
+
+demo: install
+	$(VENV)/bin/memkern bench --quick
+
+# The Triton kernels run in Triton's interpreter on the CPU; MEMKERN_REQUIRE_BACKENDS turns
+# a missing C++ build or Triton into test failures instead of skips.
+test: install
+	TRITON_INTERPRET=1 MEMKERN_REQUIRE_BACKENDS=cpp,triton $(PY) -m pytest -v --durations=15 tests
+
+bench: install
+	$(VENV)/bin/memkern bench --csv bench/results/cpu.csv
+	$(PY) -m pytest bench --benchmark-only -q
+
+info: install
+	$(VENV)/bin/memkern info
+
+# Compile every csrc/cuda/*.cu for sm_80 and sm_90 (no CUDA build of torch needed).
+cuda-check: install
+	$(PY) -m pytest -v tests/test_cuda_compile.py
+
+clean:
+	rm -rf build *.egg-info memkern/_C*.so .pytest_cache .benchmarks

@@ -1,0 +1,32 @@
+// memkern._C: operator schemas and the Python module stub.
+//
+// The ops defined here are the compiled kernels ("cpp" on CPU tensors, "cuda" on CUDA
+// tensors) behind memkern's public operators. The public operators themselves
+// (memkern::quantize_rowwise, ...) are defined in Python with torch.library.custom_op so
+// they exist, with fake and autograd implementations, even when this extension is not
+// built; memkern/backends.py decides per call whether they run these kernels, a Triton
+// kernel or the PyTorch reference. Keeping one schema per kernel here and the per-device
+// implementations in cpu/*.cpp and cuda/*.cpp is the layout of PyTorch's custom-op tutorial.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(memkern, m) {
+  // quantize_rowwise: symmetric absmax int8 per row; see memkern/ops/quantize.py.
+  m.def("quantize_rowwise_kernel(Tensor x) -> (Tensor q, Tensor scale)");
+}
+
+extern "C" {
+// Importing memkern._C loads this library, which runs the TORCH_LIBRARY registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "memkern compiled kernels", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef MEMKERN_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}
+}

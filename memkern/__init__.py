@@ -1,0 +1,13 @@
+"""memkern: memory-saving fused kernels for distilling, pruning and quantising LLMs."""
+from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it is missing)
+from memkern import backends, nn, ops
+from memkern.backends import BackendUnavailable, use_backend
+
+try:
+    __version__ = _dist_version("memkern")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["BackendUnavailable", "backends", "nn", "ops", "use_backend", "__version__"]

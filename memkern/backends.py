@@ -1,0 +1,223 @@
+"""The one place that picks an implementation for each op call.
+
+Every op owns an :class:`OpTable` of implementations, one per backend:
+
+* ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``)
+* ``cuda``:   the CUDA kernels in memkern._C (CUDA tensors, CUDA build only)
+* ``cpp``:    the C++ CPU kernels in memkern._C (CPU tensors)
+* ``torch``:  the plain-PyTorch reference (anything)
+
+Each implementation can say why it cannot run on given inputs (not built, device, dtype,
+shape). Unless a backend is forced, a call runs the first implementation in the op's
+preference order for the input's device type that can run; ``torch`` always can, so a
+call never fails for lack of a backend. A backend is forced with ``MEMKERN_BACKEND=name``
+or ``with memkern.use_backend(name):`` (the context manager wins); forcing one that
+cannot run raises :class:`BackendUnavailable` listing every backend's reasons.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from memkern import _library
+
+BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpp", "torch")
+
+# Default order per device type when an op does not give its own. On CUDA the hand-written
+# CUDA kernel goes before Triton: both are bandwidth-bound for the simple ops, and the C++
+# launch path costs a few microseconds where Triton's Python launch costs tens.
+DEFAULT_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+ENV_VAR = "MEMKERN_BACKEND"
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("memkern_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run the given inputs."""
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or, failing that, by ``MEMKERN_BACKEND``."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip()
+    return _check_name(env, ENV_VAR) if env else None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every memkern op called inside the block onto backend ``name``.
+
+    ``None`` lifts an enclosing ``use_backend`` inside the block (``MEMKERN_BACKEND``, if
+    set, then applies again).
+    """
+    if name is not None:
+        _check_name(name, "use_backend")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _build_reason(backend: str) -> str | None:
+    """Why a backend is absent from this installation, whatever the inputs."""
+    if backend in ("cpp", "cuda") and not _library.has_cpp():
+        return f"memkern._C is not built ({_library.cpp_error()})"
+    if backend == "cuda" and not _library.has_cuda_ext():
+        return "memkern._C was built without CUDA kernels"
+    if backend == "triton" and not _library.has_triton():
+        return _library.triton_error()
+    return None
+
+
+def _device_reason(backend: str, device_type: str) -> str | None:
+    """Why a backend cannot run on tensors of ``device_type``."""
+    if backend == "cpp" and device_type != "cpu":
+        return f"runs on CPU tensors only, got {device_type}"
+    if backend == "cuda" and device_type != "cuda":
+        return f"runs on CUDA tensors only, got {device_type}"
+    if backend == "triton":
+        if device_type == "cpu" and not _library.triton_interpret():
+            return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+        if device_type not in ("cpu", "cuda"):
+            return f"runs on CUDA tensors, got {device_type}"
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    backend: str
+    fn: Callable[..., Any]
+    dtypes: frozenset[torch.dtype] | None = None
+    """Dtypes of the op's primary tensor that this implementation handles (None: any)."""
+    check: Callable[..., str | None] | None = None
+    """Extra constraint on the arguments: returns why it cannot run, or None."""
+
+
+@dataclass
+class OpTable:
+    """The implementations of one op and the rule that picks among them."""
+
+    name: str
+    preference: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
+    impls: dict[str, Implementation] = field(default_factory=dict)
+
+    def register(
+        self,
+        backend: str,
+        *,
+        dtypes: Sequence[torch.dtype] | None = None,
+        check: Callable[..., str | None] | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: ``fn`` implements this op on ``backend``."""
+        _check_name(backend, f"{self.name}.register")
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.impls[backend] = Implementation(
+                backend, fn, frozenset(dtypes) if dtypes is not None else None, check
+            )
+            return fn
+
+        return decorate
+
+    # -- why / why not -------------------------------------------------------------
+    def reason(self, backend: str, *args: Any, **kwargs: Any) -> str | None:
+        """Why ``backend`` cannot run this op on these arguments (None: it can)."""
+        impl = self.impls.get(backend)
+        if impl is None:
+            return f"{self.name} has no {backend} implementation"
+        reason = _build_reason(backend)
+        if reason is not None:
+            return reason
+        primary = _primary_tensor(args)
+        if primary is not None:
+            reason = _device_reason(backend, primary.device.type)
+            if reason is not None:
+                return reason
+            if impl.dtypes is not None and primary.dtype not in impl.dtypes:
+                names = ", ".join(sorted(str(d).removeprefix("torch.") for d in impl.dtypes))
+                return f"dtype {str(primary.dtype).removeprefix('torch.')} not supported (supports {names})"
+        if impl.check is not None:
+            return impl.check(*args, **kwargs)
+        return None
+
+    def reasons(self, *args: Any, **kwargs: Any) -> dict[str, str | None]:
+        return {b: self.reason(b, *args, **kwargs) for b in BACKENDS}
+
+    def static_reason(self, backend: str, device_type: str) -> str | None:
+        """Why ``backend`` cannot run this op on ``device_type`` whatever the inputs."""
+        if backend not in self.impls:
+            return f"{self.name} has no {backend} implementation"
+        return _build_reason(backend) or _device_reason(backend, device_type)
+
+    def default_backend(self, device_type: str) -> str:
+        """The backend an unforced call on ``device_type`` tensors uses (inputs allowing)."""
+        for backend in self.preference.get(device_type, ("torch",)):
+            if self.static_reason(backend, device_type) is None:
+                return backend
+        return "torch"
+
+    # -- choice --------------------------------------------------------------------
+    def select(self, *args: Any, **kwargs: Any) -> Implementation:
+        forced = forced_backend()
+        if forced is not None:
+            reason = self.reason(forced, *args, **kwargs)
+            if reason is not None:
+                details = "\n".join(
+                    f"  {b}: {r or 'available'}" for b, r in self.reasons(*args, **kwargs).items()
+                )
+                raise BackendUnavailable(
+                    f"memkern.{self.name}: backend {forced!r} was forced but cannot run these "
+                    f"inputs: {reason}\nbackends for these inputs:\n{details}"
+                )
+            return self.impls[forced]
+        primary = _primary_tensor(args)
+        device_type = primary.device.type if primary is not None else "cpu"
+        for backend in self.preference.get(device_type, ("torch",)):
+            if self.reason(backend, *args, **kwargs) is None:
+                return self.impls[backend]
+        return self.impls["torch"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.select(*args, **kwargs).fn(*args, **kwargs)
+
+
+def _primary_tensor(args: Sequence[Any]) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+OPS: dict[str, OpTable] = {}
+
+
+def op_table(name: str, preference: dict[str, tuple[str, ...]] | None = None) -> OpTable:
+    """Create and register the table of op ``name``."""
+    if name in OPS:
+        raise ValueError(f"op table {name!r} already exists")
+    table = OpTable(name, dict(preference or DEFAULT_PREFERENCE))
+    OPS[name] = table
+    return table
+
+
+def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
+    """Each backend's reason for not running ``op`` on these arguments (None: it can)."""
+    return OPS[op].reasons(*args, **kwargs)

@@ -1,0 +1,278 @@
+"""Measure a case's providers side by side: median time and peak memory.
+
+Time: on the CPU, wall time of repeated calls after warm-up; on CUDA, CUDA events through
+``triton.testing.do_bench`` (which also flushes L2 between calls).
+Peak memory: on the CPU, each provider runs in a fresh subprocess that builds the inputs,
+warms up, then reports the rise of its peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over the resident set just before the measured call; glibc is told
+to serve large blocks with mmap so freed memory leaves the process and cannot hide a
+peak. On CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+MIB = 1024 * 1024
+CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "metric",
+              "median", "p20", "p80", "version", "date")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One way of computing a case: memkern's op or a baseline users have today."""
+
+    name: str
+    build: Callable[[dict[str, Any]], Callable[[], Any]]
+    """Given the case's inputs, return the zero-argument callable that is measured."""
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: str
+    """A readable label of the problem size, e.g. ``2048x4096``."""
+    dtype: torch.dtype
+    make_inputs: Callable[[torch.device], dict[str, Any]]
+    providers: tuple[Provider, ...]
+    mode: str = "fwd"
+    """``fwd`` or ``fwd+bwd``."""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}/{self.mode}/{self.shape}/{dtype_name(self.dtype)}"
+
+    def provider(self, name: str) -> Provider:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(f"case {self.id} has no provider {name!r}")
+
+    @property
+    def baseline(self) -> Provider:
+        return next(p for p in self.providers if p.baseline)
+
+
+@dataclass
+class Measurement:
+    case: Case
+    provider: str
+    device: str
+    time_ms: tuple[float, float, float]  # median, p20, p80
+    peak_mib: float | None
+    error: str | None = None
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), q[1], q[7]
+
+
+# -- time ------------------------------------------------------------------------------
+def time_cpu(fn: Callable[[], Any], *, warmup: int = 2, min_reps: int = 5,
+             min_seconds: float = 0.3, max_reps: int = 200) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_reps or (time.perf_counter() - start < min_seconds and len(samples) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def time_cuda(fn: Callable[[], Any]) -> tuple[float, float, float]:
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
+# -- peak memory -----------------------------------------------------------------------
+def _rss_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_rss_above_inputs(fn: Callable[[], Any]) -> int:
+    """Rise of this process's peak RSS during one call of ``fn`` (called once before)."""
+    fn()
+    _release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss_bytes("VmRSS")
+    result = fn()
+    peak = _rss_bytes("VmHWM")
+    del result
+    return max(0, peak - before)
+
+
+def peak_cpu_in_subprocess(case: Case, provider: str, quick: bool) -> float:
+    env = dict(os.environ)
+    # A fixed mmap threshold stops glibc from raising it after frees, so every large
+    # tensor is its own mapping, returned to the OS on free: the RSS follows live memory.
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    cmd = [sys.executable, "-m", "memkern.benchmarks.harness", case.id, provider, "1" if quick else "0"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {case.id} {provider}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / MIB
+
+
+def peak_cuda(fn: Callable[[], Any]) -> float:
+    fn()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return max(0, peak - before) / MIB
+
+
+# -- running ---------------------------------------------------------------------------
+def measure(case: Case, provider: Provider, device: str, *, quick: bool, memory: bool = True) -> Measurement:
+    inputs = case.make_inputs(torch.device(device))
+    try:
+        fn = provider.build(inputs)
+        if device == "cuda":
+            t = time_cuda(fn)
+            peak = peak_cuda(fn) if memory else None
+        else:
+            t = time_cpu(fn, min_seconds=0.2 if quick else 1.0)
+            del fn, inputs
+            _release_freed_memory()
+            peak = peak_cpu_in_subprocess(case, provider.name, quick) if memory else None
+    except Exception as exc:  # a failing provider is reported, not fatal to the run
+        return Measurement(case, provider.name, device, (float("nan"),) * 3, None, f"{type(exc).__name__}: {exc}")
+    return Measurement(case, provider.name, device, t, peak)
+
+
+def run(cases: Iterable[Case], device: str, *, quick: bool, memory: bool = True,
+        progress: bool = True) -> list[Measurement]:
+    jobs = [(c, p) for c in cases for p in c.providers]
+    results: list[Measurement] = []
+    if progress:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("benchmarking", total=len(jobs))
+            for case, provider in jobs:
+                bar.update(task, description=f"{case.id} [{provider.name}]")
+                results.append(measure(case, provider, device, quick=quick, memory=memory))
+                bar.advance(task)
+    else:
+        results = [measure(c, p, device, quick=quick, memory=memory) for c, p in jobs]
+    return results
+
+
+# -- reporting -------------------------------------------------------------------------
+def rows(results: Iterable[Measurement], version: str, date: str | None = None) -> list[dict[str, Any]]:
+    date = date or _dt.date.today().isoformat()
+    out = []
+    for m in results:
+        if m.error is not None:
+            continue
+        base = {"op": m.case.op, "provider": m.provider, "mode": m.case.mode, "shape": m.case.shape,
+                "dtype": dtype_name(m.case.dtype), "device": m.device, "version": version, "date": date}
+        med, p20, p80 = m.time_ms
+        out.append({**base, "metric": "time_ms", "median": med, "p20": p20, "p80": p80})
+        if m.peak_mib is not None:
+            out.append({**base, "metric": "peak_mib", "median": m.peak_mib, "p20": m.peak_mib, "p80": m.peak_mib})
+    return out
+
+
+def append_csv(path: str, table_rows: list[dict[str, Any]]) -> None:
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for r in table_rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def print_table(results: list[Measurement], device: str, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or f"memkern bench on {device}: median time and peak memory, "
+                  "ratios against the case's dense baseline")
+    for col in ("op", "mode", "shape", "dtype", "provider"):
+        table.add_column(col, no_wrap=True)
+    for col in ("time ms (p20-p80)", "speedup", "peak MiB", "memory ratio"):
+        table.add_column(col, justify="right", no_wrap=True)
+    by_case: dict[str, list[Measurement]] = {}
+    for m in results:
+        by_case.setdefault(m.case.id, []).append(m)
+    for ms in by_case.values():
+        case = ms[0].case
+        base = next((m for m in ms if m.provider == case.baseline.name and m.error is None), None)
+        for m in ms:
+            if m.error is not None:
+                table.add_row(case.op, case.mode, case.shape, dtype_name(case.dtype), m.provider,
+                              f"[red]failed: {m.error[:60]}", "", "", "")
+                continue
+            med, p20, p80 = m.time_ms
+            speed = f"{base.time_ms[0] / med:.2f}x" if base else "-"
+            mem = f"{m.peak_mib:.1f}" if m.peak_mib is not None else "-"
+            mem_ratio = "-"
+            if base and base.peak_mib and m.peak_mib is not None:
+                mem_ratio = f"{m.peak_mib / base.peak_mib:.2f}"
+            table.add_row(case.op, case.mode, case.shape, dtype_name(case.dtype), m.provider,
+                          f"{med:.3f} ({p20:.3f}-{p80:.3f})", speed, mem, mem_ratio)
+        table.add_section()
+    Console(width=max(150, Console().width)).print(table)
+
+
+def _probe_main(argv: list[str]) -> None:
+    """Subprocess entry: print the peak memory of one provider of one case as JSON."""
+    case_id, provider_name, quick = argv[0], argv[1], argv[2] == "1"
+    from memkern.benchmarks import registry
+
+    case = registry.find(case_id, quick=quick)
+    torch.manual_seed(0)
+    inputs = case.make_inputs(torch.device("cpu"))
+    fn = case.provider(provider_name).build(inputs)
+    print(json.dumps({"peak_bytes": peak_rss_above_inputs(fn)}))
+
+
+if __name__ == "__main__":
+    _probe_main(sys.argv[1:])

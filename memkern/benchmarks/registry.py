@@ -1,0 +1,27 @@
+"""Every benchmark case, by op. A new op family adds its module's ``cases`` here."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from memkern.benchmarks import quantize
+from memkern.benchmarks.harness import Case
+
+FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
+    "quantize_rowwise": quantize.cases,
+}
+
+
+def all_cases(*, quick: bool, ops: Iterable[str] | None = None, device: str | None = None) -> list[Case]:
+    selected = list(FAMILIES) if ops is None else list(ops)
+    unknown = [o for o in selected if o not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown op(s) {', '.join(unknown)}; benchmarks exist for {', '.join(FAMILIES)}")
+    cases = [c for op in selected for c in FAMILIES[op](quick)]
+    return [c for c in cases if device is None or device in c.devices]
+
+
+def find(case_id: str, *, quick: bool) -> Case:
+    for case in all_cases(quick=quick):
+        if case.id == case_id:
+            return case
+    raise KeyError(f"no benchmark case {case_id!r} (quick={quick})")

@@ -1,0 +1,93 @@
+"""`memkern info | bench`."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _info(_: argparse.Namespace) -> int:
+    import torch
+
+    import memkern
+    from memkern import _library, backends
+
+    cuda_ok = torch.cuda.is_available()  # asked here, never at import
+    print(f"memkern   {memkern.__version__}")
+    print(f"python    {platform.python_version()}")
+    print(f"torch     {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    print(f"triton    {_library.triton_version() or 'not available: ' + str(_library.triton_error())}")
+    print(f"cpu       {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"vector unit {torch.backends.cpu.get_cpu_capability()}")
+    if cuda_ok:
+        name = torch.cuda.get_device_name()
+        cap = torch.cuda.get_device_capability()
+        print(f"cuda      {name} (sm_{cap[0]}{cap[1]}), runtime {torch.version.cuda}")
+    else:
+        print("cuda      no CUDA device")
+    cpp = "built" if _library.has_cpp() else f"not built ({_library.cpp_error()})"
+    print(f"C++ ext   {cpp}")
+    print(f"CUDA ext  {'built' if _library.has_cuda_ext() else 'not built'}")
+    print(f"triton on CPU tensors (TRITON_INTERPRET=1): {'yes' if _library.triton_interpret() else 'no'}")
+    forced = backends.forced_backend()
+    if forced:
+        print(f"forced backend: {forced} (MEMKERN_BACKEND)")
+    print()
+    print(f"{'op':<26}{'on cpu':<10}{'on cuda':<10}not used, and why")
+    for name, table in sorted(backends.OPS.items()):
+        cpu, cuda = table.default_backend("cpu"), table.default_backend("cuda")
+        why = []
+        for b in backends.BACKENDS:
+            if b in (cpu, cuda):
+                continue
+            reasons = {table.static_reason(b, d) for d in ("cpu", "cuda")} - {None}
+            why.append(f"{b}: {'; '.join(sorted(reasons)) or 'lower preference'}")
+        print(f"{name:<26}{cpu:<10}{cuda:<10}{' | '.join(why)}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import memkern
+    from memkern.benchmarks import harness, registry
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("memkern bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
+        return 2
+    ops = [o for part in args.ops for o in part.split(",") if o] if args.ops else None
+    try:
+        cases = registry.all_cases(quick=args.quick, ops=ops, device=args.device)
+    except ValueError as exc:
+        print(f"memkern bench: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    results = harness.run(cases, args.device, quick=args.quick, memory=not args.no_memory,
+                          progress=sys.stderr.isatty())
+    harness.print_table(results, args.device)
+    if args.csv:
+        harness.append_csv(args.csv, harness.rows(results, memkern.__version__))
+        print(f"appended results to {args.csv}")
+    failed = [m for m in results if m.error]
+    for m in failed:
+        print(f"failed: {m.case.id} [{m.provider}]: {m.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memkern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, builds, and the backend each op uses").set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="memkern ops against dense baselines: time and peak memory")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--quick", action="store_true", help="small shapes, short runs")
+    bench.add_argument("--ops", action="append", help="only these ops (comma separated, repeatable)")
+    bench.add_argument("--csv", help="append tidy result rows to this CSV file")
+    bench.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Thin ``nn.Module`` wrappers over memkern's public ops."""
+
+__all__: list[str] = []

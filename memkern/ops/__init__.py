@@ -1,0 +1,5 @@
+"""memkern's operators. Each is a ``torch.library`` op (``torch.ops.memkern.<name>``) with
+a fake implementation, so it works under ``torch.compile(fullgraph=True)``."""
+from memkern.ops.quantize import quantize_rowwise
+
+__all__ = ["quantize_rowwise"]

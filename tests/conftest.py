@@ -1,0 +1,74 @@
+"""Shared test machinery: seeding, the tolerance table, backend availability."""
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+import memkern
+from memkern import backends
+
+# Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, by the dtype
+# the kernel computes in (DESIGN.md: fp32 ~1e-6, bf16/fp16 1e-3..1e-2).
+REL_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+CPU_BACKENDS = ("cpp", "triton", "torch")
+REQUIRED_BACKENDS = {b for b in os.environ.get("MEMKERN_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, factor: float = 1.0) -> None:
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_error(out, ref)
+    tol = REL_TOL[dtype] * factor
+    assert err <= tol, f"relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    import math
+
+    noise = (out.double() - ref.double()).norm().item()
+    signal = ref.double().norm().item()
+    return float("inf") if noise == 0 else 20 * math.log10(signal / noise)
+
+
+def require_backend(op: str, backend: str, *args) -> None:
+    """Skip (or fail, when the build promises it) if ``backend`` cannot run ``op`` here."""
+    reason = backends.OPS[op].reason(backend, *args)
+    if reason is None:
+        return
+    if backend in REQUIRED_BACKENDS:
+        pytest.fail(f"backend {backend} is required (MEMKERN_REQUIRE_BACKENDS) but cannot run {op}: {reason}")
+    pytest.skip(f"{backend} cannot run {op} here: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh inputs per test, reproducible per test id.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+@pytest.fixture
+def backend(request):
+    """Run the test body with ``request.param`` forced."""
+    with memkern.use_backend(request.param):
+        yield request.param
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
