@@ -4,10 +4,20 @@ from importlib.metadata import PackageNotFoundError, version as _dist_version
 from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it is missing)
 from memkern import backends, nn, ops
 from memkern.backends import BackendUnavailable, use_backend
+from memkern.convert import Footprint, memory_footprint
 
 try:
     __version__ = _dist_version("memkern")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["BackendUnavailable", "backends", "nn", "ops", "use_backend", "__version__"]
+__all__ = [
+    "BackendUnavailable",
+    "Footprint",
+    "backends",
+    "memory_footprint",
+    "nn",
+    "ops",
+    "use_backend",
+    "__version__",
+]
