@@ -3,7 +3,8 @@
 // The .cu files that implement these include no torch header, so nvcc can compile-check
 // them for sm_80/sm_90 on any machine with nvcc (tests/test_cuda_compile.py, the CMake
 // target memkern_cuda_check). The torch-facing code that checks tensors and picks the
-// stream lives in ops_cuda.cpp, compiled only in CUDA builds.
+// stream lives in the *_ops.cpp files, compiled only in CUDA builds. Each op family
+// declares its launchers in a header of its own (this one: FloatKind and quantize).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>

@@ -1,27 +1,12 @@
-// CUDA registrations: check tensors, pick the current stream, call the torch-free launchers.
-#include <ATen/ATen.h>
+// CUDA registration of quantize_rowwise_kernel: check tensors, pick the stream, launch.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/launchers.h"
+#include "cuda/torch_utils.h"
 
 namespace memkern {
 namespace {
-
-cuda::FloatKind float_kind(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::FloatKind::f32;
-    case at::kHalf: return cuda::FloatKind::f16;
-    case at::kBFloat16: return cuda::FloatKind::bf16;
-    default:
-      TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "quantize_rowwise: x must be 2-D, got ", x.dim(), "-D");
@@ -29,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cuda(const at::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
   auto scale = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  check_launch(cuda::launch_quantize_rowwise(x.const_data_ptr(), float_kind(x, "quantize_rowwise"),
+  check_launch(cuda::launch_quantize_rowwise(x.const_data_ptr(), float_kind(x, "quantize_rowwise", "x"),
                                              x.size(0), x.size(1), x.stride(0), x.stride(1),
                                              q.mutable_data_ptr<int8_t>(),
                                              scale.mutable_data_ptr<float>(),
