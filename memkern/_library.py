@@ -50,9 +50,9 @@ def triton_interpret() -> bool:
 
 @functools.cache
 def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
     try:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
         importlib.import_module("triton.language")
     except Exception as exc:  # a broken install must not break memkern
         return f"triton failed to import: {type(exc).__name__}: {exc}"

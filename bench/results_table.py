@@ -1,0 +1,50 @@
+"""Render a results CSV of `memkern bench` as the README's markdown table.
+
+    python bench/results_table.py bench/results/cpu.csv [--device cpu]
+
+For each case (op, mode, shape, dtype) and each memkern provider: its median time and peak
+memory beside the case's baseline (listed first in each case, so the first provider not named memkern*), as measured in
+the newest run (date, then last rows win) in the file.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("csv")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    values: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    order: list[tuple] = []
+    with open(args.csv) as f:
+        for r in csv.DictReader(f):
+            if r["device"] != args.device:
+                continue
+            case = (r["op"], r["mode"], r["shape"], r["dtype"])
+            if case not in values:
+                order.append(case)
+            values[case][r["provider"]][r["metric"]] = float(r["median"])
+    print("| op | mode | shape | dtype | provider | time ms | baseline | baseline ms | speedup | peak MiB | baseline MiB |")
+    print("| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for case in order:
+        providers = values[case]
+        baselines = [p for p in providers if not p.startswith("memkern")]
+        if not baselines:
+            continue
+        base = baselines[0]
+        b = providers[base]
+        for name, m in providers.items():
+            if not name.startswith("memkern"):
+                continue
+            speed = b["time_ms"] / m["time_ms"] if "time_ms" in m and "time_ms" in b else float("nan")
+            print(f"| {case[0]} | {case[1]} | {case[2]} | {case[3]} | {name} | {m.get('time_ms', float('nan')):.2f} "
+                  f"| {base} | {b.get('time_ms', float('nan')):.2f} | {speed:.2f}x "
+                  f"| {m.get('peak_mib', float('nan')):.1f} | {b.get('peak_mib', float('nan')):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

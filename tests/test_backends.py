@@ -1,0 +1,89 @@
+"""backends.py: the one dispatch point picks, forces and explains."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memkern
+from memkern import _library, backends
+
+
+@pytest.fixture
+def toy_op():
+    """A private op table whose implementations record which one ran."""
+    table = backends.OpTable("toy_op")
+    for name in backends.BACKENDS:
+        table.register(name, dtypes=(torch.float32,) if name != "torch" else None,
+                       check=(lambda x: "rows must be even" if x.shape[0] % 2 else None) if name == "cpp" else None)(
+            lambda x, name=name: name
+        )
+    return table
+
+
+def test_default_on_cpu_prefers_cpp_then_torch(toy_op):
+    expected = "cpp" if _library.has_cpp() else "torch"
+    assert toy_op(torch.zeros(2, 2)) == expected
+
+
+def test_dtype_and_shape_constraints_fall_through_to_torch(toy_op):
+    assert toy_op(torch.zeros(2, 2, dtype=torch.float16)) == "torch"
+    assert toy_op(torch.zeros(3, 2)) == "torch"
+
+
+def test_forcing_a_backend_that_cannot_run_lists_every_reason(toy_op):
+    with memkern.use_backend("cuda"), pytest.raises(backends.BackendUnavailable) as info:
+        toy_op(torch.zeros(3, 2))
+    message = str(info.value)
+    assert "'cuda' was forced" in message
+    for name in backends.BACKENDS:
+        assert f"  {name}: " in message
+    assert "CUDA tensors only" in message or "built" in message
+    if _library.has_cpp():
+        assert "cpp: rows must be even" in message
+    assert "torch: available" in message
+
+
+def test_context_manager_beats_environment_and_restores(toy_op, monkeypatch):
+    monkeypatch.setenv("MEMKERN_BACKEND", "torch")
+    assert toy_op(torch.zeros(2, 2)) == "torch"
+    if _library.has_cpp():
+        with memkern.use_backend("cpp"):
+            assert toy_op(torch.zeros(2, 2)) == "cpp"
+            with memkern.use_backend(None):
+                assert toy_op(torch.zeros(2, 2)) == "torch"  # env applies again
+    assert toy_op(torch.zeros(2, 2)) == "torch"
+
+
+def test_unknown_backend_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'.*triton, cuda, cpp, torch"):
+        with memkern.use_backend("cudnn"):
+            pass
+    monkeypatch.setenv("MEMKERN_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="MEMKERN_BACKEND: unknown backend 'tpu'"):
+        memkern.ops.quantize_rowwise(torch.zeros(1, 1))
+
+
+def test_triton_on_cpu_needs_the_interpreter(toy_op, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = toy_op.reason("triton", torch.zeros(2, 2))
+    assert reason is not None and ("TRITON_INTERPRET=1" in reason or "triton" in reason)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if _library.has_triton():
+        assert toy_op.reason("triton", torch.zeros(2, 2)) is None
+        with memkern.use_backend("triton"):
+            assert toy_op(torch.zeros(2, 2)) == "triton"
+
+
+def test_every_public_op_has_a_torch_fallback_and_a_table():
+    assert "quantize_rowwise" in backends.OPS
+    for name, table in backends.OPS.items():
+        assert "torch" in table.impls, f"{name} has no reference fallback"
+        assert table.default_backend("cpu") in ("cpp", "torch")
+
+
+def test_explain_reports_per_backend():
+    reasons = backends.explain("quantize_rowwise", torch.zeros(2, 2, dtype=torch.float64))
+    assert set(reasons) == set(backends.BACKENDS)
+    assert reasons["torch"] is None
+    if _library.has_cpp():
+        assert "float64" in reasons["cpp"]

@@ -1,0 +1,73 @@
+"""The benchmark harness measures what it says: memory probe, CSV schema, CLI."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from memkern.benchmarks import harness, registry
+from memkern.benchmarks.harness import Case, Provider
+
+MIB = 2**20
+
+
+def test_peak_rss_probe_sees_a_known_allocation():
+    # 64 MiB written and freed inside the call: the probe must see it, within the noise of
+    # a few MiB of interpreter allocations.
+    def allocate():
+        t = torch.ones(16 * MIB, dtype=torch.float32)
+        return t.sum()
+
+    peak = harness.peak_rss_above_inputs(allocate) / MIB
+    assert 60 <= peak <= 72, peak
+
+
+def test_memory_is_measured_per_provider_in_a_fresh_process(monkeypatch):
+    cases = registry.all_cases(quick=True, ops=["quantize_rowwise"])
+    case = cases[0]
+    rows, cols = (int(v) for v in case.shape.split("x"))
+    peak = harness.peak_cpu_in_subprocess(case, "memkern", quick=True)
+    out_mib = rows * cols / MIB  # the int8 output the op must allocate
+    assert out_mib * 0.95 <= peak <= out_mib * 1.5 + 4, peak
+
+
+def _tiny_case() -> Case:
+    return Case(
+        op="toy",
+        shape="64x64",
+        dtype=torch.float32,
+        make_inputs=lambda device: {"x": torch.randn(64, 64, device=device)},
+        providers=(
+            Provider("baseline", lambda inp: lambda: inp["x"] @ inp["x"], baseline=True),
+            Provider("candidate", lambda inp: lambda: inp["x"] * 2),
+            Provider("broken", lambda inp: (_ for _ in ()).throw(RuntimeError("boom"))),
+        ),
+    )
+
+
+def test_run_reports_failures_without_stopping_and_writes_tidy_csv(tmp_path):
+    results = harness.run([_tiny_case()], "cpu", quick=True, memory=False, progress=False)
+    assert [m.provider for m in results] == ["baseline", "candidate", "broken"]
+    assert results[2].error and "boom" in results[2].error
+    for m in results[:2]:
+        med, p20, p80 = m.time_ms
+        assert 0 < p20 <= med <= p80
+    path = tmp_path / "r.csv"
+    harness.append_csv(str(path), harness.rows(results, "9.9", date="2026-01-02"))
+    harness.append_csv(str(path), harness.rows(results[:1], "9.9", date="2026-01-02"))
+    with open(path) as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(harness.CSV_FIELDS)
+    assert [r["provider"] for r in table] == ["baseline", "candidate", "baseline"]
+    assert {r["metric"] for r in table} == {"time_ms"}
+    assert all(r["version"] == "9.9" and r["device"] == "cpu" and r["op"] == "toy" for r in table)
+
+
+def test_every_case_has_one_baseline_and_a_memkern_provider():
+    for case in registry.all_cases(quick=True) + registry.all_cases(quick=False):
+        assert sum(p.baseline for p in case.providers) == 1, case.id
+        assert case.providers[0].baseline, f"{case.id}: list the baseline first (results tables rely on it)"
+        assert any(p.name.startswith("memkern") for p in case.providers), case.id
+    with pytest.raises(ValueError, match="unknown op"):
+        registry.all_cases(quick=True, ops=["nope"])
