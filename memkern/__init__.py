@@ -5,6 +5,7 @@ from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it 
 from memkern import backends, nn, ops
 from memkern.backends import BackendUnavailable, use_backend
 from memkern.convert import Footprint, memory_footprint
+from memkern.share import ShareReport, share_layers
 
 try:
     __version__ = _dist_version("memkern")
@@ -18,6 +19,8 @@ __all__ = [
     "memory_footprint",
     "nn",
     "ops",
+    "share_layers",
+    "ShareReport",
     "use_backend",
     "__version__",
 ]
