@@ -6,7 +6,7 @@ Peak memory: on the CPU, each provider runs in a fresh subprocess that builds th
 warms up, then reports the rise of its peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over the resident set just before the measured call; glibc is told
 to serve large blocks with mmap so freed memory leaves the process and cannot hide a
-peak. On CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before.
+peak (pin_malloc_thresholds). On CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before.
 """
 from __future__ import annotations
 
@@ -117,37 +117,82 @@ def _rss_bytes(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not found in /proc/self/status")
 
 
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def pin_malloc_thresholds() -> None:
+    """Make glibc serve every block over 64 KiB with its own mmap and return it on free.
+
+    By default glibc raises its mmap threshold after large frees, so later tensors reuse
+    heap memory that is already resident and a peak can hide in it; a fixed threshold
+    makes the resident set follow live memory. (The same as MALLOC_MMAP_THRESHOLD_=65536.)
+    """
+    libc = _libc()
+    if libc is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 65536)
+        libc.mallopt(m_trim_threshold, 65536)
+
+
 def _release_freed_memory() -> None:
     gc.collect()
-    try:
-        import ctypes
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+
+class PeakMemory:
+    """Peak memory above the starting point while the ``with`` block runs, in bytes.
+
+    CPU: rise of the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs) over the resident set at entry; call pin_malloc_thresholds()
+    once first for honest numbers. CUDA: torch.cuda.max_memory_allocated above what was
+    allocated at entry.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        _release_freed_memory()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self._start = _rss_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _rss_bytes("VmHWM")
+        self.peak_bytes = max(0, peak - self._start)
 
 
 def peak_rss_above_inputs(fn: Callable[[], Any]) -> int:
     """Rise of this process's peak RSS during one call of ``fn`` (called once before)."""
     fn()
-    _release_freed_memory()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _rss_bytes("VmRSS")
-    result = fn()
-    peak = _rss_bytes("VmHWM")
+    with PeakMemory("cpu") as peak:
+        result = fn()
     del result
-    return max(0, peak - before)
+    return peak.peak_bytes
 
 
 def peak_cpu_in_subprocess(case: Case, provider: str, quick: bool) -> float:
-    env = dict(os.environ)
-    # A fixed mmap threshold stops glibc from raising it after frees, so every large
-    # tensor is its own mapping, returned to the OS on free: the RSS follows live memory.
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
     cmd = [sys.executable, "-m", "memkern.benchmarks.harness", case.id, provider, "1" if quick else "0"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed for {case.id} {provider}:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / MIB
@@ -155,16 +200,10 @@ def peak_cpu_in_subprocess(case: Case, provider: str, quick: bool) -> float:
 
 def peak_cuda(fn: Callable[[], Any]) -> float:
     fn()
-    torch.cuda.synchronize()
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    with PeakMemory("cuda") as peak:
+        result = fn()
     del result
-    return max(0, peak - before) / MIB
+    return peak.peak_bytes / MIB
 
 
 # -- running ---------------------------------------------------------------------------
@@ -267,6 +306,7 @@ def _probe_main(argv: list[str]) -> None:
     case_id, provider_name, quick = argv[0], argv[1], argv[2] == "1"
     from memkern.benchmarks import registry
 
+    pin_malloc_thresholds()
     case = registry.find(case_id, quick=quick)
     torch.manual_seed(0)
     inputs = case.make_inputs(torch.device("cpu"))

@@ -1,0 +1,102 @@
+"""Text for the demo: the Python standard library's own sources by default (present
+wherever Python is, no download), or the user's files; a byte-level BPE tokenizer trained
+on the training split."""
+from __future__ import annotations
+
+import pathlib
+import sysconfig
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".csv", ".html", ".tex", ""}
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be used (missing path, no text)."""
+
+
+@dataclass
+class Corpus:
+    source: str
+    train_text: str
+    val_text: str
+
+
+def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+
+
+def _read(path: pathlib.Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    if b"\0" in data[:4096]:  # binary
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
+def load_corpus(path: str | None, max_bytes: int, val_fraction: float = 0.1) -> Corpus:
+    """Split text files into train and validation by file (a file's name decides, so the
+    split is the same on every run and machine). ``max_bytes`` caps the text read."""
+    if path is None:
+        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(root.glob("*.py"))
+        source = f"Python {sysconfig.get_python_version()} standard library sources ({root})"
+    else:
+        root = pathlib.Path(path).expanduser()
+        if not root.exists():
+            raise CorpusError(f"corpus path {str(root)!r} does not exist")
+        files = _text_files(root)
+        source = str(root)
+    train, val, total = [], [], 0
+    for f in files:
+        text = _read(f)
+        if not text.strip():
+            continue
+        bucket = val if (zlib.crc32(f.name.encode()) % 1000) < val_fraction * 1000 else train
+        bucket.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    if not train and not val:
+        raise CorpusError(f"corpus {source!r} holds no readable text files")
+    if not val:  # a single file: hold out its tail
+        text = train.pop()
+        cut = int(len(text) * (1 - val_fraction))
+        train.append(text[:cut])
+        val.append(text[cut:])
+    if not train:
+        train.append(val.pop(0))
+    train_text, val_text = "\n".join(train), "\n".join(val)
+    if len(val_text) < 1000 or len(train_text) < 10000:
+        raise CorpusError(f"corpus {source!r} is too small: {len(train_text)} training and "
+                          f"{len(val_text)} validation characters (need 10000 and 1000)")
+    return Corpus(source, train_text, val_text)
+
+
+class Tokenizer:
+    """Byte-level BPE (never an unknown token) trained on the training text."""
+
+    def __init__(self, text: str, vocab_size: int):
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        self._tok = HFTokenizer(models.BPE())
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        chunk = 1 << 16
+        self._tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer)
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> torch.Tensor:
+        chunk = 1 << 16
+        ids: list[int] = []
+        for enc in self._tok.encode_batch([text[i:i + chunk] for i in range(0, len(text), chunk)]):
+            ids.extend(enc.ids)
+        return torch.tensor(ids, dtype=torch.long)
