@@ -1,4 +1,4 @@
-"""`memkern info | bench`."""
+"""`memkern info | bench | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,28 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from memkern.demo import DemoConfig, DemoError, run_demo
+    from memkern.demo.report import print_table, write_all
+
+    overrides = {k: getattr(args, k) for k in ("corpus", "teacher_steps", "student_steps", "finetune_steps",
+                                               "share_layers", "prune_pattern", "sparsity", "device", "seed")
+                 if getattr(args, k) is not None}
+    overrides["progress"] = sys.stderr.isatty()
+    cfg = DemoConfig.quick(**overrides) if args.quick else replace(DemoConfig(), **overrides)
+    try:
+        result = run_demo(cfg)
+    except DemoError as exc:
+        print(f"memkern demo: error: {exc}", file=sys.stderr)
+        return 2
+    print_table(result)
+    csv_path, png_path = write_all(result, args.out)
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--csv", help="append tidy result rows to this CSV file")
     bench.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     bench.set_defaults(func=_bench)
+    demo = sub.add_parser("demo", help="distil, share, prune and quantise a small language model end to end")
+    demo.add_argument("--quick", action="store_true", help="a sub-minute smoke run")
+    demo.add_argument("--corpus", help="a text file or folder (default: the Python standard library's sources)")
+    demo.add_argument("--teacher-steps", type=int)
+    demo.add_argument("--student-steps", type=int)
+    demo.add_argument("--finetune-steps", type=int)
+    demo.add_argument("--share-layers", nargs="?", const="pairs", metavar="GROUPS",
+                      help="tie the student's blocks: 'pairs' (the default) or block indices like '0,1;2,3'")
+    demo.add_argument("--prune-pattern", choices=("2:4", "block"))
+    demo.add_argument("--sparsity", type=float)
+    demo.add_argument("--device", choices=("cpu", "cuda"))
+    demo.add_argument("--seed", type=int)
+    demo.add_argument("--out", default="demo-output", help="folder for demo.csv and demo.png")
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 
