@@ -53,13 +53,20 @@ def load_corpus(path: str | None, max_bytes: int, val_fraction: float = 0.1) -> 
             raise CorpusError(f"corpus path {str(root)!r} does not exist")
         files = _text_files(root)
         source = str(root)
-    train, val, total = [], [], 0
+    # A fixed pseudo-random order of the files (by a hash of their names) fills validation
+    # first up to its share of the budget, then training: the same split on every run and
+    # machine, whole files on either side.
+    files = sorted(files, key=lambda f: (zlib.crc32(f.name.encode()), f.name))
+    train, val, total, val_total = [], [], 0, 0
     for f in files:
         text = _read(f)
         if not text.strip():
             continue
-        bucket = val if (zlib.crc32(f.name.encode()) % 1000) < val_fraction * 1000 else train
-        bucket.append(text)
+        if val_total < val_fraction * max_bytes and len(text) <= 2 * val_fraction * max_bytes:
+            val.append(text)
+            val_total += len(text)
+        else:
+            train.append(text)
         total += len(text)
         if total >= max_bytes:
             break

@@ -47,15 +47,18 @@ def plot(result: DemoResult, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, attr, label in ((axes[0], "weight_bytes", "weights (MiB)"), (axes[1], "peak_mib", "peak memory of the stage (MiB)")):
-        for s in result.stages:
-            x = getattr(s, attr) / 2**20 if attr == "weight_bytes" else getattr(s, attr)
-            ax.scatter(x, s.perplexity, s=40)
-            ax.annotate(s.name, (x, s.perplexity), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    markers = "osD^vP*X"
+    for ax, label, value in ((axes[0], "weights (MiB)", lambda s: s.weight_bytes / 2**20),
+                             (axes[1], "peak memory of the stage (MiB)", lambda s: s.peak_mib)):
+        for i, s in enumerate(result.stages):
+            ax.scatter(value(s), s.perplexity, s=60, marker=markers[i % len(markers)], label=s.name)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation perplexity")
+    # Stages often sit on top of each other (quantising barely moves perplexity): a legend
+    # stays readable where labels next to the points would overlap.
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9)
     fig.suptitle(f"memkern demo ({result.config.device}): memory vs perplexity per stage")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
