@@ -13,7 +13,8 @@
 // slower than per-block calls at 50% sparsity (2048x4096 @ 4096x4096^T fp32, 2-core EPYC).
 //
 // float16/bfloat16 inputs are computed in float32 (converted once per call), so every
-// sum accumulates in float32 and is rounded to the output dtype once.
+// sum accumulates in float32 and is rounded to the output dtype once; float64 stays
+// float64 (for gradcheck).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,7 +38,9 @@ void check_index(const at::Tensor& t, const char* name) {
 
 // Detached: GradMode is thread-local and the pool's worker threads do not inherit the
 // caller's NoGradGuard, so views taken there must not require grad.
-at::Tensor as_float(const at::Tensor& t) { return t.detach().to(at::kFloat).contiguous(); }
+at::Tensor as_acc(const at::Tensor& t, const at::Tensor& like) {
+  return t.detach().to(like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
 
 at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                                    const at::Tensor& col, int64_t n_out, const std::optional<at::Tensor>& bias) {
@@ -51,9 +54,9 @@ at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values
   TORCH_CHECK(n_block_rows == (n_out + BN - 1) / BN, kOp, ": crow has ", crow.size(0), " entries, expected ",
               (n_out + BN - 1) / BN + 1, " for n_out=", n_out, " and BN=", BN);
 
-  const at::Tensor xf = as_float(x);
-  const at::Tensor vf = as_float(values);
-  at::Tensor yf = at::zeros({M, n_out}, x.options().dtype(at::kFloat));
+  const at::Tensor xf = as_acc(x, x);
+  const at::Tensor vf = as_acc(values, x);
+  at::Tensor yf = at::zeros({M, n_out}, xf.options());
   const int64_t* crow_p = crow.const_data_ptr<int64_t>();
   const int64_t* col_p = col.const_data_ptr<int64_t>();
   const int64_t m_tiles = (M + kRowTile - 1) / kRowTile;
@@ -73,7 +76,7 @@ at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values
       }
     });
   }
-  if (bias.has_value()) yf.add_(bias->to(at::kFloat));
+  if (bias.has_value()) yf.add_(bias->detach().to(yf.scalar_type()));
   return yf.to(x.scalar_type());
 }
 
@@ -89,11 +92,11 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_matmul_backward_cpu(
   const int64_t BN = values.size(1), BK = values.size(2), nnzb = values.size(0);
   const int64_t n_block_rows = crow.size(0) - 1, n_block_cols = ccol.size(0) - 1;
 
-  const at::Tensor gf = as_float(grad);
-  const at::Tensor xf = as_float(x);
-  const at::Tensor vf = as_float(values);
-  at::Tensor dxf = at::zeros({M, K}, x.options().dtype(at::kFloat));
-  at::Tensor dvf = at::zeros({nnzb, BN, BK}, values.options().dtype(at::kFloat));
+  const at::Tensor gf = as_acc(grad, x);
+  const at::Tensor xf = as_acc(x, x);
+  const at::Tensor vf = as_acc(values, x);
+  at::Tensor dxf = at::zeros({M, K}, xf.options());
+  at::Tensor dvf = at::zeros({nnzb, BN, BK}, xf.options());
   const int64_t* crow_p = crow.const_data_ptr<int64_t>();
   const int64_t* col_p = col.const_data_ptr<int64_t>();
   const int64_t* ccol_p = ccol.const_data_ptr<int64_t>();

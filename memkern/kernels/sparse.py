@@ -199,3 +199,30 @@ def sparse24_matmul(x, values, meta, bias):
         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **_precision(x.dtype),
     )
     return y
+
+
+@triton.jit
+def _sparse24_decompress_kernel(v_ptr, meta_ptr, w_ptr, N, K, stride_vn, stride_metan,
+                                BN: tl.constexpr, BK: tl.constexpr):
+    offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    offs_k = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+    ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    g = offs_k // 4
+    p = (offs_k % 4).to(tl.int32)
+    v0 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :], mask=ok, other=0.0)
+    v1 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :] + 1, mask=ok, other=0.0)
+    byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + g[None, :] // 2, mask=ok, other=0).to(tl.int32)
+    code = (byte >> (4 * (g[None, :] % 2)).to(tl.int32)) & 15
+    zero = tl.zeros_like(v0)
+    w = tl.where((code & 3) == p[None, :], v0, zero) + tl.where((code >> 2) == p[None, :], v1, zero)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=ok)
+
+
+def sparse24_decompress(values, meta, cols):
+    n = values.shape[0]
+    values, meta = values.contiguous(), meta.contiguous()
+    w = torch.empty((n, cols), dtype=values.dtype, device=values.device)
+    if n and cols:
+        _sparse24_decompress_kernel[(triton.cdiv(n, 32), triton.cdiv(cols, 64))](
+            values, meta, w, n, cols, values.stride(0), meta.stride(0), BN=32, BK=64)
+    return w

@@ -21,6 +21,9 @@ import torch
 from memkern import _validate, backends, reference
 
 BLOCK_SIZES = (16, 32, 64, 128)
+# The C++ block-sparse kernels also take float64 (gradcheck on the CPU path); the public
+# function accepts the float dtypes only.
+_CPP_DTYPES = (*_validate.FLOAT_DTYPES, torch.float64)
 
 # -- implementations: block-sparse product -----------------------------------------------
 _fwd = backends.op_table("block_sparse_matmul")
@@ -32,7 +35,7 @@ def _bsmm_torch(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
     return reference.block_sparse_matmul(x, values, crow, col, n_out, bias)
 
 
-@_fwd.register("cpp", dtypes=_validate.FLOAT_DTYPES)
+@_fwd.register("cpp", dtypes=_CPP_DTYPES)
 def _bsmm_cpp(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
     return torch.ops.memkern.block_sparse_matmul_kernel(x, values, crow, col, n_out, bias)
 
@@ -61,7 +64,7 @@ def _bsmm_bwd_torch(grad, x, values, crow, col, ccol, csc_row, csc_block):
     return dx, grid[rows, col].to(values.dtype).contiguous()
 
 
-@_bwd.register("cpp", dtypes=_validate.FLOAT_DTYPES)
+@_bwd.register("cpp", dtypes=_CPP_DTYPES)
 def _bsmm_bwd_cpp(grad, x, values, crow, col, ccol, csc_row, csc_block):
     return torch.ops.memkern.block_sparse_matmul_backward_kernel(grad, x, values, crow, col, ccol, csc_row, csc_block)
 
@@ -99,6 +102,13 @@ def _decompress_torch(values, meta, cols):
 @_decompress.register("cuda", dtypes=_validate.FLOAT_DTYPES)
 def _decompress_compiled(values, meta, cols):
     return torch.ops.memkern.sparse24_decompress_kernel(values, meta, cols)
+
+
+@_decompress.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _decompress_triton(values, meta, cols):
+    from memkern.kernels.sparse import sparse24_decompress as launch
+
+    return launch(values, meta, cols)
 
 
 @_s24.register("torch")
