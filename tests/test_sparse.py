@@ -444,3 +444,19 @@ def _check_gpu(backend, x, weight, bias, dense_masked, dtype):
     assert_rel_close(_grad_as_dense(weight, dv).cpu() if isinstance(weight, BlockSparseWeight)
                      else reference.sparse24_decompress(dv.cpu(), weight.meta.cpu(), weight.shape[1]),
                      dw_ref * mask, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_values_in_any_layout_give_the_same_product(backend):
+    w = torch.randn(OUT, IN)
+    weight = BlockSparseWeight.from_dense(w, _block_mask(0.5, 16), (16, 16))
+    panel = weight.values
+    assert panel.permute(1, 0, 2).is_contiguous()  # row_panel_layout, what the C++ kernel reads as is
+    x = torch.randn(5, IN)
+    require_backend("block_sparse_matmul", backend, x)
+    with memkern.use_backend(backend):
+        y_panel = masked_matmul(x, weight)
+        weight.values = panel.contiguous()
+        y_plain = masked_matmul(x, weight)
+    torch.testing.assert_close(y_plain, y_panel, rtol=1e-6, atol=1e-6)
+    assert_rel_close(y_panel, x.double() @ weight.to_dense().double().t(), torch.float32)

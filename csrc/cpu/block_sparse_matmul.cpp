@@ -27,9 +27,9 @@ namespace {
 
 constexpr const char* kOp = "block_sparse_matmul";
 
-// Rows of x per output tile: 512 rows x 64 columns of fp32 output is 128 KiB, which stays
-// in a core's L2 (1 MiB) while the kept blocks of its block row stream through.
-constexpr int64_t kRowTile = 512;
+// Rows of x per output tile. Forward tasks run row tile by row tile (all block rows of one
+// row tile before the next) so the row tile of x is reused from cache across block rows.
+constexpr int64_t kRowTile = 256;
 
 void check_index(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), kOp, ": ", name,
@@ -40,6 +40,12 @@ void check_index(const at::Tensor& t, const char* name) {
 // caller's NoGradGuard, so views taken there must not require grad.
 at::Tensor as_acc(const at::Tensor& t, const at::Tensor& like) {
   return t.detach().to(like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+// values (nnzb, BN, BK) as its (BN, nnzb, BK) storage: free when values is in
+// memkern.ops.sparse.row_panel_layout (and of the compute dtype), one copy otherwise.
+at::Tensor as_panels(const at::Tensor& values, const at::Tensor& like) {
+  return as_acc(values.permute({1, 0, 2}), like);
 }
 
 at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
@@ -55,7 +61,7 @@ at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values
               (n_out + BN - 1) / BN + 1, " for n_out=", n_out, " and BN=", BN);
 
   const at::Tensor xf = as_acc(x, x);
-  const at::Tensor vf = as_acc(values, x);
+  const at::Tensor vp = as_panels(values, x);  // (BN, nnzb, BK)
   at::Tensor yf = at::zeros({M, n_out}, xf.options());
   const int64_t* crow_p = crow.const_data_ptr<int64_t>();
   const int64_t* col_p = col.const_data_ptr<int64_t>();
@@ -63,15 +69,23 @@ at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values
   if (M > 0 && n_out > 0) {
     at::parallel_for(0, n_block_rows * m_tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t r = task / m_tiles, m0 = (task % m_tiles) * kRowTile;
+        const int64_t r = task % n_block_rows, m0 = (task / n_block_rows) * kRowTile;
         const int64_t rows = std::min(kRowTile, M - m0);
         const int64_t n0 = r * BN, bn = std::min(BN, n_out - n0);
+        const int64_t first = crow_p[r], kept = crow_p[r + 1] - first;
+        if (kept == 0) continue;
         at::Tensor y_tile = yf.narrow(0, m0, rows).narrow(1, n0, bn);
         const at::Tensor x_rows = xf.narrow(0, m0, rows);
-        for (int64_t j = crow_p[r]; j < crow_p[r + 1]; ++j) {
-          const int64_t k0 = col_p[j] * BK, bk = std::min(BK, K - k0);
-          const at::Tensor w = vf.select(0, j).narrow(0, 0, bn).narrow(1, 0, bk);
-          y_tile.addmm_(x_rows.narrow(1, k0, bk), w.t());
+        // The row's kept blocks side by side: a (BN, kept * BK) view of the panel storage,
+        // so a run of adjacent block columns is one GEMM with a longer inner dimension.
+        const at::Tensor panel = vp.narrow(1, first, kept).reshape({BN, kept * BK}).narrow(0, 0, bn);
+        for (int64_t s = 0; s < kept;) {
+          const int64_t c0 = col_p[first + s];
+          int64_t len = 1;
+          while (s + len < kept && col_p[first + s + len] == c0 + len) ++len;
+          const int64_t k0 = c0 * BK, width = std::min((c0 + len) * BK, K) - k0;
+          y_tile.addmm_(x_rows.narrow(1, k0, width), panel.narrow(1, s * BK, width).t());
+          s += len;
         }
       }
     });
@@ -94,14 +108,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_matmul_backward_cpu(
 
   const at::Tensor gf = as_acc(grad, x);
   const at::Tensor xf = as_acc(x, x);
-  const at::Tensor vf = as_acc(values, x);
+  const at::Tensor vp = as_panels(values, x);  // (BN, nnzb, BK)
   at::Tensor dxf = at::zeros({M, K}, xf.options());
-  at::Tensor dvf = at::zeros({nnzb, BN, BK}, xf.options());
+  at::Tensor dvp = at::zeros({BN, nnzb, BK}, xf.options());  // the gradient in the same layout
   const int64_t* crow_p = crow.const_data_ptr<int64_t>();
   const int64_t* col_p = col.const_data_ptr<int64_t>();
   const int64_t* ccol_p = ccol.const_data_ptr<int64_t>();
   const int64_t* crow_of = csc_row.const_data_ptr<int64_t>();
-  const int64_t* cblock = csc_block.const_data_ptr<int64_t>();
 
   // dx = grad @ W: tiles of dx (row tile x block column), kept blocks of that column only.
   const int64_t m_tiles = (M + kRowTile - 1) / kRowTile;
@@ -111,12 +124,23 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_matmul_backward_cpu(
         const int64_t c = task / m_tiles, m0 = (task % m_tiles) * kRowTile;
         const int64_t rows = std::min(kRowTile, M - m0);
         const int64_t k0 = c * BK, bk = std::min(BK, K - k0);
+        const int64_t first = ccol_p[c], kept = ccol_p[c + 1] - first;
+        if (kept == 0) continue;
         at::Tensor dx_tile = dxf.narrow(0, m0, rows).narrow(1, k0, bk);
         const at::Tensor g_rows = gf.narrow(0, m0, rows);
-        for (int64_t j = ccol_p[c]; j < ccol_p[c + 1]; ++j) {
-          const int64_t n0 = crow_of[j] * BN, bn = std::min(BN, n_out - n0);
-          const at::Tensor w = vf.select(0, cblock[j]).narrow(0, 0, bn).narrow(1, 0, bk);
-          dx_tile.addmm_(g_rows.narrow(1, n0, bn), w);
+        // The column's kept blocks stacked, (kept * BN, BK): runs of adjacent block rows
+        // become one GEMM, as in the forward.
+        const at::Tensor panel = vp.index_select(1, csc_block.narrow(0, first, kept))
+                                     .permute({1, 0, 2})
+                                     .reshape({kept * BN, BK})
+                                     .narrow(1, 0, bk);
+        for (int64_t s = 0; s < kept;) {
+          const int64_t r0 = crow_of[first + s];
+          int64_t len = 1;
+          while (s + len < kept && crow_of[first + s + len] == r0 + len) ++len;
+          const int64_t n0 = r0 * BN, height = std::min((r0 + len) * BN, n_out) - n0;
+          dx_tile.addmm_(g_rows.narrow(1, n0, height), panel.narrow(0, s * BN, height));
+          s += len;
         }
       }
     });
@@ -129,12 +153,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_matmul_backward_cpu(
       const at::Tensor g_t = gf.narrow(1, n0, bn).t();
       for (int64_t j = crow_p[r]; j < crow_p[r + 1]; ++j) {
         const int64_t k0 = col_p[j] * BK, bk = std::min(BK, K - k0);
-        at::Tensor dw = dvf.select(0, j).narrow(0, 0, bn).narrow(1, 0, bk);
+        at::Tensor dw = dvp.select(1, j).narrow(0, 0, bn).narrow(1, 0, bk);
         if (M > 0) at::mm_out(dw, g_t, xf.narrow(1, k0, bk));
       }
     }
   });
-  return {dxf.to(x.scalar_type()), dvf.to(values.scalar_type())};
+  return {dxf.to(x.scalar_type()), dvp.permute({1, 0, 2}).to(values.scalar_type())};
 }
 
 }  // namespace

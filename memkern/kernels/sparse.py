@@ -32,7 +32,7 @@ def _mma(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _block_sparse_fwd_kernel(
     x_ptr, v_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr, M, N, K,
-    stride_xm, stride_xk, stride_ym,
+    stride_xm, stride_xk, stride_ym, stride_vb, stride_vn,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -49,7 +49,7 @@ def _block_sparse_fwd_kernel(
         kk = tl.load(col_ptr + j) * BK + offs_bk
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        wt = tl.load(v_ptr + j * (BN * BK) + offs_bn[:, None] * BK + offs_bk[None, :])
+        wt = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
         acc += _mma(xt, tl.trans(wt), PREC, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -60,7 +60,7 @@ def _block_sparse_fwd_kernel(
 @triton.jit
 def _block_sparse_dx_kernel(
     g_ptr, v_ptr, ccol_ptr, crow_of_ptr, cblock_ptr, dx_ptr, M, N, K,
-    stride_gm, stride_gn, stride_dxm,
+    stride_gm, stride_gn, stride_dxm, stride_vb, stride_vn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -78,7 +78,7 @@ def _block_sparse_dx_kernel(
         b = tl.load(cblock_ptr + j)
         gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
                      mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
-        wt = tl.load(v_ptr + b * (BN * BK) + offs_bn[:, None] * BK + offs_bk[None, :])
+        wt = tl.load(v_ptr + b * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
         acc += _mma(gt, wt, PREC, UPCAST)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
@@ -87,7 +87,7 @@ def _block_sparse_dx_kernel(
 @triton.jit
 def _block_sparse_dw_kernel(
     g_ptr, x_ptr, row_ptr, col_ptr, dv_ptr, M, N, K,
-    stride_gm, stride_gn, stride_xm, stride_xk,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_vb, stride_vn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -105,17 +105,21 @@ def _block_sparse_dw_kernel(
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
         acc += _mma(tl.trans(gt), xt, PREC, UPCAST)
     # Rows/columns past the matrix edge saw only zeros, so the padding is written as 0.
-    tl.store(dv_ptr + j * (BN * BK) + offs_bn[:, None] * BK + offs_bk[None, :], acc.to(dv_ptr.dtype.element_ty))
+    tl.store(dv_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :], acc.to(dv_ptr.dtype.element_ty))
 
 
 def _block_m(m: int) -> int:
     return max(16, min(BLOCK_M, triton.next_power_of_2(max(m, 1))))
 
 
+def _unit_inner_stride(values):
+    return values if values.stride(2) == 1 else values.contiguous()
+
+
 def block_sparse_matmul(x, values, crow, col, n_out, bias):
     m, k = x.shape
     _, bn, bk = values.shape
-    values = values.contiguous()
+    values = _unit_inner_stride(values)
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0 or n_out == 0:
         return y
@@ -123,7 +127,7 @@ def block_sparse_matmul(x, values, crow, col, n_out, bias):
     grid = (triton.cdiv(m, bm), crow.numel() - 1)
     _block_sparse_fwd_kernel[grid](
         x, values, crow, col, bias if bias is not None else y, y, m, n_out, k,
-        x.stride(0), x.stride(1), y.stride(0),
+        x.stride(0), x.stride(1), y.stride(0), values.stride(0), values.stride(1),
         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **_precision(x.dtype),
     )
     return y
@@ -133,21 +137,22 @@ def block_sparse_matmul_backward(grad, x, values, crow, col, ccol, csc_row, csc_
     m, k = x.shape
     n_out = grad.shape[1]
     nnzb, bn, bk = values.shape
-    values = values.contiguous()
+    values = _unit_inner_stride(values)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dv = torch.empty((nnzb, bn, bk), dtype=values.dtype, device=values.device)
+    # The gradient takes the row-panel layout of memkern.ops.sparse.row_panel_layout.
+    dv = torch.empty((bn, nnzb, bk), dtype=values.dtype, device=values.device).permute(1, 0, 2)
     bm = _block_m(m)
     prec = _precision(x.dtype)
     if m > 0 and k > 0:
         _block_sparse_dx_kernel[(triton.cdiv(m, bm), ccol.numel() - 1)](
             grad, values, ccol, csc_row, csc_block, dx, m, n_out, k,
-            grad.stride(0), grad.stride(1), dx.stride(0), BM=bm, BN=bn, BK=bk, **prec,
+            grad.stride(0), grad.stride(1), dx.stride(0), values.stride(0), values.stride(1), BM=bm, BN=bn, BK=bk, **prec,
         )
     if nnzb > 0:
         block_row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
         _block_sparse_dw_kernel[(nnzb,)](
             grad, x, block_row, col, dv, m, n_out, k,
-            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), BM=bm, BN=bn, BK=bk, **prec,
+            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), dv.stride(0), dv.stride(1), BM=bm, BN=bn, BK=bk, **prec,
         )
     return dx, dv
 

@@ -25,6 +25,13 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # function accepts the float dtypes only.
 _CPP_DTYPES = (*_validate.FLOAT_DTYPES, torch.float64)
 
+def row_panel_layout(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (nnzb, BN, BK) laid out in memory as (BN, nnzb, BK): the kept blocks of a
+    block row, being consecutive, then form one (BN, kept * BK) matrix with unit column
+    stride, which the C++ kernel hands to BLAS as is (no packing per call)."""
+    return values.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+
+
 # -- implementations: block-sparse product -----------------------------------------------
 _fwd = backends.op_table("block_sparse_matmul")
 _bwd = backends.op_table("block_sparse_matmul_backward")
@@ -61,7 +68,7 @@ def _bsmm_bwd_torch(grad, x, values, crow, col, ccol, csc_row, csc_block):
     padded[:n_out, :k] = dw
     grid = padded.reshape(n_br, bn, n_bc, bk).permute(0, 2, 1, 3)
     rows = torch.repeat_interleave(torch.arange(n_br, device=crow.device), crow.diff())
-    return dx, grid[rows, col].to(values.dtype).contiguous()
+    return dx, row_panel_layout(grid[rows, col].to(values.dtype))
 
 
 @_bwd.register("cpp", dtypes=_CPP_DTYPES)
@@ -157,7 +164,7 @@ def _bsmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, crow
 
 @_bsmm_bwd_op.register_fake
 def _bsmm_bwd_fake(grad, x, values, crow, col, ccol, csc_row, csc_block):
-    return x.new_empty(x.shape), values.new_empty(values.shape)
+    return x.new_empty(x.shape), row_panel_layout(values.new_empty(values.shape))
 
 
 def _bsmm_setup(ctx, inputs, output):
@@ -263,7 +270,8 @@ class BlockSparseWeight:
 
     Attributes:
         values: ``(nnzb, BN, BK)`` kept blocks in block-row order, zero-padded where a
-            block hangs over the matrix edge; float32, float16 or bfloat16.
+            block hangs over the matrix edge; float32, float16 or bfloat16. Stored in
+            :func:`row_panel_layout` (any layout is accepted; others cost a copy per call).
         crow: ``(ceil(out/BN) + 1,)`` int64: block row ``r`` holds blocks ``crow[r]:crow[r+1]``.
         col: ``(nnzb,)`` int64 block column of each block.
         ccol, csc_row, csc_block: ``(ceil(in/BK) + 1,)``, ``(nnzb,)``, ``(nnzb,)`` int64: the
@@ -344,7 +352,7 @@ class BlockSparseWeight:
         grid_mask = padded_mask.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)
         keep = grid_mask.any(dim=3).any(dim=2)
         rows, cols = keep.nonzero(as_tuple=True)
-        values = padded_w.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)[rows, cols].contiguous()
+        values = row_panel_layout(padded_w.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)[rows, cols])
         block_mask = grid_mask[rows, cols].contiguous()
         # The element mask is needed only if a kept block has a pruned in-bounds element.
         inside = torch.zeros(nbr * bn, nbc * bk, dtype=torch.bool, device=weight.device)
