@@ -10,23 +10,24 @@ import triton.language as tl
 BLOCK_M = 64
 
 
-def _precision(dtype: torch.dtype) -> dict[str, object]:
+def _precision(dtype: torch.dtype) -> dict[str, bool]:
     # float32 products stay float32 (the fp32 tolerance is 1e-5; tf32 would give ~3e-4).
     # Triton 3.9's interpreter returns garbage from tl.dot on bfloat16 tiles (errors of
     # 1e10 on a 16x16 product), so under TRITON_INTERPRET=1 bf16 tiles are widened to fp32
     # first; compiled kernels keep bf16 tensor-core products.
     from memkern import _library
 
-    return {"PREC": "ieee" if dtype == torch.float32 else "tf32",
-            "UPCAST": dtype == torch.bfloat16 and _library.triton_interpret()}
+    return {"IEEE": dtype == torch.float32, "UPCAST": dtype == torch.bfloat16 and _library.triton_interpret()}
 
 
 @triton.jit
-def _mma(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a, b)
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def _block_sparse_fwd_kernel(
     x_ptr, v_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr, M, N, K,
     stride_xm, stride_xk, stride_ym, stride_vb, stride_vn,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
@@ -50,7 +51,7 @@ def _block_sparse_fwd_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
         wt = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
-        acc += _mma(xt, tl.trans(wt), PREC, UPCAST)
+        acc += _mma(xt, tl.trans(wt), IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -62,7 +63,7 @@ def _block_sparse_dx_kernel(
     g_ptr, v_ptr, ccol_ptr, crow_of_ptr, cblock_ptr, dx_ptr, M, N, K,
     stride_gm, stride_gn, stride_dxm, stride_vb, stride_vn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     c = tl.program_id(1).to(tl.int64)
@@ -79,7 +80,7 @@ def _block_sparse_dx_kernel(
         gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
                      mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
         wt = tl.load(v_ptr + b * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
-        acc += _mma(gt, wt, PREC, UPCAST)
+        acc += _mma(gt, wt, IEEE, UPCAST)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -89,7 +90,7 @@ def _block_sparse_dw_kernel(
     g_ptr, x_ptr, row_ptr, col_ptr, dv_ptr, M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_vb, stride_vn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64)  # one program per kept block
     offs_bn = tl.arange(0, BN)
@@ -103,7 +104,7 @@ def _block_sparse_dw_kernel(
                      mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        acc += _mma(tl.trans(gt), xt, PREC, UPCAST)
+        acc += _mma(tl.trans(gt), xt, IEEE, UPCAST)
     # Rows/columns past the matrix edge saw only zeros, so the padding is written as 0.
     tl.store(dv_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :], acc.to(dv_ptr.dtype.element_ty))
 
@@ -162,7 +163,7 @@ def _sparse24_fwd_kernel(
     x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K,
     stride_xm, stride_xk, stride_vn, stride_metan, stride_ym,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
@@ -184,7 +185,7 @@ def _sparse24_fwd_kernel(
         code = (byte >> (4 * (g[None, :] % 2)).to(tl.int32)) & 15
         zero = tl.zeros_like(v0)
         w = tl.where((code & 3) == p[None, :], v0, zero) + tl.where((code >> 2) == p[None, :], v1, zero)
-        acc += _mma(xt, tl.trans(w), PREC, UPCAST)
+        acc += _mma(xt, tl.trans(w), IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
