@@ -444,6 +444,11 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
 
     Differentiable in ``x``, ``weight.values`` and ``bias``. The weight gradient exists only
     for stored (kept) values, so pruned weights stay exactly zero under any optimiser.
+
+    NaN or inf in ``x`` propagates through every kept weight (including zeros inside kept
+    blocks and 2:4 groups). Pruned blocks are skipped, so a non-finite x meeting only pruned
+    blocks leaves the output finite on the block-skipping backends (cpp, triton), whereas the
+    ``torch`` reference, a dense product with zeros, gives NaN there (NaN * 0).
     """
     op = "masked_matmul"
     _validate.check_tensor(op, "x", x)
