@@ -13,6 +13,13 @@
 TORCH_LIBRARY(memkern, m) {
   // quantize_rowwise: symmetric absmax int8 per row; see memkern/ops/quantize.py.
   m.def("quantize_rowwise_kernel(Tensor x) -> (Tensor q, Tensor scale)");
+  // block_sparse_matmul: x @ W^T (+ bias) over the kept blocks of W; see memkern/ops/sparse.py.
+  m.def("block_sparse_matmul_kernel(Tensor x, Tensor values, Tensor crow, Tensor col, int n_out, Tensor? bias) -> Tensor");
+  m.def("block_sparse_matmul_backward_kernel(Tensor grad, Tensor x, Tensor values, Tensor crow, Tensor col, "
+        "Tensor ccol, Tensor csc_row, Tensor csc_block) -> (Tensor grad_x, Tensor grad_values)");
+  // sparse24: 2:4 compressed weights (kept values + 2-bit positions); see memkern/ops/sparse.py.
+  m.def("sparse24_compress_kernel(Tensor weight, Tensor mask) -> (Tensor values, Tensor meta)");
+  m.def("sparse24_decompress_kernel(Tensor values, Tensor meta, int cols) -> Tensor");
 }
 
 extern "C" {

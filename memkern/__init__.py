@@ -2,7 +2,7 @@
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 
 from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it is missing)
-from memkern import backends, nn, ops
+from memkern import backends, nn, ops, prune
 from memkern.backends import BackendUnavailable, use_backend
 from memkern.convert import Footprint, memory_footprint
 from memkern.share import ShareReport, share_layers
@@ -19,6 +19,7 @@ __all__ = [
     "memory_footprint",
     "nn",
     "ops",
+    "prune",
     "share_layers",
     "ShareReport",
     "use_backend",

@@ -4,10 +4,12 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from memkern.benchmarks import quantize
+from memkern.benchmarks import sparse
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "quantize_rowwise": quantize.cases,
+    "masked_matmul": sparse.cases,
 }
 
 

@@ -1,0 +1,155 @@
+"""SparseLinear: an ``nn.Linear`` whose pruned weights take neither memory nor time."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, _check_block, masked_matmul
+
+FORMATS = ("block", "2:4")
+_BLOCK_INDEX = ("crow", "col", "ccol", "csc_row", "csc_block")
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ (W * M)^T + b`` with only the kept weights stored and visited.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        format: ``"block"`` (kept ``block``-sized blocks, optional element mask inside them)
+            or ``"2:4"`` (kept values + 2-bit positions; in_features a multiple of 4).
+        block: ``(rows, cols)`` block size for ``"block"``, powers of two in 16..128.
+        device, dtype: of the parameters.
+
+    A freshly built layer keeps every weight (initialised like ``nn.Linear``; for ``"2:4"``
+    the first two of every four); ``from_dense`` builds one from a trained layer and a mask,
+    and ``load_state_dict`` adopts the stored layout of any SparseLinear state.
+    Parameters: ``values`` (and ``bias``); the index and element mask are buffers, so an
+    optimiser only ever sees kept weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "block",
+                 block: tuple[int, int] = (64, 64), device=None, dtype=None) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"SparseLinear: format must be one of {', '.join(FORMATS)}; got {format!r}")
+        self.in_features, self.out_features, self.format = in_features, out_features, format
+        self.block = _check_block("SparseLinear", block)
+        dense = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.get_default_dtype())
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        if format == "2:4":
+            mask = torch.zeros_like(dense, dtype=torch.bool)
+            mask[:, 0::4] = True
+            mask[:, 1::4] = True
+        else:
+            mask = torch.ones_like(dense, dtype=torch.bool)
+        self._adopt(self._compress(dense, mask))
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_features, device=dense.device, dtype=dense.dtype).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    # -- layout ----------------------------------------------------------------------------
+    def _compress(self, weight: torch.Tensor, mask: torch.Tensor) -> BlockSparseWeight | Sparse24Weight:
+        if self.format == "2:4":
+            return Sparse24Weight.from_dense(weight, mask)
+        return BlockSparseWeight.from_dense(weight, mask, self.block)
+
+    def _adopt(self, w: BlockSparseWeight | Sparse24Weight) -> None:
+        for name in (*_BLOCK_INDEX, "mask", "meta"):
+            self._buffers.pop(name, None)
+        self.values = nn.Parameter(w.values)
+        if isinstance(w, Sparse24Weight):
+            self.register_buffer("meta", w.meta)
+        else:
+            for name in _BLOCK_INDEX:
+                self.register_buffer(name, getattr(w, name))
+            self.register_buffer("mask", w.mask)
+
+    @property
+    def weight(self) -> BlockSparseWeight | Sparse24Weight:
+        """The stored weight (sharing this module's tensors)."""
+        shape = (self.out_features, self.in_features)
+        if self.format == "2:4":
+            return Sparse24Weight(self.values, self.meta, shape)
+        return BlockSparseWeight(self.values, *(getattr(self, n) for n in _BLOCK_INDEX), self.mask, shape)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, *, format: str = "block",
+                   block: tuple[int, int] = (64, 64)) -> "SparseLinear":
+        """A SparseLinear computing ``linear`` with weights where ``mask`` is False pruned."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        if format not in FORMATS:
+            raise ValueError(f"SparseLinear.from_dense: format must be one of {', '.join(FORMATS)}; got {format!r}")
+        layer.format, layer.block = format, _check_block("SparseLinear.from_dense", block)
+        layer._adopt(layer._compress(w, mask))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
+    # -- use -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_matmul(x, self.weight, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight ``W * M``."""
+        return self.weight.to_dense()
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the ``out x in`` weights that are pruned (not stored or masked)."""
+        total = self.out_features * self.in_features
+        if total == 0:
+            return 0.0
+        if self.format == "2:4":
+            return 0.5
+        if self.mask is not None:
+            kept = int(self.mask.sum())
+        else:
+            bn, bk = self.block
+            rows = torch.repeat_interleave(torch.arange(self.crow.numel() - 1, device=self.crow.device), self.crow.diff())
+            h = (self.out_features - rows * bn).clamp(max=bn)
+            w = (self.in_features - self.col * bk).clamp(max=bk)
+            kept = int((h * w).sum())
+        return 1 - kept / total
+
+    def extra_repr(self) -> str:
+        layout = "2:4" if self.format == "2:4" else f"block, block={self.block[0]}x{self.block[1]}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, pattern={layout}, sparsity={self.sparsity:.3f}")
+
+    # -- state -----------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"format": self.format, "block": list(self.block), "shape": [self.out_features, self.in_features]}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.format, self.block = state["format"], tuple(state["block"])
+        self.out_features, self.in_features = state["shape"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The stored layout (number of kept blocks, element mask or not, format) belongs to
+        # the state, so this module takes the incoming tensors' shapes before copying.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None and prefix + "values" in state_dict:
+            self.set_extra_state(extra)
+            dev = self.values.device
+            names = ("meta",) if self.format == "2:4" else (*_BLOCK_INDEX, "mask")
+            for name in (*_BLOCK_INDEX, "mask", "meta"):
+                self._buffers.pop(name, None)
+            for name in names:
+                src = state_dict.get(prefix + name)
+                self.register_buffer(name, None if src is None else torch.empty_like(src, device=dev))
+            src = state_dict[prefix + "values"]
+            self.values = nn.Parameter(torch.empty_like(src, device=dev, dtype=self.values.dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

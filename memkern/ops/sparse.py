@@ -1,0 +1,479 @@
+"""Sparse-masked matrix products for pruned weights: ``masked_matmul(x, weight, bias)``.
+
+Two storages of a pruned weight W (out_features x in_features) with mask M:
+
+* :class:`BlockSparseWeight`: only the kept (BN x BK) blocks (values + block indices, in
+  row order for the forward and column order for ``dx``), plus an optional element mask
+  inside kept blocks so unstructured masks also work. At 50% block sparsity it holds about
+  half the dense weight.
+* :class:`Sparse24Weight`: a 2:4 weight (at most 2 kept values in every 4 consecutive
+  input columns) as kept values (half the columns) + 2-bit positions: 9/16 of dense fp16.
+
+Reads top to bottom: implementations -> backend tables -> operators (schema, fake,
+autograd) -> weight containers -> public function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memkern import _validate, backends, reference
+
+BLOCK_SIZES = (16, 32, 64, 128)
+# The C++ block-sparse kernels also take float64 (gradcheck on the CPU path); the public
+# function accepts the float dtypes only.
+_CPP_DTYPES = (*_validate.FLOAT_DTYPES, torch.float64)
+
+def row_panel_layout(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (nnzb, BN, BK) laid out in memory as (BN, nnzb, BK): the kept blocks of a
+    block row, being consecutive, then form one (BN, kept * BK) matrix with unit column
+    stride, which the C++ kernel hands to BLAS as is (no packing per call)."""
+    return values.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+
+
+# -- implementations: block-sparse product -----------------------------------------------
+_fwd = backends.op_table("block_sparse_matmul")
+_bwd = backends.op_table("block_sparse_matmul_bwd")  # the backward op; a name that fits `memkern info`
+
+
+@_fwd.register("torch")
+def _bsmm_torch(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
+    return reference.block_sparse_matmul(x, values, crow, col, n_out, bias)
+
+
+@_fwd.register("cpp", dtypes=_CPP_DTYPES)
+def _bsmm_cpp(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
+    return torch.ops.memkern.block_sparse_matmul_kernel(x, values, crow, col, n_out, bias)
+
+
+@_fwd.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _bsmm_triton(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
+    from memkern.kernels.sparse import block_sparse_matmul as launch
+
+    return launch(x, values, crow, col, n_out, bias)
+
+
+@_bwd.register("torch")
+def _bsmm_bwd_torch(grad, x, values, crow, col, ccol, csc_row, csc_block):
+    # Dense reference of both gradients; dW is read back only at the kept blocks.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n_out, k = grad.shape[1], x.shape[1]
+    nnzb, bn, bk = values.shape
+    w = reference.block_sparse_to_dense(values.to(acc), crow, col, n_out, k)
+    dx = (grad.to(acc) @ w).to(x.dtype)
+    dw = grad.to(acc).t() @ x.to(acc)
+    n_br, n_bc = -(-n_out // bn), -(-k // bk)
+    padded = dw.new_zeros(n_br * bn, n_bc * bk)
+    padded[:n_out, :k] = dw
+    grid = padded.reshape(n_br, bn, n_bc, bk).permute(0, 2, 1, 3)
+    rows = torch.repeat_interleave(torch.arange(n_br, device=crow.device), crow.diff())
+    return dx, row_panel_layout(grid[rows, col].to(values.dtype))
+
+
+@_bwd.register("cpp", dtypes=_CPP_DTYPES)
+def _bsmm_bwd_cpp(grad, x, values, crow, col, ccol, csc_row, csc_block):
+    return torch.ops.memkern.block_sparse_matmul_backward_kernel(grad, x, values, crow, col, ccol, csc_row, csc_block)
+
+
+@_bwd.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _bsmm_bwd_triton(grad, x, values, crow, col, ccol, csc_row, csc_block):
+    from memkern.kernels.sparse import block_sparse_matmul_backward as launch
+
+    return launch(grad, x, values, crow, col, ccol, csc_row, csc_block)
+
+
+# -- implementations: 2:4 compress / decompress / product -------------------------------
+_compress = backends.op_table("sparse24_compress")
+_decompress = backends.op_table("sparse24_decompress")
+_s24 = backends.op_table("sparse24_matmul")
+
+
+@_compress.register("torch")
+def _compress_torch(weight, mask):
+    return reference.sparse24_compress(weight, mask)
+
+
+@_compress.register("cpp", dtypes=_validate.FLOAT_DTYPES)
+@_compress.register("cuda", dtypes=_validate.FLOAT_DTYPES)
+def _compress_compiled(weight, mask):
+    return torch.ops.memkern.sparse24_compress_kernel(weight, mask)
+
+
+@_decompress.register("torch")
+def _decompress_torch(values, meta, cols):
+    return reference.sparse24_decompress(values, meta, cols)
+
+
+@_decompress.register("cpp", dtypes=_validate.FLOAT_DTYPES)
+@_decompress.register("cuda", dtypes=_validate.FLOAT_DTYPES)
+def _decompress_compiled(values, meta, cols):
+    return torch.ops.memkern.sparse24_decompress_kernel(values, meta, cols)
+
+
+@_decompress.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _decompress_triton(values, meta, cols):
+    from memkern.kernels.sparse import sparse24_decompress as launch
+
+    return launch(values, meta, cols)
+
+
+@_s24.register("torch")
+def _s24_torch(x, values, meta, bias):
+    return reference.sparse24_matmul(x, values, meta, bias)
+
+
+def _s24_dense(x, values, meta, bias):
+    # Expand once with the compiled kernel, then one dense product: on the CPU this saves
+    # memory (the weight lives compressed) but not time; fp16/bf16 accumulate in fp32.
+    w = torch.ops.memkern.sparse24_decompress_kernel(values, meta, x.shape[1])
+    if x.device.type == "cpu":
+        y = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+        return y.to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+_s24.register("cpp", dtypes=_validate.FLOAT_DTYPES)(_s24_dense)
+_s24.register("cuda", dtypes=_validate.FLOAT_DTYPES)(_s24_dense)
+
+
+@_s24.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _s24_triton(x, values, meta, bias):
+    from memkern.kernels.sparse import sparse24_matmul as launch
+
+    return launch(x, values.contiguous(), meta.contiguous(), bias)
+
+
+# -- operators -----------------------------------------------------------------------------
+@torch.library.custom_op("memkern::block_sparse_matmul", mutates_args=())
+def _bsmm_op(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor,
+             csc_row: torch.Tensor, csc_block: torch.Tensor, n_out: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _fwd(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias)
+
+
+@_bsmm_op.register_fake
+def _bsmm_fake(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
+    return x.new_empty((x.shape[0], n_out))
+
+
+@torch.library.custom_op("memkern::block_sparse_matmul_backward", mutates_args=())
+def _bsmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                 ccol: torch.Tensor, csc_row: torch.Tensor, csc_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bwd(grad, x, values, crow, col, ccol, csc_row, csc_block)
+
+
+@_bsmm_bwd_op.register_fake
+def _bsmm_bwd_fake(grad, x, values, crow, col, ccol, csc_row, csc_block):
+    return x.new_empty(x.shape), row_panel_layout(values.new_empty(values.shape))
+
+
+def _bsmm_setup(ctx, inputs, output):
+    x, values, crow, col, ccol, csc_row, csc_block, _n_out, bias = inputs
+    ctx.save_for_backward(x, values, crow, col, ccol, csc_row, csc_block)
+    ctx.has_bias = bias is not None
+
+
+def _bsmm_backward(ctx, grad):
+    x, values, crow, col, ccol, csc_row, csc_block = ctx.saved_tensors
+    dx, dv = _bsmm_bwd_op(grad.contiguous(), x, values, crow, col, ccol, csc_row, csc_block)
+    db = grad.float().sum(0).to(grad.dtype) if ctx.has_bias else None
+    return dx, dv, None, None, None, None, None, None, db
+
+
+_bsmm_op.register_autograd(_bsmm_backward, setup_context=_bsmm_setup)
+
+
+@torch.library.custom_op("memkern::sparse24_compress", mutates_args=())
+def _compress_op(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _compress(weight, mask)
+
+
+@_compress_op.register_fake
+def _compress_fake(weight, mask):
+    rows, cols = weight.shape
+    return weight.new_empty((rows, cols // 2)), weight.new_empty((rows, (cols + 7) // 8), dtype=torch.uint8)
+
+
+@torch.library.custom_op("memkern::sparse24_decompress", mutates_args=())
+def _decompress_op(values: torch.Tensor, meta: torch.Tensor, cols: int) -> torch.Tensor:
+    return _decompress(values, meta, cols)
+
+
+@_decompress_op.register_fake
+def _decompress_fake(values, meta, cols):
+    return values.new_empty((values.shape[0], cols))
+
+
+@torch.library.custom_op("memkern::sparse24_matmul", mutates_args=())
+def _s24_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _s24(x, values, meta, bias)
+
+
+@_s24_op.register_fake
+def _s24_fake(x, values, meta, bias):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _s24_setup(ctx, inputs, output):
+    x, values, meta, bias = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.has_bias = bias is not None
+
+
+def _kept_positions(meta: torch.Tensor, cols: int) -> torch.Tensor:
+    """(rows, cols/4, 2) int64 dense positions of each group's two slots."""
+    groups = cols // 4
+    byte = meta.to(torch.int32).repeat_interleave(2, dim=1)[:, :groups]
+    code = (byte >> (4 * (torch.arange(groups, device=meta.device, dtype=torch.int32) % 2))) & 15
+    return torch.stack([code & 3, code >> 2], dim=-1).to(torch.int64)
+
+
+def _s24_backward(ctx, grad):
+    x, values, meta = ctx.saved_tensors
+    cols = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = _decompress_op(values, meta, cols)
+    dx = (grad.to(acc) @ w.to(acc)).to(x.dtype)
+    # dW only at the two slots of each group: positions outside the 2:4 pattern have no
+    # storage, so they cannot be revived by any optimiser.
+    dw = (grad.to(acc).t() @ x.to(acc)).reshape(values.shape[0], cols // 4, 4)
+    dv = torch.gather(dw, 2, _kept_positions(meta, cols)).reshape(values.shape).to(values.dtype)
+    db = grad.to(acc).sum(0).to(grad.dtype) if ctx.has_bias else None
+    return dx, dv, None, db
+
+
+_s24_op.register_autograd(_s24_backward, setup_context=_s24_setup)
+
+
+# -- weight containers ---------------------------------------------------------------------
+def _check_block(op: str, block: tuple[int, int]) -> tuple[int, int]:
+    if not (isinstance(block, (tuple, list)) and len(block) == 2):
+        raise ValueError(f"{op}: block must be a pair (rows, cols), got {block!r}")
+    for name, b in zip(("block rows", "block cols"), block):
+        if not isinstance(b, int) or b not in BLOCK_SIZES:
+            raise ValueError(f"{op}: {name} must be a power of two in {list(BLOCK_SIZES)}, got {b!r}")
+    return int(block[0]), int(block[1])
+
+
+def _check_mask(op: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    _validate.check_tensor(op, "mask", mask)
+    if mask.shape != weight.shape:
+        raise ValueError(f"{op}: mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must have dtype bool; got {str(mask.dtype).removeprefix('torch.')}")
+    _validate.check_same_device(op, weight=weight, mask=mask)
+
+
+@dataclass
+class BlockSparseWeight:
+    """A pruned weight stored as its kept (BN x BK) blocks.
+
+    Attributes:
+        values: ``(nnzb, BN, BK)`` kept blocks in block-row order, zero-padded where a
+            block hangs over the matrix edge; float32, float16 or bfloat16. Stored in
+            :func:`row_panel_layout` (any layout is accepted; others cost a copy per call).
+        crow: ``(ceil(out/BN) + 1,)`` int64: block row ``r`` holds blocks ``crow[r]:crow[r+1]``.
+        col: ``(nnzb,)`` int64 block column of each block.
+        ccol, csc_row, csc_block: ``(ceil(in/BK) + 1,)``, ``(nnzb,)``, ``(nnzb,)`` int64: the
+            same blocks by block column (pointer, block row, index into ``values``).
+        mask: ``(nnzb, BN, BK)`` bool element mask inside kept blocks, or None when every
+            element of a kept block is kept.
+        shape: ``(out_features, in_features)``.
+    """
+
+    values: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+    ccol: torch.Tensor
+    csc_row: torch.Tensor
+    csc_block: torch.Tensor
+    mask: torch.Tensor | None
+    shape: tuple[int, int]
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return int(self.values.shape[1]), int(self.values.shape[2])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def block_density(self) -> float:
+        """Kept blocks / all blocks."""
+        bn, bk = self.block
+        total = -(-self.shape[0] // bn) * -(-self.shape[1] // bk)
+        return self.values.shape[0] / total if total else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values, indices and the element mask if any."""
+        ts = [self.values, self.crow, self.col, self.ccol, self.csc_row, self.csc_block]
+        if self.mask is not None:
+            ts.append(self.mask)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @staticmethod
+    def index(block_rows: torch.Tensor, block_cols: torch.Tensor, n_block_rows: int,
+              n_block_cols: int) -> tuple[torch.Tensor, ...]:
+        """(crow, col, ccol, csc_row, csc_block) of blocks listed in block-row order."""
+        dev = block_rows.device
+        crow = torch.zeros(n_block_rows + 1, dtype=torch.int64, device=dev)
+        crow[1:] = torch.bincount(block_rows, minlength=n_block_rows).cumsum(0)
+        csc_block = torch.argsort(block_cols * n_block_rows + block_rows)
+        ccol = torch.zeros(n_block_cols + 1, dtype=torch.int64, device=dev)
+        ccol[1:] = torch.bincount(block_cols, minlength=n_block_cols).cumsum(0)
+        return crow, block_cols.clone(), ccol, block_rows[csc_block].contiguous(), csc_block
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+                   block: tuple[int, int] = (64, 64)) -> "BlockSparseWeight":
+        """Keep every block of ``weight`` (out, in) where ``mask`` (bool, same shape) has a
+        True; elements inside kept blocks with mask False are zeroed and masked. Without a
+        mask, blocks holding any nonzero are kept."""
+        op = "BlockSparseWeight.from_dense"
+        _validate.check_tensor(op, "weight", weight)
+        _validate.check_dim(op, "weight", weight, 2)
+        _validate.check_dtype(op, "weight", weight, _validate.FLOAT_DTYPES)
+        bn, bk = _check_block(op, block)
+        if mask is None:
+            mask = weight != 0
+        _check_mask(op, weight, mask)
+        n, k = weight.shape
+        nbr, nbc = -(-n // bn), -(-k // bk)
+        padded_mask = torch.zeros(nbr * bn, nbc * bk, dtype=torch.bool, device=weight.device)
+        padded_mask[:n, :k] = mask
+        padded_w = torch.zeros(nbr * bn, nbc * bk, dtype=weight.dtype, device=weight.device)
+        padded_w[:n, :k] = weight.detach() * mask
+        grid_mask = padded_mask.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)
+        keep = grid_mask.any(dim=3).any(dim=2)
+        rows, cols = keep.nonzero(as_tuple=True)
+        values = row_panel_layout(padded_w.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)[rows, cols])
+        block_mask = grid_mask[rows, cols].contiguous()
+        # The element mask is needed only if a kept block has a pruned in-bounds element.
+        inside = torch.zeros(nbr * bn, nbc * bk, dtype=torch.bool, device=weight.device)
+        inside[:n, :k] = True
+        inside_blocks = inside.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)[rows, cols]
+        need_mask = bool((inside_blocks & ~block_mask).any())
+        return cls(values, *cls.index(rows, cols, nbr, nbc), block_mask if need_mask else None, (n, k))
+
+    def effective_values(self) -> torch.Tensor:
+        """``values`` with the element mask applied (differentiable in ``values``)."""
+        return self.values if self.mask is None else self.values * self.mask
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight ``W * M``."""
+        return reference.block_sparse_to_dense(self.effective_values(), self.crow, self.col, *self.shape)
+
+
+@dataclass
+class Sparse24Weight:
+    """A 2:4 pruned weight: kept values + 2-bit positions.
+
+    Attributes:
+        values: ``(out, in/2)`` kept values of each group of 4 input columns (columns 2g,
+            2g+1 belong to group g, in column order); float32, float16 or bfloat16.
+        meta: ``(out, ceil(in/8))`` uint8: group g's positions ``i0 | (i1 << 2)`` (i0 < i1)
+            in byte ``g // 2`` at bit ``4 * (g % 2)``.
+        shape: ``(out_features, in_features)``, in_features a multiple of 4.
+
+    The two slots of every group are the trainable positions: a group whose mask keeps
+    fewer than 2 values gets its free slot(s) at the lowest unused position(s), holding 0.
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.meta.numel()
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "Sparse24Weight":
+        """Compress ``weight * mask`` (out, in); ``mask`` (bool) keeps at most 2 of every 4
+        consecutive input columns. Without a mask the nonzeros of ``weight`` are kept."""
+        op = "Sparse24Weight.from_dense"
+        _validate.check_tensor(op, "weight", weight)
+        _validate.check_dim(op, "weight", weight, 2)
+        _validate.check_dtype(op, "weight", weight, _validate.FLOAT_DTYPES)
+        n, k = weight.shape
+        if k % 4:
+            raise ValueError(f"{op}: 2:4 needs in_features divisible by 4, got weight shape {tuple(weight.shape)}")
+        if mask is None:
+            mask = weight != 0
+        _check_mask(op, weight, mask)
+        per_group = mask.reshape(n, k // 4, 4).sum(-1)
+        if n and k and int(per_group.max()) > 2:
+            r, g = (per_group > 2).nonzero()[0].tolist()
+            raise ValueError(f"{op}: 2:4 keeps at most 2 of every 4 input columns; row {r}, columns "
+                             f"{4 * g}..{4 * g + 3} keep {int(per_group[r, g])}")
+        values, meta = _compress_op(weight.detach().contiguous(), mask.contiguous())
+        return cls(values, meta, (n, k))
+
+    def to_dense(self) -> torch.Tensor:
+        return _decompress_op(self.values, self.meta, self.shape[1])
+
+
+# -- public function -------------------------------------------------------------------------
+def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (W * M)^T + bias`` for a pruned weight, visiting only kept blocks / values.
+
+    Args:
+        x: ``(..., in_features)`` float32, float16 or bfloat16, the weight's dtype and
+            device, any strides (e.g. ``(N, K)`` or ``(B, T, K)``).
+        weight: a :class:`BlockSparseWeight` or :class:`Sparse24Weight` of shape
+            ``(out_features, in_features)``.
+        bias: optional ``(out_features,)`` tensor of x's dtype.
+
+    Returns:
+        ``(..., out_features)`` tensor of x's dtype; products accumulate in float32.
+
+    Differentiable in ``x``, ``weight.values`` and ``bias``. The weight gradient exists only
+    for stored (kept) values, so pruned weights stay exactly zero under any optimiser.
+
+    NaN or inf in ``x`` propagates through every kept weight (including zeros inside kept
+    blocks and 2:4 groups). Pruned blocks are skipped, so a non-finite x meeting only pruned
+    blocks leaves the output finite on the block-skipping backends (cpp, triton), whereas the
+    ``torch`` reference, a dense product with zeros, gives NaN there (NaN * 0).
+    """
+    op = "masked_matmul"
+    _validate.check_tensor(op, "x", x)
+    if not isinstance(weight, (BlockSparseWeight, Sparse24Weight)):
+        raise TypeError(f"{op}: weight must be a BlockSparseWeight or Sparse24Weight, got {type(weight).__name__}")
+    _validate.check_dtype(op, "x", x, _validate.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must be at least 1-D, got 0-D")
+    n_out, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x's last dimension must be in_features={k}, got shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{op}: x must have the weight's dtype {weight.dtype}; got {x.dtype}")
+    if bias is not None:
+        _validate.check_tensor(op, "bias", bias)
+        if bias.shape != (n_out,):
+            raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: bias must have x's dtype {x.dtype}; got {bias.dtype}")
+    _validate.check_same_device(op, x=x, weight=weight.values, bias=bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if isinstance(weight, BlockSparseWeight):
+        y = _bsmm_op(x2, weight.effective_values(), weight.crow, weight.col, weight.ccol, weight.csc_row,
+                     weight.csc_block, n_out, bias)
+    else:
+        y = _s24_op(x2, weight.values, weight.meta, bias)
+    return y.reshape(*lead, n_out)

@@ -1,0 +1,118 @@
+"""`memkern demo --quick`: the report's structure, and each stage's figures checked
+against what memkern's own tools compute for that stage's model."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import memkern
+from memkern.demo import DemoConfig, run_demo
+from memkern.demo.report import COLUMNS, write_all
+
+STAGES = ["teacher", "student (labels only)", "student (distilled)", "pruned (2:4 wanda)",
+          "int8 (from pruned)", "fp16 (from pruned)"]
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_demo(DemoConfig.quick(progress=False), log=lambda _: None)
+
+
+def test_report_has_every_stage_with_finite_figures(result):
+    assert [s.name for s in result.stages] == STAGES
+    for s in result.stages:
+        assert s.parameters > 0 and s.weight_bytes > 0 and s.peak_mib > 0 and s.tokens_per_s > 0
+        assert 1 < s.perplexity < result.config.vocab_size * 2, s
+        assert s.bits_per_byte > 0
+        assert s.peak_of == ("inference" if s.name.startswith(("int8", "fp16")) else "training")
+
+
+def test_each_stage_reports_the_footprint_of_its_model(result):
+    for s in result.stages:
+        fp = memkern.memory_footprint(s.model)
+        assert s.weight_bytes == fp.total_bytes, s.name
+        assert s.weight_bytes_by_dtype == fp.by_dtype, s.name
+        assert s.parameters == fp.parameters, s.name
+    assert result.stage("int8 (from pruned)").weight_bytes_by_dtype.get("int8", 0) > 0
+    assert result.stage("fp16 (from pruned)").weight_bytes_by_dtype.get("float16", 0) > 0
+
+
+def test_pruned_stage_has_the_requested_sparsity(result):
+    model = result.stage("pruned (2:4 wanda)").model
+    layers = [m for m in model.modules() if isinstance(m, memkern.nn.SparseLinear)]
+    assert layers, "no layer was pruned"
+    zeros = sum(int((m.to_dense() == 0).sum()) for m in layers)
+    total = sum(m.out_features * m.in_features for m in layers)
+    assert zeros / total == pytest.approx(result.config.sparsity, abs=1e-3)
+    for m in layers:  # 2:4: at most two kept weights in every group of four
+        kept = (m.to_dense() != 0).reshape(m.out_features, -1, 4).sum(-1)
+        assert (kept <= 2).all()
+
+
+def test_quantised_stages_stay_within_5_percent_of_the_stage_before(result):
+    ppl = {s.name: s.perplexity for s in result.stages}
+    assert ppl["int8 (from pruned)"] <= 1.05 * ppl["pruned (2:4 wanda)"]
+    assert ppl["fp16 (from pruned)"] <= 1.05 * ppl["int8 (from pruned)"]
+    assert abs(ppl["int8 (from pruned)"] / ppl["pruned (2:4 wanda)"] - 1) < 0.05
+
+
+def test_teacher_and_students_learned_something(result):
+    # An untrained model sits near perplexity = vocabulary size.
+    vocab = result.config.vocab_size
+    for name in ("teacher", "student (labels only)", "student (distilled)"):
+        assert result.stage(name).perplexity < 0.9 * vocab, name
+
+
+def test_csv_and_png_are_written(result, tmp_path):
+    csv_path, png_path = write_all(result, str(tmp_path))
+    rows = list(csv.DictReader(open(csv_path)))
+    assert list(rows[0]) == list(COLUMNS)
+    assert [r["stage"] for r in rows] == STAGES
+    assert float(rows[0]["weight_mib"]) == pytest.approx(result.stages[0].weight_bytes / 2**20, abs=1e-3)
+    assert open(png_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _demo_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memkern.cli", "demo", "--quick", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--corpus", "/nonexistent/texts"], ["/nonexistent/texts", "does not exist"]),
+        (["--teacher-steps", "0"], ["--teacher-steps", "at least 1", "0"]),
+        (["--share-layers", "0,7"], ["blocks.7", "not a module"]),
+        (["--share-layers", "a,b"], ["--share-layers", "'a,b'"]),
+    ],
+    ids=["missing-corpus", "zero-steps", "share-group-mismatch", "share-group-syntax"],
+)
+def test_bad_input_is_one_clear_line(args, words):
+    out = _demo_cli(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    for w in words:
+        assert w in out.stderr
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "image.bin").write_bytes(b"\0\1\2" * 100)
+    out = _demo_cli("--corpus", str(tmp_path))
+    assert out.returncode == 2 and "no readable text" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_shared_student_ties_its_blocks():
+    cfg = DemoConfig.quick(progress=False, share_layers="pairs", teacher_steps=2, student_steps=2, finetune_steps=1,
+                           eval_windows=2)
+    res = run_demo(cfg, log=lambda _: None)
+    student = res.stage("student (distilled)").model
+    assert student.blocks[0] is student.blocks[1]
+    unshared = memkern.memory_footprint(res.stage("teacher").model)  # sanity: footprints are per model
+    assert res.stage("student (distilled)").weight_bytes < unshared.total_bytes
+    assert "saved" in res.stage("student (distilled)").note
+    assert torch.isfinite(torch.tensor(res.stage("fp16 (from pruned)").perplexity))

@@ -1,0 +1,462 @@
+"""masked_matmul on block-sparse and 2:4 weights: every backend against the float64
+dense-masked reference (forward and both gradients), 2:4 round trips, training keeps pruned
+weights at zero, edge cases, bad input, opcheck and compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memkern
+from memkern import prune, reference
+from memkern.nn import SparseLinear
+from memkern.ops import BlockSparseWeight, Sparse24Weight, masked_matmul
+from conftest import CPU_BACKENDS, REL_TOL, assert_rel_close, require_backend
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUT, IN = 47, 123  # multiples of no block size
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Fill every fresh allocation with a known value, so an element a kernel forgot to
+    write shows up as a mismatch."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+    torch.use_deterministic_algorithms(prev_det)
+
+
+def _block_mask(sparsity: float, block: int, out: int = OUT, inp: int = IN) -> torch.Tensor:
+    # Random scores, so the kept blocks are scattered; the mask comes from prune.masks.
+    return prune.masks(torch.randn(out, inp), sparsity, "block", block=(block, block))
+
+
+def _reference(x, w_masked, bias, grad):
+    """float64 forward and gradients of x @ Wm^T + b with Wm = W * M."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w_masked.detach().double().requires_grad_(True)
+    b64 = None if bias is None else bias.detach().double().requires_grad_(True)
+    y = x64 @ w64.t()
+    if b64 is not None:
+        y = y + b64
+    y.backward(grad.double())
+    return y, x64.grad, w64.grad, None if b64 is None else b64.grad
+
+
+def _run(backend, x, weight, bias, grad):
+    """Forward + backward through masked_matmul with ``backend`` forced."""
+    x = x.detach().clone().requires_grad_(True)
+    weight.values = weight.values.detach().clone().requires_grad_(True)
+    bias = None if bias is None else bias.detach().clone().requires_grad_(True)
+    with memkern.use_backend(backend):
+        y = masked_matmul(x, weight, bias)
+        y.backward(grad)
+    return y, x.grad, weight.values.grad, None if bias is None else bias.grad
+
+
+def _grad_as_dense(weight, dvalues) -> torch.Tensor:
+    if isinstance(weight, Sparse24Weight):
+        return reference.sparse24_decompress(dvalues, weight.meta, weight.shape[1])
+    return reference.block_sparse_to_dense(dvalues, weight.crow, weight.col, *weight.shape)
+
+
+def _check_against_reference(backend, x, weight, mask, bias, dtype, dense_w):
+    n_out = weight.shape[0]
+    grad = torch.randn(*x.shape[:-1], n_out).to(dtype)
+    require_backend("block_sparse_matmul" if isinstance(weight, BlockSparseWeight) else "sparse24_matmul",
+                    backend, x.reshape(-1, x.shape[-1]))
+    y, dx, dv, db = _run(backend, x, weight, bias, grad)
+    y_ref, dx_ref, dw_ref, db_ref = _reference(x, dense_w * mask, bias, grad)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_rel_close(y, y_ref, dtype)
+    assert_rel_close(dx, dx_ref, dtype)
+    dw = _grad_as_dense(weight, dv)
+    assert_rel_close(dw, dw_ref * mask, dtype)
+    assert (dw[~mask] == 0).all(), "pruned weights got a gradient"
+    if bias is not None:
+        assert_rel_close(db, db_ref, dtype)
+    return dv
+
+
+# -- block-sparse: forward and gradients --------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", (16, 32, 64))
+@pytest.mark.parametrize("sparsity", (0.0, 0.5, 0.9, 1.0))
+def test_block_sparse_matches_reference(backend, dtype, block, sparsity, poisoned_outputs):
+    w = torch.randn(OUT, IN).to(dtype)
+    mask = _block_mask(sparsity, block)
+    weight = BlockSparseWeight.from_dense(w, mask, (block, block))
+    assert weight.mask is None  # a block mask needs no element mask
+    n_blocks = -(-OUT // block) * -(-IN // block)
+    assert weight.values.shape[0] == n_blocks - round(sparsity * n_blocks)
+    x = torch.randn(2, 7, IN).to(dtype)  # (B, T, K)
+    bias = torch.randn(OUT).to(dtype)
+    dv = _check_against_reference(backend, x, weight, mask, bias, dtype, w)
+    # Padding of edge blocks (past OUT rows / IN columns) gets no gradient either.
+    nnzb = dv.shape[0]
+    if nnzb:
+        padded = torch.ones(nnzb, block, block, dtype=torch.bool)
+        rows = torch.repeat_interleave(torch.arange(weight.crow.numel() - 1), weight.crow.diff())
+        for j in range(nnzb):
+            h = min(block, OUT - rows[j].item() * block)
+            c = min(block, IN - weight.col[j].item() * block)
+            padded[j, :h, :c] = False
+        assert (dv[padded] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_sparse_2d_input_without_bias(backend, dtype):
+    w = torch.randn(OUT, IN).to(dtype)
+    mask = _block_mask(0.5, 32)
+    weight = BlockSparseWeight.from_dense(w, mask, (32, 32))
+    x = torch.randn(31, IN).to(dtype)  # (N, K)
+    _check_against_reference(backend, x, weight, mask, None, dtype, w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unstructured_mask_inside_kept_blocks(backend, dtype):
+    w = torch.randn(OUT, IN).to(dtype)
+    mask = prune.masks(w, 0.7, "unstructured") & _block_mask(0.5, 16)
+    weight = BlockSparseWeight.from_dense(w, mask, (16, 16))
+    assert weight.mask is not None
+    x = torch.randn(13, IN).to(dtype)
+    _check_against_reference(backend, x, weight, mask, torch.randn(OUT).to(dtype), dtype, w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rectangular_blocks_and_large_m(backend):
+    w = torch.randn(70, 96)
+    mask = prune.masks(w, 0.5, "block", block=(16, 32))
+    weight = BlockSparseWeight.from_dense(w, mask, (16, 32))
+    m = 1100 if backend == "cpp" else 130  # cpp tiles rows by 512: cross two tile edges
+    x = torch.randn(m, 96)
+    _check_against_reference(backend, x, weight, mask, torch.randn(70), torch.float32, w)
+
+
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+def test_float64_gradcheck_of_the_op(backend):
+    w = torch.randn(20, 40)
+    weight = BlockSparseWeight.from_dense(w, prune.masks(w, 0.5, "block", block=(16, 16)), (16, 16))
+    x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
+    values = weight.values.double().requires_grad_(True)
+    bias = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    require_backend("block_sparse_matmul", backend, x)
+
+    def f(x, values, bias):
+        return torch.ops.memkern.block_sparse_matmul(x, values, weight.crow, weight.col, weight.ccol,
+                                                     weight.csc_row, weight.csc_block, 20, bias)
+
+    with memkern.use_backend(backend):
+        assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+# -- 2:4 -------------------------------------------------------------------------------------
+def _mask24(rows: int, cols: int, kept_per_group=(2,)) -> torch.Tensor:
+    """Random 2:4-valid mask, each group keeping a count drawn from ``kept_per_group``."""
+    groups = cols // 4
+    counts = torch.tensor(kept_per_group)[torch.randint(len(kept_per_group), (rows, groups))]
+    order = torch.rand(rows, groups, 4).argsort(-1)
+    mask = order < counts[..., None]
+    return mask.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", (4, 12, 128))  # 12: the last meta byte is half used
+def test_sparse24_round_trip_is_exact(backend, dtype, cols):
+    w = torch.randn(9, cols).to(dtype)
+    mask = _mask24(9, cols, (0, 1, 2))
+    compress_backend = "torch" if backend == "triton" else backend  # no Triton compressor
+    require_backend("sparse24_compress", compress_backend, w)
+    require_backend("sparse24_decompress", backend, w)
+    with memkern.use_backend(compress_backend):
+        sw = Sparse24Weight.from_dense(w, mask)
+    with memkern.use_backend(backend):
+        dense = sw.to_dense()
+    assert sw.values.shape == (9, cols // 2) and sw.meta.shape == (9, (cols + 7) // 8)
+    assert sw.meta.dtype == torch.uint8
+    assert torch.equal(dense, w * mask)
+    v_ref, m_ref = reference.sparse24_compress(w, mask)
+    assert torch.equal(sw.values, v_ref) and torch.equal(sw.meta, m_ref)
+
+
+def test_sparse24_format_by_hand():
+    # Group 0 keeps positions 1 and 3 (code 1 | 3 << 2 = 13), group 1 keeps position 2 and
+    # fills the free slot with position 0 (code 0 | 2 << 2 = 8): byte = 13 | 8 << 4 = 141.
+    w = torch.tensor([[0.0, 5.0, 0.0, 7.0, 0.0, 0.0, 9.0, 0.0]])
+    sw = Sparse24Weight.from_dense(w)
+    assert sw.values.tolist() == [[5.0, 7.0, 0.0, 9.0]]
+    assert sw.meta.tolist() == [[141]]
+
+
+def test_sparse24_storage_is_nine_sixteenths_of_fp16():
+    w = torch.randn(64, 256, dtype=torch.float16)
+    sw = Sparse24Weight.from_dense(w, prune.masks(w, 0.5, "n:m"))
+    assert sw.nbytes * 16 == w.numel() * w.element_size() * 9
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", ((29,), (2, 5)), ids=["NK", "BTK"])
+def test_sparse24_matches_reference(backend, dtype, batch):
+    w = torch.randn(OUT, 124).to(dtype)
+    mask = _mask24(OUT, 124)
+    sw = Sparse24Weight.from_dense(w, mask)
+    x = torch.randn(*batch, 124).to(dtype)
+    _check_against_reference(backend, x, sw, mask, torch.randn(OUT).to(dtype), dtype, w)
+
+
+# -- training: pruned weights stay zero --------------------------------------------------------
+@pytest.mark.parametrize("fmt, pattern", [("block", "block"), ("block", "unstructured"), ("2:4", "n:m")])
+def test_pruned_weights_stay_zero_through_adam(fmt, pattern):
+    linear = torch.nn.Linear(96, 40)
+    mask = prune.masks(linear.weight, 0.5, pattern, block=(16, 16))
+    layer = SparseLinear.from_dense(linear, mask, format=fmt, block=(16, 16))
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    before = layer.to_dense().clone()
+    for _ in range(20):
+        opt.zero_grad()
+        layer(torch.randn(8, 96)).square().mean().backward()
+        opt.step()
+    after = layer.to_dense()
+    assert (after[~mask] == 0).all()
+    assert (after[mask] != before[mask]).float().mean() > 0.9  # the kept weights did train
+
+
+# -- edge cases ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ("block", "2:4"))
+def test_empty_batch(backend, kind):
+    w = torch.randn(OUT, 124)
+    weight = (BlockSparseWeight.from_dense(w, _block_mask(0.5, 16, OUT, 124), (16, 16)) if kind == "block"
+              else Sparse24Weight.from_dense(w, _mask24(OUT, 124)))
+    x = torch.randn(0, 124, requires_grad=True)
+    weight.values.requires_grad_(True)
+    require_backend("block_sparse_matmul" if kind == "block" else "sparse24_matmul", backend, x)
+    with memkern.use_backend(backend):
+        y = masked_matmul(x, weight)
+        y.sum().backward()
+    assert y.shape == (0, OUT)
+    assert x.grad.shape == (0, 124)
+    assert (weight.values.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_input_stays_in_its_row(backend):
+    w = torch.randn(OUT, IN)
+    weight = BlockSparseWeight.from_dense(w, torch.ones(OUT, IN, dtype=torch.bool), (16, 16))
+    x = torch.randn(6, IN)
+    x[2, 5] = float("nan")
+    require_backend("block_sparse_matmul", backend, x)
+    with memkern.use_backend(backend):
+        y = masked_matmul(x, weight)
+    assert torch.isnan(y[2]).all()
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    assert torch.isfinite(y[keep]).all()
+    assert_rel_close(y[keep], x[keep].double() @ w.double().t(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_huge_values_accumulate_in_fp32(backend, dtype):
+    # Partial sums pass the fp16 maximum (65504) before cancelling: fp32 accumulation
+    # returns the small exact result, fp16 accumulation would give inf or NaN.
+    big = 4.0e4 if dtype == torch.float16 else 1.0e38
+    x = torch.zeros(3, 64)
+    x[:, 0], x[:, 1], x[:, 2], x[:, 3] = big, big, -big, 1.0
+    w = torch.ones(32, 64)
+    weight = BlockSparseWeight.from_dense(w.to(dtype), None, (32, 32))
+    require_backend("block_sparse_matmul", backend, x.to(dtype))
+    with memkern.use_backend(backend):
+        y = masked_matmul(x.to(dtype), weight)
+    ref = x.to(dtype).double() @ w.double().t()
+    assert torch.isfinite(y).all()
+    assert_rel_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "make", [lambda: torch.randn(IN, 9).t(), lambda: torch.randn(9, 2 * IN)[:, ::2],
+             lambda: torch.randn(4, 5, IN).transpose(0, 1)],
+    ids=["transposed", "column-stride", "3-D-transposed"],
+)
+def test_non_contiguous_input(backend, make):
+    x = make()
+    assert not x.is_contiguous()
+    w = torch.randn(OUT, IN)
+    mask = _block_mask(0.5, 16)
+    weight = BlockSparseWeight.from_dense(w, mask, (16, 16))
+    _check_against_reference(backend, x, weight, mask, None, torch.float32, w)
+
+
+def test_block_sparse_memory_is_the_kept_fraction():
+    w = torch.randn(512, 512)
+    weight = BlockSparseWeight.from_dense(w, prune.masks(w, 0.5, "block"), (64, 64))
+    ratio = weight.nbytes / (w.numel() * w.element_size())
+    assert 0.5 <= ratio <= 0.5 * 1.05
+    assert weight.block_density == 0.5
+
+
+def test_default_backend_on_cpu_is_cpp_when_built():
+    from memkern import _library, backends
+
+    expected = "cpp" if _library.has_cpp() else "torch"
+    x = torch.randn(2, 16)
+    assert backends.OPS["block_sparse_matmul"].select(x).backend == expected
+    assert backends.OPS["sparse24_compress"].select(x).backend == expected
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def _bsw():
+    return BlockSparseWeight.from_dense(torch.randn(32, 48), None, (16, 16))
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), torch.ones(8, 9, dtype=torch.bool)), ValueError,
+         ["mask", "(8, 8)", "(8, 9)"]),
+        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), torch.ones(8, 8)), TypeError,
+         ["mask", "bool", "float32"]),
+        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), None, (24, 16)), ValueError,
+         ["block rows", "power of two", "24"]),
+        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), None, (16, 256)), ValueError,
+         ["block cols", "256"]),
+        (lambda: Sparse24Weight.from_dense(torch.randn(4, 6)), ValueError, ["divisible by 4", "(4, 6)"]),
+        (lambda: Sparse24Weight.from_dense(torch.ones(2, 8)), ValueError, ["at most 2", "row 0", "keep 4"]),
+        (lambda: masked_matmul(torch.randn(3, 47), _bsw()), ValueError, ["x", "in_features=48", "(3, 47)"]),
+        (lambda: masked_matmul(torch.randn(3, 48, dtype=torch.float16), _bsw()), TypeError,
+         ["x", "float32", "float16"]),
+        (lambda: masked_matmul(torch.randn(3, 48), _bsw(), torch.randn(31)), ValueError, ["bias", "(32,)", "(31,)"]),
+        (lambda: masked_matmul(torch.randn(3, 48), torch.randn(32, 48)), TypeError,
+         ["weight", "BlockSparseWeight", "Tensor"]),
+        (lambda: masked_matmul(torch.arange(48).reshape(1, 48), _bsw()), TypeError, ["x", "int64"]),
+    ],
+    ids=["mask-shape", "mask-dtype", "block-not-pow2", "block-too-big", "24-cols", "24-too-many",
+         "x-width", "x-dtype", "bias-shape", "dense-weight", "int-x"],
+)
+def test_bad_input_is_a_clear_error(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+# -- opcheck and compile -----------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_block_sparse(backend):
+    w = torch.randn(40, 48)
+    weight = BlockSparseWeight.from_dense(w, prune.masks(w, 0.5, "block", block=(16, 16)), (16, 16))
+    x = torch.randn(9, 48, requires_grad=True)
+    values = weight.values.clone().requires_grad_(True)
+    require_backend("block_sparse_matmul", backend, x)
+    args = (x, values, weight.crow, weight.col, weight.ccol, weight.csc_row, weight.csc_block, 40,
+            torch.randn(40, requires_grad=True))
+    with memkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.memkern.block_sparse_matmul.default, args)
+        grad = torch.randn(9, 40)
+        torch.library.opcheck(torch.ops.memkern.block_sparse_matmul_backward.default,
+                              (grad, x.detach(), values.detach(), *args[2:7]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_sparse24(backend):
+    w = torch.randn(20, 32)
+    mask = _mask24(20, 32)
+    sw = Sparse24Weight.from_dense(w, mask)
+    x = torch.randn(7, 32, requires_grad=True)
+    require_backend("sparse24_matmul", backend, x)
+    with memkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.memkern.sparse24_matmul.default,
+                              (x, sw.values.clone().requires_grad_(True), sw.meta, None))
+        torch.library.opcheck(torch.ops.memkern.sparse24_decompress.default, (sw.values, sw.meta, 32))
+        if backend != "triton":  # compression is a one-off conversion: no Triton kernel
+            torch.library.opcheck(torch.ops.memkern.sparse24_compress.default, (w, mask))
+
+
+@pytest.mark.parametrize("fmt", ("block", "2:4"))
+def test_compiles_without_graph_breaks(fmt):
+    linear = torch.nn.Linear(48, 32)
+    mask = prune.masks(linear.weight, 0.5, "n:m" if fmt == "2:4" else "block", block=(16, 16))
+    layer = SparseLinear.from_dense(linear, mask, format=fmt, block=(16, 16))
+
+    def f(x):
+        return layer(x * 2).relu().sum()
+
+    x = torch.randn(5, 48, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward()
+    g_compiled, gv_compiled = x.grad.clone(), layer.values.grad.clone()
+    x.grad = None
+    layer.values.grad = None
+    eager = f(x)
+    eager.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_compiled, x.grad)
+    torch.testing.assert_close(gv_compiled, layer.values.grad)
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", (0.5, 0.9))
+def test_gpu_block_sparse_matches_reference(backend, dtype, sparsity):
+    w = torch.randn(300, 513)
+    mask = prune.masks(w, sparsity, "block")
+    weight = BlockSparseWeight.from_dense(w.to(dtype).cuda(), mask.cuda(), (64, 64))
+    x = torch.randn(4, 77, 513).to(dtype).cuda()
+    bias = torch.randn(300).to(dtype).cuda()
+    _check_gpu(backend, x, weight, bias, w * mask, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton", "torch"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_sparse24_matches_reference(backend, dtype):
+    w = torch.randn(300, 516)
+    mask = prune.masks(w, 0.5, "n:m")
+    with memkern.use_backend("cpp" if memkern._library.has_cpp() else "torch"):
+        cpu = Sparse24Weight.from_dense(w.to(dtype), mask)
+    gpu = Sparse24Weight.from_dense(w.to(dtype).cuda(), mask.cuda())
+    assert torch.equal(gpu.values.cpu(), cpu.values) and torch.equal(gpu.meta.cpu(), cpu.meta)
+    assert torch.equal(gpu.to_dense().cpu(), (w * mask).to(dtype))
+    x = torch.randn(3, 50, 516).to(dtype).cuda()
+    _check_gpu(backend, x, gpu, torch.randn(300).to(dtype).cuda(), w * mask, dtype)
+
+
+def _check_gpu(backend, x, weight, bias, dense_masked, dtype):
+    require_backend("block_sparse_matmul" if isinstance(weight, BlockSparseWeight) else "sparse24_matmul",
+                    backend, x.reshape(-1, x.shape[-1]))
+    grad = torch.randn(*x.shape[:-1], weight.shape[0]).to(dtype).cuda()
+    y, dx, dv, db = _run(backend, x, weight, bias, grad)
+    y_ref, dx_ref, dw_ref, db_ref = _reference(x.cpu(), dense_masked.to(dtype), bias.cpu(), grad.cpu())
+    assert_rel_close(y.cpu(), y_ref, dtype)
+    assert_rel_close(dx.cpu(), dx_ref, dtype)
+    mask = dense_masked != 0
+    assert_rel_close(_grad_as_dense(weight, dv).cpu() if isinstance(weight, BlockSparseWeight)
+                     else reference.sparse24_decompress(dv.cpu(), weight.meta.cpu(), weight.shape[1]),
+                     dw_ref * mask, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_values_in_any_layout_give_the_same_product(backend):
+    w = torch.randn(OUT, IN)
+    weight = BlockSparseWeight.from_dense(w, _block_mask(0.5, 16), (16, 16))
+    panel = weight.values
+    assert panel.permute(1, 0, 2).is_contiguous()  # row_panel_layout, what the C++ kernel reads as is
+    x = torch.randn(5, IN)
+    require_backend("block_sparse_matmul", backend, x)
+    with memkern.use_backend(backend):
+        y_panel = masked_matmul(x, weight)
+        weight.values = panel.contiguous()
+        y_plain = masked_matmul(x, weight)
+    torch.testing.assert_close(y_plain, y_panel, rtol=1e-6, atol=1e-6)
+    assert_rel_close(y_panel, x.double() @ weight.to_dense().double().t(), torch.float32)
