@@ -1,5 +1,6 @@
 """memkern's operators. Each is a ``torch.library`` op (``torch.ops.memkern.<name>``) with
 a fake implementation, so it works under ``torch.compile(fullgraph=True)``."""
+from memkern.ops.kd import kd_loss, linear_kd_loss
 from memkern.ops.quantize import quantize_rowwise
 
-__all__ = ["quantize_rowwise"]
+__all__ = ["kd_loss", "linear_kd_loss", "quantize_rowwise"]
