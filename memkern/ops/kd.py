@@ -209,15 +209,34 @@ def _kd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
+def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, per_row: bool
+                          ) -> list[torch.Tensor]:
+    """The gradients computed in forward (for a unit upstream gradient) times ``upstream``.
+
+    Memory is the point of these ops, so the saved buffers are handed on as they are when
+    the upstream gradient is exactly 1 (``loss.backward()``), and scaled in place for any
+    other scalar, so no second gradient-sized buffer ever exists. The price of the in-place
+    case: a second backward through the same graph (retain_graph=True) is refused by
+    autograd's saved-tensor version check. Per-row upstream gradients (reduction="none")
+    and traced graphs (torch.compile, which cannot read values) get an out-of-place product.
+    """
+    if type(upstream) is not torch.Tensor:  # FakeTensor / FunctionalTensor while tracing
+        return [g * upstream.to(g.dtype) for g in grads]
+    if bool((upstream == 1).all()):
+        return grads
+    if per_row:
+        return [g * upstream.to(g.dtype) for g in grads]
+    for g in grads:
+        g.mul_(upstream.to(g.dtype))
+    return grads
+
+
 def _kd_backward(ctx, grad_loss, _grad_of_grad):
     (g,) = ctx.saved_tensors
     if not ctx.compute_grad:
         return (None,) * 11
-    # In place: the buffer is this graph's only copy of the gradient and nothing else reads
-    # it, so the memory stays at one logits-sized buffer. A second backward through the same
-    # graph (retain_graph=True) is refused by autograd's saved-tensor version check.
-    scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
-    g.mul_(scale.to(g.dtype))
+    per_row = ctx.reduction == "none"
+    (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
     return (g,) + (None,) * 10
 
 
@@ -431,10 +450,7 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
                                                  o["temperature"], o["divergence"], o["beta"],
                                                  o["ignore_index"], o["kd_scale"])
     else:
-        # Computed in forward for a unit upstream gradient; scaled in place (see _kd_backward).
-        gh, gw, gb = ctx.saved_tensors
-        for g in (gh, gw, gb):
-            g.mul_(grad_loss.to(g.dtype))
+        gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
     return (gh, gw, gb if ctx.has_bias else None) + (None,) * 12
 
 
@@ -520,8 +536,10 @@ kd_loss.__doc__ = """Distillation loss ``alpha * CE + (1 - alpha) * k * D`` on l
     Returns: a scalar, or per-row losses of shape ``(N,)`` / ``(B, T)`` for ``"none"``.
 """ + _SEMANTICS + """
     Memory: besides its inputs, a call keeps one buffer the size of the student logits
-    (the gradient, written during forward and scaled in place in backward) and O(rows)
-    statistics. Consequently a second backward through the same graph is an error.
+    (the gradient, written during forward) and O(rows) statistics. Backward hands that
+    buffer on as it is for an upstream gradient of 1 and scales it in place for any other
+    scalar (so a second backward through the same graph is then refused); a per-row
+    upstream gradient (reduction="none") is applied out of place.
 """
 
 
@@ -553,7 +571,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                          f"{teacher_weight.shape[0]}; memkern does not pad or truncate vocabularies")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"{op}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                         f"{tuple(teacher_hidden.shape)} must have the same leading (row) shape")
+                         f"{tuple(teacher_hidden.shape)} must have the same leading shape (the same rows)")
     for who, b, w in (("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight)):
         if b is not None:
             _validate.check_tensor(op, f"{who}_bias", b)
