@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from memkern.benchmarks import quantize
+from memkern.benchmarks import kd, quantize
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "quantize_rowwise": quantize.cases,
+    "kd_loss": kd.kd_cases,
+    "linear_kd_loss": kd.linear_kd_cases,
 }
 
 

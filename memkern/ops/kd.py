@@ -203,10 +203,18 @@ def _kd_loss_fake(student, teacher, labels, alpha, temperature, divergence, beta
     return loss, grad
 
 
+def _no_zero_gradients(ctx, gradient_outputs) -> None:
+    """The gradient outputs are not differentiable, and autograd must not build a zero
+    "gradient" of their size for backward (with materialised grads it does: +1x memory)."""
+    ctx.mark_non_differentiable(*gradient_outputs)
+    ctx.set_materialize_grads(False)
+
+
 def _kd_setup_context(ctx, inputs, output):
     ctx.reduction = inputs[8]
     ctx.compute_grad = inputs[10]
     ctx.save_for_backward(output[1])
+    _no_zero_gradients(ctx, output[1:])
 
 
 def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, per_row: bool
@@ -233,7 +241,7 @@ def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, 
 
 def _kd_backward(ctx, grad_loss, _grad_of_grad):
     (g,) = ctx.saved_tensors
-    if not ctx.compute_grad:
+    if not ctx.compute_grad or grad_loss is None:
         return (None,) * 11
     per_row = ctx.reduction == "none"
     (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
@@ -432,6 +440,7 @@ def _linear_setup_context(ctx, inputs, output):
     hs, ws, bs, ht, wt, bt, labels = inputs[:7]
     ctx.opts = dict(zip(_LINEAR_OPT_NAMES, inputs[7:]))
     ctx.has_bias = bs is not None
+    _no_zero_gradients(ctx, output[1:])
     if not ctx.opts["compute_grad"]:
         return
     if ctx.opts["reduction"] == "none":
@@ -442,7 +451,7 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_loss, *_grads_of_grads):
     o = ctx.opts
-    if not o["compute_grad"]:
+    if not o["compute_grad"] or grad_loss is None:
         return (None,) * 15
     if o["reduction"] == "none":
         hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
