@@ -378,6 +378,8 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lc", LINEAR_CASES, ids=lambda c: c.id)
 def test_linear_kd_loss_matches_float64_reference(backend, lc, small_chunks):
+    if backend == "triton" and math.prod(lc.rows) > 40:
+        lc = LinearCase((2, 9), lc.hidden_s, lc.hidden_t, lc.vocab, lc.case, lc.bias)  # interpreter time
     hs, ws, bs, ht, wt, bt, labels = _linear_inputs(lc)
     require_backend("linear_kd_loss", backend, hs.reshape(-1, lc.hidden_s))
     opts = lc.case.options()

@@ -186,7 +186,7 @@ def _kd_loss_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[t
     opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
     vocab, lead = student.shape[-1], tuple(student.shape[:-1])
     s, t = _rows_2d(student, vocab), _rows_2d(teacher, vocab)
-    y = labels.reshape(-1) if labels is not None else None
+    y = labels.reshape(-1).contiguous() if labels is not None else None
     check_label_range("kd_loss", y, vocab, ignore_index)
     n_valid, inv_n = _mean_scale(y, s.shape[0], opts)
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if compute_grad else s.new_empty(0)
@@ -377,7 +377,7 @@ def _linear_kd_loss_op(student_hidden: torch.Tensor, student_weight: torch.Tenso
     lead = tuple(student_hidden.shape[:-1])
     hs = student_hidden.reshape(-1, hidden)
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    y = labels.reshape(-1) if labels is not None else None
+    y = labels.reshape(-1).contiguous() if labels is not None else None
     check_label_range("linear_kd_loss", y, vocab, ignore_index)
     n_valid, inv_n = _mean_scale(y, hs.shape[0], opts)
     want_grad = compute_grad and reduction != "none"
@@ -418,8 +418,8 @@ def _linear_kd_loss_backward_op(grad_rows: torch.Tensor, student_hidden: torch.T
     hidden = student_hidden.shape[-1]
     hs = student_hidden.reshape(-1, hidden)
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    y = labels.reshape(-1) if labels is not None else None
-    row_scale = grad_rows.reshape(-1).to(_acc_dtype(hs.dtype))
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    row_scale = grad_rows.reshape(-1).to(_acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
     _, gh, gw, gb = _linear(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y,
                             opts, row_scale, 1.0, True)
     gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
