@@ -244,6 +244,7 @@ def _linear_kd_stats_kernel(
         t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
                          HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T)
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
+        diff = tl.where(mask_v[None, :], t - s, 0.0)  # before padding columns become -inf
         s = tl.where(mask_v[None, :], s, neg_inf)
         t = tl.where(mask_v[None, :], t, neg_inf)
         ms_new = tl.maximum(ms, tl.max(s, axis=1))
@@ -254,7 +255,6 @@ def _linear_kd_stats_kernel(
         et = tl.exp(dt * inv_t)
         rs = tl.exp((ms - ms_new) * inv_t)
         rt = tl.exp((mt - mt_new) * inv_t)
-        diff = tl.where(mask_v[None, :], t - s, 0.0)
         if CE:
             z1 = z1 * tl.exp(ms - ms_new) + tl.sum(tl.exp(ds), axis=1)
             s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
