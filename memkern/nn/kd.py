@@ -9,13 +9,17 @@ from torch import nn
 from memkern.ops import kd as _kd
 
 
-class _KDOptionsMixin:
-    def _store(self, *, alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale,
-               op: str) -> None:
-        # Checked here once (labels presence is only known per call, so alpha=0 is assumed).
-        _kd.check_options(op, has_labels=True, alpha=alpha, temperature=temperature, divergence=divergence,
-                          beta=beta, ignore_index=ignore_index, reduction=reduction,
-                          soft_loss_scale=soft_loss_scale)
+class _KDLossBase(nn.Module):
+    """Holds the options of a distillation loss, checked once at construction."""
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl",
+                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
+                 soft_loss_scale: str = "t2") -> None:
+        super().__init__()
+        # Whether labels come is only known per call; the op checks alpha == 0 without them.
+        _kd.check_options(type(self).__name__, has_labels=True, alpha=alpha, temperature=temperature,
+                          divergence=divergence, beta=beta, ignore_index=ignore_index,
+                          reduction=reduction, soft_loss_scale=soft_loss_scale)
         self.options = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
                             ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale)
 
@@ -23,35 +27,19 @@ class _KDOptionsMixin:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-class KDLoss(_KDOptionsMixin, nn.Module):
+class KDLoss(_KDLossBase):
     """``alpha * CE + (1 - alpha) * k * D`` on student and teacher logits; see
     :func:`memkern.ops.kd_loss` for the semantics and every argument."""
-
-    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl",
-                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-                 soft_loss_scale: str = "t2") -> None:
-        super().__init__()
-        self._store(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
-                    ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale,
-                    op="KDLoss")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _kd.kd_loss(student_logits, teacher_logits, labels, **self.options)
 
 
-class LinearKDLoss(_KDOptionsMixin, nn.Module):
+class LinearKDLoss(_KDLossBase):
     """The distillation loss of two lm_heads with the projection fused in (no rows x vocab
     tensor); see :func:`memkern.ops.linear_kd_loss`. Holds no parameters: pass the heads'
     weights (and biases) to ``forward``, e.g. ``student.lm_head.weight``."""
-
-    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl",
-                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-                 soft_loss_scale: str = "t2") -> None:
-        super().__init__()
-        self._store(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
-                    ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale,
-                    op="LinearKDLoss")
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
