@@ -386,8 +386,9 @@ def test_linear_kd_loss_matches_float64_reference(backend, lc, small_chunks):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_linear_kd_loss_mixed_dtypes(backend, small_chunks):
-    lc = LinearCase((6, 5), 16, 24, 131, Case((0,), 0.5, 2.0, "forward_kl", "mean"))
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # "none": the forward without gradients
+def test_linear_kd_loss_mixed_dtypes(backend, reduction, small_chunks):
+    lc = LinearCase((6, 5), 16, 24, 131, Case((0,), 0.5, 2.0, "forward_kl", reduction))
     hs, ws, bs, ht, wt, bt, labels = _linear_inputs(lc, torch.bfloat16, torch.float32)
     require_backend("linear_kd_loss", backend, hs.reshape(-1, 16))
     leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
@@ -395,8 +396,9 @@ def test_linear_kd_loss_mixed_dtypes(backend, small_chunks):
     with memkern.use_backend(backend):
         loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
                                           teacher_bias=bt, **opts)
-    loss.backward()
-    ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, torch.ones(()))
+    upstream = torch.rand(loss.shape) + 0.5
+    loss.backward(upstream)
+    ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)
     # The logits themselves are bf16 matmul outputs, as in the eager composition.
     assert_rel_close(loss, ref, torch.bfloat16)
     for leaf, ref_grad in zip(leaves, ref_grads):

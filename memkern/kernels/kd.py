@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memkern import _library
 from memkern.ops import kd as kd_ops
 
 _FKL, _RKL, _JSD = 0, 1, 2
@@ -190,7 +191,7 @@ def kd_loss_rows(s, t, labels, row_scale, grad, opts, grad_scale: float) -> torc
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows_m, mask_m, cols_v, mask_v, H, stride_h, stride_w,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """(BLOCK_M x BLOCK_V) logits h[rows] @ w[cols].T (+ b[cols]) in fp32."""
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -199,6 +200,9 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows_m, mask_m, cols_v, mask_v, H, stride_
         mask_k = kk < H
         h = tl.load(h_ptr + rows_m[:, None] * stride_h + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + cols_v[:, None] * stride_w + kk[None, :], mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:  # Triton's interpreter multiplies bf16 operands of tl.dot wrongly
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
@@ -212,6 +216,7 @@ def _linear_kd_stats_kernel(
     inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,
     HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -240,9 +245,9 @@ def _linear_kd_stats_kernel(
         cols = v0 + offs_v
         mask_v = cols < V
         s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
-                         HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S)
+                         HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
         t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
-                         HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T)
+                         HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
         diff = tl.where(mask_v[None, :], t - s, 0.0)  # before padding columns become -inf
         s = tl.where(mask_v[None, :], s, neg_inf)
@@ -283,9 +288,9 @@ def _linear_kd_stats_kernel(
             cols = v0 + offs_v
             mask_v = cols < V
             s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
-                             HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S)
+                             HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
             t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
-                             HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T)
+                             HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
             lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
             lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
             lm = _log_mix(lp, lq, log_beta, log_1mb)
@@ -306,6 +311,7 @@ def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts) -> torch.Tensor:
         return loss
     hs, ws, ht, wt = (x.contiguous() for x in (hs, ws, ht, wt))
     block_m, block_v, block_k = 16, 64, 32
+    interpret = _library.triton_interpret()
     dummy = loss
     _linear_kd_stats_kernel[(triton.cdiv(rows, block_m),)](
         hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
@@ -314,8 +320,9 @@ def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts) -> torch.Tensor:
         HAS_LABELS=labels is not None, CE=labels is not None and opts.alpha != 0.0,
         DIV=opts.divergence_id, HAS_BS=bs is not None, HAS_BT=bt is not None,
         # fp32 products in full fp32 (tf32 would cost ~1e-3 relative on the logits)
-        PREC_S="ieee" if hs.dtype == torch.float32 else "tf32",
-        PREC_T="ieee" if ht.dtype == torch.float32 else "tf32",
+        PREC_S="ieee" if hs.dtype == torch.float32 else None,
+        PREC_T="ieee" if ht.dtype == torch.float32 else None,
+        UPCAST_S=interpret and hs.dtype == torch.bfloat16, UPCAST_T=interpret and ht.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
     )
     return loss
