@@ -6,6 +6,8 @@ floating outputs).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 INT8_MAX = 127
@@ -104,3 +106,85 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
+# -- knowledge distillation ---------------------------------------------------------------
+KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+KD_REDUCTIONS = ("mean", "sum", "none")
+
+
+def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                       temperature: float, divergence: str, beta: float) -> torch.Tensor:
+    """D(softmax(t/T), softmax(s/T)) per row of 2-D logits, computed in their dtype.
+
+    forward_kl = KL(p || q); reverse_kl = KL(q || p); jsd = beta * KL(p || m) +
+    (1 - beta) * KL(q || m) with m = beta * p + (1 - beta) * q; p is the teacher's
+    distribution and q the student's.
+    """
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    if divergence == "forward_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if divergence == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if divergence == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        return (beta * (log_p.exp() * (log_p - log_m)).sum(-1)
+                + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1))
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 labels: torch.Tensor | None, *, alpha: float, temperature: float, divergence: str,
+                 beta: float, ignore_index: int, kd_scale: float) -> torch.Tensor:
+    """Per-row loss l_i of 2-D (rows, V) logits (see :func:`kd_loss`); 0 for ignored rows."""
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    rows = (1 - alpha) * kd_scale * kd_divergence_rows(s, t, temperature=temperature,
+                                                       divergence=divergence, beta=beta)
+    if labels is None:
+        return rows
+    valid = labels != ignore_index
+    if alpha != 0:
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        ce = torch.logsumexp(s, dim=-1) - s.gather(1, safe[:, None]).squeeze(1)
+        rows = rows + alpha * ce
+    return torch.where(valid, rows, torch.zeros_like(rows))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            labels: torch.Tensor | None = None, *, alpha: float = 0.5, temperature: float = 1.0,
+            divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+            reduction: str = "mean", soft_loss_scale: str = "t2") -> torch.Tensor:
+    """Distillation loss on logits of shape (..., V), differentiable in plain PyTorch.
+
+    Per row i with label y_i that is not ``ignore_index`` (every row when labels is None):
+
+        l_i = alpha * (lse(s_i) - s_i[y_i]) + (1 - alpha) * k * D(softmax(t_i/T), softmax(s_i/T))
+
+    with k = T^2 (``soft_loss_scale="t2"``) or 1 (``"none"``). Ignored rows give l_i = 0
+    whatever their logits hold. ``mean`` divides the sum by the number of rows that are
+    not ignored (0 when every row is ignored), ``sum`` sums, ``none`` returns l with the
+    logits' leading shape. Computed in float32, or float64 for float64 inputs.
+    """
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    y = labels.reshape(-1) if labels is not None else None
+    rows = kd_loss_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), y,
+                        alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                        ignore_index=ignore_index,
+                        kd_scale=temperature**2 if soft_loss_scale == "t2" else 1.0)
+    if reduction == "none":
+        return rows.reshape(lead)
+    if reduction == "sum":
+        return rows.sum()
+    n_valid = rows.shape[0] if y is None else (y != ignore_index).sum().item()
+    return rows.sum() / max(n_valid, 1)
+
+
+def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                   teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                   labels: torch.Tensor | None = None, *, student_bias: torch.Tensor | None = None,
+                   teacher_bias: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """:func:`kd_loss` of the logits ``hidden @ weight.T + bias`` of student and teacher."""
+    s = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    t = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
+    return kd_loss(s, t, labels, **options)

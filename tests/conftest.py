@@ -63,6 +63,19 @@ def _seed(request):
 
 
 @pytest.fixture
+def poisoned_outputs():
+    """Fill every fresh allocation (torch.empty, at::empty) with a known value, so an
+    element a kernel forgot to write shows up as a mismatch."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+    torch.use_deterministic_algorithms(prev_det)
+
+
+@pytest.fixture
 def backend(request):
     """Run the test body with ``request.param`` forced."""
     with memkern.use_backend(request.param):

@@ -13,19 +13,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = ((1, 1), (3, 4097), (0, 7), (47, 123), (5, 0), (64, 1024))
 
 
-@pytest.fixture
-def poisoned_outputs():
-    """Fill every fresh allocation (torch.empty, at::empty) with a known value, so an
-    element a kernel forgot to write shows up as a mismatch."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-    torch.use_deterministic_algorithms(prev_det)
-
-
 def _run(backend: str, x: torch.Tensor):
     require_backend(OP, backend, x)
     with memkern.use_backend(backend):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from memkern.benchmarks import quantize
-from memkern.benchmarks import sparse
+from memkern.benchmarks import kd, quantize, sparse
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "quantize_rowwise": quantize.cases,
     "masked_matmul": sparse.cases,
+    "kd_loss": kd.kd_cases,
+    "linear_kd_loss": kd.linear_kd_cases,
 }
 
 

@@ -1,0 +1,34 @@
+// Host-side entry point of the distillation-loss CUDA kernel (torch-free; see launchers.h).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+#include "launchers.h"
+
+namespace memkern::cuda {
+
+// Scalars of one kd_loss_rows call (see csrc/cpu/kd_loss.cpp for the arithmetic).
+struct KDParams {
+  float inv_t;       // 1 / temperature
+  float alpha;       // weight of the cross entropy
+  float c_kd;        // (1 - alpha) * (T^2 or 1)
+  float beta;        // jsd weight
+  float log_beta;    // log(beta), jsd only
+  float log_1mb;     // log(1 - beta), jsd only
+  float grad_scale;  // gradient multiplier (e.g. 1 / N for reduction="mean")
+  int64_t ignore_index;
+  int divergence;    // 0 forward_kl, 1 reverse_kl, 2 jsd
+  bool ce;           // labels given and alpha != 0
+};
+
+// Per-row loss of (rows x V) student and teacher logits (row strides in elements, unit
+// column stride) into loss (rows, fp32), and grad_scale * row_scale[r] * d loss_r / d s_r
+// into grad (which may alias s) when grad is not null. labels (int64) and row_scale (fp32)
+// may be null.
+cudaError_t launch_kd_loss_rows(const void* s, FloatKind s_kind, int64_t s_stride, const void* t,
+                                FloatKind t_kind, int64_t t_stride, const int64_t* labels,
+                                const float* row_scale, void* grad, FloatKind g_kind, int64_t g_stride,
+                                float* loss, int64_t rows, int64_t V, const KDParams& params,
+                                cudaStream_t stream);
+
+}  // namespace memkern::cuda

@@ -1,0 +1,81 @@
+// CUDA registration of kd_loss_rows: check tensors, pick the stream, launch.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cuda/kd_launchers.h"
+#include "cuda/torch_utils.h"
+
+namespace memkern {
+namespace {
+
+void check_rows_arg(const at::Tensor& x, const char* name, int64_t rows, int64_t V) {
+  TORCH_CHECK(x.is_cuda(), "kd_loss_rows: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == rows && x.size(1) == V, "kd_loss_rows: ", name,
+              " must have shape (", rows, ", ", V, "), got ", x.sizes());
+  TORCH_CHECK(x.stride(1) == 1 || V <= 1, "kd_loss_rows: ", name, " must be contiguous along the vocabulary");
+}
+
+at::Tensor kd_loss_rows_cuda(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
+                             const std::optional<at::Tensor>& row_scale, at::Tensor grad, double alpha,
+                             double temperature, int64_t divergence, double beta, int64_t ignore_index,
+                             double kd_scale, double grad_scale) {
+  TORCH_CHECK(s.dim() == 2, "kd_loss_rows: student must be 2-D, got ", s.dim(), "-D");
+  const int64_t rows = s.size(0), V = s.size(1);
+  check_rows_arg(s, "student", rows, V);
+  check_rows_arg(t, "teacher", rows, V);
+  TORCH_CHECK(divergence >= 0 && divergence <= 2, "kd_loss_rows: unknown divergence ", divergence);
+  TORCH_CHECK(temperature > 0, "kd_loss_rows: temperature must be > 0, got ", temperature);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const bool write_grad = grad.dim() == 2;  // a 1-D (0,) tensor stands for "no gradient"
+  if (write_grad) {
+    check_rows_arg(grad, "grad", rows, V);
+    TORCH_CHECK(grad.scalar_type() == s.scalar_type() || grad.scalar_type() == at::kFloat,
+                "kd_loss_rows: grad must have the student's dtype or float32");
+  }
+  at::Tensor lab, rs;
+  if (labels.has_value()) {
+    lab = labels->contiguous();
+    TORCH_CHECK(lab.scalar_type() == at::kLong && lab.numel() == rows,
+                "kd_loss_rows: labels must be int64 with one entry per row");
+  }
+  if (row_scale.has_value()) {
+    rs = row_scale->contiguous();
+    TORCH_CHECK(rs.scalar_type() == at::kFloat && rs.numel() == rows,
+                "kd_loss_rows: row_scale must be float32 with one entry per row");
+  }
+  auto loss = at::empty({rows}, s.options().dtype(at::kFloat));
+  cuda::KDParams p;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.alpha = static_cast<float>(alpha);
+  p.c_kd = static_cast<float>((1.0 - alpha) * kd_scale);
+  p.beta = static_cast<float>(beta);
+  p.log_beta = divergence == 2 ? static_cast<float>(std::log(beta)) : 0.0f;
+  p.log_1mb = divergence == 2 ? static_cast<float>(std::log1p(-beta)) : 0.0f;
+  p.grad_scale = static_cast<float>(grad_scale);
+  p.ignore_index = ignore_index;
+  p.divergence = static_cast<int>(divergence);
+  p.ce = labels.has_value() && alpha != 0.0;
+  const auto s_kind = float_kind(s, "kd_loss_rows", "student");
+  check_launch(cuda::launch_kd_loss_rows(
+                   s.const_data_ptr(), s_kind, s.stride(0), t.const_data_ptr(),
+                   float_kind(t, "kd_loss_rows", "teacher"), t.stride(0),
+                   lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr,
+                   rs.defined() ? rs.const_data_ptr<float>() : nullptr,
+                   write_grad ? grad.mutable_data_ptr() : nullptr,
+                   write_grad ? float_kind(grad, "kd_loss_rows", "grad") : s_kind,
+                   write_grad ? grad.stride(0) : 0, loss.mutable_data_ptr<float>(), rows, V, p,
+                   c10::cuda::getCurrentCUDAStream()),
+               "kd_loss_rows");
+  return loss;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memkern, CUDA, m) {
+  m.impl("kd_loss_rows", &kd_loss_rows_cuda);
+}
+
+}  // namespace memkern

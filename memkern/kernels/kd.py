@@ -1,0 +1,335 @@
+"""Triton kernels of the distillation loss.
+
+* ``_kd_rows_kernel``: one program per row of (rows x V) logits: the row's loss and, in the
+  same launch, w * d loss / d student logits (the per-row kernel of the logits form and of
+  the chunked fused-linear path). Same passes as csrc/cpu/kd_loss.cpp: maxima, normalisers
+  and KL numerators relative to the maxima (exact cancellation of huge logits), the JSD
+  pass, the gradient pass; each pass streams the row in BLOCK-wide tiles.
+* ``_linear_kd_stats_kernel``: the fused-linear forward without gradients: a program owns
+  BLOCK_M rows and walks the vocabulary in BLOCK_V tiles, computing each tile of student and
+  teacher logits with tl.dot over the hidden dimension and folding it into running (online)
+  maxima and normalisers at once, so logits never reach memory. It serves reduction="none"
+  forwards and no-grad calls; gradients go through the chunked path (torch matmuls plus
+  ``_kd_rows_kernel``), which keeps one chunk of logits at a time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from memkern import _library
+from memkern.ops import kd as kd_ops
+
+_FKL, _RKL, _JSD = 0, 1, 2
+
+
+@triton.jit
+def _log_mix(lp, lq, log_beta, log_1mb):
+    # log(beta * e^lp + (1 - beta) * e^lq) without overflow
+    a = lp + log_beta
+    b = lq + log_1mb
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return hi + tl.log(1.0 + tl.exp(lo - hi))
+
+
+@triton.jit
+def _kd_rows_kernel(
+    s_ptr, t_ptr, y_ptr, rs_ptr, g_ptr, loss_ptr,
+    V, stride_s, stride_t, stride_g,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index, grad_scale,
+    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    valid = True
+    y = 0
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row)
+        valid = y != ignore_index
+        y = tl.where(valid, y, 0)
+
+    # pass 1: maxima and NaN
+    ms_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    mt_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    nan_v = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        nan_v = nan_v | ((s != s) | (t != t)).to(tl.int32)
+        ms_v = tl.maximum(ms_v, tl.where(s == s, s, float("-inf")))
+        mt_v = tl.maximum(mt_v, tl.where(t == t, t, float("-inf")))
+    ms = tl.max(ms_v, axis=0)
+    mt = tl.max(mt_v, axis=0)
+    has_nan = tl.max(nan_v, axis=0) > 0
+
+    # pass 2: normalisers and the KL numerator, relative to the maxima
+    z1_v = tl.zeros([BLOCK], tl.float32)
+    zs_v = tl.zeros([BLOCK], tl.float32)
+    zt_v = tl.zeros([BLOCK], tl.float32)
+    num_v = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        ds = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) - ms
+        dt = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt
+        es = tl.where(mask, tl.exp(ds * inv_t), 0.0)
+        et = tl.where(mask, tl.exp(dt * inv_t), 0.0)
+        if CE:
+            z1_v += tl.where(mask, tl.exp(ds), 0.0)
+        zs_v += es
+        zt_v += et
+        if DIV == 0:
+            num_v += et * (dt - ds)
+        if DIV == 1:
+            num_v += es * (ds - dt)
+    zs = tl.sum(zs_v, axis=0)
+    zt = tl.sum(zt_v, axis=0)
+    log_zs = tl.log(zs)
+    log_zt = tl.log(zt)
+    ce = 0.0
+    z1 = 1.0
+    if CE:
+        z1 = tl.sum(z1_v, axis=0)
+        s_y = tl.load(s_row + y).to(tl.float32)
+        ce = tl.log(z1) - (s_y - ms)
+    kq = 0.0
+    if DIV == 0:
+        d = tl.sum(num_v, axis=0) * inv_t / zt - log_zt + log_zs
+    elif DIV == 1:
+        d = tl.sum(num_v, axis=0) * inv_t / zs - log_zs + log_zt
+    else:
+        # pass 3 (jsd)
+        dp_v = tl.zeros([BLOCK], tl.float32)
+        dq_v = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            lq = (tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) - ms) * inv_t - log_zs
+            lp = (tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt) * inv_t - log_zt
+            lm = _log_mix(lp, lq, log_beta, log_1mb)
+            dp_v += tl.where(mask, tl.exp(lp) * (lp - lm), 0.0)
+            dq_v += tl.where(mask, tl.exp(lq) * (lq - lm), 0.0)
+        kq = tl.sum(dq_v, axis=0)
+        d = beta * tl.sum(dp_v, axis=0) + (1.0 - beta) * kq
+    loss = alpha * ce + c_kd * d
+    loss = tl.where(valid, loss, 0.0)
+    loss = tl.where(has_nan & valid, float("nan"), loss)
+    tl.store(loss_ptr + row, loss)
+
+    if WRITE_GRAD:
+        # pass 4: the gradient (the student tile is read before its slot is written, so
+        # g may be the student tensor itself)
+        w = grad_scale
+        if HAS_ROW_SCALE:
+            w = w * tl.load(rs_ptr + row).to(tl.float32)
+        w = tl.where(valid, w, 0.0)
+        w_ce = alpha * w / z1
+        w_kd = c_kd * inv_t * w
+        g_row = g_ptr + row * stride_g
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            ds = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) - ms
+            dt = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt
+            lq = ds * inv_t - log_zs
+            lp = dt * inv_t - log_zt
+            q = tl.exp(lq)
+            if DIV == 0:
+                g = w_kd * (q - tl.exp(lp))
+            elif DIV == 1:
+                g = w_kd * q * (lq - lp - d)
+            else:
+                g = w_kd * (1.0 - beta) * q * (lq - _log_mix(lp, lq, log_beta, log_1mb) - kq)
+            if CE:
+                g += w_ce * tl.exp(ds) - tl.where(cols == y, alpha * w, 0.0)
+            g = tl.where(valid, g, 0.0)  # NaN logits of an ignored row give 0, not NaN
+            g = tl.where(has_nan & valid, float("nan"), g)
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(vocab: int) -> int:
+    # 1024-wide tiles keep a 128K vocabulary to 125 trips per pass; small rows get one tile.
+    return min(1024, max(16, triton.next_power_of_2(max(vocab, 1))))
+
+
+def _scalars(opts: "kd_ops.KDOptions") -> dict:
+    jsd = opts.divergence == "jsd"
+    return dict(
+        inv_t=1.0 / opts.temperature, alpha=opts.alpha, c_kd=(1.0 - opts.alpha) * opts.kd_scale,
+        beta=opts.beta, log_beta=math.log(opts.beta) if jsd else 0.0,
+        log_1mb=math.log1p(-opts.beta) if jsd else 0.0, ignore_index=opts.ignore_index,
+    )
+
+
+def kd_loss_rows(s, t, labels, row_scale, grad, opts, grad_scale: float) -> torch.Tensor:
+    rows, vocab = s.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=s.device)
+    if rows == 0:
+        return loss
+    write_grad = grad.dim() == 2
+    dummy = loss  # stands in for absent pointers (never read: the constexpr flags say so)
+    _kd_rows_kernel[(rows,)](
+        s, t, labels if labels is not None else dummy, row_scale if row_scale is not None else dummy,
+        grad if write_grad else dummy, loss, vocab, s.stride(0), t.stride(0),
+        grad.stride(0) if write_grad else 0, grad_scale=grad_scale, **_scalars(opts),
+        HAS_LABELS=labels is not None, CE=labels is not None and opts.alpha != 0.0,
+        DIV=opts.divergence_id, HAS_ROW_SCALE=row_scale is not None, WRITE_GRAD=write_grad,
+        BLOCK=_block(vocab),
+    )
+    return loss
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows_m, mask_m, cols_v, mask_v, H, stride_h, stride_w,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(BLOCK_M x BLOCK_V) logits h[rows] @ w[cols].T (+ b[cols]) in fp32."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    for k in range(0, H, BLOCK_K):
+        kk = k + offs_k
+        mask_k = kk < H
+        h = tl.load(h_ptr + rows_m[:, None] * stride_h + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + cols_v[:, None] * stride_w + kk[None, :], mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:  # Triton's interpreter multiplies bf16 operands of tl.dot wrongly
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _linear_kd_stats_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, loss_ptr,
+    N, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,
+    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_m = rows_m < N
+    offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
+    valid = mask_m
+    y = tl.zeros([BLOCK_M], tl.int64)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows_m, mask=mask_m, other=ignore_index)
+        valid = mask_m & (y != ignore_index)
+
+    neg_inf = float("-inf")
+    # Online statistics per row: running maxima of s and t, normalisers relative to them,
+    # the label logit, and the KL numerator sum e^(t'-mt') (t - s) (raw difference, which
+    # does not depend on the maxima, so a new maximum only rescales it).
+    ms = tl.full([BLOCK_M], neg_inf, tl.float32)
+    mt = tl.full([BLOCK_M], neg_inf, tl.float32)
+    z1 = tl.zeros([BLOCK_M], tl.float32)
+    zs = tl.zeros([BLOCK_M], tl.float32)
+    zt = tl.zeros([BLOCK_M], tl.float32)
+    num = tl.zeros([BLOCK_M], tl.float32)
+    s_y = tl.zeros([BLOCK_M], tl.float32)
+    nan = tl.zeros([BLOCK_M], tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs_v
+        mask_v = cols < V
+        s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
+                         HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
+        t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
+                         HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
+        nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
+        diff = tl.where(mask_v[None, :], t - s, 0.0)  # before padding columns become -inf
+        s = tl.where(mask_v[None, :], s, neg_inf)
+        t = tl.where(mask_v[None, :], t, neg_inf)
+        ms_new = tl.maximum(ms, tl.max(s, axis=1))
+        mt_new = tl.maximum(mt, tl.max(t, axis=1))
+        ds = s - ms_new[:, None]
+        dt = t - mt_new[:, None]
+        es = tl.exp(ds * inv_t)
+        et = tl.exp(dt * inv_t)
+        rs = tl.exp((ms - ms_new) * inv_t)
+        rt = tl.exp((mt - mt_new) * inv_t)
+        if CE:
+            z1 = z1 * tl.exp(ms - ms_new) + tl.sum(tl.exp(ds), axis=1)
+            s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+        zs = zs * rs + tl.sum(es, axis=1)
+        zt = zt * rt + tl.sum(et, axis=1)
+        if DIV == 0:
+            num = num * rt + tl.sum(et * diff, axis=1)
+        if DIV == 1:
+            num = num * rs - tl.sum(es * diff, axis=1)
+        ms = ms_new
+        mt = mt_new
+    log_zs = tl.log(zs)
+    log_zt = tl.log(zt)
+    ce = tl.zeros([BLOCK_M], tl.float32)
+    if CE:
+        ce = tl.log(z1) + ms - s_y
+    if DIV == 0:
+        d = num * inv_t / zt - (mt - ms) * inv_t - log_zt + log_zs
+    elif DIV == 1:
+        d = num * inv_t / zs - (ms - mt) * inv_t - log_zs + log_zt
+    else:
+        # second sweep: the JSD needs the normalised distributions
+        dp = tl.zeros([BLOCK_M], tl.float32)
+        dq = tl.zeros([BLOCK_M], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs_v
+            mask_v = cols < V
+            s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
+                             HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
+            t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
+                             HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
+            lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
+            lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
+            lm = _log_mix(lp, lq, log_beta, log_1mb)
+            dp += tl.sum(tl.where(mask_v[None, :], tl.exp(lp) * (lp - lm), 0.0), axis=1)
+            dq += tl.sum(tl.where(mask_v[None, :], tl.exp(lq) * (lq - lm), 0.0), axis=1)
+        d = beta * dp + (1.0 - beta) * dq
+    loss = alpha * ce + c_kd * d
+    loss = tl.where(valid, loss, 0.0)
+    loss = tl.where(valid & (nan > 0), float("nan"), loss)
+    tl.store(loss_ptr + rows_m, loss, mask=mask_m)
+
+
+def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts) -> torch.Tensor:
+    """Per-row losses of the fused-linear form, logits never leaving the chip."""
+    rows, vocab = hs.shape[0], ws.shape[0]
+    loss = torch.empty(rows, dtype=torch.float32, device=hs.device)
+    if rows == 0:
+        return loss
+    hs, ws, ht, wt = (x.contiguous() for x in (hs, ws, ht, wt))
+    block_m, block_v, block_k = 16, 64, 32
+    interpret = _library.triton_interpret()
+    dummy = loss
+    _linear_kd_stats_kernel[(triton.cdiv(rows, block_m),)](
+        hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
+        labels if labels is not None else dummy, loss, rows, vocab, hs.shape[1], ht.shape[1],
+        hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), **_scalars(opts),
+        HAS_LABELS=labels is not None, CE=labels is not None and opts.alpha != 0.0,
+        DIV=opts.divergence_id, HAS_BS=bs is not None, HAS_BT=bt is not None,
+        # fp32 products in full fp32 (tf32 would cost ~1e-3 relative on the logits)
+        PREC_S="ieee" if hs.dtype == torch.float32 else None,
+        PREC_T="ieee" if ht.dtype == torch.float32 else None,
+        UPCAST_S=interpret and hs.dtype == torch.bfloat16, UPCAST_T=interpret and ht.dtype == torch.bfloat16,
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
+    )
+    return loss
+
+
+def linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
+    if not want_grad:
+        return linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts), None, None, None
+    return kd_ops.linear_chunks(kd_loss_rows, hs, ws, bs, ht, wt, bt, labels, opts, row_scale=row_scale,
+                                grad_scale=grad_scale, want_grad=True)
