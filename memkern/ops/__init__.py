@@ -3,3 +3,6 @@ a fake implementation, so it works under ``torch.compile(fullgraph=True)``."""
 from memkern.ops.quantize import quantize_rowwise
 
 __all__ = ["quantize_rowwise"]
+from memkern.ops.lowp import fp16_linear, int8_linear, int8_weight_only_linear
+
+__all__ += ["fp16_linear", "int8_linear", "int8_weight_only_linear"]
