@@ -5,6 +5,7 @@ from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it 
 from memkern import backends, nn, ops
 from memkern.backends import BackendUnavailable, use_backend
 from memkern.convert import Footprint, memory_footprint
+from memkern.convert import convert
 
 try:
     __version__ = _dist_version("memkern")
@@ -15,6 +16,7 @@ __all__ = [
     "BackendUnavailable",
     "Footprint",
     "backends",
+    "convert",
     "memory_footprint",
     "nn",
     "ops",
