@@ -9,8 +9,8 @@
 //   fp16_linear_kernel              half-precision weights: float32 accumulation from the
 //                                   low-precision weight without a float32 copy of it.
 //
-// The epilogue arithmetic is written in the reference's order, ((float)acc * x_scale) *
-// w_scale + bias in float32, so the result matches reference.int8_linear bit for bit.
+// The epilogue arithmetic follows the reference's order, (float)acc * (x_scale * w_scale)
+// + bias in float32 (the compiler may fuse the last multiply-add: a rounding, not more).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -32,7 +32,7 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
   return bias->to(at::kFloat).contiguous();
 }
 
-// out[m, n] = ((float)acc[m, n] * row_scale[m]) * col_scale[n] + bias[n]; each factor is
+// out[m, n] = (float)acc[m, n] * (row_scale[m] * col_scale[n]) + bias[n]; each factor is
 // optional (nullptr). acc is row-major with leading dimension lda.
 template <typename acc_t, typename out_t>
 void epilogue_rows(const acc_t* acc, int64_t lda, int64_t rows, int64_t cols, const float* row_scale,
@@ -45,8 +45,10 @@ void epilogue_rows(const acc_t* acc, int64_t lda, int64_t rows, int64_t cols, co
       const float rs = row_scale ? row_scale[m] : 1.0f;
       for (int64_t n = 0; n < cols; ++n) {
         float v = static_cast<float>(a[n]);
-        if (row_scale) v = v * rs;
-        if (col_scale) v = v * col_scale[n];
+        // The scales multiply first (reference.int8_linear says why: overflow).
+        if (row_scale && col_scale) v = v * (rs * col_scale[n]);
+        else if (col_scale) v = v * col_scale[n];
+        else if (row_scale) v = v * rs;
         if (bias) v = v + bias[n];
         o[n] = static_cast<out_t>(v);
       }
@@ -107,12 +109,19 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
 
   auto [x_q, x_scale] = quantize_rowwise(x);
   at::Tensor acc;
-  try {
-    // oneDNN's s8s8s32 GEMM: 4.4x the float32 GEMM at 512 x 4096 x 4096 on the AVX-512
-    // VNNI machine of bench/NOTES.md. w_q.t() is a (K, N) view, no copy.
-    acc = at::_int_mm(x_q, w_q.t());
-  } catch (const c10::Error&) {
-    acc = int8_mm_cpu(x_q, w_q);  // shapes or CPUs _int_mm refuses
+  const int64_t K = x.size(1);
+  if (K < 2) {
+    // torch 2.13's CPU _int_mm leaves its output uninitialised for K = 1 (N > 1): seen
+    // with fill_uninitialized_memory, tests/test_lowp.py. K = 0 is cheaper here anyway.
+    acc = int8_mm_cpu(x_q, w_q);
+  } else {
+    try {
+      // oneDNN's s8s8s32 GEMM: ~4.4x the float32 GEMM at 512 x 4096 x 4096 on the AVX-512
+      // VNNI machine of bench/NOTES.md. w_q.t() is a (K, N) view, no copy.
+      acc = at::_int_mm(x_q, w_q.t());
+    } catch (const c10::Error&) {
+      acc = int8_mm_cpu(x_q, w_q);  // shapes or CPUs _int_mm refuses
+    }
   }
   acc = acc.contiguous();
   const auto ws = w_scale.contiguous();

@@ -46,7 +46,7 @@ def _int8_gemm_kernel(
         acc += tl.dot(a, b, out_dtype=tl.int32)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,

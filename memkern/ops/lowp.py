@@ -263,6 +263,9 @@ def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.T
 
     Returns:
         ``(..., N)`` tensor of x's dtype. Differentiable with respect to ``x`` and ``bias``.
+
+    The scale multiplies the float32 sum of ``x * w_q``, so sums of up to ``|x| * 127 * K``
+    must fit float32 (3.4e38): bfloat16 activations within ~1e33 of its maximum overflow.
     """
     op = "int8_weight_only_linear"
     x2 = _check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
