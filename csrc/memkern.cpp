@@ -15,7 +15,7 @@ TORCH_LIBRARY(memkern, m) {
   m.def("quantize_rowwise_kernel(Tensor x) -> (Tensor q, Tensor scale)");
   // Low-precision linear layers; see memkern/ops/lowp.py.
   m.def("int8_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
-  m.def("int8_mm_kernel(Tensor a, Tensor b) -> Tensor");
+  m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
   m.def("int8_weight_only_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("fp16_linear_kernel(Tensor x, Tensor w_half, Tensor? bias) -> Tensor");
 }

@@ -3,7 +3,6 @@ model, state_dict and meta-device round trips, filter/skip behaviour, memory foo
 from __future__ import annotations
 
 import io
-import warnings
 
 import pytest
 import torch

@@ -104,13 +104,15 @@ def test_int8_linear_out_dtype(backend, out_dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("k, w_bound", [(31, 128), (4095, 32)], ids=["K31-full-range", "K4095"])
-def test_int8_products_are_bit_exact(backend, k, w_bound):
+@pytest.mark.parametrize("m, k, w_bound", [(17, 31, 128), (17, 4095, 32), (128, 4095, 32)],
+                         ids=["17x31-full-range", "17x4095", "128x4095"])
+def test_int8_products_are_bit_exact(backend, m, k, w_bound):
     # Integer-valued x whose rows reach +-127 quantise with scale exactly 1, so with unit
     # weight scales the output is the integer product itself. |x| <= 127 and |w| <= w_bound
     # keep every sum below 2^24, where float32 holds integers exactly; w_bound 128 includes
     # -128, which quantize_rowwise never produces but the kernels must still multiply.
-    m, n = 17, 23
+    # On the CPU, 17 rows take the VNNI kernel where built and 128 rows torch._int_mm.
+    n = 23
     x = torch.randint(-127, 128, (m, k)).float()
     x[:, k // 2] = torch.where(torch.rand(m) < 0.5, 127.0, -127.0)
     w_q = torch.randint(-w_bound, w_bound, (n, k), dtype=torch.int8)
@@ -121,15 +123,19 @@ def test_int8_products_are_bit_exact(backend, k, w_bound):
     assert torch.equal(out.long(), exact)
 
 
-def test_int8_mm_fallback_is_bit_exact():
-    # The portable GEMM used where torch._int_mm refuses: full int8 range, K past 2^16 /
-    # 127^2 products so the int32 sums need more than 16 bits, odd sizes.
+@pytest.mark.parametrize("allow_vnni", (True, False), ids=["vnni", "portable"])
+@pytest.mark.parametrize("m, k, n", [(13, 4097, 37), (1, 1, 5), (6, 65, 1), (5, 0, 3), (9, 130, 10)])
+def test_cpu_int8_gemms_are_bit_exact(allow_vnni, m, k, n):
+    # The CPU's own int8 GEMMs (the AVX512-VNNI kernel where built, and the portable loop
+    # used where torch._int_mm refuses): full int8 range including -128 (the VNNI kernel
+    # biases a by 128 and must take it back exactly), rows of all -128, K tails of every
+    # length modulo 64, N tails modulo 4.
     require_backend("int8_linear", "cpp", torch.randn(1, 1))
-    a = torch.randint(-128, 128, (13, 4097), dtype=torch.int8)
-    b = torch.randint(-128, 128, (37, 4097), dtype=torch.int8)
-    b[0] = -128
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     a[0] = -128
-    out = torch.ops.memkern.int8_mm_kernel(a, b)
+    b[-1] = -128
+    out = torch.ops.memkern.int8_mm_kernel(a, b, allow_vnni)
     assert out.dtype == torch.int32
     assert torch.equal(out.long(), a.long() @ b.long().t())
 

@@ -18,6 +18,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define MEMKERN_AVX512_VNNI 1
+#endif
 #include <optional>
 #include <vector>
 
@@ -74,18 +80,166 @@ void int8_mm_rows(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_
   });
 }
 
-at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+#ifdef MEMKERN_AVX512_VNNI
+// AVX512-VNNI int8 GEMM for few rows of a (the decode and small-batch cases, where
+// torch._int_mm was 2.4x slower than fbgemm at 16 x 4096 x 4096, bench/NOTES.md).
+// vpdpbusd multiplies unsigned by signed bytes, so a is biased to u = a + 128 (a ^ 0x80)
+// and the bias is taken back out: sum(u * b) - 128 * sum(b), with sum(b) from one more
+// vpdpbusd against a vector of ones. int32 arithmetic wraps, so the difference is exact
+// whenever the true sum fits int32. Tiles of 4 rows of a x 4 rows of b hold 16 zmm
+// accumulators and spend one load per two vpdpbusd.
+//
+// The accumulators are named variables, not an array: GCC 12 kept an array of them on the
+// stack (a load and a store around every vpdpbusd, 5x slower). Four rows of b per tile;
+// past N's end the tile re-reads b's last row and drops those results.
+#define MEMKERN_DP_ROW(i)                                                       \
+  if constexpr (MB > i) {                                                       \
+    const __m512i uv = _mm512_loadu_si512(u + (m0 + i) * ldu + k);              \
+    acc##i##0 = _mm512_dpbusd_epi32(acc##i##0, uv, b0);                         \
+    acc##i##1 = _mm512_dpbusd_epi32(acc##i##1, uv, b1);                         \
+    acc##i##2 = _mm512_dpbusd_epi32(acc##i##2, uv, b2);                         \
+    acc##i##3 = _mm512_dpbusd_epi32(acc##i##3, uv, b3);                         \
+  }
+#define MEMKERN_STORE_ROW(i)                                                    \
+  if constexpr (MB > i) {                                                       \
+    const __m512i row[4] = {acc##i##0, acc##i##1, acc##i##2, acc##i##3};        \
+    for (int j = 0; j < nb; ++j) {                                              \
+      const uint32_t biased = static_cast<uint32_t>(_mm512_reduce_add_epi32(row[j])); \
+      c[(m0 + i) * ldc + n0 + j] = static_cast<int32_t>(biased - 128u * static_cast<uint32_t>(bsum[j])); \
+    }                                                                           \
+  }
+
+template <int MB, bool kSum>
+void vnni_tile(const uint8_t* u, int64_t ldu, const int8_t* b, int64_t N, int64_t K, int64_t m0, int64_t n0,
+               int32_t* bsum, int32_t* c, int64_t ldc) {
+  const int nb = static_cast<int>(std::min<int64_t>(4, N - n0));
+  const int8_t* r0 = b + n0 * K;
+  const int8_t* r1 = b + std::min(n0 + 1, N - 1) * K;
+  const int8_t* r2 = b + std::min(n0 + 2, N - 1) * K;
+  const int8_t* r3 = b + std::min(n0 + 3, N - 1) * K;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i acc00 = zero, acc01 = zero, acc02 = zero, acc03 = zero, acc10 = zero, acc11 = zero, acc12 = zero,
+          acc13 = zero, acc20 = zero, acc21 = zero, acc22 = zero, acc23 = zero, acc30 = zero, acc31 = zero,
+          acc32 = zero, acc33 = zero, s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+  const __m512i ones = _mm512_set1_epi8(1);
+  // Full 64-byte steps with plain loads, then the tail with a masked load of b (zeros past
+  // K); u is padded with zeros to ldu. (A lambda for the step body spilled the
+  // accumulators again.)
+#define MEMKERN_STEP(LOAD)                                                       \
+  {                                                                             \
+    const __m512i b0 = LOAD(r0 + k);                                            \
+    const __m512i b1 = LOAD(r1 + k);                                            \
+    const __m512i b2 = LOAD(r2 + k);                                            \
+    const __m512i b3 = LOAD(r3 + k);                                            \
+    if constexpr (kSum) {                                                       \
+      s0 = _mm512_dpbusd_epi32(s0, ones, b0);                                   \
+      s1 = _mm512_dpbusd_epi32(s1, ones, b1);                                   \
+      s2 = _mm512_dpbusd_epi32(s2, ones, b2);                                   \
+      s3 = _mm512_dpbusd_epi32(s3, ones, b3);                                   \
+    }                                                                           \
+    MEMKERN_DP_ROW(0)                                                           \
+    MEMKERN_DP_ROW(1)                                                           \
+    MEMKERN_DP_ROW(2)                                                           \
+    MEMKERN_DP_ROW(3)                                                           \
+  }
+#define MEMKERN_FULL_LOAD(p) _mm512_loadu_si512(p)
+#define MEMKERN_TAIL_LOAD(p) _mm512_maskz_loadu_epi8(tail, p)
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) MEMKERN_STEP(MEMKERN_FULL_LOAD)
+  if (k < K) {
+    const __mmask64 tail = (__mmask64{1} << (K - k)) - 1;
+    MEMKERN_STEP(MEMKERN_TAIL_LOAD)
+  }
+#undef MEMKERN_STEP
+#undef MEMKERN_FULL_LOAD
+#undef MEMKERN_TAIL_LOAD
+  if constexpr (kSum) {
+    bsum[0] = _mm512_reduce_add_epi32(s0);
+    bsum[1] = _mm512_reduce_add_epi32(s1);
+    bsum[2] = _mm512_reduce_add_epi32(s2);
+    bsum[3] = _mm512_reduce_add_epi32(s3);
+  }
+  MEMKERN_STORE_ROW(0)
+  MEMKERN_STORE_ROW(1)
+  MEMKERN_STORE_ROW(2)
+  MEMKERN_STORE_ROW(3)
+}
+#undef MEMKERN_DP_ROW
+#undef MEMKERN_STORE_ROW
+
+// Columns n0 .. n0 + 3 of c: the first tile of rows also sums b's rows, the rest reuse it.
+void vnni_column_block(const uint8_t* u, int64_t ldu, const int8_t* b, int64_t M, int64_t N, int64_t K,
+                       int64_t n0, int32_t* c, int64_t ldc) {
+  int32_t bsum[4];
+  int64_t m = 0;
+  if (M >= 4) {
+    vnni_tile<4, true>(u, ldu, b, N, K, 0, n0, bsum, c, ldc);
+    for (m = 4; m + 4 <= M; m += 4) vnni_tile<4, false>(u, ldu, b, N, K, m, n0, bsum, c, ldc);
+  }
+  const bool first = m == 0;
+  switch (M - m) {
+    case 3:
+      first ? vnni_tile<3, true>(u, ldu, b, N, K, m, n0, bsum, c, ldc)
+            : vnni_tile<3, false>(u, ldu, b, N, K, m, n0, bsum, c, ldc);
+      break;
+    case 2:
+      first ? vnni_tile<2, true>(u, ldu, b, N, K, m, n0, bsum, c, ldc)
+            : vnni_tile<2, false>(u, ldu, b, N, K, m, n0, bsum, c, ldc);
+      break;
+    case 1:
+      first ? vnni_tile<1, true>(u, ldu, b, N, K, m, n0, bsum, c, ldc)
+            : vnni_tile<1, false>(u, ldu, b, N, K, m, n0, bsum, c, ldc);
+      break;
+    default:
+      break;
+  }
+}
+
+void int8_mm_vnni(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, int32_t* c) {
+  const int64_t ldu = std::max<int64_t>(64, (K + 63) / 64 * 64);
+  std::vector<uint8_t> u(static_cast<size_t>(M * ldu), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) u[m * ldu + k] = static_cast<uint8_t>(a[m * K + k]) ^ 0x80u;
+  const int64_t groups = (N + 3) / 4;
+  // ~64K multiply-adds per task at least.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * K * 4, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) vnni_column_block(u.data(), ldu, b, M, N, K, g * 4, c, N);
+  });
+}
+#endif  // MEMKERN_AVX512_VNNI
+
+constexpr bool kHasVnni =
+#ifdef MEMKERN_AVX512_VNNI
+    true;
+#else
+    false;
+#endif
+
+// acc = a @ b.T in int32 (a: M x K, b: N x K, int8): the VNNI kernel where this build has
+// it and allow_vnni is set, otherwise the portable loop.
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, bool allow_vnni) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1),
               "int8_mm: expected a (M, K) and b (N, K) with the same K, got ", a.sizes(), " and ", b.sizes());
   TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar,
               "int8_mm: a and b must be int8, got ", a.scalar_type(), " and ", b.scalar_type());
   const auto ac = a.contiguous();
   const auto bc = b.contiguous();
-  auto c = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
-  int8_mm_rows(ac.const_data_ptr<int8_t>(), bc.const_data_ptr<int8_t>(), a.size(0), b.size(0), a.size(1),
-               c.mutable_data_ptr<int32_t>());
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  auto c = at::empty({M, N}, a.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return c;
+#ifdef MEMKERN_AVX512_VNNI
+  if (allow_vnni) {
+    int8_mm_vnni(ac.const_data_ptr<int8_t>(), bc.const_data_ptr<int8_t>(), M, N, K, c.mutable_data_ptr<int32_t>());
+    return c;
+  }
+#endif
+  int8_mm_rows(ac.const_data_ptr<int8_t>(), bc.const_data_ptr<int8_t>(), M, N, K, c.mutable_data_ptr<int32_t>());
   return c;
 }
+
+// Rows of x up to which the VNNI kernel runs instead of torch._int_mm (bench/NOTES.md).
+constexpr int64_t kVnniMaxRows = 64;
 
 std::tuple<at::Tensor, at::Tensor> quantize_rowwise(const at::Tensor& x) {
   // The same kernel quantize_rowwise runs (csrc/cpu/quantize_rowwise.cpp), so both ops
@@ -110,17 +264,17 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   auto [x_q, x_scale] = quantize_rowwise(x);
   at::Tensor acc;
   const int64_t K = x.size(1);
-  if (K < 2) {
-    // torch 2.13's CPU _int_mm leaves its output uninitialised for K = 1 (N > 1): seen
-    // with fill_uninitialized_memory, tests/test_lowp.py. K = 0 is cheaper here anyway.
-    acc = int8_mm_cpu(x_q, w_q);
+  if (K < 2 || (kHasVnni && M <= kVnniMaxRows)) {
+    // Besides the few-rows case: torch 2.13's CPU _int_mm leaves its output uninitialised
+    // for K = 1 (N > 1), seen with fill_uninitialized_memory in tests/test_lowp.py.
+    acc = int8_mm_cpu(x_q, w_q, true);
   } else {
     try {
       // oneDNN's s8s8s32 GEMM: ~4.4x the float32 GEMM at 512 x 4096 x 4096 on the AVX-512
       // VNNI machine of bench/NOTES.md. w_q.t() is a (K, N) view, no copy.
       acc = at::_int_mm(x_q, w_q.t());
     } catch (const c10::Error&) {
-      acc = int8_mm_cpu(x_q, w_q);  // shapes or CPUs _int_mm refuses
+      acc = int8_mm_cpu(x_q, w_q, true);  // shapes or CPUs _int_mm refuses
     }
   }
   acc = acc.contiguous();
@@ -137,12 +291,13 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
 // ---- float32 accumulation from low-precision weights ------------------------------------
 
 // Up to this many rows of x, each weight row is widened once into a per-thread float32
-// buffer and dotted with every row of x: the weight is read exactly once (the decode case,
-// bound by memory bandwidth). Above it, blocks of weight rows are widened and handed to the
-// float32 GEMM.
-constexpr int64_t kDirectRows = 8;
-// Bytes of float32 weight widened at a time on the GEMM path (fits the L2 of a core pair).
-constexpr int64_t kBlockBytes = 2 << 20;
+// buffer and dotted with every row of x, four rows at a time: the weight is read exactly
+// once (the decode case, bound by memory bandwidth). Above it, blocks of weight rows are
+// widened and handed to the float32 GEMM.
+constexpr int64_t kDirectRows = 32;
+// Bytes of float32 weight widened at a time on the GEMM path: 1/8 of a 4096 x 4096
+// weight, few enough blocks that the GEMM's threads rarely wait on each other.
+constexpr int64_t kBlockBytes = 8 << 20;
 
 template <typename w_t, typename out_t>
 void direct_linear(const float* x, int64_t M, int64_t K, const w_t* w, int64_t N, const float* col_scale,
@@ -154,14 +309,30 @@ void direct_linear(const float* x, int64_t M, int64_t K, const w_t* w, int64_t N
     for (int64_t n = begin; n < end; ++n) {
       const w_t* wn = w + n * K;
       for (int64_t k = 0; k < K; ++k) wr[k] = static_cast<float>(wn[k]);
-      for (int64_t m = 0; m < M; ++m) {
+      auto store = [&](int64_t m, float s) {
+        if (col_scale) s = s * col_scale[n];
+        if (bias) s = s + bias[n];
+        out[m * N + n] = static_cast<out_t>(s);
+      };
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {  // four rows share each load of wr
+        const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t k = 0; k < K; ++k) {
+          s0 += x0[k] * wr[k];
+          s1 += x1[k] * wr[k];
+          s2 += x2[k] * wr[k];
+          s3 += x3[k] * wr[k];
+        }
+        store(m, s0), store(m + 1, s1), store(m + 2, s2), store(m + 3, s3);
+      }
+      for (; m < M; ++m) {
         const float* xm = x + m * K;
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t k = 0; k < K; ++k) s += xm[k] * wr[k];
-        if (col_scale) s = s * col_scale[n];
-        if (bias) s = s + bias[n];
-        out[m * N + n] = static_cast<out_t>(s);
+        store(m, s);
       }
     }
   });

@@ -4,10 +4,14 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from memkern.benchmarks import quantize
+from memkern.benchmarks import lowp
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "quantize_rowwise": quantize.cases,
+    "int8_linear": lowp.int8_linear_cases,
+    "int8_weight_only_linear": lowp.int8_weight_only_linear_cases,
+    "fp16_linear": lowp.fp16_linear_cases,
 }
 
 
