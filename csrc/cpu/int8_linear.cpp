@@ -127,10 +127,11 @@ void vnni_tile(const uint8_t* u, int64_t ldu, const int8_t* b, int64_t N, int64_
   // accumulators again.)
 #define MEMKERN_STEP(LOAD)                                                       \
   {                                                                             \
-    const __m512i b0 = LOAD(r0 + k);                                            \
-    const __m512i b1 = LOAD(r1 + k);                                            \
-    const __m512i b2 = LOAD(r2 + k);                                            \
-    const __m512i b3 = LOAD(r3 + k);                                            \
+    __m512i b0 = LOAD(r0 + k);                                                  \
+    __m512i b1 = LOAD(r1 + k);                                                  \
+    __m512i b2 = LOAD(r2 + k);                                                  \
+    __m512i b3 = LOAD(r3 + k);                                                  \
+    MEMKERN_IN_REGISTER(b0, b1, b2, b3)                                         \
     if constexpr (kSum) {                                                       \
       s0 = _mm512_dpbusd_epi32(s0, ones, b0);                                   \
       s1 = _mm512_dpbusd_epi32(s1, ones, b1);                                   \
@@ -143,6 +144,9 @@ void vnni_tile(const uint8_t* u, int64_t ldu, const int8_t* b, int64_t N, int64_
     MEMKERN_DP_ROW(3)                                                           \
   }
 #define MEMKERN_FULL_LOAD(p) _mm512_loadu_si512(p)
+// Left alone, GCC folds each b load into the four vpdpbusd that use it (four loads
+// instead of one); an empty asm that "changes" them pins them in registers.
+#define MEMKERN_IN_REGISTER(b0, b1, b2, b3) asm("" : "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));
 #define MEMKERN_TAIL_LOAD(p) _mm512_maskz_loadu_epi8(tail, p)
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) MEMKERN_STEP(MEMKERN_FULL_LOAD)
@@ -152,6 +156,7 @@ void vnni_tile(const uint8_t* u, int64_t ldu, const int8_t* b, int64_t N, int64_
   }
 #undef MEMKERN_STEP
 #undef MEMKERN_FULL_LOAD
+#undef MEMKERN_IN_REGISTER
 #undef MEMKERN_TAIL_LOAD
   if constexpr (kSum) {
     bsum[0] = _mm512_reduce_add_epi32(s0);
