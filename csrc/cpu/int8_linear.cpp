@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -216,6 +218,59 @@ void int8_mm_vnni(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_
     for (int64_t g = begin; g < end; ++g) vnni_column_block(u.data(), ldu, b, M, N, K, g * 4, c, N);
   });
 }
+
+// The whole of int8_linear for few rows in one parallel region. Every region costs a
+// wake-up and a barrier, and on a 2-core machine shared with other work a thread that has
+// lost its core makes each barrier wait a scheduler quantum (~4 ms per region seen at
+// 16 x 4096 x 4096): so the rows are quantised serially (16 x 4096 floats take ~50 us)
+// straight into the biased u8 layout, and each task runs the epilogue on the columns it
+// computed. The quantisation is quantize_rowwise's arithmetic, step for step.
+template <typename x_t, typename out_t>
+void int8_linear_vnni(const x_t* x, int64_t M, int64_t K, int64_t xs0, int64_t xs1, const int8_t* w, int64_t N,
+                      const float* w_scale, const float* bias, out_t* out) {
+  const int64_t ldu = std::max<int64_t>(64, (K + 63) / 64 * 64);
+  std::vector<uint8_t> u(static_cast<size_t>(M * ldu), 0);
+  std::vector<float> x_scale(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) {
+    const x_t* xr = x + m * xs0;
+    uint8_t* ur = u.data() + m * ldu;
+    float absmax = 0.0f;
+    bool nonfinite = false;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(static_cast<float>(xr[k * xs1]));
+      nonfinite |= !(a <= FLT_MAX);
+      absmax = std::max(absmax, a);
+    }
+    if (nonfinite) {  // scale NaN, q = 0: the row's outputs are NaN
+      x_scale[m] = NAN;
+      std::fill(ur, ur + K, uint8_t{0x80});
+      continue;
+    }
+    float s = absmax / 127.0f;
+    if (s == 0.0f) s = 1.0f;
+    x_scale[m] = s;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = std::nearbyint(static_cast<float>(xr[k * xs1]) / s);
+      v = std::min(127.0f, std::max(-127.0f, v));
+      ur[k] = static_cast<uint8_t>(static_cast<int8_t>(v)) ^ 0x80u;
+    }
+  }
+  std::vector<int32_t> acc(static_cast<size_t>(M * N));
+  const int64_t groups = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * K * 4, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = g * 4, n1 = std::min(N, n0 + 4);
+      vnni_column_block(u.data(), ldu, w, M, N, K, n0, acc.data(), N);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) {
+          float v = static_cast<float>(acc[m * N + n]) * (x_scale[m] * w_scale[n]);
+          if (bias) v = v + bias[n];
+          out[m * N + n] = static_cast<out_t>(v);
+        }
+    }
+  });
+}
 #endif  // MEMKERN_AVX512_VNNI
 
 constexpr bool kHasVnni =
@@ -270,12 +325,29 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   auto out = at::empty({M, N}, x.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
 
+  const int64_t K = x.size(1);
+  const auto ws = w_scale.contiguous();
+  const auto b = float_bias(bias);
+#ifdef MEMKERN_AVX512_VNNI
+  if (M <= kVnniMaxRows) {
+    const auto w = w_q.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear_vnni_x", [&] {
+      using x_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_vnni_out", [&] {
+        int8_linear_vnni<x_t, scalar_t>(x.const_data_ptr<x_t>(), M, K, x.stride(0), x.stride(1),
+                                        w.const_data_ptr<int8_t>(), N, ws.const_data_ptr<float>(),
+                                        b.defined() ? b.const_data_ptr<float>() : nullptr,
+                                        out.mutable_data_ptr<scalar_t>());
+      });
+    });
+    return out;
+  }
+#endif
   auto [x_q, x_scale] = quantize_rowwise(x);
   at::Tensor acc;
-  const int64_t K = x.size(1);
-  if (K < 2 || (kHasVnni && M <= kVnniMaxRows)) {
-    // Besides the few-rows case: torch 2.13's CPU _int_mm leaves its output uninitialised
-    // for K = 1 (N > 1), seen with fill_uninitialized_memory in tests/test_lowp.py.
+  if (K < 2) {
+    // torch 2.13's CPU _int_mm leaves its output uninitialised for K = 1 (N > 1), seen
+    // with fill_uninitialized_memory in tests/test_lowp.py.
     acc = int8_mm_cpu(x_q, w_q, true);
   } else {
     try {
@@ -287,8 +359,6 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
     }
   }
   acc = acc.contiguous();
-  const auto ws = w_scale.contiguous();
-  const auto b = float_bias(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_epilogue", [&] {
     epilogue_rows<int32_t, scalar_t>(acc.const_data_ptr<int32_t>(), N, M, N, x_scale.const_data_ptr<float>(),
                                      ws.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
