@@ -374,9 +374,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
 // once (the decode case, bound by memory bandwidth). Above it, blocks of weight rows are
 // widened and handed to the float32 GEMM.
 constexpr int64_t kDirectRows = 8;
-// Bytes of float32 weight widened at a time on the GEMM path: 1/8 of a 4096 x 4096
-// weight, few enough blocks that the GEMM's threads rarely wait on each other.
-constexpr int64_t kBlockBytes = 8 << 20;
+// Bytes of float32 weight one task widens at a time on the GEMM path (1 MiB: 64 rows of
+// K = 4096, L2-resident while the GEMM reads it).
+constexpr int64_t kBlockBytes = 1 << 20;
 
 // wr[0..K) = (float)w[0..K). The int8 and bfloat16 loops vectorise as written; float16
 // goes through vcvtph2ps (scalar _cvtsh_ss otherwise: 3x slower on the 4096 x 4096 case).
@@ -496,19 +496,25 @@ at::Tensor scaled_linear_cpu(const char* op, const at::Tensor& x, const at::Tens
     return out;
   }
 
-  // GEMM path: widen a block of weight rows to float32, multiply, run the epilogue on the
-  // block's output columns. Peak extra memory: one block (kBlockBytes) and its M x nb product.
+  // GEMM path: each task widens a block of weight rows to float32, multiplies it with the
+  // single-threaded GEMM (ATen runs nested parallel work serially) and runs the epilogue on
+  // the block's output columns. One parallel region per call: with one ATen call per block
+  // in sequence, every call's barrier cost a scheduler quantum on the loaded 2-core machine
+  // (bench/NOTES.md). Peak extra memory: one block and its M x nb product per thread.
   int64_t nb = std::max<int64_t>(16, kBlockBytes / (4 * std::max<int64_t>(K, 1)));
   nb = std::min(N, (nb + 15) / 16 * 16);
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t cur = std::min(nb, N - n0);
-    const auto wf = w.narrow(0, n0, cur).to(at::kFloat).contiguous();
-    const auto acc = at::mm(xf, wf.t()).contiguous();  // M x cur, float32
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scaled_linear_epilogue", [&] {
-      epilogue_rows<float, scalar_t>(acc.const_data_ptr<float>(), cur, M, cur, nullptr, sp ? sp + n0 : nullptr,
-                                     bp ? bp + n0 : nullptr, out.mutable_data_ptr<scalar_t>() + n0, N);
-    });
-  }
+  const int64_t blocks = (N + nb - 1) / nb;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * nb, cur = std::min(nb, N - n0);
+      const auto wf = w.narrow(0, n0, cur).to(at::kFloat).contiguous();
+      const auto acc = at::mm(xf, wf.t()).contiguous();  // M x cur, float32
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scaled_linear_epilogue", [&] {
+        epilogue_rows<float, scalar_t>(acc.const_data_ptr<float>(), cur, M, cur, nullptr, sp ? sp + n0 : nullptr,
+                                       bp ? bp + n0 : nullptr, out.mutable_data_ptr<scalar_t>() + n0, N);
+      });
+    }
+  });
   return out;
 }
 
