@@ -95,7 +95,7 @@ def test_matches_float64_reference(op, backend, case, poisoned_outputs):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("out_dtype", (F32, F16, BF16))
 def test_int8_linear_out_dtype(backend, out_dtype):
-    x = torch.randn(9, 45, dtype=torch.bfloat16)
+    x = torch.randn(129, 45, dtype=torch.bfloat16)  # past the CPU's VNNI row limit: _int_mm
     w, w_q, w_scale = _weights(21, 45)
     bias = torch.randn(21, dtype=torch.float16)
     out = _run("int8_linear", backend, x, (w_q, w_scale), bias, out_dtype=out_dtype)
@@ -104,14 +104,14 @@ def test_int8_linear_out_dtype(backend, out_dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("m, k, w_bound", [(17, 31, 128), (17, 4095, 32), (128, 4095, 32)],
-                         ids=["17x31-full-range", "17x4095", "128x4095"])
+@pytest.mark.parametrize("m, k, w_bound", [(17, 31, 128), (17, 4095, 32), (129, 4095, 32)],
+                         ids=["17x31-full-range", "17x4095", "129x4095"])
 def test_int8_products_are_bit_exact(backend, m, k, w_bound):
     # Integer-valued x whose rows reach +-127 quantise with scale exactly 1, so with unit
     # weight scales the output is the integer product itself. |x| <= 127 and |w| <= w_bound
     # keep every sum below 2^24, where float32 holds integers exactly; w_bound 128 includes
     # -128, which quantize_rowwise never produces but the kernels must still multiply.
-    # On the CPU, 17 rows take the VNNI kernel where built and 128 rows torch._int_mm.
+    # On the CPU, 17 rows take the VNNI kernel where built and 129 rows torch._int_mm.
     n = 23
     x = torch.randint(-127, 128, (m, k)).float()
     x[:, k // 2] = torch.where(torch.rand(m) < 0.5, 127.0, -127.0)

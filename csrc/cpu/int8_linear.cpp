@@ -219,7 +219,8 @@ void int8_mm_vnni(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_
   });
 }
 
-// The whole of int8_linear for few rows in one parallel region. Every region costs a
+// The whole of int8_linear for few rows in one parallel region (two past 64K elements of
+// x, where quantising in parallel pays). Every region costs a
 // wake-up and a barrier, and on a 2-core machine shared with other work a thread that has
 // lost its core makes each barrier wait a scheduler quantum (~4 ms per region seen at
 // 16 x 4096 x 4096): so the rows are quantised serially (16 x 4096 floats take ~50 us)
@@ -231,30 +232,34 @@ void int8_linear_vnni(const x_t* x, int64_t M, int64_t K, int64_t xs0, int64_t x
   const int64_t ldu = std::max<int64_t>(64, (K + 63) / 64 * 64);
   std::vector<uint8_t> u(static_cast<size_t>(M * ldu), 0);
   std::vector<float> x_scale(static_cast<size_t>(M));
-  for (int64_t m = 0; m < M; ++m) {
-    const x_t* xr = x + m * xs0;
-    uint8_t* ur = u.data() + m * ldu;
-    float absmax = 0.0f;
-    bool nonfinite = false;
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = std::fabs(static_cast<float>(xr[k * xs1]));
-      nonfinite |= !(a <= FLT_MAX);
-      absmax = std::max(absmax, a);
+  // Serial (no parallel region) up to 64K elements: ATen runs a range within one grain
+  // inline.
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const x_t* xr = x + m * xs0;
+      uint8_t* ur = u.data() + m * ldu;
+      float absmax = 0.0f;
+      bool nonfinite = false;
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = std::fabs(static_cast<float>(xr[k * xs1]));
+        nonfinite |= !(a <= FLT_MAX);
+        absmax = std::max(absmax, a);
+      }
+      if (nonfinite) {  // scale NaN, q = 0: the row's outputs are NaN
+        x_scale[m] = NAN;
+        std::fill(ur, ur + K, uint8_t{0x80});
+        continue;
+      }
+      float s = absmax / 127.0f;
+      if (s == 0.0f) s = 1.0f;
+      x_scale[m] = s;
+      for (int64_t k = 0; k < K; ++k) {
+        float v = std::nearbyint(static_cast<float>(xr[k * xs1]) / s);
+        v = std::min(127.0f, std::max(-127.0f, v));
+        ur[k] = static_cast<uint8_t>(static_cast<int8_t>(v)) ^ 0x80u;
+      }
     }
-    if (nonfinite) {  // scale NaN, q = 0: the row's outputs are NaN
-      x_scale[m] = NAN;
-      std::fill(ur, ur + K, uint8_t{0x80});
-      continue;
-    }
-    float s = absmax / 127.0f;
-    if (s == 0.0f) s = 1.0f;
-    x_scale[m] = s;
-    for (int64_t k = 0; k < K; ++k) {
-      float v = std::nearbyint(static_cast<float>(xr[k * xs1]) / s);
-      v = std::min(127.0f, std::max(-127.0f, v));
-      ur[k] = static_cast<uint8_t>(static_cast<int8_t>(v)) ^ 0x80u;
-    }
-  }
+  });
   std::vector<int32_t> acc(static_cast<size_t>(M * N));
   const int64_t groups = (N + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * K * 4, 1));
@@ -302,8 +307,9 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, bool allow_vnni
   return c;
 }
 
-// Rows of x up to which the VNNI kernel runs instead of torch._int_mm (bench/NOTES.md).
-constexpr int64_t kVnniMaxRows = 64;
+// Rows of x up to which the VNNI kernel runs instead of torch._int_mm: it won at 128 rows
+// (13.9 vs 17.3 ms on one thread) and lost at 512 (58.6 vs 50.6 ms), bench/NOTES.md.
+constexpr int64_t kVnniMaxRows = 128;
 
 std::tuple<at::Tensor, at::Tensor> quantize_rowwise(const at::Tensor& x) {
   // The same kernel quantize_rowwise runs (csrc/cpu/quantize_rowwise.cpp), so both ops
