@@ -328,14 +328,14 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == w_q.size(0),
               "int8_linear: w_scale must be float32 of shape (", w_q.size(0), ",)");
   const int64_t M = x.size(0), N = w_q.size(0);
-  auto out = at::empty({M, N}, x.options().dtype(out_dtype));
-  if (M == 0 || N == 0) return out;
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options().dtype(out_dtype));
 
   const int64_t K = x.size(1);
   const auto ws = w_scale.contiguous();
   const auto b = float_bias(bias);
 #ifdef MEMKERN_AVX512_VNNI
   if (M <= kVnniMaxRows) {
+    auto out = at::empty({M, N}, x.options().dtype(out_dtype));
     const auto w = w_q.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear_vnni_x", [&] {
       using x_t = scalar_t;
@@ -365,6 +365,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
     }
   }
   acc = acc.contiguous();
+  // A float32 output overwrites the int32 accumulator in place (each element is read
+  // before it is written): 8 MiB less peak memory at 512 x 4096 x 4096.
+  auto out = out_dtype == at::kFloat ? acc.view(at::kFloat) : at::empty({M, N}, x.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_epilogue", [&] {
     epilogue_rows<int32_t, scalar_t>(acc.const_data_ptr<int32_t>(), N, M, N, x_scale.const_data_ptr<float>(),
                                      ws.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
