@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version as _dist_version
 from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it is missing)
 from memkern import backends, nn, ops, prune
 from memkern.backends import BackendUnavailable, use_backend
-from memkern.convert import Footprint, memory_footprint
+from memkern.convert import Footprint, convert, memory_footprint
 from memkern.share import ShareReport, share_layers
 
 try:
@@ -16,6 +16,7 @@ __all__ = [
     "BackendUnavailable",
     "Footprint",
     "backends",
+    "convert",
     "memory_footprint",
     "nn",
     "ops",

@@ -55,3 +55,94 @@ def memory_footprint(model: nn.Module) -> Footprint:
             if is_param:
                 params += tensor.numel()
     return Footprint(total, dict(by_dtype), dict(by_type), params)
+
+
+# -- convert: nn.Linear -> low-precision layers --------------------------------------------
+def _schemes() -> dict[str, type]:
+    from memkern.nn.quantized import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
+
+    return {"int8": Int8Linear, "int8_weight_only": Int8WeightOnlyLinear, "fp16": Fp16Linear}
+
+
+def _skipped(fqn: str, skip) -> bool:
+    # "lm_head" matches the layer named lm_head at any depth ("model.lm_head" too).
+    return any(fqn == s or fqn.endswith("." + s) for s in skip)
+
+
+def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm_head",),
+            inplace: bool = True) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` with memkern's low-precision layers.
+
+    Args:
+        model: any module (a bare ``nn.Linear`` is converted and returned).
+        scheme: ``"int8"`` (:class:`memkern.nn.Int8Linear`, W8A8 dynamic),
+            ``"int8_weight_only"`` (:class:`memkern.nn.Int8WeightOnlyLinear`, W8A16) or
+            ``"fp16"`` (:class:`memkern.nn.Fp16Linear`).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` chooses among the candidate layers
+            (default: every one); ``fqn`` is the layer's dotted name in ``model``.
+        skip: layer names never converted; a name matches the layer of that name at any
+            depth (default ``("lm_head",)``: the output projection is the most sensitive
+            layer and is often tied to the embedding).
+        inplace: modify ``model`` (default) or convert a deep copy.
+
+    Returns:
+        The converted model (``model`` itself when ``inplace``).
+
+    Candidates are ``nn.Linear`` layers (subclasses included) and layers memkern already
+    converted; the projections inside ``nn.MultiheadAttention``, whose parent reads their
+    weights directly, are left alone. A chosen layer that is already converted is an error
+    (its weights are no longer the original ones). A warning says when nothing was
+    replaced. Works on models on the meta device: build, convert, then
+    ``load_state_dict(converted_state_dict, assign=True)``.
+    """
+    from memkern.nn.quantized import QUANTIZED_LINEAR_TYPES
+
+    schemes = _schemes()
+    if scheme not in schemes:
+        raise ValueError(f"convert: scheme must be one of {', '.join(map(repr, schemes))}; got {scheme!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"convert: filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not inplace:
+        import copy
+
+        model = copy.deepcopy(model)
+    layer_type = schemes[scheme]
+
+    def chosen(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, (nn.Linear, *QUANTIZED_LINEAR_TYPES)) or _skipped(fqn, skip):
+            return False
+        if filter_fn is not None and not filter_fn(module, fqn):
+            return False
+        if isinstance(module, QUANTIZED_LINEAR_TYPES):
+            raise ValueError(f"convert: layer {fqn or '<model>'!r} is already converted "
+                             f"({type(module).__name__}, scheme {module.scheme.split()[0]}); "
+                             f"convert the original nn.Linear instead, or exclude it with skip or filter_fn")
+        return True
+
+    if chosen(model, ""):
+        return layer_type.from_linear(model)
+
+    replaced = 0
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        nonlocal replaced
+        for name, child in list(parent.named_children()):
+            fqn = f"{prefix}{name}"
+            if chosen(child, fqn):
+                setattr(parent, name, layer_type.from_linear(child))
+                replaced += 1
+            elif not isinstance(child, nn.MultiheadAttention):
+                visit(child, fqn + ".")
+
+    visit(model, "")
+    if replaced == 0:
+        import warnings
+
+        warnings.warn(f"convert: no layer was replaced (scheme {scheme!r}, skip={tuple(skip)}, "
+                      f"filter_fn={'given' if filter_fn is not None else 'none'}); the model is unchanged",
+                      UserWarning, stacklevel=2)
+    return model

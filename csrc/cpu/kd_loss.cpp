@@ -6,7 +6,7 @@
 // (which may be the student logits themselves, as the fused-linear path does with its fp32
 // chunk of logits). Per row, the passes below run over one row of s and t, which stays in
 // the core's L2 cache (a 32000-wide fp32 row pair is 250 KiB), so DRAM sees one read of s
-// and t and one write of the gradient: the "one streaming pass" of issue 3.
+// and t and one write of the gradient: a single streaming pass over the logits.
 //
 //   pass 1: row maxima of s and t (and a NaN flag)
 //   pass 2: Z1 = sum e^(s-ms), Zs = sum e^((s-ms)/T), Zt = sum e^((t-mt)/T) and the

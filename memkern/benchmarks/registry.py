@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from memkern.benchmarks import kd, quantize, sparse
+from memkern.benchmarks import kd, lowp, quantize, sparse
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
@@ -11,6 +11,9 @@ FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "masked_matmul": sparse.cases,
     "kd_loss": kd.kd_cases,
     "linear_kd_loss": kd.linear_kd_cases,
+    "int8_linear": lowp.int8_linear_cases,
+    "int8_weight_only_linear": lowp.int8_weight_only_linear_cases,
+    "fp16_linear": lowp.fp16_linear_cases,
 }
 
 

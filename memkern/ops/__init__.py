@@ -1,12 +1,16 @@
 """memkern's operators. Each is a ``torch.library`` op (``torch.ops.memkern.<name>``) with
 a fake implementation, so it works under ``torch.compile(fullgraph=True)``."""
 from memkern.ops.kd import kd_loss, linear_kd_loss
+from memkern.ops.lowp import fp16_linear, int8_linear, int8_weight_only_linear
 from memkern.ops.quantize import quantize_rowwise
 from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, masked_matmul
 
 __all__ = [
     "BlockSparseWeight",
     "Sparse24Weight",
+    "fp16_linear",
+    "int8_linear",
+    "int8_weight_only_linear",
     "kd_loss",
     "linear_kd_loss",
     "masked_matmul",

@@ -1,0 +1,116 @@
+"""Low-precision linear layers against the layers users have today.
+
+CPU: FP32 ``nn.Linear`` (the baseline) and, for W8A8, PyTorch's dynamic quantisation
+(``torch.ao.quantization.quantize_dynamic``, fbgemm, per-tensor activation scales).
+CUDA: FP16 ``nn.Linear`` (cuBLAS, the baseline) and, for W8A8, ``torch._int_mm`` with an
+eager epilogue. Shapes K = N = 4096 (CPU) and 8192 (CUDA), M in {1, 16, 512} (M = 8192 too
+on CUDA for the compute-bound W8A8 case).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+import memkern
+from memkern.benchmarks.harness import Case, Provider
+
+
+def _no_grad(module: nn.Module, x: torch.Tensor):
+    def call():
+        with torch.no_grad():
+            return module(x)
+
+    return call
+
+
+def _dense(dtype: torch.dtype, label: str) -> Provider:
+    def build(inp):
+        return _no_grad(inp["linear"].to(dtype), inp["x"].to(dtype))
+
+    return Provider(label, build, baseline=True)
+
+
+def _memkern(layer_type: type[nn.Module], x_dtype: torch.dtype) -> Provider:
+    return Provider("memkern", lambda inp: _no_grad(layer_type.from_linear(inp["linear"]), inp["x"].to(x_dtype)))
+
+
+def _quantize_dynamic(inp):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice, not a measurement
+        layer = torch.ao.quantization.quantize_dynamic(nn.Sequential(inp["linear"]), {nn.Linear}, dtype=torch.qint8)
+    return _no_grad(layer, inp["x"])
+
+
+def _int_mm_eager(inp):
+    # What a user composes from PyTorch ops: quantise x per row, torch._int_mm, dequantise.
+    w_q, w_scale = memkern.ops.quantize_rowwise(inp["linear"].weight.detach())
+    w_t = w_q.t().contiguous()
+    x, bias = inp["x"].half(), inp["linear"].bias.detach().half()
+
+    def call():
+        scale = x.abs().amax(dim=1, keepdim=True).float() / 127
+        x_q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+        return (torch._int_mm(x_q, w_t).float() * scale * w_scale + bias).half()
+
+    return call
+
+
+def _inputs(m: int, k: int, n: int):
+    def make(device):
+        return {"x": torch.randn(m, k, device=device), "linear": nn.Linear(k, n, device=device)}
+
+    return make
+
+
+def _cpu_cases(quick: bool) -> list[Case]:
+    k = n = 4096
+    out = []
+    for m in ((16,) if quick else (1, 16, 512)):
+        out.append(Case("int8_linear", f"{m}x{k}x{n}", torch.float32, _inputs(m, k, n), (
+            _dense(torch.float32, "fp32 nn.Linear"),
+            Provider("quantize_dynamic", _quantize_dynamic),
+            _memkern(memkern.nn.Int8Linear, torch.float32),
+        ), devices=("cpu",)))
+    for m in ((1,) if quick else (1, 16, 512)):
+        for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
+                          ("fp16_linear", memkern.nn.Fp16Linear)):
+            out.append(Case(op, f"{m}x{k}x{n}", torch.float32, _inputs(m, k, n), (
+                _dense(torch.float32, "fp32 nn.Linear"), _memkern(layer, torch.float32),
+            ), devices=("cpu",)))
+    return out
+
+
+def _cuda_cases(quick: bool) -> list[Case]:
+    k = n = 8192
+    out = []
+    for m in ((16, 8192) if quick else (1, 16, 512, 8192)):
+        out.append(Case("int8_linear", f"{m}x{k}x{n}", torch.float16, _inputs(m, k, n), (
+            _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
+            Provider("torch._int_mm eager", _int_mm_eager),
+            _memkern(memkern.nn.Int8Linear, torch.float16),
+        ), devices=("cuda",)))
+    for m in ((1, 16) if quick else (1, 16, 512)):
+        for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
+                          ("fp16_linear", memkern.nn.Fp16Linear)):
+            out.append(Case(op, f"{m}x{k}x{n}", torch.float16, _inputs(m, k, n), (
+                _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"), _memkern(layer, torch.float16),
+            ), devices=("cuda",)))
+    return out
+
+
+def cases(quick: bool) -> list[Case]:
+    return _cpu_cases(quick) + _cuda_cases(quick)
+
+
+def int8_linear_cases(quick: bool) -> list[Case]:
+    return [c for c in cases(quick) if c.op == "int8_linear"]
+
+
+def int8_weight_only_linear_cases(quick: bool) -> list[Case]:
+    return [c for c in cases(quick) if c.op == "int8_weight_only_linear"]
+
+
+def fp16_linear_cases(quick: bool) -> list[Case]:
+    return [c for c in cases(quick) if c.op == "fp16_linear"]

@@ -1,0 +1,182 @@
+"""Triton kernels of the low-precision linear layers.
+
+* ``int8_linear``: activations quantised per row by the quantize_rowwise kernel, then an
+  int8 x int8 -> int32 GEMM whose epilogue ``acc * x_scale[row] * w_scale[col] + bias``
+  runs in float32 in registers before the one store.
+* ``scaled_linear``: ``x @ w.T * w_scale + bias`` for an int8 (W8A16) or half-precision
+  weight, widened inside the kernel, float32 accumulation; a GEMV kernel for the decode
+  case (few rows: the weight is streamed once) and a tiled GEMM otherwise.
+
+Every index into a tensor is computed in int64, so tensors past 2^31 elements are safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memkern.kernels.quantize import quantize_rowwise
+
+# Rows of x up to which scaled_linear runs the GEMV kernel: tl.dot needs tiles of at
+# least 16 rows, so below that the GEMM would compute mostly padding.
+GEMV_MAX_ROWS = 8
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(xq_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0)
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=n_ok[None, :] & k_ok[:, None], other=0)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _scaled_gemm_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=n_ok[None, :] & k_ok[:, None], other=0)
+        if DOT_FP32:
+            # float32 activations, or a half weight of the other half type: widen both
+            # (IEEE fp32 products, no tf32 rounding of x).
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            # int8 and same-type half weights convert exactly to x's half type: tensor cores.
+            # The detour through fp32 is exact and costs nothing on the GPU; Triton's
+            # interpreter turns a direct int8 -> bfloat16 cast into garbage.
+            acc += tl.dot(a, b.to(tl.float32).to(a.dtype))
+    out = acc
+    if HAS_SCALE:
+        out = out * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _scaled_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: one row of x against BLOCK_N weight rows, reduced along K in fp32.
+    m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+        acc += tl.sum(w * a[None, :], axis=1)
+    out = acc
+    if HAS_SCALE:
+        out = out * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _gemm_blocks(device: torch.device, k_block: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
+    if device.type == "cuda":
+        return 128, 128, k_block, 8
+    # The interpreter runs each program as numpy array operations: few, larger tiles are
+    # quicker than many small ones.
+    return 32, 32, 32, 4
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    M, K = x.shape
+    N = w_q.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    x_q, x_scale = quantize_rowwise(x)
+    w_scale = w_scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    bm, bn, bk, warps = _gemm_blocks(x.device, 128)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _int8_gemm_kernel[grid](
+        x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, M, N, K,
+        x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )
+    return out
+
+
+def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T (* w_scale) (+ bias)`` in float32, returned in x's dtype."""
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    w_scale = w_scale.contiguous() if w_scale is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    dummy = out  # never read: the HAS_* flags are off
+    common = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None)
+    args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out)
+    if M <= GEMV_MAX_ROWS:
+        bn, bk = (64, 128) if x.device.type == "cuda" else (32, 64)
+        _scaled_gemv_kernel[(M, triton.cdiv(N, bn))](
+            *args, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+            **common, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        )
+        return out
+    dot_fp32 = x.dtype == torch.float32 or (w.dtype != torch.int8 and w.dtype != x.dtype)
+    # Triton's interpreter (CPU tensors) returns garbage from a bfloat16 tl.dot; widening
+    # to fp32 computes the same products exactly (a bf16 x bf16 product fits fp32).
+    dot_fp32 = dot_fp32 or (x.device.type != "cuda" and x.dtype == torch.bfloat16)
+    bm, bn, bk, warps = _gemm_blocks(x.device, 32 if dot_fp32 else 64)
+    _scaled_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        *args, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        **common, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )
+    return out

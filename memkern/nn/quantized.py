@@ -1,0 +1,154 @@
+"""Drop-in replacements for ``nn.Linear`` with low-precision weights.
+
+* :class:`Int8Linear`: int8 weights and int8 activations quantised per token on the fly
+  (W8A8 dynamic), :func:`memkern.ops.int8_linear`.
+* :class:`Int8WeightOnlyLinear`: int8 weights, activations kept in their dtype (W8A16),
+  :func:`memkern.ops.int8_weight_only_linear`.
+* :class:`Fp16Linear`: float16 (or bfloat16) weights, :func:`memkern.ops.fp16_linear`.
+
+Weights (and the float32 per-output-channel scales) are buffers: they are saved in the
+``state_dict`` and moved by ``.to()``, but they are not trained. The bias stays a parameter
+in its original dtype, so it can still be trained; gradients flow to the input.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memkern import ops
+
+
+def _check_linear(cls_name: str, linear: object) -> nn.Linear:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{cls_name}.from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+    if not linear.weight.dtype.is_floating_point:
+        raise TypeError(f"{cls_name}.from_linear: linear.weight must be floating point, got {linear.weight.dtype}")
+    return linear
+
+
+class _LowPrecisionLinear(nn.Module):
+    """Shared by the three layers: shape attributes, the bias, repr and dequantize.
+    Each layer defines ``dequantized_weight()``: the ``(out_features, in_features)``
+    float32 weight it computes with."""
+
+    scheme: str = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device, bias_dtype) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=bias_dtype or torch.float32))
+        else:
+            self.register_parameter("bias", None)
+
+    def _set_bias(self, linear: nn.Linear) -> None:
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """An ``nn.Linear`` with this layer's (dequantised) weight, in ``dtype`` (default:
+        the bias's dtype, or float32 without a bias)."""
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else torch.float32
+        weight = self.dequantized_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}")
+
+
+class _Int8WeightLinear(_LowPrecisionLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 bias_dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device, bias_dtype)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear):
+        """Quantise ``linear``'s weight per output channel (symmetric absmax, as
+        :func:`memkern.ops.quantize_rowwise`), keep its bias. Works on the meta device."""
+        linear = _check_linear(cls.__name__, linear)
+        weight = linear.weight.detach()
+        bias_dtype = linear.bias.dtype if linear.bias is not None else None
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=weight.device, bias_dtype=bias_dtype)
+        w = weight if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else weight.float()
+        layer.weight, layer.weight_scale = ops.quantize_rowwise(w)
+        layer._set_bias(linear)
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale[:, None]
+
+
+class Int8Linear(_Int8WeightLinear):
+    """W8A8 dynamic linear layer: ``y = int8_linear(x, weight, weight_scale, bias)``.
+
+    Buffers: ``weight`` ``(out_features, in_features)`` int8, ``weight_scale``
+    ``(out_features,)`` float32. Input ``(..., in_features)`` float32/float16/bfloat16;
+    output in the input's dtype.
+    """
+
+    scheme = "int8 (W8A8 dynamic: per-token int8 activations, per-channel int8 weights)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class Int8WeightOnlyLinear(_Int8WeightLinear):
+    """W8A16 linear layer: ``y = int8_weight_only_linear(x, weight, weight_scale, bias)``.
+
+    Buffers as :class:`Int8Linear`; the input keeps its dtype through the product.
+    """
+
+    scheme = "int8_weight_only (W8A16: per-channel int8 weights, activations unquantised)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class Fp16Linear(_LowPrecisionLinear):
+    """Linear layer with half-precision weights: ``y = fp16_linear(x, weight, bias)``.
+
+    Buffer ``weight`` ``(out_features, in_features)`` float16 (or bfloat16); float32
+    accumulation; output in the input's dtype.
+    """
+
+    scheme = "fp16 (half-precision weights, float32 accumulation)"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 bias_dtype: torch.dtype | None = None, weight_dtype: torch.dtype = torch.float16) -> None:
+        if weight_dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"Fp16Linear: weight_dtype must be float16 or bfloat16, got {weight_dtype}")
+        super().__init__(in_features, out_features, bias, device, bias_dtype)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_dtype: torch.dtype = torch.float16) -> "Fp16Linear":
+        """Round ``linear``'s weight to ``weight_dtype`` (float16 or bfloat16), keep its bias."""
+        linear = _check_linear(cls.__name__, linear)
+        weight = linear.weight.detach()
+        bias_dtype = linear.bias.dtype if linear.bias is not None else None
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=weight.device, bias_dtype=bias_dtype, weight_dtype=weight_dtype)
+        layer.weight = weight.to(weight_dtype).contiguous()
+        layer._set_bias(linear)
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.fp16_linear(x, self.weight, self.bias)
+
+
+QUANTIZED_LINEAR_TYPES: tuple[type[nn.Module], ...] = (Int8Linear, Int8WeightOnlyLinear, Fp16Linear)

@@ -1,0 +1,293 @@
+"""Low-precision linear layers: int8_linear (W8A8 dynamic), int8_weight_only_linear (W8A16)
+and fp16_linear (half-precision weights).
+
+Reads top to bottom: implementations per backend -> op registration (schema, fake,
+autograd) -> argument checks -> public functions.
+
+Every op computes ``y = x @ W.T + bias`` for a weight ``W`` of shape ``(N, K)`` stored in
+low precision, accumulates in float32 (int32 for the int8 x int8 product) and applies the
+per-column scale and the bias in the same pass that stores the output. Backward gives the
+gradient with respect to ``x`` (and ``bias``) through the dequantised weight, so a frozen,
+converted base model still passes gradients to adapters; the stored weights get none.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from memkern import _validate, backends, reference
+
+FLOAT_DTYPES = _validate.FLOAT_DTYPES
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# -- implementations ---------------------------------------------------------------------
+_int8_table = backends.op_table("int8_linear")
+_w8a16_table = backends.op_table("int8_weight_only_linear")
+_fp16_table = backends.op_table("fp16_linear")
+
+
+@_int8_table.register("torch")
+def _int8_linear_torch(x, w_q, w_scale, bias, out_dtype):
+    return reference.int8_linear(x, w_q, w_scale, bias, out_dtype)
+
+
+@_int8_table.register("cpp", dtypes=FLOAT_DTYPES)
+@_int8_table.register("cuda", dtypes=FLOAT_DTYPES)
+def _int8_linear_compiled(x, w_q, w_scale, bias, out_dtype):
+    # CPU: csrc/cpu/int8_linear.cpp (fused quantise, torch._int_mm, fused epilogue).
+    # CUDA: csrc/cuda/int8_gemm.cu (quantise, tensor-core mma GEMM with fused epilogue).
+    return torch.ops.memkern.int8_linear_kernel(x, w_q, w_scale, bias, out_dtype or x.dtype)
+
+
+@_int8_table.register("triton", dtypes=FLOAT_DTYPES)
+def _int8_linear_triton(x, w_q, w_scale, bias, out_dtype):
+    from memkern.kernels.int8 import int8_linear as launch
+
+    return launch(x, w_q, w_scale, bias, out_dtype or x.dtype)
+
+
+@_w8a16_table.register("torch")
+def _w8a16_torch(x, w_q, w_scale, bias):
+    return reference.int8_weight_only_linear(x, w_q, w_scale, bias)
+
+
+@_w8a16_table.register("cpp", dtypes=FLOAT_DTYPES)
+def _w8a16_cpp(x, w_q, w_scale, bias):
+    return torch.ops.memkern.int8_weight_only_linear_kernel(x, w_q, w_scale, bias)
+
+
+@_w8a16_table.register("triton", dtypes=FLOAT_DTYPES)
+def _w8a16_triton(x, w_q, w_scale, bias):
+    from memkern.kernels.int8 import scaled_linear as launch
+
+    return launch(x, w_q, w_scale, bias)
+
+
+@_fp16_table.register("torch")
+def _fp16_torch(x, w_half, bias):
+    return reference.fp16_linear(x, w_half, bias)
+
+
+@_fp16_table.register("cpp", dtypes=FLOAT_DTYPES)
+def _fp16_cpp(x, w_half, bias):
+    return torch.ops.memkern.fp16_linear_kernel(x, w_half, bias)
+
+
+@_fp16_table.register("triton", dtypes=FLOAT_DTYPES)
+def _fp16_triton(x, w_half, bias):
+    from memkern.kernels.int8 import scaled_linear as launch
+
+    return launch(x, w_half, None, bias)
+
+
+# -- operators ---------------------------------------------------------------------------
+@torch.library.custom_op("memkern::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype],
+) -> torch.Tensor:
+    return _int8_table(x, w_q, w_scale, bias, out_dtype)
+
+
+@_int8_linear_op.register_fake
+def _int8_linear_fake(x, w_q, w_scale, bias, out_dtype):
+    return x.new_empty((x.shape[0], w_q.shape[0]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("memkern::int8_weight_only_linear", mutates_args=())
+def _w8a16_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _w8a16_table(x, w_q, w_scale, bias)
+
+
+@_w8a16_op.register_fake
+def _w8a16_fake(x, w_q, w_scale, bias):
+    return x.new_empty((x.shape[0], w_q.shape[0]))
+
+
+@torch.library.custom_op("memkern::fp16_linear", mutates_args=())
+def _fp16_op(x: torch.Tensor, w_half: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _fp16_table(x, w_half, bias)
+
+
+@_fp16_op.register_fake
+def _fp16_fake(x, w_half, bias):
+    return x.new_empty((x.shape[0], w_half.shape[0]))
+
+
+# -- autograd: d/dx through the dequantised weight, computed by the ops themselves ---------
+def _bias_grad(ctx, grad: torch.Tensor):
+    if not ctx.bias_needs_grad:
+        return None
+    return grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+
+
+def _setup_common(ctx, x, bias):
+    ctx.x_dtype = x.dtype
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _setup_scaled(ctx, inputs, output):
+    x, w_q, w_scale, bias = inputs[:4]
+    _setup_common(ctx, x, bias)
+    ctx.save_for_backward(w_q, w_scale)
+
+
+def _scaled_backward(ctx, grad):
+    # dx = grad @ (w_scale[:, None] * w_q) = (grad * w_scale) @ w_q: the weight-only op on
+    # the transposed int8 weight with unit scales, so no float copy of the weight is made.
+    w_q, w_scale = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        g = grad.float() * w_scale
+        ones = torch.ones(w_q.shape[1], dtype=torch.float32, device=w_q.device)
+        grad_x = _w8a16_op(g, w_q.t(), ones, None).to(ctx.x_dtype)
+    return grad_x, None, None, _bias_grad(ctx, grad)
+
+
+def _int8_backward(ctx, grad):
+    return (*_scaled_backward(ctx, grad), None)
+
+
+_int8_linear_op.register_autograd(_int8_backward, setup_context=_setup_scaled)
+_w8a16_op.register_autograd(_scaled_backward, setup_context=_setup_scaled)
+
+
+def _setup_fp16(ctx, inputs, output):
+    x, w_half, bias = inputs
+    _setup_common(ctx, x, bias)
+    ctx.save_for_backward(w_half)
+
+
+def _fp16_backward(ctx, grad):
+    (w_half,) = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _fp16_op(grad, w_half.t(), None).to(ctx.x_dtype)
+    return grad_x, None, _bias_grad(ctx, grad)
+
+
+_fp16_op.register_autograd(_fp16_backward, setup_context=_setup_fp16)
+
+
+# -- argument checks ---------------------------------------------------------------------
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _check_linear(op: str, x, weight, weight_name: str, weight_dtypes, bias) -> torch.Tensor:
+    """Check x, the weight and bias; return x as a 2-D (M, K) view or copy."""
+    _validate.check_tensor(op, "x", x)
+    _validate.check_tensor(op, weight_name, weight)
+    if bias is not None:
+        _validate.check_tensor(op, "bias", bias)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got a 0-D tensor")
+    _validate.check_dtype(op, "x", x, FLOAT_DTYPES)
+    _validate.check_dim(op, weight_name, weight, 2)
+    _validate.check_dtype(op, weight_name, weight, weight_dtypes)
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"{op}: x's last dimension (K) must equal {weight_name}.shape[1] = {k}, "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        _validate.check_dtype(op, "bias", bias, FLOAT_DTYPES)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{op}: bias must have shape ({n},) (N = {weight_name}.shape[0]), "
+                             f"got {tuple(bias.shape)}")
+    return x.reshape(math.prod(x.shape[:-1]), k)
+
+
+def _check_scale(op: str, w_scale, w_q: torch.Tensor) -> None:
+    _validate.check_tensor(op, "w_scale", w_scale)
+    _validate.check_dtype(op, "w_scale", w_scale, (torch.float32,))
+    n = w_q.shape[0]
+    if tuple(w_scale.shape) != (n,):
+        raise ValueError(f"{op}: w_scale must have shape ({n},) (one scale per output channel, "
+                         f"N = w_q.shape[0]), got {tuple(w_scale.shape)}")
+
+
+def _restore(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# -- public functions --------------------------------------------------------------------
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W8A8 dynamic linear layer: ``x @ (w_q * w_scale[:, None]).T + bias``.
+
+    Each row (token) of ``x`` is quantised to int8 with a symmetric absmax scale exactly as
+    :func:`memkern.ops.quantize_rowwise` does; the int8 x int8 product accumulates in
+    int32 and the epilogue ``acc * x_scale[row] * w_scale[col] + bias[col]`` runs in
+    float32 before the store.
+
+    Args:
+        x: ``(..., K)`` float32, float16 or bfloat16 activations, any strides.
+        w_q: ``(N, K)`` int8 weight, one row per output channel (values in [-127, 127] as
+            :func:`quantize_rowwise` produces them; -128 also works).
+        w_scale: ``(N,)`` float32 per-output-channel weight scales.
+        bias: optional ``(N,)`` float32, float16 or bfloat16.
+        out_dtype: output dtype, float32, float16 or bfloat16; default x's dtype.
+
+    Returns:
+        ``(..., N)`` tensor of ``out_dtype``. A row of x holding NaN or +-inf gives a row
+        of NaN (its activation scale is NaN; see quantize_rowwise).
+
+    Differentiable with respect to ``x`` (straight through the activation quantisation,
+    through the dequantised weight) and ``bias``.
+    """
+    op = "int8_linear"
+    x2 = _check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
+    _check_scale(op, w_scale, w_q)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
+    _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
+    return _restore(_int8_linear_op(x2, w_q, w_scale, bias, out_dtype), x)
+
+
+def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A16 linear layer: ``x @ (w_q * w_scale[:, None]).T + bias``, int8 weights
+    dequantised inside the kernel, float32 accumulation.
+
+    Args:
+        x: ``(..., K)`` float32, float16 or bfloat16 activations, any strides.
+        w_q: ``(N, K)`` int8 weight, any strides.
+        w_scale: ``(N,)`` float32 per-output-channel weight scales.
+        bias: optional ``(N,)`` float32, float16 or bfloat16.
+
+    Returns:
+        ``(..., N)`` tensor of x's dtype. Differentiable with respect to ``x`` and ``bias``.
+
+    The scale multiplies the float32 sum of ``x * w_q``, so sums of up to ``|x| * 127 * K``
+    must fit float32 (3.4e38): bfloat16 activations within ~1e33 of its maximum overflow.
+    """
+    op = "int8_weight_only_linear"
+    x2 = _check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
+    _check_scale(op, w_scale, w_q)
+    _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
+    return _restore(_w8a16_op(x2, w_q, w_scale, bias), x)
+
+
+def fp16_linear(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear layer with half-precision weights: ``x @ w_half.T + bias``, float32
+    accumulation. On the CPU the weight is widened to float32 a block of rows at a time,
+    so no float32 copy of the whole weight is ever made.
+
+    Args:
+        x: ``(..., K)`` float32, float16 or bfloat16 activations, any strides.
+        w_half: ``(N, K)`` float16 or bfloat16 weight, any strides.
+        bias: optional ``(N,)`` float32, float16 or bfloat16.
+
+    Returns:
+        ``(..., N)`` tensor of x's dtype. Differentiable with respect to ``x`` and ``bias``.
+    """
+    op = "fp16_linear"
+    x2 = _check_linear(op, x, w_half, "w_half", HALF_DTYPES, bias)
+    _validate.check_same_device(op, x=x, w_half=w_half, bias=bias)
+    return _restore(_fp16_op(x2, w_half, bias), x)

@@ -1,0 +1,357 @@
+"""int8_linear, int8_weight_only_linear, fp16_linear: every backend against a float64
+reference, bit-exact integer products, SQNR, edge cases, autograd, bad input, opcheck and
+torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memkern
+from memkern import reference
+from conftest import CPU_BACKENDS, REL_TOL, assert_rel_close, require_backend, sqnr_db
+
+OPS = ("int8_linear", "int8_weight_only_linear", "fp16_linear")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# (M, K, N, dtype): every M in {1, 7, 17, 128}, every K in {1, 31, 4095} and every dtype
+# appears, with N never a multiple of a block size; not the full cartesian product.
+CASES = (
+    (1, 31, 17, F32),
+    (7, 4095, 5, BF16),
+    (17, 1, 33, F16),
+    (128, 31, 9, F32),
+    (17, 31, 33, BF16),
+    (7, 31, 19, F16),
+)
+
+
+def _case_id(c):
+    return f"{c[0]}x{c[1]}x{c[2]}-{str(c[3]).removeprefix('torch.')}"
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Fill fresh allocations with NaN, so an output element a kernel forgot to write fails."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+    torch.use_deterministic_algorithms(prev_det)
+
+
+def _weights(n: int, k: int, device="cpu"):
+    w = torch.randn(n, k, device=device)
+    w_q, w_scale = memkern.ops.quantize_rowwise(w)
+    return w, w_q, w_scale
+
+
+def _args(op: str, w, w_q, w_scale, half_dtype=torch.float16):
+    """The weight arguments of ``op`` for a float weight ``w``."""
+    if op == "fp16_linear":
+        return (w.to(half_dtype),)
+    return (w_q, w_scale)
+
+
+def _call(op: str, x, weight_args, bias=None, **kwargs):
+    return getattr(memkern.ops, op)(x, *weight_args, bias, **kwargs)
+
+
+def _reference64(op: str, x, weight_args, bias=None):
+    """The op's reference evaluated in float64 (int8_linear: the quantisation of x and
+    the integer product are exact, the epilogue is float64)."""
+    f64 = torch.float64
+    if op == "int8_linear":
+        return reference.int8_linear(x, *weight_args, bias, out_dtype=f64, compute_dtype=f64)
+    if op == "int8_weight_only_linear":
+        return reference.int8_weight_only_linear(x, *weight_args, bias, compute_dtype=f64)
+    return reference.fp16_linear(x, *weight_args, bias, compute_dtype=f64)
+
+
+def _run(op, backend, x, weight_args, bias=None, **kwargs):
+    require_backend(op, backend, x, *weight_args, bias)
+    with memkern.use_backend(backend):
+        return _call(op, x, weight_args, bias, **kwargs)
+
+
+# -- agreement with the float64 reference ----------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_float64_reference(op, backend, case, poisoned_outputs):
+    m, k, n, dtype = case
+    x = torch.randn(m, k).to(dtype)
+    w, w_q, w_scale = _weights(n, k)
+    weight_args = _args(op, w, w_q, w_scale)
+    bias = torch.randn(n).to(dtype)
+    out = _run(op, backend, x, weight_args, bias)
+    assert out.dtype == dtype and out.shape == (m, n)
+    ref = _reference64(op, x, weight_args, bias)
+    assert torch.isfinite(out).all()
+    assert_rel_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("out_dtype", (F32, F16, BF16))
+def test_int8_linear_out_dtype(backend, out_dtype):
+    x = torch.randn(129, 45, dtype=torch.bfloat16)  # past the CPU's VNNI row limit: _int_mm
+    w, w_q, w_scale = _weights(21, 45)
+    bias = torch.randn(21, dtype=torch.float16)
+    out = _run("int8_linear", backend, x, (w_q, w_scale), bias, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    assert_rel_close(out, _reference64("int8_linear", x, (w_q, w_scale), bias), out_dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m, k, w_bound", [(17, 31, 128), (17, 4095, 32), (129, 4095, 32)],
+                         ids=["17x31-full-range", "17x4095", "129x4095"])
+def test_int8_products_are_bit_exact(backend, m, k, w_bound):
+    # Integer-valued x whose rows reach +-127 quantise with scale exactly 1, so with unit
+    # weight scales the output is the integer product itself. |x| <= 127 and |w| <= w_bound
+    # keep every sum below 2^24, where float32 holds integers exactly; w_bound 128 includes
+    # -128, which quantize_rowwise never produces but the kernels must still multiply.
+    # On the CPU, 17 rows take the VNNI kernel where built and 129 rows torch._int_mm.
+    n = 23
+    x = torch.randint(-127, 128, (m, k)).float()
+    x[:, k // 2] = torch.where(torch.rand(m) < 0.5, 127.0, -127.0)
+    w_q = torch.randint(-w_bound, w_bound, (n, k), dtype=torch.int8)
+    w_scale = torch.ones(n)
+    out = _run("int8_linear", backend, x, (w_q, w_scale), out_dtype=torch.float32)
+    exact = x.long() @ w_q.long().t()
+    assert exact.abs().max() < 2**24
+    assert torch.equal(out.long(), exact)
+
+
+@pytest.mark.parametrize("allow_vnni", (True, False), ids=["vnni", "portable"])
+@pytest.mark.parametrize("m, k, n", [(13, 4097, 37), (1, 1, 5), (6, 65, 1), (5, 0, 3), (9, 130, 10)])
+def test_cpu_int8_gemms_are_bit_exact(allow_vnni, m, k, n):
+    # The CPU's own int8 GEMMs (the AVX512-VNNI kernel where built, and the portable loop
+    # used where torch._int_mm refuses): full int8 range including -128 (the VNNI kernel
+    # biases a by 128 and must take it back exactly), rows of all -128, K tails of every
+    # length modulo 64, N tails modulo 4.
+    require_backend("int8_linear", "cpp", torch.randn(1, 1))
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    a[0] = -128
+    b[-1] = -128
+    out = torch.ops.memkern.int8_mm_kernel(a, b, allow_vnni)
+    assert out.dtype == torch.int32
+    assert torch.equal(out.long(), a.long() @ b.long().t())
+
+
+@pytest.mark.parametrize("op, min_db", [("int8_linear", 38.0), ("int8_weight_only_linear", 40.0),
+                                        ("fp16_linear", 60.0)])
+def test_sqnr_against_the_float64_product(op, min_db):
+    # Gaussian activations and weights; the reference is the unquantised float64 product.
+    x = torch.randn(128, 1024)
+    w, w_q, w_scale = _weights(256, 1024)
+    out = _call(op, x, _args(op, w, w_q, w_scale))
+    exact = x.double() @ w.double().t()
+    assert sqnr_db(out, exact) >= min_db
+
+
+# -- edge cases -------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_empty_batch_and_leading_dims(op, backend):
+    w, w_q, w_scale = _weights(6, 10)
+    weight_args = _args(op, w, w_q, w_scale)
+    out = _run(op, backend, torch.randn(0, 10), weight_args)
+    assert out.shape == (0, 6)
+    x = torch.randn(2, 3, 10)
+    out = _run(op, backend, x, weight_args)
+    assert out.shape == (2, 3, 6)
+    assert_rel_close(out.reshape(6, 6), _reference64(op, x.reshape(6, 10), weight_args), F32)
+    out = _run(op, backend, x[0, 0], weight_args)  # a single 1-D vector
+    assert out.shape == (6,)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_nan_row_stays_in_its_row(op, backend):
+    x = torch.randn(5, 40)
+    x[2, 7] = float("nan")
+    w, w_q, w_scale = _weights(11, 40)
+    out = _run(op, backend, x, _args(op, w, w_q, w_scale))
+    assert torch.isnan(out[2]).all()
+    keep = [0, 1, 3, 4]
+    assert torch.isfinite(out[keep]).all()
+    assert_rel_close(out[keep], _reference64(op, x[keep], _args(op, w, w_q, w_scale)), F32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", (F16, BF16))
+def test_largest_finite_activations(op, backend, dtype):
+    big = torch.finfo(dtype).max
+    if dtype == BF16 and op == "int8_weight_only_linear":
+        big = 1e33  # the documented limit: |x| * 127 * K must fit float32 before the scale
+    x = torch.randn(3, 31)
+    x[0, :4] = torch.tensor([big, -big, big / 3, 1.0])
+    x = x.to(dtype)
+    w, w_q, w_scale = _weights(7, 31)
+    w = w * 1e-3  # keeps the true products inside the output dtype's range
+    w_q, w_scale = memkern.ops.quantize_rowwise(w)
+    weight_args = _args(op, w, w_q, w_scale, half_dtype=dtype)
+    out = _run(op, backend, x, weight_args)
+    ref = _reference64(op, x, weight_args)
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    assert_rel_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_non_contiguous_inputs(op, backend):
+    x = torch.randn(40, 25).t()  # (25, 40), column-major
+    w, w_q, w_scale = _weights(40, 13)
+    w, w_q = w.t(), w_q.t()  # (13, 40) transposed views
+    w_scale = torch.rand(26)[::2] + 0.01
+    bias = torch.randn(26)[1::2]
+    weight_args = _args(op, w, w_q, w_scale)
+    assert not x.is_contiguous() and not weight_args[0].is_contiguous()
+    out = _run(op, backend, x, weight_args, bias)
+    assert_rel_close(out, _reference64(op, x, weight_args, bias), F32)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_default_backend_on_cpu_is_cpp_when_built(op):
+    from memkern import _library, backends
+
+    expected = "cpp" if _library.has_cpp() else "torch"
+    w, w_q, w_scale = _weights(3, 4)
+    assert backends.OPS[op].select(torch.randn(2, 4), *_args(op, w, w_q, w_scale), None).backend == expected
+
+
+# -- autograd ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", (F32, BF16))
+def test_backward_through_the_dequantised_weight(op, backend, dtype):
+    m, k, n = 9, 37, 21
+    x = torch.randn(3, m, k).to(dtype).requires_grad_()
+    w, w_q, w_scale = _weights(n, k)
+    weight_args = _args(op, w, w_q, w_scale)
+    bias = torch.randn(n, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, m, n).to(dtype)
+    require_backend(op, backend, x, *weight_args, bias)
+    with memkern.use_backend(backend):
+        _call(op, x, weight_args, bias).backward(grad)
+    w_deq = w.to(torch.float16).double() if op == "fp16_linear" else w_q.double() * w_scale.double()[:, None]
+    assert x.grad.dtype == dtype and bias.grad.dtype == dtype
+    assert_rel_close(x.grad, grad.double() @ w_deq, dtype)
+    assert_rel_close(bias.grad, grad.double().sum((0, 1)), dtype)
+
+
+@pytest.mark.parametrize("op", ("int8_weight_only_linear", "fp16_linear"))
+def test_gradcheck(op):
+    # Linear in x, so finite differences in float32 check the registered backward.
+    w, w_q, w_scale = _weights(5, 7)
+    weight_args = _args(op, w, w_q, w_scale)
+    x = torch.randn(3, 7, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: _call(op, x, weight_args, b), (x, bias),
+                                    eps=1e-2, atol=1e-3, rtol=1e-3)
+
+
+def test_weights_get_no_gradient_and_frozen_model_passes_gradients():
+    w, w_q, w_scale = _weights(6, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    out = memkern.ops.int8_linear(x, w_q, w_scale)
+    assert out.requires_grad
+    out.sum().backward()
+    assert x.grad is not None and w_q.grad is None and w_scale.grad is None
+
+
+# -- bad input --------------------------------------------------------------------------------
+def _bad_inputs():
+    x = torch.randn(4, 8)
+    w_q = torch.randint(-127, 128, (6, 8), dtype=torch.int8)
+    s = torch.ones(6)
+    return [
+        ("int8_linear", (x, w_q, torch.ones(5)), {}, ValueError, ["w_scale", "(6,)", "(5,)"]),
+        ("int8_linear", (x, w_q, torch.ones(6, 1)), {}, ValueError, ["w_scale", "(6,)", "(6, 1)"]),
+        ("int8_linear", (x, w_q.float(), s), {}, TypeError, ["w_q", "int8", "float32"]),
+        ("int8_linear", (torch.randn(4, 9), w_q, s), {}, ValueError, ["K", "8", "(4, 9)"]),
+        ("int8_linear", (x, w_q, s.double()), {}, TypeError, ["w_scale", "float32", "float64"]),
+        ("int8_linear", (x, w_q, s, torch.ones(7)), {}, ValueError, ["bias", "(6,)", "(7,)"]),
+        ("int8_linear", (x, w_q, s), {"out_dtype": torch.int32}, TypeError, ["out_dtype", "int32"]),
+        ("int8_linear", (x.long(), w_q, s), {}, TypeError, ["x", "float32", "int64"]),
+        ("int8_linear", (x, w_q[0], s), {}, ValueError, ["w_q", "2-D", "1-D"]),
+        ("int8_linear", (x, w_q, s.to("meta")), {}, ValueError, ["device", "w_scale on meta", "x on cpu"]),
+        ("int8_weight_only_linear", (x, w_q.half(), s), {}, TypeError, ["w_q", "int8", "float16"]),
+        ("int8_weight_only_linear", (x, w_q, torch.ones(8)), {}, ValueError, ["w_scale", "(6,)", "(8,)"]),
+        ("int8_weight_only_linear", (x.t(), w_q, s), {}, ValueError, ["K", "8", "(8, 4)"]),
+        ("fp16_linear", (x, w_q), {}, TypeError, ["w_half", "float16", "int8"]),
+        ("fp16_linear", (x, torch.randn(6, 3).half()), {}, ValueError, ["K", "3", "(4, 8)"]),
+        ("fp16_linear", ([[1.0]], torch.randn(6, 1).half()), {}, TypeError, ["x", "Tensor", "list"]),
+    ]
+
+
+@pytest.mark.parametrize("op, args, kwargs, error, words", _bad_inputs(),
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(_bad_inputs())])
+def test_bad_input_is_a_clear_error(op, args, kwargs, error, words):
+    with pytest.raises(error) as info:
+        getattr(memkern.ops, op)(*args, **kwargs)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+
+
+# -- opcheck and torch.compile ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op, backend):
+    x = torch.randn(5, 19, requires_grad=True)
+    w, w_q, w_scale = _weights(11, 19)
+    args = (x, *_args(op, w, w_q, w_scale), torch.randn(11, requires_grad=True))
+    if op == "int8_linear":
+        args = (*args, None)
+    require_backend(op, backend, *args)
+    with memkern.use_backend(backend):
+        torch.library.opcheck(getattr(torch.ops.memkern, op).default, args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compiles_without_graph_breaks(op):
+    w, w_q, w_scale = _weights(12, 20)
+    weight_args = _args(op, w, w_q, w_scale)
+    bias = torch.randn(12)
+
+    def f(x):
+        return _call(op, x * 2, weight_args, bias).relu().sum()
+
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (g_compiled,) = torch.autograd.grad(compiled(x), x)
+    (g_eager,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+
+
+# -- GPU ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton", "torch"))
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", ((1, 4095, 257, F16), (7, 31, 130, BF16), (128, 1, 64, F32),
+                                  (300, 1000, 515, BF16)), ids=_case_id)
+def test_gpu_matches_reference(op, backend, case):
+    m, k, n, dtype = case
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    w, w_q, w_scale = _weights(n, k, device="cuda")
+    weight_args = _args(op, w, w_q, w_scale)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    out = _run(op, backend, x, weight_args, bias)
+    ref = _reference64(op, x.cpu(), tuple(a.cpu() for a in weight_args), bias.cpu())
+    # fp32 GEMMs on the GPU may run in tf32 (torch backend): its tolerance, not fp32's.
+    assert_rel_close(out.cpu(), ref, dtype, factor=30 if dtype == F32 else 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton", "torch"))
+def test_gpu_int8_products_are_bit_exact(backend):
+    m, k, n = 129, 4095, 257
+    x = torch.randint(-127, 128, (m, k), device="cuda").float()
+    x[:, 0] = 127.0
+    w_q = torch.randint(-32, 32, (n, k), dtype=torch.int8, device="cuda")
+    out = _run("int8_linear", backend, x, (w_q, torch.ones(n, device="cuda")), out_dtype=torch.float32)
+    assert torch.equal(out.cpu().long(), x.cpu().long() @ w_q.cpu().long().t())
