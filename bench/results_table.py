@@ -2,9 +2,10 @@
 
     python bench/results_table.py bench/results/cpu.csv [--device cpu]
 
-For each case (op, mode, shape, dtype) and each memkern provider: its median time and peak
-memory beside the case's baseline (listed first in each case, so the first provider not named memkern*), as measured in
-the newest run (date, then last rows win) in the file.
+For each case (op, mode, shape, dtype) and each provider other than the case's baseline
+(memkern and any named peer): its median time and peak memory beside the baseline's. The
+baseline is the first provider a case lists; when a case was measured more than once, the
+last rows in the file win.
 """
 from __future__ import annotations
 
@@ -32,14 +33,10 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for case in order:
         providers = values[case]
-        baselines = [p for p in providers if not p.startswith("memkern")]
-        if not baselines:
-            continue
-        base = baselines[0]
+        base, *others = providers  # insertion order: the baseline was listed first
         b = providers[base]
-        for name, m in providers.items():
-            if not name.startswith("memkern"):
-                continue
+        for name in others:
+            m = providers[name]
             speed = b["time_ms"] / m["time_ms"] if "time_ms" in m and "time_ms" in b else float("nan")
             print(f"| {case[0]} | {case[1]} | {case[2]} | {case[3]} | {name} | {m.get('time_ms', float('nan')):.2f} "
                   f"| {base} | {b.get('time_ms', float('nan')):.2f} | {speed:.2f}x "

@@ -33,7 +33,8 @@ def _info(_: argparse.Namespace) -> int:
     if forced:
         print(f"forced backend: {forced} (MEMKERN_BACKEND)")
     print()
-    print(f"{'op':<26}{'on cpu':<10}{'on cuda':<10}not used, and why")
+    width = max(len(name) for name in backends.OPS) + 2
+    print(f"{'op':<{width}}{'on cpu':<10}{'on cuda':<10}not used, and why")
     for name, table in sorted(backends.OPS.items()):
         cpu, cuda = table.default_backend("cpu"), table.default_backend("cuda")
         why = []
@@ -42,7 +43,7 @@ def _info(_: argparse.Namespace) -> int:
                 continue
             reasons = {table.static_reason(b, d) for d in ("cpu", "cuda")} - {None}
             why.append(f"{b}: {'; '.join(sorted(reasons)) or 'lower preference'}")
-        print(f"{name:<26}{cpu:<10}{cuda:<10}{' | '.join(why)}")
+        print(f"{name:<{width}}{cpu:<10}{cuda:<10}{' | '.join(why)}")
     return 0
 
 

@@ -29,18 +29,6 @@ def _case_id(c):
     return f"{c[0]}x{c[1]}x{c[2]}-{str(c[3]).removeprefix('torch.')}"
 
 
-@pytest.fixture
-def poisoned_outputs():
-    """Fill fresh allocations with NaN, so an output element a kernel forgot to write fails."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-    torch.use_deterministic_algorithms(prev_det)
-
-
 def _weights(n: int, k: int, device="cpu"):
     w = torch.randn(n, k, device=device)
     w_q, w_scale = memkern.ops.quantize_rowwise(w)

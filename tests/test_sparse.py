@@ -16,19 +16,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUT, IN = 47, 123  # multiples of no block size
 
 
-@pytest.fixture
-def poisoned_outputs():
-    """Fill every fresh allocation with a known value, so an element a kernel forgot to
-    write shows up as a mismatch."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-    torch.use_deterministic_algorithms(prev_det)
-
-
 def _block_mask(sparsity: float, block: int, out: int = OUT, inp: int = IN) -> torch.Tensor:
     # Random scores, so the kept blocks are scattered; the mask comes from prune.masks.
     return prune.masks(torch.randn(out, inp), sparsity, "block", block=(block, block))

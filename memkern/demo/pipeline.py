@@ -39,9 +39,9 @@ class DemoConfig:
     teacher_dims: tuple[int, int, int] = (128, 4, 4)
     """d_model, layers, heads."""
     student_dims: tuple[int, int, int] = (64, 4, 4)
-    teacher_steps: int = 300
-    student_steps: int = 300
-    finetune_steps: int = 60
+    teacher_steps: int = 600
+    student_steps: int = 600
+    finetune_steps: int = 100
     lr: float = 3e-3
     alpha: float = 0.5
     temperature: float = 2.0

@@ -34,7 +34,7 @@ def row_panel_layout(values: torch.Tensor) -> torch.Tensor:
 
 # -- implementations: block-sparse product -----------------------------------------------
 _fwd = backends.op_table("block_sparse_matmul")
-_bwd = backends.op_table("block_sparse_matmul_bwd")  # the backward op; a name that fits `memkern info`
+_bwd = backends.op_table("block_sparse_matmul_backward")
 
 
 @_fwd.register("torch")
