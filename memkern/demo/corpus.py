@@ -101,6 +101,10 @@ class Tokenizer:
         self._tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer)
         self.vocab_size = self._tok.get_vocab_size()
 
+    def token_bytes(self) -> torch.Tensor:
+        """Bytes of text each token stands for (byte-level BPE: one symbol per byte)."""
+        return torch.tensor([len(self._tok.id_to_token(i)) for i in range(self.vocab_size)])
+
     def encode(self, text: str) -> torch.Tensor:
         chunk = 1 << 16
         ids: list[int] = []

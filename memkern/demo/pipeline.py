@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -256,7 +256,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     log(f"corpus: {corpus.source}: {len(corpus.train_text):,} training and {len(corpus.val_text):,} validation characters")
     tokenizer = Tokenizer(corpus.train_text, cfg.vocab_size)
     train_tokens, val_tokens = tokenizer.encode(corpus.train_text), tokenizer.encode(corpus.val_text)
-    token_bytes = torch.tensor([len(tokenizer._tok.id_to_token(i)) for i in range(tokenizer.vocab_size)])
+    token_bytes = tokenizer.token_bytes()
     log(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens; {train_tokens.numel():,} training and "
         f"{val_tokens.numel():,} validation tokens")
     vocab = tokenizer.vocab_size
@@ -354,4 +354,3 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
                       time.perf_counter() - started)
 
 
-CONFIG_FIELDS = [f.name for f in fields(DemoConfig)]
