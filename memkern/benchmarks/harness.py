@@ -298,7 +298,7 @@ def print_table(results: list[Measurement], device: str, title: str | None = Non
             table.add_row(case.op, case.mode, case.shape, dtype_name(case.dtype), m.provider,
                           f"{med:.3f} ({p20:.3f}-{p80:.3f})", speed, mem, mem_ratio)
         table.add_section()
-    Console(width=max(150, Console().width)).print(table)
+    Console(width=max(180, Console().width)).print(table)
 
 
 def _probe_main(argv: list[str]) -> None:
