@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import gc
 import json
 import os
@@ -117,6 +118,7 @@ def _rss_bytes(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not found in /proc/self/status")
 
 
+@functools.cache
 def _libc():
     import ctypes
 
