@@ -128,6 +128,31 @@ def test_cpu_int8_gemms_are_bit_exact(allow_vnni, m, k, n):
     assert torch.equal(out.long(), a.long() @ b.long().t())
 
 
+@pytest.mark.parametrize("m, k, n", [(131, 4097, 9), (4, 64, 8), (3, 65, 2), (260, 2100, 6)])
+def test_cpu_int8_linear_kernel_blocks_and_edges(m, k, n):
+    # The fused C++ kernel walks rows in L2-sized blocks (128 rows of 4 KiB), tiles of 4 x 4,
+    # and prefetches the next weight group: row counts past a block and not a multiple of 4,
+    # K tails, N tails (including fewer than one group). Integer-valued activations with a
+    # 127 in every row quantise exactly (scale 1), so with unit weight scales the output is
+    # the int32 accumulator rounded once to float32: it must equal the int64 product so
+    # rounded. Gaussian activations, scales and a bias must then match the float64 reference.
+    require_backend("int8_linear", "cpp", torch.randn(1, 1))
+    x = torch.randint(-127, 128, (m, k)).float()
+    x[:, 0] = 127.0
+    w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    w_scale = torch.ones(n)
+    with memkern.backends.use_backend("cpp"):
+        out = memkern.ops.int8_linear(x, w_q, w_scale)
+        exact = x.long() @ w_q.long().t()
+        assert torch.equal(out, exact.float())
+        xr = torch.randn(m, k)
+        bias = torch.randn(n)
+        w_scale = torch.rand(n) + 0.5
+        got = memkern.ops.int8_linear(xr, w_q, w_scale, bias)
+    want = reference.int8_linear(xr, w_q, w_scale, bias, out_dtype=torch.float64, compute_dtype=torch.float64)
+    assert_rel_close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("op, min_db", [("int8_linear", 38.0), ("int8_weight_only_linear", 40.0),
                                         ("fp16_linear", 60.0)])
 def test_sqnr_against_the_float64_product(op, min_db):

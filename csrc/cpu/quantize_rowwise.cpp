@@ -1,15 +1,14 @@
 // CPU kernel for memkern::quantize_rowwise_kernel: symmetric absmax int8 per row.
 //
-// One pass reads the row for its absmax, a second writes q; rows run in parallel on
-// ATen's thread pool. The arithmetic (fp32 absmax, scale = absmax / 127, q = rint(x /
-// scale)) is written exactly as reference.py does it so the result is bit-identical.
+// One pass reads the row for its absmax, a second writes q (quantize_row.h, the same
+// arithmetic as reference.py, bit for bit); rows run in parallel on ATen's thread pool.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cfloat>
-#include <cmath>
 #include <cstdint>
+
+#include "cpu/quantize_row.h"
 
 namespace memkern {
 namespace {
@@ -20,32 +19,8 @@ void quantize_rows(const scalar_t* x, int64_t rows, int64_t cols, int64_t row_st
   // ~16K elements per task keeps the threads busy without paying for tiny tasks.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = x + r * row_stride;
-      int8_t* qr = q + r * cols;
-      float absmax = 0.0f;
-      bool nonfinite = false;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float a = std::fabs(static_cast<float>(xr[c * col_stride]));
-        nonfinite |= !(a <= FLT_MAX);  // true for inf and NaN
-        absmax = std::max(absmax, a);
-      }
-      if (nonfinite) {
-        // Documented result: the row's scale is NaN and its q is 0, so any dequantised
-        // use of the row is NaN rather than silently plausible.
-        scale[r] = NAN;
-        std::fill(qr, qr + cols, int8_t{0});
-        continue;
-      }
-      float s = absmax / 127.0f;
-      if (s == 0.0f) s = 1.0f;  // all-zero row (or absmax so small the scale underflows)
-      scale[r] = s;
-      for (int64_t c = 0; c < cols; ++c) {
-        float v = std::nearbyint(static_cast<float>(xr[c * col_stride]) / s);
-        v = std::min(127.0f, std::max(-127.0f, v));
-        qr[c] = static_cast<int8_t>(v);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      scale[r] = quantize_row(x + r * row_stride, cols, col_stride, 0, reinterpret_cast<uint8_t*>(q + r * cols));
   });
 }
 
