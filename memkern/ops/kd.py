@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from memkern import _validate, backends, reference
+from memkern import _dense, _validate, backends, reference
 
 DIVERGENCES = reference.KD_DIVERGENCES
 REDUCTIONS = reference.KD_REDUCTIONS
@@ -269,7 +269,7 @@ def _chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+    return _dense.linear(h, w, b)
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -318,10 +318,11 @@ def linear_chunks(rows_impl, hs, ws, bs, ht, wt, bt, labels, opts: KDOptions, *,
         loss[sel] = rows_impl(s, t, take(labels), take(row_scale), s if want_grad else none, opts, grad_scale)
         del t
         if want_grad:
+            gh = _dense.linear(s, ws.t())  # d loss / d h = d loss / d logits @ W
             if kept is None:
-                torch.mm(s, ws, out=grad_h[sel])
+                grad_h[sel] = gh
             else:
-                grad_h.index_copy_(0, sel, s @ ws)
+                grad_h.index_copy_(0, sel, gh)
             _accumulate_fp32(grad_w, s.t(), h)
             if grad_b is not None:
                 grad_b += s.sum(0, dtype=acc)
