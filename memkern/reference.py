@@ -150,6 +150,52 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return torch.where(valid, rows, torch.zeros_like(rows))
 
 
+def kd_loss_rows_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: torch.Tensor | None, row_weight: torch.Tensor, *, alpha: float,
+                      temperature: float, divergence: str, beta: float, ignore_index: int,
+                      kd_scale: float) -> torch.Tensor:
+    """d(sum_i row_weight[i] * l_i) / d student_logits for :func:`kd_loss_rows`, in closed form
+    (the formulas the compiled kernels use), in the compute dtype of kd_loss_rows.
+
+    With z = s / T, q = softmax(z), p = softmax(t / T) and c = (1 - alpha) * k / T:
+
+    * forward_kl: c * (q - p);
+    * reverse_kl and jsd: c * q * (g - sum(q * g)), the softmax chain rule for a loss f(q)
+      with g = df/dq: g = log q - log p for reverse_kl, g = (1 - beta) * (log q - log m) for
+      jsd (in both, the remaining terms of df/dq are constant over the row and cancel);
+    * cross entropy: alpha * (softmax(s) - onehot(y)).
+
+    Rows whose label is ignore_index get zeros.
+    """
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    q = log_q.exp()
+    c = (1 - alpha) * kd_scale / temperature
+    if divergence == "forward_kl":
+        grad = c * (q - log_p.exp())
+    elif divergence in ("reverse_kl", "jsd"):
+        if divergence == "reverse_kl":
+            g = log_q - log_p
+        else:
+            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+            g = (1 - beta) * (log_q - log_m)
+        qg = torch.where(q > 0, q * g, torch.zeros_like(q))  # q log q -> 0 as q -> 0
+        grad = c * (qg - q * qg.sum(-1, keepdim=True))
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    if labels is not None:
+        valid = labels != ignore_index
+        if alpha != 0:
+            safe = torch.where(valid, labels, torch.zeros_like(labels))
+            ce = torch.softmax(s, dim=-1)
+            ce.scatter_add_(1, safe[:, None], -torch.ones_like(ce[:, :1]))
+            grad = grad + alpha * ce
+        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
+    return grad * row_weight.to(dtype)[:, None]
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             labels: torch.Tensor | None = None, *, alpha: float = 0.5, temperature: float = 1.0,
             divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,

@@ -20,7 +20,6 @@ How memory is saved:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -119,15 +118,6 @@ def _mean_scale(labels: Optional[torch.Tensor], rows: int, opts: KDOptions) -> t
 #   (student (R, V), teacher (R, V), labels (R,) int64 | None, row_scale (R,) | None,
 #    grad (R, V) or 1-D "none", opts, grad_scale) -> loss (R,) in the compute dtype
 # grad may be the student tensor itself (the fused-linear path overwrites its logits chunk).
-@contextlib.contextmanager
-def _autograd_inside_op():
-    """Autograd inside an operator's implementation, for the torch backend, which gets its
-    gradients from the differentiable reference. A custom op's implementation runs with the
-    autograd dispatch keys excluded, so enable_grad alone records nothing."""
-    with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
-        yield
-
-
 # On CUDA, Triton goes first: its arithmetic is proven in CI under TRITON_INTERPRET=1, while
 # the .cu kernel is only compile-checked there (no GPU). Both are bandwidth-bound per row.
 _GPU_FIRST = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
@@ -136,20 +126,17 @@ _rows = backends.op_table("kd_loss_rows", preference=_GPU_FIRST)
 
 @_rows.register("torch")
 def _rows_torch(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
-    want_grad = grad.dim() == 2
-    with _autograd_inside_op():
-        s_leaf = s.detach().requires_grad_(want_grad)
-        loss = reference.kd_loss_rows(s_leaf, t.detach(), labels, alpha=opts.alpha,
-                                      temperature=opts.temperature, divergence=opts.divergence,
-                                      beta=opts.beta, ignore_index=opts.ignore_index,
-                                      kd_scale=opts.kd_scale)
-        if want_grad and s.numel() > 0:
-            w = torch.full_like(loss, grad_scale) if row_scale is None else row_scale.to(loss.dtype) * grad_scale
-            (g,) = torch.autograd.grad(loss, s_leaf, grad_outputs=w)
-            grad.copy_(g)
-        elif want_grad:
-            grad.zero_()
-    return loss.detach().to(_acc_dtype(s.dtype))
+    options = dict(alpha=opts.alpha, temperature=opts.temperature, divergence=opts.divergence, beta=opts.beta,
+                   ignore_index=opts.ignore_index, kd_scale=opts.kd_scale)
+    loss = reference.kd_loss_rows(s, t, labels, **options)
+    if grad.dim() == 2:  # grad may be s itself: the loss above has already read it
+        grad.copy_(reference.kd_loss_rows_grad(s, t, labels, _row_weights(loss, row_scale, grad_scale), **options))
+    return loss.to(_acc_dtype(s.dtype))
+
+
+def _row_weights(loss: torch.Tensor, row_scale: Optional[torch.Tensor], grad_scale: float) -> torch.Tensor:
+    """w_i of the gradient of sum_i w_i l_i."""
+    return torch.full_like(loss, grad_scale) if row_scale is None else row_scale.to(loss.dtype) * grad_scale
 
 
 @_rows.register("cpp", dtypes=KD_DTYPES)
@@ -336,22 +323,19 @@ _linear = backends.op_table("linear_kd_loss", preference=_GPU_FIRST)
 
 @_linear.register("torch")
 def _linear_torch(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
-    with _autograd_inside_op():
-        leaves = [x.detach().requires_grad_(want_grad) if x is not None else None for x in (hs, ws, bs)]
-        s = torch.nn.functional.linear(leaves[0], leaves[1], leaves[2])
-        t = torch.nn.functional.linear(ht.detach(), wt.detach(), bt.detach() if bt is not None else None)
-        loss = reference.kd_loss_rows(s, t, labels, alpha=opts.alpha, temperature=opts.temperature,
-                                      divergence=opts.divergence, beta=opts.beta,
-                                      ignore_index=opts.ignore_index, kd_scale=opts.kd_scale)
-        if not want_grad:
-            return loss.detach().to(_acc_dtype(hs.dtype)), None, None, None
-        w = torch.full_like(loss, grad_scale) if row_scale is None else row_scale.to(loss.dtype) * grad_scale
-        present = [x for x in leaves if x is not None]
-        grads = list(torch.autograd.grad(loss, present, grad_outputs=w, allow_unused=True))
-        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, present)]
+    options = dict(alpha=opts.alpha, temperature=opts.temperature, divergence=opts.divergence, beta=opts.beta,
+                   ignore_index=opts.ignore_index, kd_scale=opts.kd_scale)
     acc = _acc_dtype(hs.dtype)
-    gb = grads[2].to(acc) if bs is not None else None
-    return loss.detach().to(acc), grads[0], grads[1].to(acc), gb
+    s = torch.nn.functional.linear(hs, ws, bs)
+    t = torch.nn.functional.linear(ht, wt, bt)
+    loss = reference.kd_loss_rows(s, t, labels, **options)
+    if not want_grad:
+        return loss.to(acc), None, None, None
+    g = reference.kd_loss_rows_grad(s, t, labels, _row_weights(loss, row_scale, grad_scale), **options).to(acc)
+    grad_h = (g @ ws.to(acc)).to(hs.dtype)
+    grad_w = g.t() @ hs.to(acc)
+    grad_b = g.sum(0) if bs is not None else None
+    return loss.to(acc), grad_h, grad_w, grad_b
 
 
 def _linear_chunked(backend: str):
