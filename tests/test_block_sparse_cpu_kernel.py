@@ -1,7 +1,11 @@
 """The C++ block-sparse forward (csrc/cpu/block_sparse_matmul.cpp) against a float64
 dense-masked reference, at the shapes where its micro-kernel changes behaviour: every block
 size (square and rectangular), rows around the micro-tile height and the row tile, K and
-out_features cut inside a block, empty block rows, low-precision and strided inputs."""
+out_features cut inside a block, empty block rows, low-precision and strided inputs.
+
+The micro-kernel (float32 compute, AVX-512 builds) takes x with ROW_TILE rows or more;
+fewer rows go to the BLAS path, so most cases here use ROW_TILE + a few rows, which also
+puts the interesting row counts in the last, partial row tile."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +20,8 @@ BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (16, 128), (128, 16), (32, 6
 # Shapes (out_features, in_features): cut inside a block on both sides, and smaller than
 # one block of every size.
 SHAPES = ((150, 200), (5, 7))
-ROW_TILE = 256  # rows of x per task in the C++ kernel
+ROW_TILE = 256  # rows of x per task in the C++ kernel, and the fewest the micro-kernel takes
+M = ROW_TILE + 47
 
 
 def micro_tile_rows(block_rows: int) -> int:
@@ -48,7 +53,7 @@ def _cpp(x, weight, bias=None):
 @pytest.mark.parametrize("with_bias", (False, True), ids=("no_bias", "bias"))
 def test_matches_reference(block, shape, sparsity, with_bias, poisoned_outputs):
     w, mask, weight = _weight(shape, block, sparsity)
-    x = torch.randn(47, shape[1])
+    x = torch.randn(M, shape[1])
     bias = torch.randn(shape[0]) if with_bias else None
     y = _cpp(x, weight, bias)
     ref = _reference(x, w, mask, bias)
@@ -59,28 +64,30 @@ def test_matches_reference(block, shape, sparsity, with_bias, poisoned_outputs):
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
-@pytest.mark.parametrize("rows", ("1", "MR-1", "MR", "MR+1", "TILE-1", "TILE+MR+1"))
+@pytest.mark.parametrize("rows", ("1", "MR-1", "MR", "MR+1", "TILE-1", "TILE", "TILE+1", "TILE+MR+1"))
 def test_rows_around_micro_tile_and_row_tile(block, rows, poisoned_outputs):
+    # 1 .. MR+1: the BLAS path for so few rows, and the same counts in the last row tile.
     mr = micro_tile_rows(block[0])
-    m = {"1": 1, "MR-1": mr - 1, "MR": mr, "MR+1": mr + 1, "TILE-1": ROW_TILE - 1,
-         "TILE+MR+1": ROW_TILE + mr + 1}[rows]
+    m = {"1": 1, "MR-1": mr - 1, "MR": mr, "MR+1": mr + 1, "TILE-1": ROW_TILE - 1, "TILE": ROW_TILE,
+         "TILE+1": ROW_TILE + 1, "TILE+MR+1": ROW_TILE + mr + 1}[rows]
     w, mask, weight = _weight((150, 200), block, 0.5)
-    x = torch.randn(max(m, 1), 200)
     bias = torch.randn(150)
-    y = _cpp(x, weight, bias)
-    assert_rel_close(y, _reference(x, w, mask, bias), torch.float32)
-    # Row by row too: a wrong last row hides in the norm of a large output.
-    assert_rel_close(y[-1], _reference(x[-1:], w, mask, bias)[0], torch.float32)
+    for rows_of_x in {m, ROW_TILE + m}:
+        x = torch.randn(rows_of_x, 200)
+        y = _cpp(x, weight, bias)
+        assert_rel_close(y, _reference(x, w, mask, bias), torch.float32)
+        # The last row alone too: a wrong last row hides in the norm of a large output.
+        assert_rel_close(y[-1], _reference(x[-1:], w, mask, bias)[0], torch.float32)
 
 
 @pytest.mark.parametrize("block", ((64, 64), (128, 128), (16, 32)), ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 def test_low_precision_inputs_accumulate_in_float32(block, dtype, poisoned_outputs):
     w, mask, weight = _weight((150, 200), block, 0.5, dtype)
-    x = torch.randn(2, 13, 200).to(dtype)
+    x = torch.randn(2, 150, 200).to(dtype)
     bias = torch.randn(150).to(dtype)
     y = _cpp(x, weight, bias)
-    assert y.dtype == dtype and y.shape == (2, 13, 150)
+    assert y.dtype == dtype and y.shape == (2, 150, 150)
     assert_rel_close(y, _reference(x, w, mask, bias), dtype)
 
 
@@ -91,11 +98,11 @@ def test_empty_block_rows_get_exactly_the_bias(poisoned_outputs):
     mask[:64, :64] = False  # and block row 0 lost one block
     weight = BlockSparseWeight.from_dense(w, mask, (64, 64))
     assert weight.crow.diff().tolist() == [3, 0, 4]
-    x = torch.randn(30, 200)
+    x = torch.randn(M, 200)
     bias = torch.randn(150)
     y = _cpp(x, weight, bias)
-    assert torch.equal(y[:, 64:128], bias[64:128].expand(30, 64))
-    assert torch.equal(_cpp(x, weight)[:, 64:128], torch.zeros(30, 64))
+    assert torch.equal(y[:, 64:128], bias[64:128].expand(M, 64))
+    assert torch.equal(_cpp(x, weight)[:, 64:128], torch.zeros(M, 64))
     assert_rel_close(y, _reference(x, w, mask, bias), torch.float32)
 
 
@@ -109,11 +116,11 @@ def test_zero_rows():
 def test_non_contiguous_x(layout, poisoned_outputs):
     w, mask, weight = _weight((150, 200), (32, 32), 0.5)
     if layout == "transposed":
-        x = torch.randn(200, 29).t()
+        x = torch.randn(200, M).t()
     elif layout == "column_slice":
-        x = torch.randn(29, 400)[:, ::2]
+        x = torch.randn(M, 400)[:, ::2]
     else:
-        x = torch.randn(29, 300)[:, 50:250]
+        x = torch.randn(M, 300)[:, 50:250]
     assert not x.is_contiguous()
     assert_rel_close(_cpp(x, weight), _reference(x, w, mask, None), torch.float32)
 
@@ -122,22 +129,22 @@ def test_values_in_any_layout(poisoned_outputs):
     # The kernel packs the kept blocks from their strides: a contiguous (nnzb, BN, BK)
     # tensor (not memkern.ops.sparse.row_panel_layout) must give the same product.
     w, mask, weight = _weight((150, 200), (64, 32), 0.5)
-    y_panels = _cpp(torch.ones(1, 200), weight)
+    y_panels = _cpp(torch.ones(ROW_TILE, 200), weight)
     weight.values = weight.values.contiguous()
-    x = torch.randn(31, 200)
+    x = torch.randn(M, 200)
     assert_rel_close(_cpp(x, weight), _reference(x, w, mask, None), torch.float32)
-    assert torch.equal(_cpp(torch.ones(1, 200), weight), y_panels)
+    assert torch.equal(_cpp(torch.ones(ROW_TILE, 200), weight), y_panels)
 
 
 @pytest.mark.parametrize("block", ((16, 16), (64, 64), (128, 128)), ids=lambda b: f"{b[0]}x{b[1]}")
 def test_nan_in_one_row_stays_in_that_row(block):
     # Row 17 sits inside a micro-tile of every height (24, 12, 6) with rows on both sides.
     w, mask, weight = _weight((150, 200), block, 0.0)
-    x = torch.randn(40, 200)
+    x = torch.randn(M, 200)
     x[17, 3] = float("nan")
     bias = torch.randn(150)
     y = _cpp(x, weight, bias)
     assert y[17].isnan().all()
-    keep = torch.arange(40) != 17
+    keep = torch.arange(M) != 17
     assert y[keep].isfinite().all()
     assert_rel_close(y[keep], _reference(x[keep], w, mask, bias), torch.float32)

@@ -12,8 +12,8 @@
 // columns of x for each block row copies about half of x per block row and measured 3.7x
 // slower than per-block calls at 50% sparsity (2048x4096 @ 4096x4096^T fp32, 2-core EPYC).
 //
-// The float32 forward has its own AVX-512 micro-kernel instead (when the build has
-// AVX-512): the BLAS calls above are small (256 x 128 x 64 at 50% sparsity, 64x64 blocks)
+// The float32 forward with 256 rows of x or more has its own AVX-512 micro-kernel instead
+// (when the build has AVX-512): the BLAS calls above are small (256 x 128 x 64 at 50% sparsity, 64x64 blocks)
 // and single-threaded MKL runs them at ~80% of its large-GEMM rate, whereas the
 // micro-kernel keeps one output micro-tile in registers across all kept blocks of its block
 // row and stores it once. The backward and float64 stay on BLAS.
@@ -27,10 +27,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
 
 namespace memkern {
@@ -61,7 +66,6 @@ at::Tensor as_panels(const at::Tensor& values, const at::Tensor& like) {
   return as_acc(values.permute({1, 0, 2}), like);
 }
 
-
 #ifdef __AVX512F__
 // -- float32 forward: AVX-512 micro-kernel ----------------------------------------------
 //
@@ -86,6 +90,36 @@ constexpr int kAccumulators = 24;
 // blocks at 50% of 4096 columns (1 MiB) no longer fit the 1 MiB L2 next to x; measured
 // 1.62x over dense at 50% with 128x128 blocks, against 1.92x with 64-column panels.
 constexpr int64_t kMaxPanelWidth = 64;
+// Floats of packed weight per packing step: 256 KiB, a quarter of L2.
+constexpr int64_t kPackChunkFloats = 64 * 1024;
+
+// Packing the weight costs a pass over the kept blocks per call, which pays off only with
+// enough rows of x to reuse it: at 4096 x 4096 the micro-kernel overtakes the BLAS path
+// between 128 and 256 rows (50%: 17.0 vs 15.7 ms at 128 rows, 26.6 vs 27.8 ms at 256;
+// 1 row: 8-10 vs 5.3 ms). Both costs grow with the kept blocks, so the bound is in rows only.
+constexpr int64_t kMinRowsForMicroKernel = 256;
+
+// Scratch floats for the packed weight. Fresh memory costs a page fault per 4 KiB page on
+// first touch: 9.8 ms for 32 MiB (the packed weight at 50% of 4096 x 4096) against 0.8 ms
+// to refill it, so buffers of 2 MiB and more ask Linux for 2 MiB pages (transparent huge
+// pages, where enabled for madvise). Not for the row tiles of x: with huge pages there
+// too the 50% case measured 208 ms instead of 194 ms (cause not established).
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+
+struct ScratchFloats {
+  std::unique_ptr<float, decltype(&std::free)> memory{nullptr, &std::free};
+  explicit ScratchFloats(int64_t n) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
+    const size_t align = bytes >= kHugePageBytes ? kHugePageBytes : 64;
+    const size_t rounded = (bytes + align - 1) / align * align;
+    memory.reset(static_cast<float*>(std::aligned_alloc(align, rounded)));
+    TORCH_CHECK(memory, kOp, ": could not allocate ", rounded, " bytes of scratch memory");
+#ifdef MADV_HUGEPAGE
+    if (align == kHugePageBytes) madvise(memory.get(), rounded, MADV_HUGEPAGE);  // a hint: failure is harmless
+#endif
+  }
+  float* data() const { return memory.get(); }
+};
 
 // What every micro-tile of one (row tile, column panel) task shares.
 struct PanelTask {
@@ -158,19 +192,28 @@ void pack_row_tile(const float* x, int64_t ldx, int64_t rows, int64_t K, int64_t
 // values (nnzb, BN, BK), any strides -> (nnzb, BN/NR, BK, NR) contiguous: each kept block
 // split into column panels of NR outputs, each transposed so its NR outputs of one k are
 // adjacent.
-at::Tensor pack_panels(const at::Tensor& values, int64_t NR) {
+ScratchFloats pack_panels(const at::Tensor& values, int64_t NR) {
   const at::Tensor v = values.detach().to(at::kFloat);
   const int64_t nnzb = v.size(0), BN = v.size(1), BK = v.size(2);
-  at::Tensor packed = at::empty({nnzb, BN / NR, BK, NR}, v.options().memory_format(at::MemoryFormat::Contiguous));
+  ScratchFloats packed(nnzb * BN * BK);
   const float* src = v.const_data_ptr<float>();
-  float* dst = packed.mutable_data_ptr<float>();
+  float* dst = packed.data();
   const int64_t sj = v.stride(0), sn = v.stride(1), sk = v.stride(2);
-  at::parallel_for(0, nnzb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j)
-      for (int64_t p = 0; p < BN / NR; ++p)
-        for (int64_t kk = 0; kk < BK; ++kk)
-          for (int64_t c = 0; c < NR; ++c)
-            dst[((j * (BN / NR) + p) * BK + kk) * NR + c] = src[j * sj + (p * NR + c) * sn + kk * sk];
+  // In the row-panel layout row n of consecutive blocks is one contiguous run, and rows n
+  // and n + 1 of a block lie nnzb * BK floats apart. So the blocks go in chunks whose packed
+  // form fits L2 (written in place there), each read as BN contiguous runs, one per n.
+  // Block by block instead, reads step by nnzb * BK floats (512 KiB at 50% of 4096 x 4096,
+  // 64x64 blocks: 64 lines in one cache set, 64 pages per block): 15-24 ms for that weight,
+  // against ~4 ms chunked.
+  const int64_t chunk = std::max<int64_t>(1, kPackChunkFloats / (BN * BK));
+  at::parallel_for(0, (nnzb + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j0 = begin * chunk; j0 < std::min(nnzb, end * chunk); j0 += chunk)
+      for (int64_t n = 0; n < BN; ++n)
+        for (int64_t j = j0; j < std::min(nnzb, j0 + chunk); ++j) {
+          const float* row = src + j * sj + n * sn;
+          float* out = dst + (j * (BN / NR) + n / NR) * BK * NR + n % NR;
+          for (int64_t kk = 0; kk < BK; ++kk) out[kk * NR] = row[kk * sk];
+        }
   });
   return packed;
 }
@@ -182,18 +225,18 @@ void forward_avx512(const at::Tensor& xf, const at::Tensor& values, const int64_
   const int64_t M = xf.size(0), K = xf.size(1), n_out = yf.size(1);
   const int64_t BN = values.size(1), BK = values.size(2);
   const int64_t k_pad = (K + BK - 1) / BK * BK;
-  const at::Tensor packed = pack_panels(values, NR);
+  const ScratchFloats packed = pack_panels(values, NR);
   const int64_t n_panels = (n_out + NR - 1) / NR;  // panels wholly past n_out are skipped
   const int64_t m_tiles = (M + kRowTile - 1) / kRowTile;
   const float* x_p = xf.const_data_ptr<float>();
-  const float* packed_p = packed.const_data_ptr<float>();
+  const float* packed_p = packed.data();
   float* y_p = yf.mutable_data_ptr<float>();
   const int64_t ldx = xf.stride(0), ldy = yf.stride(0);
   // Same task order as the BLAS path: all panels of a row tile of x before the next, so the
   // packed row tile is reused from cache; a panel's packed blocks are reused from L2 by
   // every micro-tile of the row tile. Each thread packs the row tiles its tasks touch.
   at::parallel_for(0, n_panels * m_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x_tile((kRowTile + MR - 1) / MR * MR * k_pad);
+    std::vector<float> x_tile((std::min(kRowTile, M) + MR - 1) / MR * MR * k_pad);
     int64_t packed_m0 = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = (task % n_panels) * NR, m0 = (task / n_panels) * kRowTile;
@@ -286,7 +329,7 @@ at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values
               (n_out + BN - 1) / BN + 1, " for n_out=", n_out, " and BN=", BN);
   const at::Tensor xf = as_acc(x, x);
 #ifdef __AVX512F__
-  if (xf.scalar_type() == at::kFloat)
+  if (xf.scalar_type() == at::kFloat && xf.size(0) >= kMinRowsForMicroKernel)
     return block_sparse_matmul_avx512(xf, values, crow, col, n_out, bias).to(x.scalar_type());
 #endif
   return block_sparse_matmul_blas(xf, values, crow, col, n_out, bias).to(x.scalar_type());
