@@ -3,8 +3,8 @@ dense-masked reference, at the shapes where its micro-kernel changes behaviour: 
 size (square and rectangular), rows around the micro-tile height and the row tile, K and
 out_features cut inside a block, empty block rows, low-precision and strided inputs.
 
-The micro-kernel (float32 compute, AVX-512 builds) takes x with ROW_TILE rows or more;
-fewer rows go to the BLAS path, so most cases here use ROW_TILE + a few rows, which also
+The micro-kernel (float32 compute, AVX-512 builds) takes x with MIN_ROWS rows or more;
+fewer rows go to the BLAS path, so most cases here use MIN_ROWS + a few rows, which also
 puts the interesting row counts in the last, partial row tile."""
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (16, 128), (128, 16), (32, 6
 # Shapes (out_features, in_features): cut inside a block on both sides, and smaller than
 # one block of every size.
 SHAPES = ((150, 200), (5, 7))
-ROW_TILE = 256  # rows of x per task in the C++ kernel, and the fewest the micro-kernel takes
-M = ROW_TILE + 47
+ROW_TILE = 256  # rows of x per task in the C++ kernel
+MIN_ROWS = 512  # the fewest rows of x the micro-kernel takes (a multiple of ROW_TILE)
+M = MIN_ROWS + 47
 
 
 def micro_tile_rows(block_rows: int) -> int:
@@ -72,7 +73,7 @@ def test_rows_around_micro_tile_and_row_tile(block, rows, poisoned_outputs):
          "TILE+1": ROW_TILE + 1, "TILE+MR+1": ROW_TILE + mr + 1}[rows]
     w, mask, weight = _weight((150, 200), block, 0.5)
     bias = torch.randn(150)
-    for rows_of_x in {m, ROW_TILE + m}:
+    for rows_of_x in {m, MIN_ROWS + m}:
         x = torch.randn(rows_of_x, 200)
         y = _cpp(x, weight, bias)
         assert_rel_close(y, _reference(x, w, mask, bias), torch.float32)
@@ -84,10 +85,10 @@ def test_rows_around_micro_tile_and_row_tile(block, rows, poisoned_outputs):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 def test_low_precision_inputs_accumulate_in_float32(block, dtype, poisoned_outputs):
     w, mask, weight = _weight((150, 200), block, 0.5, dtype)
-    x = torch.randn(2, 150, 200).to(dtype)
+    x = torch.randn(2, 300, 200).to(dtype)
     bias = torch.randn(150).to(dtype)
     y = _cpp(x, weight, bias)
-    assert y.dtype == dtype and y.shape == (2, 150, 150)
+    assert y.dtype == dtype and y.shape == (2, 300, 150)
     assert_rel_close(y, _reference(x, w, mask, bias), dtype)
 
 
@@ -129,11 +130,11 @@ def test_values_in_any_layout(poisoned_outputs):
     # The kernel packs the kept blocks from their strides: a contiguous (nnzb, BN, BK)
     # tensor (not memkern.ops.sparse.row_panel_layout) must give the same product.
     w, mask, weight = _weight((150, 200), (64, 32), 0.5)
-    y_panels = _cpp(torch.ones(ROW_TILE, 200), weight)
+    y_panels = _cpp(torch.ones(MIN_ROWS, 200), weight)
     weight.values = weight.values.contiguous()
     x = torch.randn(M, 200)
     assert_rel_close(_cpp(x, weight), _reference(x, w, mask, None), torch.float32)
-    assert torch.equal(_cpp(torch.ones(ROW_TILE, 200), weight), y_panels)
+    assert torch.equal(_cpp(torch.ones(MIN_ROWS, 200), weight), y_panels)
 
 
 @pytest.mark.parametrize("block", ((16, 16), (64, 64), (128, 128)), ids=lambda b: f"{b[0]}x{b[1]}")

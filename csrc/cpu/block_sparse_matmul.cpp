@@ -12,7 +12,7 @@
 // columns of x for each block row copies about half of x per block row and measured 3.7x
 // slower than per-block calls at 50% sparsity (2048x4096 @ 4096x4096^T fp32, 2-core EPYC).
 //
-// The float32 forward with 256 rows of x or more has its own AVX-512 micro-kernel instead
+// The float32 forward with 512 rows of x or more has its own AVX-512 micro-kernel instead
 // (when the build has AVX-512): the BLAS calls above are small (256 x 128 x 64 at 50% sparsity, 64x64 blocks)
 // and single-threaded MKL runs them at ~80% of its large-GEMM rate, whereas the
 // micro-kernel keeps one output micro-tile in registers across all kept blocks of its block
@@ -27,15 +27,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <memory>
 #include <vector>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
-#endif
-#ifdef __linux__
-#include <sys/mman.h>
 #endif
 
 namespace memkern {
@@ -90,36 +85,15 @@ constexpr int kAccumulators = 24;
 // blocks at 50% of 4096 columns (1 MiB) no longer fit the 1 MiB L2 next to x; measured
 // 1.62x over dense at 50% with 128x128 blocks, against 1.92x with 64-column panels.
 constexpr int64_t kMaxPanelWidth = 64;
-// Floats of packed weight per packing step: 256 KiB, a quarter of L2.
-constexpr int64_t kPackChunkFloats = 64 * 1024;
 
-// Packing the weight costs a pass over the kept blocks per call, which pays off only with
-// enough rows of x to reuse it: at 4096 x 4096 the micro-kernel overtakes the BLAS path
-// between 128 and 256 rows (50%: 17.0 vs 15.7 ms at 128 rows, 26.6 vs 27.8 ms at 256;
-// 1 row: 8-10 vs 5.3 ms). Both costs grow with the kept blocks, so the bound is in rows only.
-constexpr int64_t kMinRowsForMicroKernel = 256;
-
-// Scratch floats for the packed weight. Fresh memory costs a page fault per 4 KiB page on
-// first touch: 9.8 ms for 32 MiB (the packed weight at 50% of 4096 x 4096) against 0.8 ms
-// to refill it, so buffers of 2 MiB and more ask Linux for 2 MiB pages (transparent huge
-// pages, where enabled for madvise). Not for the row tiles of x: with huge pages there
-// too the 50% case measured 208 ms instead of 194 ms (cause not established).
-constexpr size_t kHugePageBytes = size_t{2} << 20;
-
-struct ScratchFloats {
-  std::unique_ptr<float, decltype(&std::free)> memory{nullptr, &std::free};
-  explicit ScratchFloats(int64_t n) {
-    const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
-    const size_t align = bytes >= kHugePageBytes ? kHugePageBytes : 64;
-    const size_t rounded = (bytes + align - 1) / align * align;
-    memory.reset(static_cast<float*>(std::aligned_alloc(align, rounded)));
-    TORCH_CHECK(memory, kOp, ": could not allocate ", rounded, " bytes of scratch memory");
-#ifdef MADV_HUGEPAGE
-    if (align == kHugePageBytes) madvise(memory.get(), rounded, MADV_HUGEPAGE);  // a hint: failure is harmless
-#endif
-  }
-  float* data() const { return memory.get(); }
-};
+// Packing the weight costs a pass over the kept blocks per call (most of it first-touch page
+// faults on the fresh buffer: 9.8 ms for 32 MiB against 0.8 ms to refill it), which pays
+// off only with enough rows of x: at 4096 x 4096, 50%, the micro-kernel takes 26.5 / 37.2 /
+// 56.1 ms for 128 / 256 / 512 rows against 15.7 / 27.8 / 55-67 ms on BLAS (1 row: 16 vs 4-5
+// ms). Both costs grow with the kept blocks, so the bound is in rows only. (Transparent
+// huge pages for the buffer halved the pack but made full-size calls bimodal, 176-180 or
+// 209-232 ms against a steady 186-194 ms, so they are not used.)
+constexpr int64_t kMinRowsForMicroKernel = 512;
 
 // What every micro-tile of one (row tile, column panel) task shares.
 struct PanelTask {
@@ -192,28 +166,25 @@ void pack_row_tile(const float* x, int64_t ldx, int64_t rows, int64_t K, int64_t
 // values (nnzb, BN, BK), any strides -> (nnzb, BN/NR, BK, NR) contiguous: each kept block
 // split into column panels of NR outputs, each transposed so its NR outputs of one k are
 // adjacent.
-ScratchFloats pack_panels(const at::Tensor& values, int64_t NR) {
+at::Tensor pack_panels(const at::Tensor& values, int64_t NR) {
   const at::Tensor v = values.detach().to(at::kFloat);
   const int64_t nnzb = v.size(0), BN = v.size(1), BK = v.size(2);
-  ScratchFloats packed(nnzb * BN * BK);
+  at::Tensor packed = at::empty({nnzb, BN / NR, BK, NR}, v.options().memory_format(at::MemoryFormat::Contiguous));
   const float* src = v.const_data_ptr<float>();
-  float* dst = packed.data();
+  float* dst = packed.mutable_data_ptr<float>();
   const int64_t sj = v.stride(0), sn = v.stride(1), sk = v.stride(2);
-  // In the row-panel layout row n of consecutive blocks is one contiguous run, and rows n
-  // and n + 1 of a block lie nnzb * BK floats apart. So the blocks go in chunks whose packed
-  // form fits L2 (written in place there), each read as BN contiguous runs, one per n.
-  // Block by block instead, reads step by nnzb * BK floats (512 KiB at 50% of 4096 x 4096,
-  // 64x64 blocks: 64 lines in one cache set, 64 pages per block): 15-24 ms for that weight,
-  // against ~4 ms chunked.
-  const int64_t chunk = std::max<int64_t>(1, kPackChunkFloats / (BN * BK));
-  at::parallel_for(0, (nnzb + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j0 = begin * chunk; j0 < std::min(nnzb, end * chunk); j0 += chunk)
-      for (int64_t n = 0; n < BN; ++n)
-        for (int64_t j = j0; j < std::min(nnzb, j0 + chunk); ++j) {
-          const float* row = src + j * sj + n * sn;
-          float* out = dst + (j * (BN / NR) + n / NR) * BK * NR + n % NR;
-          for (int64_t kk = 0; kk < BK; ++kk) out[kk * NR] = row[kk * sk];
-        }
+  // Reads run along k (unit stride in the row-panel layout) and writes stay inside the
+  // block's BN * BK floats. Reading along n instead steps by nnzb * BK floats (512 KiB at
+  // 50% of 4096 x 4096 with 64x64 blocks, a power of two): 1-row calls took 24.5 ms
+  // against 15.3 ms. Packing in L2-sized chunks of blocks measured no better (16.0 ms);
+  // most of the rest is page faults (see kMinRowsForMicroKernel).
+  at::parallel_for(0, nnzb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t n = 0; n < BN; ++n) {
+        const float* row = src + j * sj + n * sn;
+        float* out = dst + (j * (BN / NR) + n / NR) * BK * NR + n % NR;
+        for (int64_t kk = 0; kk < BK; ++kk) out[kk * NR] = row[kk * sk];
+      }
   });
   return packed;
 }
@@ -225,11 +196,11 @@ void forward_avx512(const at::Tensor& xf, const at::Tensor& values, const int64_
   const int64_t M = xf.size(0), K = xf.size(1), n_out = yf.size(1);
   const int64_t BN = values.size(1), BK = values.size(2);
   const int64_t k_pad = (K + BK - 1) / BK * BK;
-  const ScratchFloats packed = pack_panels(values, NR);
+  const at::Tensor packed = pack_panels(values, NR);
   const int64_t n_panels = (n_out + NR - 1) / NR;  // panels wholly past n_out are skipped
   const int64_t m_tiles = (M + kRowTile - 1) / kRowTile;
   const float* x_p = xf.const_data_ptr<float>();
-  const float* packed_p = packed.data();
+  const float* packed_p = packed.const_data_ptr<float>();
   float* y_p = yf.mutable_data_ptr<float>();
   const int64_t ldx = xf.stride(0), ldy = yf.stride(0);
   // Same task order as the BLAS path: all panels of a row tile of x before the next, so the
