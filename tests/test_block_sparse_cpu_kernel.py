@@ -149,3 +149,21 @@ def test_nan_in_one_row_stays_in_that_row(block):
     keep = torch.arange(M) != 17
     assert y[keep].isfinite().all()
     assert_rel_close(y[keep], _reference(x[keep], w, mask, bias), torch.float32)
+
+
+@pytest.mark.parametrize("block_rows", (48, 96))
+def test_other_block_heights_take_the_general_path(block_rows, poisoned_outputs):
+    # BlockSparseWeight only makes powers of two, but the C++ op takes any block height;
+    # the micro-kernel is built for 16..128 and must hand the rest on, not misread them.
+    from memkern import reference
+
+    n_out, k, bk = 2 * block_rows - 5, 40, 16
+    rows = torch.tensor([0, 0, 1, 1])
+    cols = torch.tensor([0, 2, 1, 2])
+    crow, col, *_ = BlockSparseWeight.index(rows, cols, 2, 3)
+    values = torch.randn(4, block_rows, bk)
+    w = reference.block_sparse_to_dense(values, crow, col, n_out, k)
+    x = torch.randn(M, k)
+    require_backend("block_sparse_matmul", "cpp", x)
+    y = torch.ops.memkern.block_sparse_matmul_kernel(x, values, crow, col, n_out, None)
+    assert_rel_close(y, x.double() @ w.double().t(), torch.float32)

@@ -13,10 +13,10 @@
 // slower than per-block calls at 50% sparsity (2048x4096 @ 4096x4096^T fp32, 2-core EPYC).
 //
 // The float32 forward with 512 rows of x or more has its own AVX-512 micro-kernel instead
-// (when the build has AVX-512): the BLAS calls above are small (256 x 128 x 64 at 50% sparsity, 64x64 blocks)
-// and single-threaded MKL runs them at ~80% of its large-GEMM rate, whereas the
-// micro-kernel keeps one output micro-tile in registers across all kept blocks of its block
-// row and stores it once. The backward and float64 stay on BLAS.
+// (when the build has AVX-512): the BLAS calls above are small (256 x 128 x 64 at 50%
+// sparsity, 64x64 blocks) and single-threaded MKL runs them at ~80% of its large-GEMM rate,
+// whereas the micro-kernel keeps one output micro-tile in registers across all kept blocks
+// of its block row and stores it once. The backward and float64 stay on BLAS.
 //
 // float16/bfloat16 inputs are computed in float32 (converted once per call), so every
 // sum accumulates in float32 and is rounded to the output dtype once; float64 stays
@@ -94,6 +94,14 @@ constexpr int64_t kMaxPanelWidth = 64;
 // huge pages for the buffer halved the pack but made full-size calls bimodal, 176-180 or
 // 209-232 ms against a steady 186-194 ms, so they are not used.)
 constexpr int64_t kMinRowsForMicroKernel = 512;
+
+// Whether the micro-kernel computes this call: float32 compute, enough rows, and block rows
+// of 16, 32, 64 or 128 (the panel widths it is instantiated for, 128 as two panels of 64;
+// memkern.ops.sparse.BLOCK_SIZES). Anything else takes the BLAS path.
+bool micro_kernel_takes(const at::Tensor& xf, int64_t BN) {
+  return xf.scalar_type() == at::kFloat && xf.size(0) >= kMinRowsForMicroKernel &&
+         (BN == 16 || BN == 32 || BN == 64 || BN == 128);
+}
 
 // What every micro-tile of one (row tile, column panel) task shares.
 struct PanelTask {
@@ -244,13 +252,14 @@ at::Tensor block_sparse_matmul_avx512(const at::Tensor& xf, const at::Tensor& va
     case 16: forward_avx512<1>(xf, values, crow_p, col_p, bias_p, yf); break;
     case 32: forward_avx512<2>(xf, values, crow_p, col_p, bias_p, yf); break;
     case 64: forward_avx512<4>(xf, values, crow_p, col_p, bias_p, yf); break;
-    default: TORCH_CHECK(false, kOp, ": block rows must be 16, 32, 64 or 128, got ", BN);
+    default: TORCH_INTERNAL_ASSERT(false, kOp, ": no micro-kernel for block rows of ", BN);
   }
   return yf;
 }
 #endif  // __AVX512F__
 
-// The general forward (float64, builds without AVX-512): BLAS per run of kept blocks.
+// The general forward (float64, few rows, builds without AVX-512): BLAS per run of kept
+// blocks.
 at::Tensor block_sparse_matmul_blas(const at::Tensor& xf, const at::Tensor& values, const at::Tensor& crow,
                                     const at::Tensor& col, int64_t n_out, const std::optional<at::Tensor>& bias) {
   const int64_t M = xf.size(0), K = xf.size(1);
@@ -300,7 +309,7 @@ at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values
               (n_out + BN - 1) / BN + 1, " for n_out=", n_out, " and BN=", BN);
   const at::Tensor xf = as_acc(x, x);
 #ifdef __AVX512F__
-  if (xf.scalar_type() == at::kFloat && xf.size(0) >= kMinRowsForMicroKernel)
+  if (micro_kernel_takes(xf, BN))
     return block_sparse_matmul_avx512(xf, values, crow, col, n_out, bias).to(x.scalar_type());
 #endif
   return block_sparse_matmul_blas(xf, values, crow, col, n_out, bias).to(x.scalar_type());
