@@ -190,6 +190,25 @@ def test_masked_matmul_routes_through_the_cached_copy(monkeypatch, with_bias):
         assert_rel_close(bias.grad, b64.grad * 2, torch.float32)  # two backward passes
 
 
+def test_a_call_off_the_path_frees_the_copy_and_the_next_one_rebuilds(monkeypatch):
+    builder = _CountingBuilder()
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
+    allowed = {"now": True}
+    monkeypatch.setattr(sparse_mod, "semi_structured_reason",
+                        lambda x, weight: None if allowed["now"] else "training step")
+    sw, dense = _weight(32, 64)
+    x = torch.randn(5, 64)
+    masked_matmul(x, sw)
+    assert builder.calls == 1 and sw._semi_structured.tensor is not None
+    allowed["now"] = False
+    masked_matmul(x, sw)
+    assert sw._semi_structured is None
+    allowed["now"] = True
+    y = masked_matmul(x, sw)
+    assert builder.calls == 2
+    assert_rel_close(y, x.double() @ dense.double().t(), torch.float32)
+
+
 def test_ragged_batches_are_padded_to_the_kernel_tile(monkeypatch):
     class Tile:
         dense_min_rows = 8

@@ -697,8 +697,10 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
         if w_semi is not None:
             y = _SemiStructuredProduct.apply(x2, bias, weight.values, weight.meta, (w_semi,))
         else:
-            if weight._semi_structured is not None and weight._semi_structured.tensor is not None:
-                # Not used on this call (training, a CPU copy, ...): free the device copy.
-                weight._semi_structured.tensor = None
+            cache = weight._semi_structured
+            if cache is not None and cache.failure is None:
+                # Not used on this call (training, a CPU copy, ...): free the device copy; a
+                # remembered build failure stays, so the build is not retried every call.
+                weight._semi_structured = None
             y = _s24_op(x2, weight.values, weight.meta, bias)
     return y.reshape(*lead, n_out)
