@@ -73,7 +73,15 @@ class SparseLinear(nn.Module):
         """The stored weight (sharing this module's tensors)."""
         shape = (self.out_features, self.in_features)
         if self.format == "2:4":
-            return Sparse24Weight(self.values, self.meta, shape)
+            if torch.compiler.is_compiling():
+                return Sparse24Weight(self.values, self.meta, shape)
+            # The same object across calls while it wraps this module's tensors, so the
+            # semi-structured copy masked_matmul caches on it (CUDA inference) is reused.
+            w = self.__dict__.get("_sparse24_weight")
+            if w is None or w.values is not self.values or w.meta is not self.meta or w.shape != shape:
+                w = Sparse24Weight(self.values, self.meta, shape)
+                self.__dict__["_sparse24_weight"] = w
+            return w
         return BlockSparseWeight(self.values, *(getattr(self, n) for n in _BLOCK_INDEX), self.mask, shape)
 
     @classmethod

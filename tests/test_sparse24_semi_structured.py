@@ -1,0 +1,341 @@
+"""masked_matmul on 2:4 weights through PyTorch's semi-structured sparse kernels: when the
+path is taken (semi_structured_reason), that CPU calls never reach it, the cached copy and
+its invalidation, the product's gradients, and on a GPU the outputs against float64."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import memkern
+from memkern import prune
+from memkern.nn import SparseLinear
+from memkern.ops import Sparse24Weight, masked_matmul
+from memkern.ops import sparse as sparse_mod
+from conftest import assert_rel_close
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _weight(out: int, inp: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    w = torch.randn(out, inp)
+    mask = prune.masks(w, 0.5, "n:m")
+    return Sparse24Weight.from_dense(w.to(dtype).to(device), mask.to(device)), (w * mask).to(dtype)
+
+
+def _reference(x, dense_masked, bias):
+    y = x.detach().double().cpu() @ dense_masked.double().cpu().t()
+    return y if bias is None else y + bias.detach().double().cpu()
+
+
+class _CountingBuilder:
+    """Stands in for the semi-structured build on the CPU: returns the dense weight, so
+    F.linear on it is the plain product."""
+
+    def __init__(self, fail: bool = False):
+        self.calls = 0
+        self.fail = fail
+
+    def __call__(self, dense):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("no kernel for this device")
+        return dense.clone()
+
+
+# -- the predicate -------------------------------------------------------------------------
+def test_reason_for_cpu_float32_and_block_weights():
+    sw, _ = _weight(32, 64)
+    assert "float32" in sparse_mod.semi_structured_reason(torch.randn(4, 64), sw)
+    half, _ = _weight(32, 64, torch.float16)
+    assert "CUDA" in sparse_mod.semi_structured_reason(torch.randn(4, 64, dtype=torch.float16), half)
+    block = memkern.ops.BlockSparseWeight.from_dense(torch.randn(32, 64), None, (16, 16))
+    assert "2:4" in sparse_mod.semi_structured_reason(torch.randn(4, 64), block)
+
+
+def test_reason_for_cpu_tensors_never_asks_cuda(monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda was called for CPU tensors")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    for dtype in HALF_DTYPES:
+        sw, _ = _weight(128, 256, dtype)
+        assert sparse_mod.semi_structured_reason(torch.randn(64, 256).to(dtype), sw) is not None
+
+
+# -- CPU calls never take the path -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF_DTYPES))
+@pytest.mark.parametrize("batch", ((64,), (3, 50)), ids=["NK", "BTK"])
+def test_cpu_masked_matmul_never_builds_a_semi_structured_weight(monkeypatch, dtype, batch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the semi-structured path was entered on the CPU")
+
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", refuse)
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", refuse)
+    monkeypatch.setattr(sparse_mod._SemiStructuredProduct, "apply", refuse)
+    sw, dense = _weight(128, 256, dtype)
+    x = torch.randn(*batch, 256).to(dtype)
+    bias = torch.randn(128).to(dtype)
+    with torch.no_grad():
+        y = masked_matmul(x, sw, bias)
+    assert sw._semi_structured is None
+    assert_rel_close(y, _reference(x, dense, bias), dtype)
+
+
+# -- the cached copy ---------------------------------------------------------------------------
+def test_copy_is_built_once_per_weight_state(monkeypatch):
+    builder = _CountingBuilder()
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
+    sw, dense = _weight(32, 64)
+    first = sparse_mod._semi_structured_weight(sw)
+    assert torch.equal(first, dense)
+    assert sparse_mod._semi_structured_weight(sw) is first
+    assert builder.calls == 1
+
+    with torch.no_grad():
+        sw.values.mul_(2)  # what an optimiser step does: in place, same tensor
+    second = sparse_mod._semi_structured_weight(sw)
+    assert builder.calls == 2
+    assert torch.equal(second, 2 * dense)
+
+    sw.values = sw.values.clone()  # equal values, another tensor
+    sparse_mod._semi_structured_weight(sw)
+    assert builder.calls == 3
+
+    sw.meta = sw.meta.clone()
+    sparse_mod._semi_structured_weight(sw)
+    assert builder.calls == 4
+
+    sw.values.data = sw.values.data.clone()  # what Module.to / .half() do to a parameter
+    sparse_mod._semi_structured_weight(sw)
+    assert builder.calls == 5
+    sparse_mod._semi_structured_weight(sw)
+    assert builder.calls == 5
+
+
+def test_failed_build_is_remembered_until_the_weight_changes(monkeypatch):
+    builder = _CountingBuilder(fail=True)
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
+    sw, _ = _weight(32, 64)
+    with pytest.warns(RuntimeWarning, match="no kernel for this device"):
+        assert sparse_mod._semi_structured_weight(sw) is None
+    assert sw._semi_structured.matches(sw)
+    assert "no kernel for this device" in sw._semi_structured.failure
+    assert sparse_mod._semi_structured_weight(sw) is None
+    assert builder.calls == 1
+    with torch.no_grad():
+        sw.values.add_(1)
+    assert not sw._semi_structured.matches(sw)
+    with pytest.warns(RuntimeWarning):
+        sparse_mod._semi_structured_weight(sw)
+    assert builder.calls == 2
+
+
+def test_copies_of_the_weight_drop_the_cached_copy(monkeypatch):
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", _CountingBuilder())
+    sw, _ = _weight(32, 64)
+    sparse_mod._semi_structured_weight(sw)
+    assert sw._semi_structured.tensor is not None
+    for clone in (copy.deepcopy(sw), pickle.loads(pickle.dumps(sw))):
+        assert clone._semi_structured is None or clone._semi_structured.tensor is None
+        assert torch.equal(clone.values, sw.values)
+
+
+def test_sparse_linear_keeps_one_weight_object_while_its_tensors_stay():
+    linear = torch.nn.Linear(64, 32)
+    layer = SparseLinear.from_dense(linear, prune.masks(linear.weight, 0.5, "n:m"), format="2:4")
+    first = layer.weight
+    assert layer.weight is first
+    with torch.no_grad():
+        layer.values.add_(1)  # an optimiser step: same tensors, so the same object
+    assert layer.weight is first
+    layer.values = torch.nn.Parameter(layer.values.detach().clone())
+    assert layer.weight is not first
+    assert layer.weight.values is layer.values
+    layer.load_state_dict(copy.deepcopy(layer.state_dict()))  # takes new tensors of the stored layout
+    assert layer.weight.values is layer.values and layer.weight.meta is layer.meta
+
+
+# -- the product and its gradients, with the build faked on the CPU ----------------------------
+def _take_the_path_on_cpu(monkeypatch, builder):
+    # Stands in for a GPU: the predicate says yes, the "semi-structured" weight is dense.
+    monkeypatch.setattr(sparse_mod, "semi_structured_reason", lambda x, weight: None)
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
+
+
+@pytest.mark.parametrize("with_bias", (True, False), ids=["bias", "no-bias"])
+def test_masked_matmul_routes_through_the_cached_copy(monkeypatch, with_bias):
+    builder = _CountingBuilder()
+    _take_the_path_on_cpu(monkeypatch, builder)
+    sw, dense = _weight(48, 64)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True) if with_bias else None
+    grad = torch.randn(2, 7, 48)
+    for _ in range(2):
+        x.grad = None
+        y = masked_matmul(x, sw, bias)
+        y.backward(grad)
+    assert builder.calls == 1
+    assert y.shape == (2, 7, 48)
+    x64 = x.detach().double().requires_grad_(True)
+    b64 = None if bias is None else bias.detach().double().requires_grad_(True)
+    y64 = x64 @ dense.double().t() + (0 if b64 is None else b64)
+    y64.backward(grad.double())
+    assert_rel_close(y, y64, torch.float32)
+    assert_rel_close(x.grad, x64.grad, torch.float32)
+    if bias is not None:
+        assert_rel_close(bias.grad, b64.grad * 2, torch.float32)  # two backward passes
+
+
+def test_a_call_off_the_path_frees_the_copy_and_the_next_one_rebuilds(monkeypatch):
+    builder = _CountingBuilder()
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
+    allowed = {"now": True}
+    monkeypatch.setattr(sparse_mod, "semi_structured_reason",
+                        lambda x, weight: None if allowed["now"] else "training step")
+    sw, dense = _weight(32, 64)
+    x = torch.randn(5, 64)
+    masked_matmul(x, sw)
+    assert builder.calls == 1 and sw._semi_structured.tensor is not None
+    allowed["now"] = False
+    masked_matmul(x, sw)
+    assert sw._semi_structured is None
+    allowed["now"] = True
+    y = masked_matmul(x, sw)
+    assert builder.calls == 2
+    assert_rel_close(y, x.double() @ dense.double().t(), torch.float32)
+
+
+def test_ragged_batches_are_padded_to_the_kernel_tile(monkeypatch):
+    class Tile:
+        dense_min_rows = 8
+
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def spy_linear(x, w, b=None):
+        seen.append(x.shape[0])
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(sparse_mod, "_semi_structured_constraints", lambda cls, dtype: Tile)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy_linear)
+    dense = torch.randn(16, 32)
+    x = torch.randn(5, 32)
+    y = sparse_mod._semi_structured_linear(x, dense, None)
+    assert seen == [8]
+    assert y.shape == (5, 16)
+    assert_rel_close(y, x.double() @ dense.double().t(), torch.float32)
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+@pytest.fixture
+def semi_structured_calls(monkeypatch):
+    """Counts products run by PyTorch's semi-structured kernels and copies built."""
+    counts = {"mm": 0, "build": 0}
+    for name in ("SparseSemiStructuredTensorCUTLASS", "SparseSemiStructuredTensorCUSPARSELT"):
+        cls = getattr(torch.sparse, name, None)
+        if cls is None:
+            continue
+        real_mm = cls._mm
+
+        def counting_mm(self, *args, _real=real_mm, **kwargs):
+            counts["mm"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "_mm", counting_mm)
+    real_build = sparse_mod._build_semi_structured
+
+    def counting_build(dense):
+        counts["build"] += 1
+        return real_build(dense)
+
+    monkeypatch.setattr(sparse_mod, "_build_semi_structured", counting_build)
+    return counts
+
+
+def _require_semi_structured_device(x, sw):
+    reason = sparse_mod.semi_structured_reason(x, sw)
+    if reason is not None and ("compute capability" in reason or "this torch has no" in reason):
+        pytest.skip(reason)
+    assert reason is None, reason
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("with_bias", (True, False), ids=["bias", "no-bias"])
+@pytest.mark.parametrize("batch", ((64,), (3, 50)), ids=["NK", "BTK-ragged"])
+def test_gpu_semi_structured_path_matches_reference(semi_structured_calls, dtype, with_bias, batch):
+    sw, dense = _weight(128, 256, dtype, "cuda")
+    x = torch.randn(*batch, 256).to(dtype).cuda()
+    bias = torch.randn(128).to(dtype).cuda() if with_bias else None
+    _require_semi_structured_device(x.reshape(-1, 256), sw)
+    y = masked_matmul(x, sw, bias)
+    assert semi_structured_calls["mm"] >= 1, "the semi-structured kernels did not run"
+    assert y.shape == (*batch, 128) and y.dtype == dtype
+    assert_rel_close(y.cpu(), _reference(x, dense, bias), dtype)
+
+    masked_matmul(x, sw, bias)
+    assert semi_structured_calls["build"] == 1, "the cached copy was not reused"
+    with torch.no_grad():
+        sw.values.mul_(-0.5)
+    y2 = masked_matmul(x, sw, bias)
+    assert semi_structured_calls["build"] == 2, "an in-place change did not invalidate the copy"
+    assert_rel_close(y2.cpu(), _reference(x, (dense.double() * -0.5), bias), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gpu_semi_structured_gradients_of_x_and_bias(semi_structured_calls, dtype):
+    sw, dense = _weight(128, 256, dtype, "cuda")
+    x = torch.randn(2, 33, 256).to(dtype).cuda().requires_grad_(True)
+    bias = torch.randn(128).to(dtype).cuda().requires_grad_(True)
+    _require_semi_structured_device(x.detach().reshape(-1, 256), sw)
+    grad = torch.randn(2, 33, 128).to(dtype).cuda()
+    y = masked_matmul(x, sw, bias)
+    y.backward(grad)
+    assert semi_structured_calls["mm"] >= 1
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    b64 = bias.detach().double().cpu().requires_grad_(True)
+    (x64 @ dense.double().t() + b64).backward(grad.double().cpu())
+    assert_rel_close(y.cpu(), _reference(x, dense, bias), dtype)
+    assert_rel_close(x.grad.cpu(), x64.grad, dtype)
+    assert_rel_close(bias.grad.cpu(), b64.grad, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gpu_training_and_unsupported_shapes_keep_the_memkern_op(semi_structured_calls, dtype):
+    # 40 rows: a multiple of neither cuSPARSELt's 16 nor CUTLASS's 32.
+    sw, dense = _weight(40, 256, dtype, "cuda")
+    x = torch.randn(64, 256).to(dtype).cuda()
+    assert "not a positive multiple" in sparse_mod.semi_structured_reason(x, sw)
+    assert_rel_close(masked_matmul(x, sw).cpu(), _reference(x, dense, None), dtype)
+
+    trained, dense = _weight(128, 256, dtype, "cuda")
+    trained.values.requires_grad_(True)
+    assert "gradient" in sparse_mod.semi_structured_reason(x, trained)
+    y = masked_matmul(x, trained)
+    y.sum().backward()
+    assert trained.values.grad is not None
+    assert_rel_close(y.detach().cpu(), _reference(x, dense, None), dtype)
+    with memkern.use_backend("torch"):
+        assert "forced" in sparse_mod.semi_structured_reason(x, _weight(128, 256, dtype, "cuda")[0])
+    assert semi_structured_calls["mm"] == 0
+    assert semi_structured_calls["build"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_linear_inference_builds_once(semi_structured_calls):
+    linear = torch.nn.Linear(256, 128).cuda().half()
+    layer = SparseLinear.from_dense(linear, prune.masks(linear.weight, 0.5, "n:m"), format="2:4").eval()
+    x = torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    _require_semi_structured_device(x, layer.weight)
+    with torch.no_grad():
+        y1 = layer(x)
+        y2 = layer(x)
+    assert semi_structured_calls["build"] == 1 and semi_structured_calls["mm"] >= 2
+    torch.testing.assert_close(y1, y2)
+    assert_rel_close(y1.cpu(), _reference(x, layer.to_dense(), layer.bias), torch.float16)
