@@ -3,9 +3,9 @@ dense-masked reference, at the shapes where its micro-kernel changes behaviour: 
 size (square and rectangular), rows around the micro-tile height and the row tile, K and
 out_features cut inside a block, empty block rows, low-precision and strided inputs.
 
-The micro-kernel (float32 compute, AVX-512 builds) takes x with MIN_ROWS rows or more;
-fewer rows go to the BLAS path, so most cases here use MIN_ROWS + a few rows, which also
-puts the interesting row counts in the last, partial row tile."""
+The micro-kernel takes every float32 call on AVX-512 builds (float64 goes to the BLAS
+path). Most cases here use LEAD_ROWS + a few rows, which puts the interesting row counts in
+the last, partial row tile after whole ones."""
 from __future__ import annotations
 
 import pytest
@@ -21,8 +21,8 @@ BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (16, 128), (128, 16), (32, 6
 # one block of every size.
 SHAPES = ((150, 200), (5, 7))
 ROW_TILE = 256  # rows of x per task in the C++ kernel
-MIN_ROWS = 512  # the fewest rows of x the micro-kernel takes (a multiple of ROW_TILE)
-M = MIN_ROWS + 47
+LEAD_ROWS = 2 * ROW_TILE  # whole row tiles ahead of the rows a case is about
+M = LEAD_ROWS + 47
 
 
 def micro_tile_rows(block_rows: int) -> int:
@@ -67,13 +67,13 @@ def test_matches_reference(block, shape, sparsity, with_bias, poisoned_outputs):
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("rows", ("1", "MR-1", "MR", "MR+1", "TILE-1", "TILE", "TILE+1", "TILE+MR+1"))
 def test_rows_around_micro_tile_and_row_tile(block, rows, poisoned_outputs):
-    # 1 .. MR+1: the BLAS path for so few rows, and the same counts in the last row tile.
+    # 1 .. MR+1 rows alone, and the same counts in the last row tile after whole ones.
     mr = micro_tile_rows(block[0])
     m = {"1": 1, "MR-1": mr - 1, "MR": mr, "MR+1": mr + 1, "TILE-1": ROW_TILE - 1, "TILE": ROW_TILE,
          "TILE+1": ROW_TILE + 1, "TILE+MR+1": ROW_TILE + mr + 1}[rows]
     w, mask, weight = _weight((150, 200), block, 0.5)
     bias = torch.randn(150)
-    for rows_of_x in {m, MIN_ROWS + m}:
+    for rows_of_x in {m, LEAD_ROWS + m}:
         x = torch.randn(rows_of_x, 200)
         y = _cpp(x, weight, bias)
         assert_rel_close(y, _reference(x, w, mask, bias), torch.float32)
@@ -130,11 +130,11 @@ def test_values_in_any_layout(poisoned_outputs):
     # The kernel packs the kept blocks from their strides: a contiguous (nnzb, BN, BK)
     # tensor (not memkern.ops.sparse.row_panel_layout) must give the same product.
     w, mask, weight = _weight((150, 200), (64, 32), 0.5)
-    y_panels = _cpp(torch.ones(MIN_ROWS, 200), weight)
+    y_panels = _cpp(torch.ones(LEAD_ROWS, 200), weight)
     weight.values = weight.values.contiguous()
     x = torch.randn(M, 200)
     assert_rel_close(_cpp(x, weight), _reference(x, w, mask, None), torch.float32)
-    assert torch.equal(_cpp(torch.ones(MIN_ROWS, 200), weight), y_panels)
+    assert torch.equal(_cpp(torch.ones(LEAD_ROWS, 200), weight), y_panels)
 
 
 @pytest.mark.parametrize("block", ((16, 16), (64, 64), (128, 128)), ids=lambda b: f"{b[0]}x{b[1]}")

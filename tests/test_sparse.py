@@ -121,7 +121,7 @@ def test_rectangular_blocks_and_large_m(backend):
     w = torch.randn(70, 96)
     mask = prune.masks(w, 0.5, "block", block=(16, 32))
     weight = BlockSparseWeight.from_dense(w, mask, (16, 32))
-    m = 1100 if backend == "cpp" else 130  # cpp tiles rows by 256 (and runs its micro-kernel from 512 rows): cross tile edges
+    m = 1100 if backend == "cpp" else 130  # cpp tiles rows by 256: cross tile edges
     x = torch.randn(m, 96)
     _check_against_reference(backend, x, weight, mask, torch.randn(70), torch.float32, w)
 

@@ -12,7 +12,7 @@
 // columns of x for each block row copies about half of x per block row and measured 3.7x
 // slower than per-block calls at 50% sparsity (2048x4096 @ 4096x4096^T fp32, 2-core EPYC).
 //
-// The float32 forward with 512 rows of x or more has its own AVX-512 micro-kernel instead
+// The float32 forward has its own AVX-512 micro-kernel instead
 // (when the build has AVX-512): the BLAS calls above are small (256 x 128 x 64 at 50%
 // sparsity, 64x64 blocks) and single-threaded MKL runs them at ~80% of its large-GEMM rate,
 // whereas the micro-kernel keeps one output micro-tile in registers across all kept blocks
@@ -86,21 +86,18 @@ constexpr int kAccumulators = 24;
 // 1.62x over dense at 50% with 128x128 blocks, against 1.92x with 64-column panels.
 constexpr int64_t kMaxPanelWidth = 64;
 
-// Packing the weight costs a pass over the kept blocks per call (most of it first-touch page
-// faults on the fresh buffer: 9.8 ms for 32 MiB against 0.8 ms to refill it), which pays
-// off only with enough rows of x: at 4096 x 4096, 50%, the micro-kernel takes 26.5 / 37.2 /
-// 56.1 ms for 128 / 256 / 512 rows against 15.7 / 27.8 / 55-67 ms on BLAS (1 row: 16 vs 4-5
-// ms). Both costs grow with the kept blocks, so the bound is in rows only. (Transparent
-// huge pages for the buffer halved the pack but made full-size calls bimodal, 176-180 or
-// 209-232 ms against a steady 186-194 ms, so they are not used.)
-constexpr int64_t kMinRowsForMicroKernel = 512;
+// Each task packs the panel of weights it needs (see forward_avx512), a copy through
+// registers that costs a few percent of the call; with it the micro-kernel beat the BLAS path
+// at every batch size measured (4096 x 4096, 50%, 64x64 blocks: 2.5 / 12.3 / 42.5 ms for
+// 1 / 128 / 512 rows against 4-5 / 15.7 / 55-67 ms on BLAS), so it takes every float32 call.
+// (Packing the whole weight once per call, tried first, paid ~10 ms of first-touch page
+// faults on its fresh 32 MiB buffer, which kept the BLAS path below 512 rows; transparent
+// huge pages for that buffer made full-size calls bimodal.)
 
-// Whether the micro-kernel computes this call: float32 compute, enough rows, and block rows
-// of 16, 32, 64 or 128 (the panel widths it is instantiated for, 128 as two panels of 64;
+// Whether the micro-kernel computes this call: float32 compute and block rows of 16, 32, 64 or 128 (the panel widths it is instantiated for, 128 as two panels of 64;
 // memkern.ops.sparse.BLOCK_SIZES). Anything else takes the BLAS path.
 bool micro_kernel_takes(const at::Tensor& xf, int64_t BN) {
-  return xf.scalar_type() == at::kFloat && xf.size(0) >= kMinRowsForMicroKernel &&
-         (BN == 16 || BN == 32 || BN == 64 || BN == 128);
+  return xf.scalar_type() == at::kFloat && (BN == 16 || BN == 32 || BN == 64 || BN == 128);
 }
 
 // What every micro-tile of one (row tile, column panel) task shares.
@@ -171,30 +168,54 @@ void pack_row_tile(const float* x, int64_t ldx, int64_t rows, int64_t K, int64_t
     }
 }
 
-// values (nnzb, BN, BK), any strides -> (nnzb, BN/NR, BK, NR) contiguous: each kept block
-// split into column panels of NR outputs, each transposed so its NR outputs of one k are
-// adjacent.
-at::Tensor pack_panels(const at::Tensor& values, int64_t NR) {
-  const at::Tensor v = values.detach().to(at::kFloat);
-  const int64_t nnzb = v.size(0), BN = v.size(1), BK = v.size(2);
-  at::Tensor packed = at::empty({nnzb, BN / NR, BK, NR}, v.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* src = v.const_data_ptr<float>();
-  float* dst = packed.mutable_data_ptr<float>();
-  const int64_t sj = v.stride(0), sn = v.stride(1), sk = v.stride(2);
-  // Reads run along k (unit stride in the row-panel layout) and writes stay inside the
-  // block's BN * BK floats. Reading along n instead steps by nnzb * BK floats (512 KiB at
-  // 50% of 4096 x 4096 with 64x64 blocks, a power of two): 1-row calls took 24.5 ms
-  // against 15.3 ms. Packing in L2-sized chunks of blocks measured no better (16.0 ms);
-  // most of the rest is page faults (see kMinRowsForMicroKernel).
-  at::parallel_for(0, nnzb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j)
-      for (int64_t n = 0; n < BN; ++n) {
-        const float* row = src + j * sj + n * sn;
-        float* out = dst + (j * (BN / NR) + n / NR) * BK * NR + n % NR;
-        for (int64_t kk = 0; kk < BK; ++kk) out[kk * NR] = row[kk * sk];
-      }
-  });
-  return packed;
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r, c < 16.
+inline void transpose16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * src_stride);
+  // Rows interleaved by element, then by pairs of elements: afterwards 128-bit lane L of
+  // a[4q + j] holds rows 4q .. 4q + 3 of column 4L + j.
+  for (int i = 0; i < 8; ++i) {
+    b[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+    b[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    a[4 * q + 0] = _mm512_shuffle_ps(b[4 * q + 0], b[4 * q + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    a[4 * q + 1] = _mm512_shuffle_ps(b[4 * q + 0], b[4 * q + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    a[4 * q + 2] = _mm512_shuffle_ps(b[4 * q + 1], b[4 * q + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    a[4 * q + 3] = _mm512_shuffle_ps(b[4 * q + 1], b[4 * q + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // Then the four row groups of each column are gathered lane by lane.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 x0 = _mm512_shuffle_f32x4(a[j], a[4 + j], _MM_SHUFFLE(2, 0, 2, 0));  // lanes 0, 2 of q0, q1
+    const __m512 x1 = _mm512_shuffle_f32x4(a[j], a[4 + j], _MM_SHUFFLE(3, 1, 3, 1));  // lanes 1, 3 of q0, q1
+    const __m512 y0 = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 y1 = _mm512_shuffle_f32x4(a[8 + j], a[12 + j], _MM_SHUFFLE(3, 1, 3, 1));
+    b[j] = _mm512_shuffle_f32x4(x0, y0, _MM_SHUFFLE(2, 0, 2, 0));        // col j      (lane 0)
+    b[8 + j] = _mm512_shuffle_f32x4(x0, y0, _MM_SHUFFLE(3, 1, 3, 1));    // col 8 + j  (lane 2)
+    b[4 + j] = _mm512_shuffle_f32x4(x1, y1, _MM_SHUFFLE(2, 0, 2, 0));    // col 4 + j  (lane 1)
+    b[12 + j] = _mm512_shuffle_f32x4(x1, y1, _MM_SHUFFLE(3, 1, 3, 1));   // col 12 + j (lane 3)
+  }
+  for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + c * dst_stride, b[c]);
+}
+// One column panel of one block row's kept blocks, for the micro-kernel: the panel's NR
+// output rows of W (rows nb .. nb + NR - 1 of every kept block j = first .. first + kept - 1
+// of values (nnzb, BN, BK)) -> (kept, BK, NR), so the NR outputs of one k are adjacent.
+// 16 x 16 tiles are transposed in registers when k is the unit stride (the row-panel layout
+// memkern stores): element by element, the strided stores made packing per task 10-15%
+// of the call at 50% sparsity. Block sizes are powers of two from 16 (BLOCK_SIZES).
+template <int NR>
+void pack_panel(const float* values, int64_t sj, int64_t sn, int64_t sk, int64_t first, int64_t kept, int64_t nb,
+                int64_t BK, float* dst) {
+  for (int64_t s = 0; s < kept; ++s, dst += BK * NR) {
+    const float* block = values + (first + s) * sj + nb * sn;
+    if (sk == 1) {
+      for (int64_t n0 = 0; n0 < NR; n0 += 16)
+        for (int64_t k0 = 0; k0 < BK; k0 += 16) transpose16(block + n0 * sn + k0, sn, dst + k0 * NR + n0, NR);
+      continue;
+    }
+    for (int64_t n = 0; n < NR; ++n)
+      for (int64_t kk = 0; kk < BK; ++kk) dst[kk * NR + n] = block[n * sn + kk * sk];
+  }
 }
 
 template <int NV>
@@ -204,18 +225,27 @@ void forward_avx512(const at::Tensor& xf, const at::Tensor& values, const int64_
   const int64_t M = xf.size(0), K = xf.size(1), n_out = yf.size(1);
   const int64_t BN = values.size(1), BK = values.size(2);
   const int64_t k_pad = (K + BK - 1) / BK * BK;
-  const at::Tensor packed = pack_panels(values, NR);
+  const at::Tensor v = values.detach().to(at::kFloat);  // a copy for float16/bfloat16 only
+  const float* v_p = v.const_data_ptr<float>();
+  const int64_t sj = v.stride(0), sn = v.stride(1), sk = v.stride(2);
+  const int64_t n_block_rows = (n_out + BN - 1) / BN;
+  int64_t most_kept = 0;
+  for (int64_t r = 0; r < n_block_rows; ++r) most_kept = std::max(most_kept, crow_p[r + 1] - crow_p[r]);
   const int64_t n_panels = (n_out + NR - 1) / NR;  // panels wholly past n_out are skipped
   const int64_t m_tiles = (M + kRowTile - 1) / kRowTile;
   const float* x_p = xf.const_data_ptr<float>();
-  const float* packed_p = packed.const_data_ptr<float>();
   float* y_p = yf.mutable_data_ptr<float>();
   const int64_t ldx = xf.stride(0), ldy = yf.stride(0);
   // Same task order as the BLAS path: all panels of a row tile of x before the next, so the
-  // packed row tile is reused from cache; a panel's packed blocks are reused from L2 by
-  // every micro-tile of the row tile. Each thread packs the row tiles its tasks touch.
+  // packed row tile is reused from cache. Each task packs its panel of the block row's kept
+  // blocks into a per-thread buffer (kept * BK * NR floats, 512 KiB at 50% of 4096 columns),
+  // reused by every micro-tile of the row tile from L2. Packing the whole weight once per
+  // call instead held a second copy of the kept blocks (+32 MiB peak at 50% of 4096 x 4096)
+  // and spent ~10 ms in first-touch page faults of that fresh buffer; repacking per row tile
+  // from a warm buffer is a copy through registers.
   at::parallel_for(0, n_panels * m_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> x_tile((std::min(kRowTile, M) + MR - 1) / MR * MR * k_pad);
+    std::vector<float> w_panel(std::max<int64_t>(most_kept, 1) * BK * NR);
     int64_t packed_m0 = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = (task % n_panels) * NR, m0 = (task / n_panels) * kRowTile;
@@ -224,11 +254,12 @@ void forward_avx512(const at::Tensor& xf, const at::Tensor& values, const int64_
         pack_row_tile<MR>(x_p + m0 * ldx, ldx, rows, K, k_pad, x_tile.data());
         packed_m0 = m0;
       }
-      const int64_t r = n0 / BN, first = crow_p[r];
-      const PanelTask t{packed_p + first * BK * BN + (n0 - r * BN) * BK,
-                        BK * BN,
+      const int64_t r = n0 / BN, first = crow_p[r], kept = crow_p[r + 1] - first;
+      pack_panel<NR>(v_p, sj, sn, sk, first, kept, n0 - r * BN, BK, w_panel.data());
+      const PanelTask t{w_panel.data(),
+                        BK * NR,
                         col_p + first,
-                        crow_p[r + 1] - first,
+                        kept,
                         BK,
                         bias_p ? bias_p + n0 : nullptr,
                         std::min<int64_t>(NR, n_out - n0)};
@@ -258,7 +289,7 @@ at::Tensor block_sparse_matmul_avx512(const at::Tensor& xf, const at::Tensor& va
 }
 #endif  // __AVX512F__
 
-// The general forward (float64, few rows, builds without AVX-512): BLAS per run of kept
+// The general forward (float64, block rows other than 16..128, builds without AVX-512): BLAS per run of kept
 // blocks.
 at::Tensor block_sparse_matmul_blas(const at::Tensor& xf, const at::Tensor& values, const at::Tensor& crow,
                                     const at::Tensor& col, int64_t n_out, const std::optional<at::Tensor>& bias) {
