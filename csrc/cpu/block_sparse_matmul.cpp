@@ -65,11 +65,11 @@ at::Tensor as_panels(const at::Tensor& values, const at::Tensor& like) {
 // -- float32 forward: AVX-512 micro-kernel ----------------------------------------------
 //
 // The output of a block row is computed in column panels of NR = min(BN, 64) columns. The
-// kept blocks are packed once per call so that each (block, panel) is a (BK x NR) matrix
-// (row kk holds W[panel columns, c*BK + kk]): one k step is NV = NR/16 contiguous vector
-// loads. An output micro-tile of MR rows x NR columns lives in MR * NV = 24 zmm registers
-// (of 32: the rest hold the NV weight vectors and the broadcast of x) for all kept blocks
-// of the block row, so y is written exactly once, with no zero-fill and no read-back.
+// kept blocks of a panel are packed (per task, see forward_avx512) so that each (block,
+// panel) is a (BK x NR) matrix (row kk holds W[panel columns, c*BK + kk]): one k step is
+// NV = NR/16 contiguous vector loads. An output micro-tile of MR rows x NR columns lives
+// in MR * NV = 24 zmm registers (of 32: the rest hold the NV weight vectors and the
+// broadcast of x) for all kept blocks of the block row, so y is written exactly once, with no zero-fill and no read-back.
 //
 // x is packed too, one row tile at a time by the thread that uses it, as micro-panels of
 // MR rows interleaved by k (element (i, k) at k * MR + i), zero-padded to whole blocks
@@ -94,7 +94,8 @@ constexpr int64_t kMaxPanelWidth = 64;
 // faults on its fresh 32 MiB buffer, which kept the BLAS path below 512 rows; transparent
 // huge pages for that buffer made full-size calls bimodal.)
 
-// Whether the micro-kernel computes this call: float32 compute and block rows of 16, 32, 64 or 128 (the panel widths it is instantiated for, 128 as two panels of 64;
+// Whether the micro-kernel computes this call: float32 compute and block rows of 16, 32, 64
+// or 128 (the panel widths it is instantiated for, 128 as two panels of 64;
 // memkern.ops.sparse.BLOCK_SIZES). Anything else takes the BLAS path.
 bool micro_kernel_takes(const at::Tensor& xf, int64_t BN) {
   return xf.scalar_type() == at::kFloat && (BN == 16 || BN == 32 || BN == 64 || BN == 128);

@@ -349,13 +349,6 @@ void int8_linear_vnni(const x_t* x, int64_t M, int64_t K, int64_t xs0, int64_t x
 }
 #endif  // MEMKERN_AVX512_VNNI
 
-constexpr bool kHasVnni =
-#ifdef MEMKERN_AVX512_VNNI
-    true;
-#else
-    false;
-#endif
-
 // acc = a @ b.T in int32 (a: M x K, b: N x K, int8): the VNNI kernel where this build has
 // it and allow_vnni is set, otherwise the portable loop.
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, bool allow_vnni) {
