@@ -50,6 +50,11 @@ class KDOptions:
     def divergence_id(self) -> int:
         return DIVERGENCES.index(self.divergence)
 
+    def reference_options(self) -> dict:
+        """The keyword arguments of reference.kd_loss_rows and kd_loss_rows_grad."""
+        return dict(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence, beta=self.beta,
+                    ignore_index=self.ignore_index, kd_scale=self.kd_scale)
+
 
 def check_options(op: str, *, has_labels: bool, alpha: float, temperature: float, divergence: str,
                   beta: float, ignore_index: int, reduction: str, soft_loss_scale: str) -> KDOptions:
@@ -126,8 +131,7 @@ _rows = backends.op_table("kd_loss_rows", preference=_GPU_FIRST)
 
 @_rows.register("torch")
 def _rows_torch(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
-    options = dict(alpha=opts.alpha, temperature=opts.temperature, divergence=opts.divergence, beta=opts.beta,
-                   ignore_index=opts.ignore_index, kd_scale=opts.kd_scale)
+    options = opts.reference_options()
     loss = reference.kd_loss_rows(s, t, labels, **options)
     if grad.dim() == 2:  # grad may be s itself: the loss above has already read it
         grad.copy_(reference.kd_loss_rows_grad(s, t, labels, _row_weights(loss, row_scale, grad_scale), **options))
@@ -323,8 +327,7 @@ _linear = backends.op_table("linear_kd_loss", preference=_GPU_FIRST)
 
 @_linear.register("torch")
 def _linear_torch(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
-    options = dict(alpha=opts.alpha, temperature=opts.temperature, divergence=opts.divergence, beta=opts.beta,
-                   ignore_index=opts.ignore_index, kd_scale=opts.kd_scale)
+    options = opts.reference_options()
     acc = _acc_dtype(hs.dtype)
     s = torch.nn.functional.linear(hs, ws, bs)
     t = torch.nn.functional.linear(ht, wt, bt)
