@@ -21,10 +21,11 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
 @pytest.fixture(autouse=True)
-def kernels():
+def kernels(request):
     """memkern.kernels.kd, once the triton backend is known to run here (else skip, or fail
     under MEMKERN_REQUIRE_BACKENDS=triton)."""
-    require_backend("linear_kd_loss", "triton", torch.zeros(1, 1))
+    device = "cuda" if request.node.get_closest_marker("gpu") is not None else "cpu"
+    require_backend("linear_kd_loss", "triton", torch.zeros(1, 1, device=device))
     from memkern.kernels import kd
 
     return kd
@@ -89,7 +90,7 @@ def _row_weight(y, rows, reduction, upstream):
     if reduction == "none":
         return upstream
     n = rows if y is None else int((y != -100).sum())
-    return torch.full((rows,), 1.0 / max(n, 1) if reduction == "mean" else 1.0) * upstream
+    return torch.full((rows,), 1.0 / max(n, 1) if reduction == "mean" else 1.0, device=upstream.device) * upstream
 
 
 def _run(hs, ws, bs, ht, wt, bt, y, opts, upstream=None):
@@ -102,7 +103,8 @@ def _run(hs, ws, bs, ht, wt, bt, y, opts, upstream=None):
         loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2],
                                           teacher_bias=bt, **opts)
         if upstream is None:
-            upstream = torch.randn(loss.shape) if opts["reduction"] == "none" else torch.tensor(1.0)
+            upstream = torch.randn(loss.shape, device=loss.device) if opts["reduction"] == "none" \
+                else torch.tensor(1.0, device=loss.device)
         loss.backward(upstream)
     return loss, [x.grad if x is not None else None for x in leaves], upstream
 
@@ -331,3 +333,35 @@ def test_no_rows(kernels):
     assert loss.shape == (0,) and gh.shape == (0, 8)
     assert torch.equal(gw, torch.zeros_like(ws)) and torch.equal(gb, torch.zeros_like(bs))
 
+
+
+# -- on a GPU (compiled kernels, real atomics) ----------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, divergence, reduction", [(torch.float32, "jsd", "none"),
+                                                          (torch.bfloat16, "forward_kl", "mean"),
+                                                          (torch.bfloat16, "reverse_kl", "none")])
+def test_gpu_fused_linear_gradients(dtype, divergence, reduction, monkeypatch):
+    rows, hidden_s, hidden_t, vocab = 2048, 256, 384, 32003
+    inputs = [x.cuda() if x is not None else None
+              for x in _inputs(rows, hidden_s, hidden_t, vocab, dtype=dtype)]
+    hs, ws, bs, ht, wt, bt, y = inputs
+    monkeypatch.setattr(kd_ops, "linear_chunks", _forbid)
+    opts = _options(divergence=divergence, reduction=reduction)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss, grads, upstream = _run(hs, ws, bs, ht, wt, bt, y, opts)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # parameter copies, gradients and their fp32 accumulators; one fp32 rows x vocab tensor
+    # alone would be twice this bound
+    assert extra < rows * vocab * 4 // 2, f"{extra / 2**20:.1f} MiB above the inputs"
+    ref_loss, *ref_grads = _reference(hs, ws, bs, ht, wt, bt, y, opts, _row_weight(y, rows, reduction, upstream))
+    want = ref_loss if reduction == "none" else ref_loss.sum() / int((y != -100).sum())
+    assert_rel_close(loss, want, torch.float32, factor=10)
+    for grad, ref in zip(grads, ref_grads):
+        assert_rel_close(grad, ref, dtype, factor=10 if dtype == torch.float32 else 2)
+    # the atomics reorder the sums between runs: equal up to float32 rounding
+    again = _run(hs, ws, bs, ht, wt, bt, y, opts, upstream)[1]
+    for a, b in zip(grads, again):
+        assert_rel_close(b, a, torch.float32, factor=10)
