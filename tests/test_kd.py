@@ -372,11 +372,11 @@ def test_linear_kd_loss_matches_float64_reference(backend, lc, small_chunks):
     require_backend("linear_kd_loss", backend, hs.reshape(-1, lc.hidden_s))
     opts = lc.case.options()
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (hs, ws, bs)]
-    with memkern.use_backend(backend):
+    with memkern.use_backend(backend):  # backward too: reduction="none" recomputes there
         loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
                                           teacher_bias=bt, **opts)
-    upstream = torch.randn(loss.shape)
-    loss.backward(upstream)
+        upstream = torch.randn(loss.shape)
+        loss.backward(upstream)
     ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)
     assert_rel_close(loss, ref, torch.float32)
     for leaf, ref_grad in zip(leaves, ref_grads):
@@ -396,8 +396,8 @@ def test_linear_kd_loss_mixed_dtypes(backend, reduction, small_chunks):
     with memkern.use_backend(backend):
         loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
                                           teacher_bias=bt, **opts)
-    upstream = torch.rand(loss.shape) + 0.5
-    loss.backward(upstream)
+        upstream = torch.rand(loss.shape) + 0.5
+        loss.backward(upstream)
     ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)
     # The logits themselves are bf16 matmul outputs, as in the eager composition.
     assert_rel_close(loss, ref, torch.bfloat16)

@@ -1,16 +1,40 @@
 """Triton kernels of the distillation loss.
 
 * ``_kd_rows_kernel``: one program per row of (rows x V) logits: the row's loss and, in the
-  same launch, w * d loss / d student logits (the per-row kernel of the logits form and of
-  the chunked fused-linear path). Same passes as csrc/cpu/kd_loss.cpp: maxima, normalisers
-  and KL numerators relative to the maxima (exact cancellation of huge logits), the JSD
-  pass, the gradient pass; each pass streams the row in BLOCK-wide tiles.
-* ``_linear_kd_stats_kernel``: the fused-linear forward without gradients: a program owns
-  BLOCK_M rows and walks the vocabulary in BLOCK_V tiles, computing each tile of student and
-  teacher logits with tl.dot over the hidden dimension and folding it into running (online)
-  maxima and normalisers at once, so logits never reach memory. It serves reduction="none"
-  forwards and no-grad calls; gradients go through the chunked path (torch matmuls plus
-  ``_kd_rows_kernel``), which keeps one chunk of logits at a time.
+  same launch, w * d loss / d student logits (the kernel of the logits form). Same passes
+  as csrc/cpu/kd_loss.cpp: maxima, normalisers and KL numerators relative to the maxima
+  (exact cancellation of huge logits), the JSD pass, the gradient pass; each pass streams
+  the row in BLOCK-wide tiles.
+* ``_linear_kd_stats_kernel``: the fused-linear forward: a program owns BLOCK_M rows and
+  walks the vocabulary in BLOCK_V tiles, computing each tile of student and teacher logits
+  with tl.dot over the hidden dimension and folding it into running (online) maxima and
+  normalisers at once, so logits never reach memory (the JSD takes a second sweep with the
+  final statistics). It writes the loss per row and, when gradients are wanted, eight
+  float32 statistics per row (columns ``_ST_*``): what the gradient needs besides the
+  logits themselves.
+* ``_linear_kd_grad_kernel``: the fused-linear gradient, with the structure of "cut
+  cross-entropy" (Wijmans et al., 2024). Grid (row tiles x vocabulary tiles); a program
+  recomputes its student and teacher logit tiles with the same ``_logits_tile`` and hidden
+  tile as the stats kernel, turns them and the row statistics into g = w_i d l_i / d s
+  (the formulas of the gradient pass of ``_kd_rows_kernel``), and adds g @ ws[cols] into
+  grad_h[rows], g.T @ hs[rows] into grad_w[cols] and the column sums of g into grad_b[cols],
+  looping over the student's hidden dimension in BLOCK_K slices, with atomic adds into
+  float32 accumulators.
+
+Why this structure for training: no rows x V tensor of any kind exists. Besides the
+gradients themselves (grad_h accumulated in fp32, rows x H_s; grad_w fp32, V x H_s, which
+any fp32 accumulation of the weight gradient needs) the extra memory is rows x 8 floats of
+statistics, independent of the vocabulary. The price is recomputation. Predicted from
+counting, not measured: the stats pass does 2 logit matmuls (student and teacher; 4 with
+the JSD's second sweep), the gradient pass 2 recomputed logit matmuls and the 2 gradient
+matmuls, so 6 matmul-equivalents (8 for the JSD) against the 4 of the eager composition
+(the teacher's products count in proportion to its hidden size). bench/NOTES.md has the
+atomic traffic. No GPU figure has been measured.
+
+The atomics make the summation order of grad_h, grad_w and grad_b depend on the order in
+which programs run: on a GPU two runs differ by float32 rounding (the loss does not: each
+row's statistics are summed by one program in a fixed order). Under TRITON_INTERPRET=1
+programs run one at a time and runs repeat exactly.
 """
 from __future__ import annotations
 
@@ -24,6 +48,14 @@ from memkern import _library
 from memkern.ops import kd as kd_ops
 
 _FKL, _RKL, _JSD = 0, 1, 2
+
+# Columns of the per-row statistics (rows x _N_STATS float32) that the fused-linear forward
+# leaves for the gradient kernel: the maxima of the student and teacher logits, the logs of
+# the temperature-T normalisers and the temperature-1 normaliser of the cross entropy
+# (all relative to the maxima), the divergence d (reverse KL's gradient needs it), JSD's
+# KL(q || m) term kq, and the NaN flag.
+_ST_MS, _ST_MT, _ST_LOG_ZS, _ST_LOG_ZT, _ST_Z1, _ST_D, _ST_KQ, _ST_NAN = (tl.constexpr(i) for i in range(8))
+_N_STATS = tl.constexpr(8)
 
 
 @triton.jit
@@ -211,12 +243,12 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows_m, mask_m, cols_v, mask_v, H, stride_
 
 @triton.jit
 def _linear_kd_stats_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, loss_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, loss_ptr, stats_ptr,
     N, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
     inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,
     HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, WRITE_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -276,6 +308,7 @@ def _linear_kd_stats_kernel(
     ce = tl.zeros([BLOCK_M], tl.float32)
     if CE:
         ce = tl.log(z1) + ms - s_y
+    kq = tl.zeros([BLOCK_M], tl.float32)
     if DIV == 0:
         d = num * inv_t / zt - (mt - ms) * inv_t - log_zt + log_zs
     elif DIV == 1:
@@ -296,40 +329,194 @@ def _linear_kd_stats_kernel(
             lm = _log_mix(lp, lq, log_beta, log_1mb)
             dp += tl.sum(tl.where(mask_v[None, :], tl.exp(lp) * (lp - lm), 0.0), axis=1)
             dq += tl.sum(tl.where(mask_v[None, :], tl.exp(lq) * (lq - lm), 0.0), axis=1)
+        kq = dq
         d = beta * dp + (1.0 - beta) * dq
     loss = alpha * ce + c_kd * d
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(valid & (nan > 0), float("nan"), loss)
     tl.store(loss_ptr + rows_m, loss, mask=mask_m)
+    if WRITE_STATS:
+        # what the gradient kernel needs to rebuild d loss / d logits from recomputed tiles
+        st = stats_ptr + rows_m * _N_STATS
+        tl.store(st + _ST_MS, ms, mask=mask_m)
+        tl.store(st + _ST_MT, mt, mask=mask_m)
+        tl.store(st + _ST_LOG_ZS, log_zs, mask=mask_m)
+        tl.store(st + _ST_LOG_ZT, log_zt, mask=mask_m)
+        tl.store(st + _ST_Z1, z1, mask=mask_m)
+        tl.store(st + _ST_D, d, mask=mask_m)
+        tl.store(st + _ST_KQ, kq, mask=mask_m)
+        tl.store(st + _ST_NAN, nan.to(tl.float32), mask=mask_m)
 
 
-def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts) -> torch.Tensor:
-    """Per-row losses of the fused-linear form, logits never leaving the chip."""
-    rows, vocab = hs.shape[0], ws.shape[0]
-    loss = torch.empty(rows, dtype=torch.float32, device=hs.device)
-    if rows == 0:
-        return loss
-    hs, ws, ht, wt = (x.contiguous() for x in (hs, ws, ht, wt))
-    block_m, block_v, block_k = 16, 64, 32
+@triton.jit
+def _linear_kd_grad_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, rs_ptr, stats_ptr, gh_ptr, gw_ptr, gb_ptr,
+    N, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index, grad_scale,
+    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M rows x BLOCK_V columns) tile of g = w_i * d l_i / d s (pass 4 of
+    ``_kd_rows_kernel``, from recomputed logits and the saved row statistics), added into
+    grad_h[rows] (g @ ws[cols]), grad_w[cols] (g.T @ hs[rows]) and grad_b[cols] (column sums
+    of g) with atomics: other programs own the same rows (other column tiles) and the same
+    columns (other row tiles)."""
+    rows_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    mask_m = rows_m < N
+    mask_v = cols < V
+    valid = mask_m
+    y = tl.zeros([BLOCK_M], tl.int64)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows_m, mask=mask_m, other=ignore_index)
+        valid = mask_m & (y != ignore_index)
+    st = stats_ptr + rows_m * _N_STATS
+    ms = tl.load(st + _ST_MS, mask=mask_m, other=0.0)
+    mt = tl.load(st + _ST_MT, mask=mask_m, other=0.0)
+    log_zs = tl.load(st + _ST_LOG_ZS, mask=mask_m, other=0.0)
+    log_zt = tl.load(st + _ST_LOG_ZT, mask=mask_m, other=0.0)
+    has_nan = tl.load(st + _ST_NAN, mask=mask_m, other=0.0) > 0
+    w = tl.zeros([BLOCK_M], tl.float32) + grad_scale
+    if HAS_ROW_SCALE:
+        w = w * tl.load(rs_ptr + rows_m, mask=mask_m, other=0.0).to(tl.float32)
+    w = tl.where(valid, w, 0.0)
+
+    s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
+                     HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
+    t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
+                     HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
+    ds = s - ms[:, None]
+    lq = ds * inv_t - log_zs[:, None]
+    lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
+    q = tl.exp(lq)
+    w_kd = (c_kd * inv_t * w)[:, None]
+    if DIV == 0:
+        g = w_kd * (q - tl.exp(lp))
+    elif DIV == 1:
+        d = tl.load(st + _ST_D, mask=mask_m, other=0.0)
+        g = w_kd * q * (lq - lp - d[:, None])
+    else:
+        kq = tl.load(st + _ST_KQ, mask=mask_m, other=0.0)
+        g = w_kd * (1.0 - beta) * q * (lq - _log_mix(lp, lq, log_beta, log_1mb) - kq[:, None])
+    if CE:
+        z1 = tl.load(st + _ST_Z1, mask=mask_m, other=1.0)
+        w_ce = alpha * w / z1
+        g += w_ce[:, None] * tl.exp(ds) - tl.where(cols[None, :] == y[:, None], (alpha * w)[:, None], 0.0)
+    live = valid[:, None] & mask_v[None, :]
+    g = tl.where(live, g, 0.0)  # NaN logits of an ignored row give 0, not NaN
+    g = tl.where(live & has_nan[:, None], float("nan"), g)
+    if HAS_BS:
+        tl.atomic_add(gb_ptr + cols, tl.sum(g, axis=0), mask=mask_v, sem="relaxed")
+
+    # The products take g in the student's dtype, as the matmuls of the chunked path do.
+    gd = g.to(hs_ptr.dtype.element_ty)
+    if UPCAST_S:
+        gd = gd.to(tl.float32)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    for k in range(0, HS, BLOCK_K):
+        kk = k + offs_k
+        mask_k = kk < HS
+        w_tile = tl.load(ws_ptr + cols[:, None] * stride_ws + kk[None, :], mask=mask_v[:, None] & mask_k[None, :],
+                         other=0.0)
+        # rows that do not count are read as zeros: a NaN in their hidden state stays out of grad_w
+        h_tile = tl.load(hs_ptr + rows_m[:, None] * stride_hs + kk[None, :], mask=valid[:, None] & mask_k[None, :],
+                         other=0.0)
+        if UPCAST_S:
+            w_tile = w_tile.to(tl.float32)
+            h_tile = h_tile.to(tl.float32)
+        gh = tl.dot(gd, w_tile, input_precision=PREC_S)
+        tl.atomic_add(gh_ptr + rows_m[:, None] * HS + kk[None, :], gh, mask=valid[:, None] & mask_k[None, :],
+                      sem="relaxed")
+        gw = tl.dot(tl.trans(gd), h_tile, input_precision=PREC_S)
+        tl.atomic_add(gw_ptr + cols[:, None] * HS + kk[None, :], gw, mask=mask_v[:, None] & mask_k[None, :],
+                      sem="relaxed")
+
+
+def _contiguous(*xs):
+    return tuple(x.contiguous() if x is not None else None for x in xs)
+
+
+def _linear_flags(hs, bs, ht, bt, labels, opts) -> dict:
+    """Compile-time flags shared by the fused-linear kernels."""
     interpret = _library.triton_interpret()
-    dummy = loss
-    _linear_kd_stats_kernel[(triton.cdiv(rows, block_m),)](
-        hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
-        labels if labels is not None else dummy, loss, rows, vocab, hs.shape[1], ht.shape[1],
-        hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), **_scalars(opts),
+    return dict(
         HAS_LABELS=labels is not None, CE=labels is not None and opts.alpha != 0.0,
         DIV=opts.divergence_id, HAS_BS=bs is not None, HAS_BT=bt is not None,
         # fp32 products in full fp32 (tf32 would cost ~1e-3 relative on the logits)
         PREC_S="ieee" if hs.dtype == torch.float32 else None,
         PREC_T="ieee" if ht.dtype == torch.float32 else None,
         UPCAST_S=interpret and hs.dtype == torch.bfloat16, UPCAST_T=interpret and ht.dtype == torch.bfloat16,
+    )
+
+
+def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats=None) -> torch.Tensor:
+    """Per-row losses of the fused-linear form, logits never leaving the chip; with
+    ``stats`` (rows x _N_STATS float32) also the row statistics of the gradient kernel."""
+    rows, vocab = hs.shape[0], ws.shape[0]
+    loss = torch.empty(rows, dtype=torch.float32, device=hs.device)
+    if rows == 0:
+        return loss
+    hs, ws, bs, ht, wt, bt = _contiguous(hs, ws, bs, ht, wt, bt)
+    block_m, block_v, block_k = 16, 64, _block_k()
+    dummy = loss
+    _linear_kd_stats_kernel[(triton.cdiv(rows, block_m),)](
+        hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
+        labels if labels is not None else dummy, loss, stats if stats is not None else dummy,
+        rows, vocab, hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
+        **_scalars(opts), **_linear_flags(hs, bs, ht, bt, labels, opts), WRITE_STATS=stats is not None,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
     )
     return loss
 
 
+def _block_k() -> int:
+    """Hidden-dimension tile of the logit products, the same in the stats and the gradient
+    kernel so that both sum each logit in the same order and the gradient kernel's
+    recomputed logits match the statistics they are normalised with."""
+    return 16 if _library.triton_interpret() else 64
+
+
+def _grad_launch_config() -> dict:
+    if _library.triton_interpret():
+        # Small tiles, so test shapes of a few rows and ~100-200 columns still cross row,
+        # column and hidden tile boundaries and several programs add into each accumulator.
+        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=_block_k())
+    # Chosen for sm_80/sm_90, not tuned on a GPU: 64 x 128 fp32 tiles of s, t and g take
+    # ~96 registers a thread at 8 warps; two stages of fp32 operand tiles take 96 KiB of
+    # shared memory, within an A100's or H100's.
+    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=_block_k(), num_warps=8, num_stages=2)
+
+
+def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
+    """Loss per row (fp32) and the gradients of sum_i w_i l_i (w_i = grad_scale *
+    row_scale[i]): grad_h in hs.dtype, grad_w and grad_b (None without a student bias) in
+    fp32. Two launches: the stats kernel (loss and row statistics) and the gradient kernel."""
+    rows, hidden, vocab = hs.shape[0], hs.shape[1], ws.shape[0]
+    hs, ws, bs, ht, wt, bt, row_scale = _contiguous(hs, ws, bs, ht, wt, bt, row_scale)
+    device = hs.device
+    stats = torch.empty(rows, int(_N_STATS), dtype=torch.float32, device=device)
+    loss = linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats)
+    grad_h = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
+    grad_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bs is not None else None
+    if rows > 0 and vocab > 0:
+        config = _grad_launch_config()
+        grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(vocab, config["BLOCK_V"]))
+        dummy = stats
+        _linear_kd_grad_kernel[grid](
+            hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
+            labels if labels is not None else dummy, row_scale if row_scale is not None else dummy, stats,
+            grad_h, grad_w, grad_b if grad_b is not None else dummy,
+            rows, vocab, hidden, ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
+            grad_scale=grad_scale, **_scalars(opts), **_linear_flags(hs, bs, ht, bt, labels, opts),
+            HAS_ROW_SCALE=row_scale is not None, **config,
+        )
+    return loss, grad_h.to(hs.dtype), grad_w, grad_b
+
+
 def linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
     if not want_grad:
         return linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts), None, None, None
-    return kd_ops.linear_chunks(kd_loss_rows, hs, ws, bs, ht, wt, bt, labels, opts, row_scale=row_scale,
-                                grad_scale=grad_scale, want_grad=True)
+    return linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale)

@@ -16,7 +16,10 @@ How memory is saved:
   states, weight and bias. No rows x V tensor exists at any time. With a scalar upstream
   gradient (reduction "mean" or "sum") this happens in forward and backward scales the
   results; with reduction "none" the upstream gradient differs per row, so forward keeps
-  only the per-row losses and backward recomputes the logit chunks.
+  only the per-row losses and backward recomputes the logit chunks. That is the cpp and
+  cuda backends; the triton backend does not chunk: its kernels tile the matmul and the
+  online softmax together, keep eight statistics per row and recompute logit tiles for the
+  gradient (memkern/kernels/kd.py), so its extra memory is O(rows) besides the gradients.
 """
 from __future__ import annotations
 
@@ -629,5 +632,7 @@ linear_kd_loss.__doc__ = """Distillation loss of two lm_heads, the projection fu
         labels and the options: as :func:`kd_loss`.
 
     Gradients flow to student_hidden, student_weight and student_bias (weight and bias
-    gradients accumulated in float32 over row chunks), never to the teacher.
+    gradients accumulated in float32: over row chunks, or tile by tile with atomic adds on
+    the triton backend, whose sums are therefore not bitwise repeatable on a GPU), never
+    to the teacher.
 """ + _SEMANTICS
