@@ -298,12 +298,17 @@ def _s():
         (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5),
                                             torch.randn(10, 5), torch.tensor([0, 1, 2, 10])), ValueError,
          ["labels", "[0, 10)"]),
+        (lambda: memkern.ops.kd_loss(torch.randn(4, 0), torch.randn(4, 0), None, alpha=0.0), ValueError,
+         ["vocabulary", "at least one", "(4, 0)"]),
+        (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(0, 8), torch.randn(4, 5),
+                                            torch.randn(0, 5), None, alpha=0.0), ValueError,
+         ["vocabulary", "at least one", "student_weight", "(0, 8)"]),
     ],
     ids=["vocab-mismatch", "T-zero", "T-negative", "alpha-above-1", "alpha-negative", "label-too-big",
          "label-negative", "no-labels-with-alpha", "labels-shape", "labels-float", "divergence",
          "jsd-beta", "reduction", "soft-loss-scale", "int-logits", "1-D", "shape-mismatch",
          "hidden-weight-mismatch", "linear-vocab-mismatch", "linear-rows-mismatch", "bias-shape",
-         "linear-label-range"],
+         "linear-label-range", "empty-vocab", "linear-empty-vocab"],
 )
 def test_bad_input_is_a_clear_error(call, error, words):
     with pytest.raises(error) as info:
