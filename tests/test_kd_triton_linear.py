@@ -338,6 +338,62 @@ def test_no_rows(kernels):
 
 
 
+# -- vocabulary slabs and rows that do not count ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weight_gradient_is_accumulated_one_vocabulary_slab_at_a_time(dtype, kernels, monkeypatch):
+    rows, hidden_s, hidden_t, vocab = _shape()
+    hs, ws, bs, ht, wt, bt, y = _inputs(rows, hidden_s, hidden_t, vocab, dtype=dtype)
+    require_backend("linear_kd_loss", "triton", hs)
+    opts = _kd_options(_options(divergence="reverse_kl"), True)
+    whole = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, True)
+    assert whole[2].dtype == torch.float32  # the test shape fits one slab by default
+    block_v = kernels._grad_launch_config()["BLOCK_V"]
+    monkeypatch.setattr(kernels, "WEIGHT_GRAD_SLAB_BYTES", 4 * hidden_s * block_v)  # one column tile a slab
+    spy = _Spy(kernels._linear_kd_grad_kernel)
+    monkeypatch.setattr(kernels, "_linear_kd_grad_kernel", spy)
+    loss, gh, gw, gb = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, True)
+    assert spy.launches == math.ceil(vocab / block_v)
+    assert gw.dtype == dtype  # complete slabs are cast at once: no fp32 vocab x hidden buffer
+    # The same sums in the same order (each weight-gradient column has one slab): the slab
+    # version is the whole-vocabulary one cast to the weight's dtype.
+    assert torch.equal(gw, whole[2].to(dtype))
+    for a, b in zip((loss, gh, gb), (whole[0], whole[1], whole[3])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    _, *ref_grads = _reference(hs, ws, bs, ht, wt, bt, y, _options(divergence="reverse_kl"),
+                               _row_weight(y, rows, "sum", torch.tensor(1.0)))
+    assert_rel_close(gw, ref_grads[1], dtype, factor=2)
+
+
+def test_ignored_rows_never_reach_the_kernels(kernels, monkeypatch):
+    rows, hidden_s, hidden_t, vocab = _shape()
+    hs, ws, bs, ht, wt, bt, y = _inputs(rows, hidden_s, hidden_t, vocab)
+    require_backend("linear_kd_loss", "triton", hs)
+    opts = _kd_options(_options(divergence="jsd"), True)
+    row_scale = torch.rand(rows) + 0.5
+    # The kernels mask ignored rows themselves: run them on every row as the reference.
+    everything = kernels.linear_kd_grad(hs, ws, bs, ht, wt, bt, y, opts, row_scale, 0.5)
+    seen = []
+    stats = kernels.linear_kd_stats
+
+    def spy(hs, *args, **kwargs):
+        seen.append(hs.shape[0])
+        return stats(hs, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "linear_kd_stats", spy)
+    kept = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, y, opts, row_scale, 0.5, True)
+    n_kept = int((y != -100).sum())
+    assert 0 < n_kept < rows and seen == [n_kept]
+    assert torch.equal(kept[1][y == -100], torch.zeros_like(kept[1][y == -100]))
+    assert torch.equal(kept[0][y == -100], torch.zeros_like(kept[0][y == -100]))
+    for a, b in zip(kept, everything):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # every row ignored: no kernel at all, zero loss and gradients
+    seen.clear()
+    all_ignored = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, torch.full_like(y, -100), opts, None, 1.0, True)
+    assert seen == [0]
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in all_ignored)
+
+
 # -- on a GPU (compiled kernels, real atomics) ----------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, divergence, reduction", [(torch.float32, "jsd", "none"),

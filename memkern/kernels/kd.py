@@ -22,9 +22,11 @@
   float32 accumulators.
 
 Why this structure for training: no rows x V tensor of any kind exists. Besides the
-gradients themselves (grad_h accumulated in fp32, rows x H_s; grad_w fp32, V x H_s, which
-any fp32 accumulation of the weight gradient needs) the extra memory is rows x 8 floats of
-statistics, independent of the vocabulary. The price is recomputation. Predicted from
+gradients themselves the extra memory is rows x 8 floats of statistics, grad_h's fp32
+accumulator (rows x H_s) and grad_w's: for a float32 weight the gradient itself, for a
+half-precision one a slab of at most WEIGHT_GRAD_SLAB_BYTES (256 MiB) of vocabulary rows,
+cast into the weight's dtype as soon as it is complete, so the memory does not grow with
+the vocabulary. Rows whose label is ignore_index never enter a kernel (kd_ops.kept_rows). The price is recomputation. Predicted from
 counting, not measured: the stats pass does 2 logit matmuls (student and teacher; 4 with
 the JSD's second sweep), the gradient pass 2 recomputed logit matmuls and the 2 gradient
 matmuls, so 6 matmul-equivalents (8 for the JSD) against the 4 of the eager composition
@@ -351,7 +353,7 @@ def _linear_kd_stats_kernel(
 @triton.jit
 def _linear_kd_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, rs_ptr, stats_ptr, gh_ptr, gw_ptr, gb_ptr,
-    N, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
+    N, V0, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
     inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index, grad_scale,
     HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
@@ -362,9 +364,10 @@ def _linear_kd_grad_kernel(
     ``_kd_rows_kernel``, from recomputed logits and the saved row statistics), added into
     grad_h[rows] (g @ ws[cols]), grad_w[cols] (g.T @ hs[rows]) and grad_b[cols] (column sums
     of g) with atomics: other programs own the same rows (other column tiles) and the same
-    columns (other row tiles)."""
+    columns (other row tiles). The launch covers vocabulary columns V0 .. V - 1 (one slab);
+    gw_ptr points at the slab's accumulator, whose row 0 is column V0."""
     rows_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    cols = V0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     mask_m = rows_m < N
     mask_v = cols < V
     valid = mask_m
@@ -430,7 +433,7 @@ def _linear_kd_grad_kernel(
         tl.atomic_add(gh_ptr + rows_m[:, None] * HS + kk[None, :], gh, mask=valid[:, None] & mask_k[None, :],
                       sem="relaxed")
         gw = tl.dot(tl.trans(gd), h_tile, input_precision=PREC_S)
-        tl.atomic_add(gw_ptr + cols[:, None] * HS + kk[None, :], gw, mask=mask_v[:, None] & mask_k[None, :],
+        tl.atomic_add(gw_ptr + (cols - V0)[:, None] * HS + kk[None, :], gw, mask=mask_v[:, None] & mask_k[None, :],
                       sem="relaxed")
 
 
@@ -489,34 +492,79 @@ def _grad_launch_config() -> dict:
     return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=_block_k(), num_warps=8, num_stages=2)
 
 
+# The float32 weight-gradient accumulator of a half-precision weight is kept to this many
+# bytes: the vocabulary is run in slabs, and each slab's sums are cast into the weight's
+# dtype as soon as they are complete. One accumulator for the whole weight would be V x H
+# fp32, 1.96 GiB at 128256 x 4096, twice the bf16 gradient it becomes. A float32 weight's
+# gradient is its own accumulator (one slab).
+WEIGHT_GRAD_SLAB_BYTES = 256 << 20
+
+
+def _vocab_slab(vocab: int, hidden: int, weight_dtype: torch.dtype, block_v: int) -> int:
+    """Vocabulary columns per slab: whole column tiles, at least one."""
+    if weight_dtype == torch.float32:
+        return vocab
+    columns = WEIGHT_GRAD_SLAB_BYTES // (4 * max(hidden, 1)) // block_v * block_v
+    return min(vocab, max(block_v, columns))
+
+
 def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
     """Loss per row (fp32) and the gradients of sum_i w_i l_i (w_i = grad_scale *
-    row_scale[i]): grad_h in hs.dtype, grad_w and grad_b (None without a student bias) in
-    fp32. Two launches: the stats kernel (loss and row statistics) and the gradient kernel."""
+    row_scale[i]): grad_h in hs.dtype, grad_w in fp32 (or in the weight's dtype when it was
+    accumulated slab by slab, _vocab_slab) and grad_b (None without a student bias) in fp32.
+    Two kernels: the stats kernel (loss and row statistics), then the gradient kernel once
+    per vocabulary slab."""
     rows, hidden, vocab = hs.shape[0], hs.shape[1], ws.shape[0]
     hs, ws, bs, ht, wt, bt, row_scale = _contiguous(hs, ws, bs, ht, wt, bt, row_scale)
     device = hs.device
     stats = torch.empty(rows, int(_N_STATS), dtype=torch.float32, device=device)
     loss = linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats)
     grad_h = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
-    grad_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
+    config = _grad_launch_config()
+    slab = _vocab_slab(vocab, hidden, ws.dtype, config["BLOCK_V"])
+    if slab >= vocab:
+        grad_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
+    else:
+        grad_w = torch.empty(vocab, hidden, dtype=ws.dtype, device=device)
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bs is not None else None
-    if rows > 0 and vocab > 0:
-        config = _grad_launch_config()
-        grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(vocab, config["BLOCK_V"]))
-        dummy = stats
-        _linear_kd_grad_kernel[grid](
-            hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
-            labels if labels is not None else dummy, row_scale if row_scale is not None else dummy, stats,
-            grad_h, grad_w, grad_b if grad_b is not None else dummy,
-            rows, vocab, hidden, ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-            grad_scale=grad_scale, **_scalars(opts), **_linear_flags(hs, bs, ht, bt, labels, opts),
-            HAS_ROW_SCALE=row_scale is not None, **config,
-        )
+    dummy = stats
+    for v0 in range(0, vocab, slab):
+        v1 = min(vocab, v0 + slab)
+        acc = grad_w if slab >= vocab else torch.zeros(v1 - v0, hidden, dtype=torch.float32, device=device)
+        if rows > 0:
+            grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(v1 - v0, config["BLOCK_V"]))
+            _linear_kd_grad_kernel[grid](
+                hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
+                labels if labels is not None else dummy, row_scale if row_scale is not None else dummy, stats,
+                grad_h, acc, grad_b if grad_b is not None else dummy,
+                rows, v0, v1, hidden, ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
+                grad_scale=grad_scale, **_scalars(opts), **_linear_flags(hs, bs, ht, bt, labels, opts),
+                HAS_ROW_SCALE=row_scale is not None, **config,
+            )
+        if acc is not grad_w:
+            grad_w[v0:v1] = acc  # complete: cast into the weight's dtype
     return loss, grad_h.to(hs.dtype), grad_w, grad_b
 
 
-def linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
+def _linear_kd_kept(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
     if not want_grad:
         return linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts), None, None, None
     return linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale)
+
+
+def linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
+    """The fused-linear form on the rows that count (kd_ops.kept_rows); ignored rows get loss
+    0 and a zero grad_h row without entering a kernel."""
+    kept = kd_ops.kept_rows(labels, opts)
+    if kept is None:
+        return _linear_kd_kept(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad)
+
+    def take(x):
+        return x.index_select(0, kept) if x is not None else None
+
+    loss, grad_h, grad_w, grad_b = _linear_kd_kept(take(hs), ws, bs, take(ht), wt, bt, take(labels), opts,
+                                                   take(row_scale), grad_scale, want_grad)
+    loss = loss.new_zeros(hs.shape[0]).index_copy_(0, kept, loss)
+    if grad_h is not None:
+        grad_h = grad_h.new_zeros(hs.shape).index_copy_(0, kept, grad_h)
+    return loss, grad_h, grad_w, grad_b
