@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -64,10 +65,29 @@ def test_run_reports_failures_without_stopping_and_writes_tidy_csv(tmp_path):
     assert all(r["version"] == "9.9" and r["device"] == "cpu" and r["op"] == "toy" for r in table)
 
 
+def test_rates_are_the_work_over_each_time_in_the_csv(tmp_path):
+    case = dataclasses.replace(_tiny_case(), work=harness.Work(flops=2 * 64**3, bytes=3 * 64 * 64 * 4))
+    results = harness.run([case], "cpu", quick=True, memory=False, progress=False)
+    table = harness.rows(results, "9.9", date="2026-01-02")
+    for m in results[:2]:
+        med, p20, p80 = m.time_ms
+        got = {r["metric"]: r for r in table if r["provider"] == m.provider}
+        flops, gbs = got["tflop_per_s"], got["gb_per_s"]
+        assert flops["median"] == pytest.approx(2 * 64**3 / (med * 1e-3) / 1e12)
+        assert gbs["median"] == pytest.approx(3 * 64 * 64 * 4 / (med * 1e-3) / 1e9)
+        # the slow end of the time is the low end of the rate
+        assert flops["p20"] == pytest.approx(2 * 64**3 / (p80 * 1e-3) / 1e12)
+        assert flops["p20"] <= flops["median"] <= flops["p80"]
+    # a case without work reports no rates
+    assert not [r for r in harness.rows(harness.run([_tiny_case()], "cpu", quick=True, memory=False,
+                                                    progress=False), "9.9") if r["metric"] != "time_ms"]
+
+
 def test_every_case_has_one_baseline_and_a_memkern_provider():
     for case in registry.all_cases(quick=True) + registry.all_cases(quick=False):
         assert sum(p.baseline for p in case.providers) == 1, case.id
         assert case.providers[0].baseline, f"{case.id}: list the baseline first (results tables rely on it)"
         assert any(p.name.startswith("memkern") for p in case.providers), case.id
+        assert case.work is not None and (case.work.flops > 0 or case.work.bytes > 0), f"{case.id}: no work"
     with pytest.raises(ValueError, match="unknown op"):
         registry.all_cases(quick=True, ops=["nope"])

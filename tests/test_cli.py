@@ -30,8 +30,8 @@ def test_bench_quick_writes_rows_for_each_provider(tmp_path):
     assert "speedup" in out.stdout and "memkern" in out.stdout
     rows = list(csv.DictReader(open(path)))
     assert {(r["provider"], r["metric"]) for r in rows} == {
-        (p, m) for p in ("memkern", "torch eager") for m in ("time_ms", "peak_mib")
-    }
+        (p, m) for p in ("memkern", "torch eager") for m in ("time_ms", "peak_mib", "gb_per_s")
+    }  # quantize_rowwise moves bytes and computes no products: a GB/s rate, no TFLOP/s
     assert all(float(r["median"]) > 0 for r in rows)
 
 

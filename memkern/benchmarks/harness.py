@@ -41,6 +41,20 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Work:
+    """The least a case must do, to put a time beside the hardware's limits: ``flops``,
+    the arithmetic of the products it must compute (2 per multiply-add, integer or
+    floating point), and ``bytes``, what it must move at least (each input read once and
+    each output written once, in memkern's formats). The rates reported are this work over
+    each provider's median time: a baseline that moves more bytes (an FP32 weight) is
+    credited with memkern's bytes, so compare providers by time and read the rates against
+    the machine's peaks."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+
+
+@dataclass(frozen=True)
 class Case:
     op: str
     shape: str
@@ -51,6 +65,7 @@ class Case:
     mode: str = "fwd"
     """``fwd`` or ``fwd+bwd``."""
     devices: tuple[str, ...] = ("cpu", "cuda")
+    work: Work | None = None
 
     @property
     def id(self) -> str:
@@ -79,6 +94,21 @@ class Measurement:
 
 def dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
+
+
+def rates(m: "Measurement") -> dict[str, tuple[float, float, float]]:
+    """TFLOP/s and GB/s of the case's work at the median, p20 and p80 times (p20 of the
+    time is the faster end: it gives the higher rate, listed as the rate's p80)."""
+    work = m.case.work
+    if work is None:
+        return {}
+    med, p20, p80 = (t * 1e-3 for t in m.time_ms)
+    out = {}
+    if work.flops:
+        out["tflop_per_s"] = (work.flops / med / 1e12, work.flops / p80 / 1e12, work.flops / p20 / 1e12)
+    if work.bytes:
+        out["gb_per_s"] = (work.bytes / med / 1e9, work.bytes / p80 / 1e9, work.bytes / p20 / 1e9)
+    return out
 
 
 def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
@@ -257,6 +287,8 @@ def rows(results: Iterable[Measurement], version: str, date: str | None = None) 
         out.append({**base, "metric": "time_ms", "median": med, "p20": p20, "p80": p80})
         if m.peak_mib is not None:
             out.append({**base, "metric": "peak_mib", "median": m.peak_mib, "p20": m.peak_mib, "p80": m.peak_mib})
+        for metric, (r_med, r_p20, r_p80) in rates(m).items():
+            out.append({**base, "metric": metric, "median": r_med, "p20": r_p20, "p80": r_p80})
     return out
 
 
@@ -275,10 +307,11 @@ def print_table(results: list[Measurement], device: str, title: str | None = Non
     from rich.table import Table
 
     table = Table(title=title or f"memkern bench on {device}: median time and peak memory, "
-                  "ratios against the case's dense baseline")
+                  "ratios against the case's dense baseline; TFLOP/s and GB/s: the case's least "
+                  "work over each provider's time")
     for col in ("op", "mode", "shape", "dtype", "provider"):
         table.add_column(col, no_wrap=True)
-    for col in ("time ms (p20-p80)", "speedup", "peak MiB", "memory ratio"):
+    for col in ("time ms (p20-p80)", "speedup", "peak MiB", "memory ratio", "TFLOP/s", "GB/s"):
         table.add_column(col, justify="right", no_wrap=True)
     by_case: dict[str, list[Measurement]] = {}
     for m in results:
@@ -289,7 +322,7 @@ def print_table(results: list[Measurement], device: str, title: str | None = Non
         for m in ms:
             if m.error is not None:
                 table.add_row(case.op, case.mode, case.shape, dtype_name(case.dtype), m.provider,
-                              f"[red]failed: {m.error[:60]}", "", "", "")
+                              f"[red]failed: {m.error[:60]}", "", "", "", "", "")
                 continue
             med, p20, p80 = m.time_ms
             speed = f"{base.time_ms[0] / med:.2f}x" if base else "-"
@@ -297,8 +330,11 @@ def print_table(results: list[Measurement], device: str, title: str | None = Non
             mem_ratio = "-"
             if base and base.peak_mib and m.peak_mib is not None:
                 mem_ratio = f"{m.peak_mib / base.peak_mib:.2f}"
+            rate = rates(m)
+            flops = f"{rate['tflop_per_s'][0]:.3g}" if "tflop_per_s" in rate else "-"
+            gbs = f"{rate['gb_per_s'][0]:.3g}" if "gb_per_s" in rate else "-"
             table.add_row(case.op, case.mode, case.shape, dtype_name(case.dtype), m.provider,
-                          f"{med:.3f} ({p20:.3f}-{p80:.3f})", speed, mem, mem_ratio)
+                          f"{med:.3f} ({p20:.3f}-{p80:.3f})", speed, mem, mem_ratio, flops, gbs)
         table.add_section()
     Console(width=max(180, Console().width)).print(table)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import memkern
-from memkern.benchmarks.harness import Case, Provider
+from memkern.benchmarks.harness import Case, Provider, Work
 
 ALPHA, TEMPERATURE, IGNORE = 0.5, 2.0, -100
 
@@ -102,8 +102,11 @@ def kd_cases(quick: bool) -> list[Case]:
             t = (torch.randn(rows, vocab, device=device) * 2).to(dtype)
             return {"s": s, "t": t, "y": _labels(rows, vocab, device)}
 
+        # student and teacher logits read, the student's gradient written
+        work = Work(bytes=3 * rows * vocab * dtype.itemsize + 8 * rows)
         out.append(Case("kd_loss", f"{rows}x{vocab}", dtype, make_inputs,
-                        _providers(eager_kd_loss, memkern_kd_loss, ("s",)), mode="fwd+bwd", devices=devices))
+                        _providers(eager_kd_loss, memkern_kd_loss, ("s",)), mode="fwd+bwd", devices=devices,
+                        work=work))
     return out
 
 
@@ -126,7 +129,11 @@ def linear_kd_cases(quick: bool) -> list[Case]:
         # On a GPU the default is the fused Triton kernels; the CUDA backend's chunked
         # matmuls are the other memkern path, faster or not is what the GPU run tells.
         also = (("memkern cuda chunks", "cuda"),) if devices == ("cuda",) else ()
+        # The products eager must do: both models' logits, then d/dh and d/dW of the
+        # student's; hidden states and weights read, their gradients written.
+        work = Work(flops=2 * rows * vocab * (hs_dim + ht_dim) + 4 * rows * vocab * hs_dim,
+                    bytes=dtype.itemsize * (2 * (rows + vocab) * hs_dim + (rows + vocab) * ht_dim) + 8 * rows)
         out.append(Case("linear_kd_loss", f"{rows}x{hs_dim}x{vocab}", dtype, make_inputs,
                         _providers(eager_linear_kd_loss, memkern_linear_kd_loss, ("hs", "ws"), *also),
-                        mode="fwd+bwd", devices=devices))
+                        mode="fwd+bwd", devices=devices, work=work))
     return out

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import memkern
-from memkern.benchmarks.harness import Case, Provider
+from memkern.benchmarks.harness import Case, Provider, Work
 
 
 def _no_grad(module: nn.Module, x: torch.Tensor):
@@ -57,11 +57,22 @@ def _int_mm_eager(inp):
     return call
 
 
+_WEIGHT_BYTES = {"int8_weight_only_linear": 1, "fp16_linear": 2}
+
+
 def _inputs(m: int, k: int, n: int):
     def make(device):
         return {"x": torch.randn(m, k, device=device), "linear": nn.Linear(k, n, device=device)}
 
     return make
+
+
+def _work(m: int, k: int, n: int, x_dtype: torch.dtype, weight_bytes: int) -> Work:
+    """x read, the low-precision weight (and its fp32 scales when int8) and the bias read,
+    y written in x's dtype."""
+    e = x_dtype.itemsize
+    scales = 4 * n if weight_bytes == 1 else 0
+    return Work(flops=2 * m * k * n, bytes=m * k * e + n * k * weight_bytes + scales + 4 * n + m * n * e)
 
 
 def _cpu_cases(quick: bool) -> list[Case]:
@@ -72,13 +83,13 @@ def _cpu_cases(quick: bool) -> list[Case]:
             _dense(torch.float32, "fp32 nn.Linear"),
             Provider("quantize_dynamic", _quantize_dynamic),
             _memkern(memkern.nn.Int8Linear, torch.float32),
-        ), devices=("cpu",)))
+        ), devices=("cpu",), work=_work(m, k, n, torch.float32, 1)))
     for m in ((1,) if quick else (1, 16, 512)):
         for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
                           ("fp16_linear", memkern.nn.Fp16Linear)):
             out.append(Case(op, f"{m}x{k}x{n}", torch.float32, _inputs(m, k, n), (
                 _dense(torch.float32, "fp32 nn.Linear"), _memkern(layer, torch.float32),
-            ), devices=("cpu",)))
+            ), devices=("cpu",), work=_work(m, k, n, torch.float32, _WEIGHT_BYTES[op])))
     return out
 
 
@@ -90,13 +101,13 @@ def _cuda_cases(quick: bool) -> list[Case]:
             _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
             Provider("torch._int_mm eager", _int_mm_eager),
             _memkern(memkern.nn.Int8Linear, torch.float16),
-        ), devices=("cuda",)))
+        ), devices=("cuda",), work=_work(m, k, n, torch.float16, 1)))
     for m in ((1, 16) if quick else (1, 16, 512)):
         for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
                           ("fp16_linear", memkern.nn.Fp16Linear)):
             out.append(Case(op, f"{m}x{k}x{n}", torch.float16, _inputs(m, k, n), (
                 _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"), _memkern(layer, torch.float16),
-            ), devices=("cuda",)))
+            ), devices=("cuda",), work=_work(m, k, n, torch.float16, _WEIGHT_BYTES[op])))
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import memkern
-from memkern.benchmarks.harness import Case, Provider
+from memkern.benchmarks.harness import Case, Provider, Work
 
 
 def eager_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,5 +30,7 @@ def cases(quick: bool) -> list[Case]:
             def make_inputs(device, rows=rows, cols=cols, dtype=dtype):
                 return {"x": torch.randn(rows, cols, device=device).to(dtype)}
 
-            out.append(Case("quantize_rowwise", f"{rows}x{cols}", dtype, make_inputs, _providers()))
+            # x read, int8 q and fp32 scales written
+            work = Work(bytes=rows * cols * (dtype.itemsize + 1) + 4 * rows)
+            out.append(Case("quantize_rowwise", f"{rows}x{cols}", dtype, make_inputs, _providers(), work=work))
     return out

@@ -9,7 +9,7 @@ import torch
 
 import memkern
 from memkern import prune
-from memkern.benchmarks.harness import Case, Provider
+from memkern.benchmarks.harness import Case, Provider, Work
 from memkern.ops import BlockSparseWeight, Sparse24Weight
 
 BLOCK = (64, 64)
@@ -104,6 +104,18 @@ def _s24_providers() -> tuple[Provider, ...]:
     )
 
 
+def _work(m: int, k: int, n: int, kept: float, dtype: torch.dtype, backward: bool) -> Work:
+    """The products over the kept weights only. Forward: x and the kept values read, y
+    written; backward adds dx = grad @ W and d values = grad^T @ x over the kept blocks,
+    grad read, dx and d values written."""
+    e = dtype.itemsize
+    values = n * k * kept * e
+    fwd = Work(flops=2 * m * n * k * kept, bytes=m * k * e + values + m * n * e)
+    if not backward:
+        return fwd
+    return Work(flops=3 * fwd.flops, bytes=fwd.bytes + m * n * e + m * k * e + values)
+
+
 def cases(quick: bool) -> list[Case]:
     out = []
     # --quick keeps to ~20 s on 2 CPU cores: a quarter-size problem, no torch.sparse (its CPU
@@ -112,15 +124,16 @@ def cases(quick: bool) -> list[Case]:
     cpu_fwd = _fwd_providers()[:2] if quick else _fwd_providers()
     for sparsity in (0.5, 0.9):
         shape = f"{m}x{k}@{n}x{k} block{BLOCK[0]} s{sparsity}"
+        kept = 1 - sparsity  # the fraction of 64 x 64 blocks prune.masks keeps
         out.append(Case("masked_matmul", shape, torch.float32, _block_inputs(m, k, n, sparsity, torch.float32, False),
-                        cpu_fwd, devices=("cpu",)))
+                        cpu_fwd, devices=("cpu",), work=_work(m, k, n, kept, torch.float32, False)))
         if not quick:
             out.append(Case("masked_matmul", shape, torch.float32,
                             _block_inputs(m, k, n, sparsity, torch.float32, True), _fwd_bwd_providers(),
-                            mode="fwd+bwd", devices=("cpu",)))
+                            mode="fwd+bwd", devices=("cpu",), work=_work(m, k, n, kept, torch.float32, True)))
         out.append(Case("masked_matmul", shape, torch.bfloat16,
                         _block_inputs(m, k, n, sparsity, torch.bfloat16, False), _fwd_providers()[:2],
-                        devices=("cuda",)))
+                        devices=("cuda",), work=_work(m, k, n, kept, torch.bfloat16, False)))
     out.append(Case("masked_matmul", f"{m}x{k}@{n}x{k} 2:4", torch.bfloat16, _s24_inputs(m, k, n, torch.bfloat16),
-                    _s24_providers(), devices=("cuda",)))
+                    _s24_providers(), devices=("cuda",), work=_work(m, k, n, 0.5, torch.bfloat16, False)))
     return out
