@@ -114,8 +114,8 @@ class _Recorder:
 
 
 def kernel_names(module) -> list[str]:
-    """The @triton.jit functions of a kernel module that are launched (not device helpers):
-    the ones named ``*_kernel``."""
+    """The @triton.jit functions of a kernel module that are launched, not the device
+    functions they call: the ones named ``*_kernel``."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
