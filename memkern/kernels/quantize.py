@@ -5,7 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-FLT_MAX = 3.4028234663852886e38
+# A constexpr: the compiler refuses a kernel that reads a plain Python float global (the
+# interpreter does not mind, so only compiling for a GPU shows it).
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
