@@ -39,7 +39,7 @@ def _tiles() -> dict:
     them, so they cross row, column and hidden-dimension tile boundaries)."""
     from memkern.kernels import kd
 
-    return kd._grad_launch_config()
+    return kd._grad_launch_config(torch.float32, torch.float32)
 
 
 def _shape():
@@ -347,7 +347,7 @@ def test_half_weight_gradient_is_accumulated_one_vocabulary_slab_at_a_time(dtype
     opts = _kd_options(_options(divergence="reverse_kl"), True)
     whole = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, True)
     assert whole[2].dtype == torch.float32  # the test shape fits one slab by default
-    block_v = kernels._grad_launch_config()["BLOCK_V"]
+    block_v = kernels._grad_launch_config(dtype, dtype)["BLOCK_V"]
     monkeypatch.setattr(kernels, "WEIGHT_GRAD_SLAB_BYTES", 4 * hidden_s * block_v)  # one column tile a slab
     spy = _Spy(kernels._linear_kd_grad_kernel)
     monkeypatch.setattr(kernels, "_linear_kd_grad_kernel", spy)

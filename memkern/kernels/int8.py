@@ -121,9 +121,17 @@ def _scaled_gemv_kernel(
     tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _gemm_blocks(device: torch.device, k_block: int) -> tuple[int, int, int, int]:
+def _gemm_blocks(device: torch.device, k_block: int, fp32_x: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     if device.type == "cuda":
+        if fp32_x:
+            # fp32 activations make fp32 "ieee" products, on the FMA units with operand
+            # tiles in registers: at 128 x 128 x 32 (8 warps) ptxas spilled ~10 KB a thread
+            # on sm_80 and sm_90, at 64 x 64 x 32 ~0.6 KB; 64 x 64 x 16 (4 warps) takes ~230
+            # registers and spills nothing (bench/NOTES.md, Triton kernels compiled for
+            # sm_80 / sm_90). Half activations with a weight of the other half type keep
+            # the large tiles: 250 registers, no spill.
+            return 64, 64, 16, 4
         return 128, 128, k_block, 8
     # The interpreter runs each program as numpy array operations: few, larger tiles are
     # quicker than many small ones.
@@ -174,7 +182,7 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     # Triton's interpreter (CPU tensors) returns garbage from a bfloat16 tl.dot; widening
     # to fp32 computes the same products exactly (a bf16 x bf16 product fits fp32).
     dot_fp32 = dot_fp32 or (x.device.type != "cuda" and x.dtype == torch.bfloat16)
-    bm, bn, bk, warps = _gemm_blocks(x.device, 32 if dot_fp32 else 64)
+    bm, bn, bk, warps = _gemm_blocks(x.device, 32 if dot_fp32 else 64, x.dtype == torch.float32)
     _scaled_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         *args, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         **common, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,

@@ -462,7 +462,7 @@ def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats=None) -> torch.T
     if rows == 0:
         return loss
     hs, ws, bs, ht, wt, bt = _contiguous(hs, ws, bs, ht, wt, bt)
-    block_m, block_v, block_k = 16, 64, _block_k()
+    block_m, block_v, block_k = 16, 64, _grad_launch_config(hs.dtype, ht.dtype)["BLOCK_K"]
     dummy = loss
     _linear_kd_stats_kernel[(triton.cdiv(rows, block_m),)](
         hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
@@ -474,22 +474,22 @@ def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats=None) -> torch.T
     return loss
 
 
-def _block_k() -> int:
-    """Hidden-dimension tile of the logit products, the same in the stats and the gradient
-    kernel so that both sum each logit in the same order and the gradient kernel's
-    recomputed logits match the statistics they are normalised with."""
-    return 16 if _library.triton_interpret() else 64
-
-
-def _grad_launch_config() -> dict:
+def _grad_launch_config(hs_dtype: torch.dtype, ht_dtype: torch.dtype) -> dict:
+    """Tiles and launch options of the gradient kernel. Its BLOCK_K is the stats kernel's
+    too, so that both sum each logit in the same order and the recomputed logits match the
+    statistics they are normalised with."""
     if _library.triton_interpret():
         # Small tiles, so test shapes of a few rows and ~100-200 columns still cross row,
         # column and hidden tile boundaries and several programs add into each accumulator.
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=_block_k())
-    # Chosen for sm_80/sm_90, not tuned on a GPU: 64 x 128 fp32 tiles of s, t and g take
-    # ~96 registers a thread at 8 warps; two stages of fp32 operand tiles take 96 KiB of
-    # shared memory, within an A100's or H100's.
-    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=_block_k(), num_warps=8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16)
+    if torch.float32 in (hs_dtype, ht_dtype):
+        # fp32 products ("ieee") run on the FMA units with their operand tiles in registers:
+        # at 64 x 128 x 64 ptxas spilled 0.8 KB a thread on sm_90 and 2.5 KB on sm_80;
+        # 64 x 64 x 16 takes 196 / 254 registers and spills nothing (bench/NOTES.md).
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=2)
+    # Chosen for sm_80/sm_90, not tuned on a GPU: bf16/fp16 tensor-core products; 198-255
+    # registers, no spill on sm_90 (68-116 bytes on sm_80); 72-112 KiB of shared memory.
+    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2)
 
 
 # The float32 weight-gradient accumulator of a half-precision weight is kept to this many
@@ -520,7 +520,7 @@ def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
     stats = torch.empty(rows, int(_N_STATS), dtype=torch.float32, device=device)
     loss = linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats)
     grad_h = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
-    config = _grad_launch_config()
+    config = _grad_launch_config(hs.dtype, ht.dtype)
     slab = _vocab_slab(vocab, hidden, ws.dtype, config["BLOCK_V"])
     if slab >= vocab:
         grad_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
