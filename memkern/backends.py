@@ -62,7 +62,9 @@ def forced_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force every memkern op called inside the block onto backend ``name``.
+    """Force every memkern op called inside the block onto backend ``name``, and the
+    backward of every op called inside it too, even when ``loss.backward()`` runs after the
+    block has ended (register_autograd).
 
     ``None`` lifts an enclosing ``use_backend`` inside the block (``MEMKERN_BACKEND``, if
     set, then applies again).
@@ -74,6 +76,25 @@ def use_backend(name: str | None) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
+
+
+def register_autograd(op, backward: Callable[..., Any], *, setup_context: Callable[..., None]) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, with backward run on the
+    backend ``use_backend`` forced when the forward ran. The usual pattern ends the block
+    before ``loss.backward()``; without this, the backward's own dispatch (a recomputation,
+    a product with the dequantised weight) would silently take the default backend."""
+
+    def setup(ctx, inputs, output):
+        ctx.memkern_backend = _forced.get()
+        setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        if ctx.memkern_backend is None:
+            return backward(ctx, *grads)
+        with use_backend(ctx.memkern_backend):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run_backward, setup_context=setup)
 
 
 def _build_reason(backend: str) -> str | None:

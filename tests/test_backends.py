@@ -87,3 +87,61 @@ def test_explain_reports_per_backend():
     assert reasons["torch"] is None
     if _library.has_cpp():
         assert "float64" in reasons["cpp"]
+
+
+@pytest.fixture
+def dispatches(monkeypatch):
+    """(op table, forced backend) of every backend choice made while the test runs."""
+    seen = []
+    select = backends.OpTable.select
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.name, backends.forced_backend()))
+        return select(self, *args, **kwargs)
+
+    monkeypatch.setattr(backends.OpTable, "select", spy)
+    return seen
+
+
+def _int8_layer_loss():
+    layer = memkern.nn.Int8Linear.from_linear(torch.nn.Linear(32, 16))
+    x = torch.randn(5, 32, requires_grad=True)
+    return layer(x).square().sum(), x
+
+
+def _linear_kd_none_loss():
+    hs = torch.randn(6, 8, requires_grad=True)
+    loss = memkern.ops.linear_kd_loss(hs, torch.randn(40, 8), torch.randn(6, 4), torch.randn(40, 4),
+                                      torch.randint(0, 40, (6,)), reduction="none")
+    return loss.sum(), hs
+
+
+def _masked_matmul_loss():
+    w = torch.randn(32, 32)
+    weight = memkern.ops.BlockSparseWeight.from_dense(w, memkern.prune.masks(w, 0.5, "block", block=(16, 16)),
+                                                      (16, 16))
+    x = torch.randn(8, 32, requires_grad=True)
+    return memkern.ops.masked_matmul(x, weight).sum(), x
+
+
+@pytest.mark.parametrize("make, backward_op", [(_int8_layer_loss, "int8_weight_only_linear"),
+                                                (_linear_kd_none_loss, "linear_kd_loss"),
+                                                (_masked_matmul_loss, "block_sparse_matmul_backward")],
+                         ids=["int8_linear", "linear_kd_loss-none", "masked_matmul"])
+def test_backward_runs_on_the_backend_its_forward_was_forced_onto(make, backward_op, dispatches):
+    with memkern.use_backend("torch"):
+        loss, leaf = make()
+    forward = list(dispatches)
+    assert forward and all(forced == "torch" for _, forced in forward)
+    loss.backward()  # after the block, as training loops do
+    backward = dispatches[len(forward):]
+    assert (backward_op, "torch") in backward, backward
+    assert all(forced == "torch" for _, forced in backward), backward
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    assert backends.forced_backend() is None  # nothing leaks out of backward
+
+    # not forced at forward time: backward chooses as usual
+    dispatches.clear()
+    loss, _ = make()
+    loss.backward()
+    assert dispatches and all(forced is None for _, forced in dispatches), dispatches

@@ -245,7 +245,7 @@ def _kd_backward(ctx, grad_loss, _grad_of_grad):
     return (g,) + (None,) * 10
 
 
-_kd_loss_op.register_autograd(_kd_backward, setup_context=_kd_setup_context)
+backends.register_autograd(_kd_loss_op, _kd_backward, setup_context=_kd_setup_context)
 
 
 # -- fused-linear: the chunk loop ---------------------------------------------------------------
@@ -482,7 +482,7 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
     return (gh, gw, gb if ctx.has_bias else None) + (None,) * 12
 
 
-_linear_kd_loss_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+backends.register_autograd(_linear_kd_loss_op, _linear_backward, setup_context=_linear_setup_context)
 
 
 # -- public functions ---------------------------------------------------------------------------

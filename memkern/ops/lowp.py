@@ -152,8 +152,8 @@ def _int8_backward(ctx, grad):
     return (*_scaled_backward(ctx, grad), None)
 
 
-_int8_linear_op.register_autograd(_int8_backward, setup_context=_setup_scaled)
-_w8a16_op.register_autograd(_scaled_backward, setup_context=_setup_scaled)
+backends.register_autograd(_int8_linear_op, _int8_backward, setup_context=_setup_scaled)
+backends.register_autograd(_w8a16_op, _scaled_backward, setup_context=_setup_scaled)
 
 
 def _setup_fp16(ctx, inputs, output):
@@ -170,7 +170,7 @@ def _fp16_backward(ctx, grad):
     return grad_x, None, _bias_grad(ctx, grad)
 
 
-_fp16_op.register_autograd(_fp16_backward, setup_context=_setup_fp16)
+backends.register_autograd(_fp16_op, _fp16_backward, setup_context=_setup_fp16)
 
 
 # -- argument checks ---------------------------------------------------------------------

@@ -184,7 +184,7 @@ def _bsmm_backward(ctx, grad):
     return dx, dv, None, None, None, None, None, None, db
 
 
-_bsmm_op.register_autograd(_bsmm_backward, setup_context=_bsmm_setup)
+backends.register_autograd(_bsmm_op, _bsmm_backward, setup_context=_bsmm_setup)
 
 
 @torch.library.custom_op("memkern::sparse24_compress", mutates_args=())
@@ -246,7 +246,7 @@ def _s24_backward(ctx, grad):
     return dx, dv, None, db
 
 
-_s24_op.register_autograd(_s24_backward, setup_context=_s24_setup)
+backends.register_autograd(_s24_op, _s24_backward, setup_context=_s24_setup)
 
 
 # -- weight containers ---------------------------------------------------------------------
