@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import memkern
 from memkern import backends
@@ -43,6 +44,22 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     noise = (out.double() - ref.double()).norm().item()
     signal = ref.double().norm().item()
     return float("inf") if noise == 0 else 20 * math.log10(signal / noise)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Inside ``with LargestTensor() as mode``: mode.largest is the most elements of any
+    tensor an op produced (to prove that no rows x vocab tensor ever exists)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
 
 
 def require_backend(op: str, backend: str, *args) -> None:

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import memkern
 from memkern import reference
 from memkern.ops import kd as kd_ops
-from conftest import CPU_BACKENDS, assert_rel_close, require_backend
+from conftest import CPU_BACKENDS, LargestTensor, assert_rel_close, require_backend
 
 
 @dataclass(frozen=True)
@@ -462,19 +461,6 @@ def test_linear_kd_loss_compiles_without_graph_breaks():
         torch.testing.assert_close(a.grad, b.grad)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_never_materialises_rows_by_vocab(reduction, small_chunks):
     rows, hidden, vocab = 64, 4, 100  # rows x vocab = 6400; chunks hold 2000 // 100 = 20 rows
@@ -482,7 +468,7 @@ def test_linear_never_materialises_rows_by_vocab(reduction, small_chunks):
     ws = torch.randn(vocab, hidden, requires_grad=True)
     ht, wt = torch.randn(rows, hidden), torch.randn(vocab, hidden)
     labels = torch.randint(0, vocab, (rows,))
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         loss = memkern.ops.linear_kd_loss(hs, ws, ht, wt, labels, reduction=reduction)
         loss.sum().backward()
     assert mode.largest <= 2000, f"a tensor of {mode.largest} elements (rows x vocab = {rows * vocab})"

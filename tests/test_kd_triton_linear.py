@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import memkern
 from memkern import reference
 from memkern.ops import kd as kd_ops
-from conftest import assert_rel_close, require_backend
+from conftest import LargestTensor, assert_rel_close, require_backend
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -124,19 +123,6 @@ class _Spy:
         return self.kernel[grid]
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
-
-
 def _forbid(*_args, **_kwargs):
     raise AssertionError("the triton training path must not go through the chunked path or the per-row kernel")
 
@@ -153,7 +139,7 @@ def test_training_path_is_fused_and_never_holds_rows_by_vocab(reduction, monkeyp
     monkeypatch.setattr(kernels, "_linear_kd_grad_kernel", spy)
     leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
     opts = _options(reduction=reduction)
-    with _LargestTensor() as mode, memkern.use_backend("triton"):
+    with LargestTensor() as mode, memkern.use_backend("triton"):
         loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2],
                                           teacher_bias=bt, **opts)
         loss.sum().backward()
