@@ -92,6 +92,18 @@ class Measurement:
     error: str | None = None
 
 
+def on_backend(backend: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with every memkern op (and its backward) forced onto ``backend``: a
+    provider for a memkern path other than the default one."""
+    import memkern
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with memkern.use_backend(backend):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import memkern
-from memkern.benchmarks.harness import Case, Provider, Work
+from memkern.benchmarks.harness import Case, Provider, Work, on_backend
 
 ALPHA, TEMPERATURE, IGNORE = 0.5, 2.0, -100
 
@@ -61,16 +61,6 @@ def _compiled(fn):
     return torch.compile(fn)
 
 
-def _on_backend(backend: str, loss_fn):
-    """loss_fn on one memkern backend. The benchmark's reduction is "mean", whose gradients
-    are computed in the forward, so backward needs no backend of its own."""
-    def call(*args):
-        with memkern.use_backend(backend):
-            return loss_fn(*args)
-
-    return call
-
-
 def _providers(eager, fused, grad_names, *also: tuple[str, str]) -> tuple[Provider, ...]:
     """The eager baseline, torch.compile of it, memkern's default backend and, for each
     (label, backend) in ``also``, memkern forced onto that backend."""
@@ -78,7 +68,7 @@ def _providers(eager, fused, grad_names, *also: tuple[str, str]) -> tuple[Provid
         Provider("torch eager", lambda inp: _fwd_bwd(eager, inp, grad_names), baseline=True),
         Provider("torch.compile", lambda inp: _fwd_bwd(_compiled(eager), inp, grad_names)),
         Provider("memkern", lambda inp: _fwd_bwd(fused, inp, grad_names)),
-        *(Provider(label, lambda inp, b=backend: _fwd_bwd(_on_backend(b, fused), inp, grad_names))
+        *(Provider(label, lambda inp, b=backend: _fwd_bwd(on_backend(b, fused), inp, grad_names))
           for label, backend in also),
     )
 

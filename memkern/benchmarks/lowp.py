@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import memkern
-from memkern.benchmarks.harness import Case, Provider, Work
+from memkern.benchmarks.harness import Case, Provider, Work, on_backend
 
 
 def _no_grad(module: nn.Module, x: torch.Tensor):
@@ -32,8 +32,13 @@ def _dense(dtype: torch.dtype, label: str) -> Provider:
     return Provider(label, build, baseline=True)
 
 
-def _memkern(layer_type: type[nn.Module], x_dtype: torch.dtype) -> Provider:
-    return Provider("memkern", lambda inp: _no_grad(layer_type.from_linear(inp["linear"]), inp["x"].to(x_dtype)))
+def _memkern(layer_type: type[nn.Module], x_dtype: torch.dtype, backend: str | None = None) -> Provider:
+    """memkern's layer on its default backend, or forced onto ``backend``."""
+    def build(inp):
+        call = _no_grad(layer_type.from_linear(inp["linear"]), inp["x"].to(x_dtype))
+        return call if backend is None else on_backend(backend, call)
+
+    return Provider("memkern" if backend is None else f"memkern {backend}", build)
 
 
 def _quantize_dynamic(inp):
@@ -101,6 +106,9 @@ def _cuda_cases(quick: bool) -> list[Case]:
             _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
             Provider("torch._int_mm eager", _int_mm_eager),
             _memkern(memkern.nn.Int8Linear, torch.float16),
+            # The default on a GPU is the CUDA kernel (mma.sync); Triton may use Hopper's
+            # wgmma. Which is faster is for the GPU run to say.
+            _memkern(memkern.nn.Int8Linear, torch.float16, backend="triton"),
         ), devices=("cuda",), work=_work(m, k, n, torch.float16, 1)))
     for m in ((1, 16) if quick else (1, 16, 512)):
         for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
