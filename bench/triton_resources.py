@@ -5,8 +5,9 @@
 Every distinct launch of every launcher, captured and compiled as
 tests/test_triton_gpu_compile.py does (memkern/kernels/_aot.py), as one markdown table per
 target: launch options, shared memory per block, registers per thread and spill bytes per
-thread from ptxas. This says whether a kernel compiles and fits, and its register
-pressure; it says nothing about speed.
+thread from ptxas, and the matrix instruction its products compiled to (wgmma, Hopper's
+own, or mma.sync). This says whether a kernel compiles and fits, its register pressure and
+which tensor-core path it takes; it says nothing about speed.
 """
 from __future__ import annotations
 
@@ -32,16 +33,17 @@ def main() -> None:
     for capability in capabilities:
         limit = _aot.SHARED_LIMIT[capability]
         print(f"sm_{capability} (shared memory limit {limit} bytes per block)\n")
-        print("| kernel | launch | warps | stages | shared (B) | registers | spill stores / loads (B) |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("| kernel | launch | warps | stages | shared (B) | registers | spill stores / loads (B) | matrix |")
+        print("|---|---|---:|---:|---:|---:|---:|---|")
         for v in variants:
             r = by_key[capability, v.id]
             if "error" in r:
-                print(f"| `{v.kernel}` | `{v.case}` | | | | | compile error: {r['error'].splitlines()[0]} |")
+                print(f"| `{v.kernel}` | `{v.case}` | | | | | compile error: {r['error'].splitlines()[0]} | |")
                 continue
             spill = f"{r['spill_stores']} / {r['spill_loads']}"
             print(f"| `{v.kernel}` | `{v.case}` | {r['num_warps']} | {r['num_stages']} | {r['shared']} "
-                  f"| {r['registers']} | {spill if r['spill_stores'] or r['spill_loads'] else '0'} |")
+                  f"| {r['registers']} | {spill if r['spill_stores'] or r['spill_loads'] else '0'} "
+                  f"| {r['matrix_instruction'] or '-'} |")
         print()
 
 

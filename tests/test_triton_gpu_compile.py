@@ -33,14 +33,31 @@ VARIANTS = _aot.capture()
 # want retuning on that target. The fp32 products (input_precision="ieee") run on the FMA
 # units, whose operand tiles live in registers.
 SPILLS = {
-    (80, "_linear_kd_stats_kernel(linear_kd_grad-fp32-fkl)"): "96 registers, 8/8 bytes spilled",
-    (80, "_linear_kd_stats_kernel(linear_kd_grad-fp16-rkl-bias)"): "128 registers, 4/4 bytes spilled",
     (80, "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)"): "255 registers, 68/68 bytes spilled",
-    (80, "_linear_kd_stats_kernel(linear_kd_grad-bf16-jsd-row_scale)"): "128 registers, 4/4 bytes spilled",
     (80, "_linear_kd_grad_kernel(linear_kd_grad-bf16-jsd-row_scale)"): "255 registers, 116/116 bytes spilled",
     (80, "_block_sparse_fwd_kernel(block_sparse-fp32-64x64)"): "255 registers, 164/164 bytes spilled",
     (80, "_block_sparse_dx_kernel(block_sparse-fp32-64x64)"): "32 registers, 6348/8176 bytes spilled",
     (80, "_block_sparse_dw_kernel(block_sparse-bf16-128x128)"): "255 registers, 8/4 bytes spilled",
+}
+
+
+# The launches whose products should run on Hopper's wgmma (sm_90): every bf16/fp16 and
+# int8 tensor-core product at its GPU tiles. fp32 products ("ieee") and the mixed-half GEMM
+# (bf16 x, fp16 weight, widened to fp32) run on the FMA units; the row kernels have no
+# product. A kernel that falls back to mma.sync on sm_90 is on Hopper's slower path.
+WGMMA_ON_SM90 = {
+    "_int8_gemm_kernel(int8_linear-fp32-M64)", "_int8_gemm_kernel(int8_linear-fp16-M1)",
+    "_int8_gemm_kernel(int8_linear-bf16-M64-bias)",
+    "_scaled_gemm_kernel(scaled_linear-xfp16-wint8-M64-bias)", "_scaled_gemm_kernel(scaled_linear-xbf16-wint8-M64)",
+    "_scaled_gemm_kernel(scaled_linear-xbf16-wbf16-M64)",
+    "_linear_kd_stats_kernel(linear_kd_grad-fp16-rkl-bias)", "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)",
+    "_linear_kd_stats_kernel(linear_kd_grad-bf16-jsd-row_scale)",
+    "_linear_kd_grad_kernel(linear_kd_grad-bf16-jsd-row_scale)",
+    "_linear_kd_stats_kernel(linear_kd_stats-bf16-fkl-forward)",
+    "_block_sparse_fwd_kernel(block_sparse-fp16-64x64-bias)", "_block_sparse_dx_kernel(block_sparse-fp16-64x64-bias)",
+    "_block_sparse_dw_kernel(block_sparse-fp16-64x64-bias)", "_block_sparse_fwd_kernel(block_sparse-bf16-128x128)",
+    "_block_sparse_dx_kernel(block_sparse-bf16-128x128)", "_block_sparse_dw_kernel(block_sparse-bf16-128x128)",
+    "_sparse24_fwd_kernel(sparse24-fp16)", "_sparse24_fwd_kernel(sparse24-bf16-bias)",
 }
 
 
@@ -75,6 +92,14 @@ def test_every_kernel_is_captured():
 def test_spill_marks_name_captured_variants():
     ids = {v.id for v in VARIANTS}
     assert {variant_id for _, variant_id in SPILLS} - ids == set(), "SPILLS names variants that are not captured"
+    assert WGMMA_ON_SM90 - ids == set(), "WGMMA_ON_SM90 names variants that are not captured"
+
+
+@pytest.mark.parametrize("variant_id", [v.id for v in VARIANTS])
+def test_tensor_core_products_use_wgmma_on_sm90(compiled, variant_id):
+    r = _result(compiled, 90, variant_id)
+    want = "wgmma" if variant_id in WGMMA_ON_SM90 else ""
+    assert r["matrix_instruction"] == want, f"{variant_id} on sm_90: {r['matrix_instruction'] or 'no matrix instruction'}"
 
 
 def test_capture_restores_the_kernels():

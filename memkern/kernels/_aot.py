@@ -388,6 +388,7 @@ class Resources:
     spill_stores: int  # bytes (ptxas)
     spill_loads: int
     stack: int  # bytes of stack frame (ptxas)
+    matrix_instruction: str  # "wgmma" (Hopper's), "mma.sync", or "" (no tensor-core product)
 
     @property
     def shared_limit(self) -> int:
@@ -438,9 +439,12 @@ def compile_variant(variant: Variant | dict, capability: int):
     src = ASTSource(fn, v["signature"], {(names.index(k),): c for k, c in v["constexprs"].items()},
                     {(names.index(k),): a for k, a in v["attrs"].items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=dict(v["options"]))
-    registers, stores, loads, stack, _ = ptxas_report(kernel.asm["ptx"], capability)
+    ptx = kernel.asm["ptx"]
+    registers, stores, loads, stack, _ = ptxas_report(ptx, capability)
     meta = kernel.metadata
-    return Resources(capability, meta.num_warps, meta.num_stages, meta.shared, registers, stores, loads, stack), kernel
+    matrix = next((op for op in ("wgmma", "mma.sync") if op in ptx), "")
+    return Resources(capability, meta.num_warps, meta.num_stages, meta.shared, registers, stores, loads, stack,
+                     matrix), kernel
 
 
 def compile_isolated(variants: list[Variant], capabilities=CAPABILITIES, timeout: float = 900.0) -> list[dict]:
