@@ -36,6 +36,12 @@ DEFAULT_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "torch"),
 }
 
+# For ops whose Triton kernel is the better GPU path (each op's table says why).
+TRITON_FIRST: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
 ENV_VAR = "MEMKERN_BACKEND"
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("memkern_backend", default=None)

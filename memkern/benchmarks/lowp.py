@@ -105,10 +105,8 @@ def _cuda_cases(quick: bool) -> list[Case]:
         out.append(Case("int8_linear", f"{m}x{k}x{n}", torch.float16, _inputs(m, k, n), (
             _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
             Provider("torch._int_mm eager", _int_mm_eager),
-            _memkern(memkern.nn.Int8Linear, torch.float16),
-            # The default on a GPU is the CUDA kernel (mma.sync); Triton may use Hopper's
-            # wgmma. Which is faster is for the GPU run to say.
-            _memkern(memkern.nn.Int8Linear, torch.float16, backend="triton"),
+            _memkern(memkern.nn.Int8Linear, torch.float16),  # Triton (wgmma on Hopper)
+            _memkern(memkern.nn.Int8Linear, torch.float16, backend="cuda"),  # the .cu kernel (mma.sync)
         ), devices=("cuda",), work=_work(m, k, n, torch.float16, 1)))
     for m in ((1, 16) if quick else (1, 16, 512)):
         for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),

@@ -128,8 +128,7 @@ def _mean_scale(labels: Optional[torch.Tensor], rows: int, opts: KDOptions) -> t
 # grad may be the student tensor itself (the fused-linear path overwrites its logits chunk).
 # On CUDA, Triton goes first: its arithmetic is proven in CI under TRITON_INTERPRET=1, while
 # the .cu kernel is only compile-checked there (no GPU). Both are bandwidth-bound per row.
-_GPU_FIRST = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
-_rows = backends.op_table("kd_loss_rows", preference=_GPU_FIRST)
+_rows = backends.op_table("kd_loss_rows", preference=backends.TRITON_FIRST)
 
 
 @_rows.register("torch")
@@ -331,7 +330,10 @@ def linear_chunks(rows_impl, hs, ws, bs, ht, wt, bt, labels, opts: KDOptions, *,
 # Implementations: (hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad)
 #   -> (loss per row, grad_h | None, grad_w (fp32, or the weight's dtype once complete) | None,
 #       grad_b (fp32) | None)
-_linear = backends.op_table("linear_kd_loss", preference=_GPU_FIRST)
+# On CUDA, Triton's fused kernels go first: no rows x vocab tensor and a weight-gradient
+# accumulator of one vocabulary slab; the CUDA backend's chunks keep a chunk of logits and
+# an fp32 V x H accumulator.
+_linear = backends.op_table("linear_kd_loss", preference=backends.TRITON_FIRST)
 
 
 @_linear.register("torch")
