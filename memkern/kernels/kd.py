@@ -26,12 +26,12 @@ gradients themselves the extra memory is rows x 8 floats of statistics, grad_h's
 accumulator (rows x H_s) and grad_w's: for a float32 weight the gradient itself, for a
 half-precision one a slab of at most WEIGHT_GRAD_SLAB_BYTES (256 MiB) of vocabulary rows,
 cast into the weight's dtype as soon as it is complete, so the memory does not grow with
-the vocabulary. Rows whose label is ignore_index never enter a kernel (kd_ops.kept_rows). The price is recomputation. Predicted from
-counting, not measured: the stats pass does 2 logit matmuls (student and teacher; 4 with
-the JSD's second sweep), the gradient pass 2 recomputed logit matmuls and the 2 gradient
-matmuls, so 6 matmul-equivalents (8 for the JSD) against the 4 of the eager composition
-(the teacher's products count in proportion to its hidden size). bench/NOTES.md has the
-atomic traffic. No GPU figure has been measured.
+the vocabulary. Rows whose label is ignore_index never enter a kernel (kd_ops.kept_rows).
+The price is recomputation. Predicted from counting, not measured: the stats pass does 2
+logit matmuls (student and teacher; 4 with the JSD's second sweep), the gradient pass 2
+recomputed logit matmuls and the 2 gradient matmuls, so 6 matmul-equivalents (8 for the
+JSD) against the 4 of the eager composition (the teacher's products count in proportion to
+its hidden size). bench/NOTES.md has the atomic traffic. No GPU figure has been measured.
 
 The atomics make the summation order of grad_h, grad_w and grad_b depend on the order in
 which programs run: on a GPU two runs differ by float32 rounding (the loss does not: each
