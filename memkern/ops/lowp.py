@@ -40,7 +40,8 @@ def _int8_linear_torch(x, w_q, w_scale, bias, out_dtype):
 @_int8_table.register("cpp", dtypes=FLOAT_DTYPES)
 @_int8_table.register("cuda", dtypes=FLOAT_DTYPES)
 def _int8_linear_compiled(x, w_q, w_scale, bias, out_dtype):
-    # CPU: csrc/cpu/int8_linear.cpp (fused quantise, torch._int_mm, fused epilogue).
+    # CPU: csrc/cpu/int8_linear.cpp (one AVX512-VNNI kernel: quantise, int8 GEMM, epilogue;
+    # without VNNI: quantize_rowwise, torch._int_mm, a fused epilogue).
     # CUDA: csrc/cuda/int8_gemm.cu (quantise, tensor-core mma GEMM with fused epilogue).
     return torch.ops.memkern.int8_linear_kernel(x, w_q, w_scale, bias, out_dtype or x.dtype)
 
