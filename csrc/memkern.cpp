@@ -30,6 +30,7 @@ TORCH_LIBRARY(memkern, m) {
         "int ignore_index, float kd_scale, float grad_scale) -> Tensor");
   // Low-precision linear layers; see memkern/ops/lowp.py.
   m.def("int8_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def("int8_linear_packed_kernel(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
   m.def("int8_weight_only_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("fp16_linear_kernel(Tensor x, Tensor w_half, Tensor? bias) -> Tensor");
