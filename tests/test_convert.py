@@ -65,10 +65,12 @@ def test_from_linear_buffers_repr_and_dequantize(scheme):
         assert set(buffers) == {"weight"} and buffers["weight"].dtype == torch.float16
     else:
         assert set(buffers) == {"weight", "weight_scale"}
-        assert buffers["weight"].dtype == torch.int8 and buffers["weight"].shape == (23, 37)
+        # Int8Linear may hold its weight packed (test_lowp_packed.py); int8_weight() is (N, K).
+        weight = layer.int8_weight()
+        assert weight.dtype == torch.int8 and weight.shape == (23, 37)
         assert buffers["weight_scale"].dtype == torch.float32 and buffers["weight_scale"].shape == (23,)
         # Per output channel: each row's largest weight maps to +-127.
-        assert (buffers["weight"].abs().amax(dim=1) == 127).all()
+        assert (weight.abs().amax(dim=1) == 127).all()
     assert [n for n, _ in layer.named_parameters()] == ["bias"]
     assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, linear.bias)
     assert scheme in repr(layer) and "in_features=37" in repr(layer)

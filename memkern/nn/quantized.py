@@ -86,22 +86,94 @@ class _Int8WeightLinear(_LowPrecisionLinear):
         layer._set_bias(linear)
         return layer
 
+    def int8_weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` int8 weight."""
+        return self.weight
+
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight.float() * self.weight_scale[:, None]
+        return self.int8_weight().float() * self.weight_scale[:, None]
 
 
 class Int8Linear(_Int8WeightLinear):
     """W8A8 dynamic linear layer: ``y = int8_linear(x, weight, weight_scale, bias)``.
 
-    Buffers: ``weight`` ``(out_features, in_features)`` int8, ``weight_scale``
-    ``(out_features,)`` float32. Input ``(..., in_features)`` float32/float16/bfloat16;
-    output in the input's dtype.
+    Buffers: ``weight`` int8, ``weight_scale`` ``(out_features,)`` float32. Input
+    ``(..., in_features)`` float32/float16/bfloat16; output in the input's dtype.
+
+    ``weight`` is kept in the layout its device's kernel reads best: on a CPU where
+    :func:`memkern.ops.int8_packed_kernel_native` holds, packed by
+    :func:`memkern.ops.pack_int8_weight` (same bytes, blocked for the VNNI kernel) and run
+    by :func:`memkern.ops.int8_linear_packed`; elsewhere (GPUs, meta, CPUs without VNNI)
+    the plain ``(out_features, in_features)`` layout. The layout follows the module through
+    ``.to()``, and ``state_dict()`` always holds the plain layout, so checkpoints load on
+    any machine. :meth:`int8_weight` gives the plain weight whatever the layout.
     """
 
     scheme = "int8 (W8A8 dynamic: per-token int8 activations, per-channel int8 weights)"
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 bias_dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
+        self.register_state_dict_post_hook(_plain_weight_in_state_dict)
+        self.register_load_state_dict_pre_hook(_state_dict_weight_in_module_layout)
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._settle_layout())
+        self._settle_layout()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        layer = super().from_linear(linear)
+        layer._settle_layout()
+        return layer
+
+    @property
+    def weight_packed(self) -> bool:
+        """Whether ``weight`` is in the packed layout."""
+        return self.weight.dim() == 4
+
+    def int8_weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` int8 weight (a copy when it is packed)."""
+        if self.weight_packed:
+            return ops.unpack_int8_weight(self.weight, self.out_features, self.in_features)
+        return self.weight
+
+    def _settle_layout(self) -> None:
+        """Put ``weight`` in the layout of its device (see the class docstring)."""
+        packed = ops.int8_packed_kernel_native(self.weight.device)
+        if packed and not self.weight_packed:
+            self.weight = ops.pack_int8_weight(self.weight)
+        elif not packed and self.weight_packed:
+            self.weight = self.int8_weight()
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .cpu(), to_empty(): the weight changes device, so maybe layout.
+        module = super()._apply(fn, recurse)
+        self._settle_layout()
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_packed:
+            return ops.int8_linear_packed(x, self.weight, self.weight_scale, self.bias)
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", weight_layout=packed" if self.weight_packed else "")
+
+
+def _plain_weight_in_state_dict(module: Int8Linear, state_dict, prefix: str, local_metadata) -> None:
+    key = prefix + "weight"
+    if key in state_dict and module.weight_packed:
+        state_dict[key] = module.int8_weight()
+
+
+def _state_dict_weight_in_module_layout(module: Int8Linear, state_dict, prefix: str, local_metadata, strict,
+                                        missing_keys, unexpected_keys, error_msgs) -> None:
+    # A checkpoint holds the plain (N, K) weight; a module holding the packed layout takes
+    # it packed (load_state_dict copies into, or with assign=True replaces, the buffer).
+    key = prefix + "weight"
+    incoming = state_dict.get(key)
+    if (module.weight_packed and isinstance(incoming, torch.Tensor) and incoming.dim() == 2
+            and incoming.dtype == torch.int8 and tuple(incoming.shape) == (module.out_features, module.in_features)):
+        state_dict[key] = ops.pack_int8_weight(incoming.to(module.weight.device))
 
 
 class Int8WeightOnlyLinear(_Int8WeightLinear):

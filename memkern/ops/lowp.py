@@ -1,5 +1,6 @@
-"""Low-precision linear layers: int8_linear (W8A8 dynamic), int8_weight_only_linear (W8A16)
-and fp16_linear (half-precision weights).
+"""Low-precision linear layers: int8_linear (W8A8 dynamic) and int8_linear_packed (the same
+from a packed weight layout), int8_weight_only_linear (W8A16) and fp16_linear
+(half-precision weights).
 
 Reads top to bottom: implementations per backend -> op registration (schema, fake,
 autograd) -> argument checks -> public functions.
@@ -53,6 +54,33 @@ def _int8_linear_triton(x, w_q, w_scale, bias, out_dtype):
     return launch(x, w_q, w_scale, bias, out_dtype or x.dtype)
 
 
+# int8_linear_packed: the C++ kernel reads the packed layout; every other backend runs the
+# same backend of int8_linear on the weight unpacked (the layout is a CPU kernel's; memkern's
+# modules keep it only where int8_packed_kernel_native() says the kernel reads it).
+_int8_packed_table = backends.op_table("int8_linear_packed")
+
+
+@_int8_packed_table.register("cpp", dtypes=FLOAT_DTYPES)
+def _int8_linear_packed_cpp(x, w_packed, w_scale, bias, out_dtype):
+    # csrc/cpu/int8_linear.cpp: the packed VNNI kernel; without VNNI, unpacks and runs the
+    # (N, K) path.
+    return torch.ops.memkern.int8_linear_packed_kernel(x, w_packed, w_scale, bias, out_dtype or x.dtype)
+
+
+def _on_unpacked(backend: str):
+    plain = _int8_table.impls[backend]
+
+    def run(x, w_packed, w_scale, bias, out_dtype):
+        w_q = unpack_int8_weight(w_packed, w_scale.shape[0], x.shape[-1])
+        return plain.fn(x, w_q, w_scale, bias, out_dtype)
+
+    return run
+
+
+for _backend in ("torch", "cuda", "triton"):
+    _int8_packed_table.register(_backend, dtypes=_int8_table.impls[_backend].dtypes)(_on_unpacked(_backend))
+
+
 @_w8a16_table.register("torch")
 def _w8a16_torch(x, w_q, w_scale, bias):
     return reference.int8_weight_only_linear(x, w_q, w_scale, bias)
@@ -101,6 +129,19 @@ def _int8_linear_fake(x, w_q, w_scale, bias, out_dtype):
     return x.new_empty((x.shape[0], w_q.shape[0]), dtype=out_dtype or x.dtype)
 
 
+@torch.library.custom_op("memkern::int8_linear_packed", mutates_args=())
+def _int8_linear_packed_op(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype],
+) -> torch.Tensor:
+    return _int8_packed_table(x, w_packed, w_scale, bias, out_dtype)
+
+
+@_int8_linear_packed_op.register_fake
+def _int8_linear_packed_fake(x, w_packed, w_scale, bias, out_dtype):
+    return x.new_empty((x.shape[0], w_scale.shape[0]), dtype=out_dtype or x.dtype)
+
+
 @torch.library.custom_op("memkern::int8_weight_only_linear", mutates_args=())
 def _w8a16_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -141,10 +182,9 @@ def _setup_scaled(ctx, inputs, output):
     ctx.save_for_backward(w_q, w_scale)
 
 
-def _scaled_backward(ctx, grad):
+def _grad_through_int8(ctx, grad, w_q, w_scale):
     # dx = grad @ (w_scale[:, None] * w_q) = (grad * w_scale) @ w_q: the weight-only op on
     # the transposed int8 weight with unit scales, so no float copy of the weight is made.
-    w_q, w_scale = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
         g = grad.float() * w_scale
@@ -153,11 +193,28 @@ def _scaled_backward(ctx, grad):
     return grad_x, None, None, _bias_grad(ctx, grad)
 
 
+def _scaled_backward(ctx, grad):
+    w_q, w_scale = ctx.saved_tensors
+    return _grad_through_int8(ctx, grad, w_q, w_scale)
+
+
 def _int8_backward(ctx, grad):
     return (*_scaled_backward(ctx, grad), None)
 
 
+def _setup_packed(ctx, inputs, output):
+    _setup_scaled(ctx, inputs, output)
+    ctx.in_features = inputs[0].shape[-1]
+
+
+def _int8_packed_backward(ctx, grad):
+    w_packed, w_scale = ctx.saved_tensors
+    w_q = unpack_int8_weight(w_packed, w_scale.shape[0], ctx.in_features)
+    return (*_grad_through_int8(ctx, grad, w_q, w_scale), None)
+
+
 backends.register_autograd(_int8_linear_op, _int8_backward, setup_context=_setup_scaled)
+backends.register_autograd(_int8_linear_packed_op, _int8_packed_backward, setup_context=_setup_packed)
 backends.register_autograd(_w8a16_op, _scaled_backward, setup_context=_setup_scaled)
 
 
@@ -205,7 +262,12 @@ def _check_linear(op: str, x, weight, weight_name: str, weight_dtypes, bias) -> 
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{op}: bias must have shape ({n},) (N = {weight_name}.shape[0]), "
                              f"got {tuple(bias.shape)}")
-    return x.reshape(math.prod(x.shape[:-1]), k)
+    return _as_2d(x)
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    # A no-op reshape still costs a dispatch (~1 us); most calls pass 2-D x already.
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _check_scale(op: str, w_scale, w_q: torch.Tensor) -> None:
@@ -218,7 +280,7 @@ def _check_scale(op: str, w_scale, w_q: torch.Tensor) -> None:
 
 
 def _restore(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # -- public functions --------------------------------------------------------------------
@@ -253,6 +315,100 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
         raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
     _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
     return _restore(_int8_linear_op(x2, w_q, w_scale, bias, out_dtype), x)
+
+
+# The packed layout: blocks of PACK_COLUMNS output channels x PACK_DEPTH inputs, one
+# 64-byte vector of the VNNI kernel each.
+PACK_COLUMNS = 16
+PACK_DEPTH = 4
+
+
+def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int, int]:
+    """Shape of :func:`pack_int8_weight`'s result for an ``(out_features, in_features)`` weight."""
+    return (-(-out_features // PACK_COLUMNS), -(-in_features // PACK_DEPTH), PACK_COLUMNS, PACK_DEPTH)
+
+
+def pack_int8_weight(w_q: torch.Tensor) -> torch.Tensor:
+    """The int8 weight ``(N, K)`` in the layout :func:`int8_linear_packed` reads.
+
+    ``packed[j, g, c, t] = w_q[16 j + c, 4 g + t]``, shape ``(ceil(N / 16), ceil(K / 4), 16,
+    4)``, zero past N and K: each 64-byte block holds 4 consecutive inputs of 16 consecutive
+    output channels, the operand of the CPU's VNNI instruction, so the kernel streams the
+    weight in order. A permutation of the bytes (plus padding), exactly undone by
+    :func:`unpack_int8_weight`; works on any device, including meta.
+    """
+    op = "pack_int8_weight"
+    _validate.check_tensor(op, "w_q", w_q)
+    _validate.check_dim(op, "w_q", w_q, 2)
+    _validate.check_dtype(op, "w_q", w_q, (torch.int8,))
+    n, k = w_q.shape
+    blocks_n, groups, _, _ = packed_shape(n, k)
+    padded = torch.nn.functional.pad(w_q, (0, groups * PACK_DEPTH - k, 0, blocks_n * PACK_COLUMNS - n))
+    return padded.view(blocks_n, PACK_COLUMNS, groups, PACK_DEPTH).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int8_weight(w_packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The ``(out_features, in_features)`` int8 weight that :func:`pack_int8_weight` packed."""
+    op = "unpack_int8_weight"
+    _check_packed(op, w_packed, out_features, in_features)
+    blocks_n, groups, _, _ = w_packed.shape
+    plain = w_packed.permute(0, 2, 1, 3).reshape(blocks_n * PACK_COLUMNS, groups * PACK_DEPTH)
+    return plain[:out_features, :in_features].contiguous()
+
+
+def int8_packed_kernel_native(device: torch.device | str) -> bool:
+    """Whether :func:`int8_linear_packed` runs a kernel that reads the packed layout
+    directly on ``device`` (memkern's C++ CPU kernel, built with AVX512-VNNI). Elsewhere it
+    unpacks the weight on every call, so :class:`memkern.nn.Int8Linear` keeps the plain
+    ``(N, K)`` layout there."""
+    if torch.device(device).type != "cpu" or _int8_packed_table.static_reason("cpp", "cpu") is not None:
+        return False
+    return bool(torch.ops.memkern.int8_packed_kernel_native())
+
+
+def _check_packed(op: str, w_packed, out_features: int, in_features: int) -> None:
+    _validate.check_tensor(op, "w_packed", w_packed)
+    _validate.check_dtype(op, "w_packed", w_packed, (torch.int8,))
+    expected = packed_shape(out_features, in_features)
+    if tuple(w_packed.shape) != expected:
+        raise ValueError(f"{op}: w_packed must have shape {expected} (pack_int8_weight of an "
+                         f"({out_features}, {in_features}) weight), got {tuple(w_packed.shape)}")
+
+
+def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`int8_linear` from a weight packed by :func:`pack_int8_weight`: the same result,
+    bit for bit, and on a CPU with AVX512-VNNI a faster kernel (bench/NOTES.md).
+
+    Args:
+        x: ``(..., K)`` float32, float16 or bfloat16 activations, any strides.
+        w_packed: ``pack_int8_weight(w_q)`` of an ``(N, K)`` int8 weight.
+        w_scale: ``(N,)`` float32 per-output-channel weight scales; N is read from it.
+        bias, out_dtype: as :func:`int8_linear`.
+
+    The packed shape fixes N and K only up to its blocks (16 and 4): a weight packed for
+    K = 8 also accepts x with K = 7 and then reads its last column against x's zero
+    padding. Pass the weight packed for x's K and w_scale's N.
+    """
+    op = "int8_linear_packed"
+    _validate.check_tensor(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got a 0-D tensor")
+    _validate.check_dtype(op, "x", x, FLOAT_DTYPES)
+    _validate.check_tensor(op, "w_scale", w_scale)
+    _validate.check_dtype(op, "w_scale", w_scale, (torch.float32,))
+    _validate.check_dim(op, "w_scale", w_scale, 1)
+    n, k = w_scale.shape[0], x.shape[-1]
+    _check_packed(op, w_packed, n, k)
+    if bias is not None:
+        _validate.check_tensor(op, "bias", bias)
+        _validate.check_dtype(op, "bias", bias, FLOAT_DTYPES)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{op}: bias must have shape ({n},) (N = w_scale.shape[0]), got {tuple(bias.shape)}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
+    _validate.check_same_device(op, x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
+    return _restore(_int8_linear_packed_op(_as_2d(x), w_packed, w_scale, bias, out_dtype), x)
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
