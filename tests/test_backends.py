@@ -145,3 +145,51 @@ def test_backward_runs_on_the_backend_its_forward_was_forced_onto(make, backward
     loss, _ = make()
     loss.backward()
     assert dispatches and all(forced is None for _, forced in dispatches), dispatches
+
+
+# -- backends.call: eager calls that autograd does not record skip the custom op ---------
+def _custom_ops_entered(fn) -> set[str]:
+    """The memkern custom ops (not kernels) that the dispatcher ran during fn()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    public = {"memkern::int8_linear", "memkern::int8_linear_packed", "memkern::int8_weight_only_linear",
+              "memkern::fp16_linear"}
+    return {e.key for e in prof.key_averages()} & public
+
+
+def _lowp_inputs(requires_grad: bool = False):
+    x = torch.randn(3, 8, requires_grad=requires_grad)
+    w_q, w_scale = memkern.ops.quantize_rowwise(torch.randn(4, 8))
+    return x, w_q, w_scale, torch.randn(4)
+
+
+def test_call_skips_the_custom_op_without_autograd():
+    x, w_q, w_scale, bias = _lowp_inputs()
+    ref = memkern.ops.lowp._int8_linear_op(x, w_q, w_scale, bias, None)
+    assert _custom_ops_entered(lambda: memkern.ops.int8_linear(x, w_q, w_scale, bias)) == set()
+    assert torch.equal(memkern.ops.int8_linear(x, w_q, w_scale, bias), ref)
+    with torch.no_grad():
+        layer = memkern.nn.Int8Linear.from_linear(torch.nn.Linear(8, 4))
+        assert _custom_ops_entered(lambda: layer(x)) == set()
+
+
+def test_call_goes_through_the_custom_op_when_autograd_records_it():
+    x, w_q, w_scale, bias = _lowp_inputs(requires_grad=True)
+    assert _custom_ops_entered(lambda: memkern.ops.int8_linear(x, w_q, w_scale, bias)) == {"memkern::int8_linear"}
+    layer = memkern.nn.Int8Linear.from_linear(torch.nn.Linear(8, 4))  # bias: a parameter that requires grad
+    expected = "memkern::int8_linear_packed" if layer.weight_packed else "memkern::int8_linear"
+    assert _custom_ops_entered(lambda: layer(x.detach())) == {expected}
+    with torch.no_grad():
+        assert _custom_ops_entered(lambda: memkern.ops.fp16_linear(x, w_q.half(), bias)) == set()
+
+
+def test_call_goes_through_the_custom_op_for_fake_tensors_and_modes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w_q, w_scale, bias = _lowp_inputs()
+    with FakeTensorMode() as mode:
+        fx, fw, fs = mode.from_tensor(x), mode.from_tensor(w_q), mode.from_tensor(w_scale)
+        out = memkern.ops.int8_linear(fx, fw, fs)  # no kernel can run on fake tensors: the op's fake does
+        assert out.shape == (3, 4) and out.dtype == torch.float32
+    with torch.device("cpu"):  # a torch function mode
+        assert _custom_ops_entered(lambda: memkern.ops.int8_linear(x, w_q, w_scale, bias)) == {"memkern::int8_linear"}

@@ -314,7 +314,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
     _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    return _restore(_int8_linear_op(x2, w_q, w_scale, bias, out_dtype), x)
+    return _restore(backends.call(_int8_linear_op, _int8_table, x2, w_q, w_scale, bias, out_dtype), x)
 
 
 # The packed layout: blocks of PACK_COLUMNS output channels x PACK_DEPTH inputs, one
@@ -408,7 +408,8 @@ def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.T
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
     _validate.check_same_device(op, x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
-    return _restore(_int8_linear_packed_op(_as_2d(x), w_packed, w_scale, bias, out_dtype), x)
+    return _restore(backends.call(_int8_linear_packed_op, _int8_packed_table, _as_2d(x), w_packed, w_scale, bias,
+                                  out_dtype), x)
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -432,7 +433,7 @@ def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.T
     x2 = _check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
     _check_scale(op, w_scale, w_q)
     _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    return _restore(_w8a16_op(x2, w_q, w_scale, bias), x)
+    return _restore(backends.call(_w8a16_op, _w8a16_table, x2, w_q, w_scale, bias), x)
 
 
 def fp16_linear(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -451,4 +452,4 @@ def fp16_linear(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None
     op = "fp16_linear"
     x2 = _check_linear(op, x, w_half, "w_half", HALF_DTYPES, bias)
     _validate.check_same_device(op, x=x, w_half=w_half, bias=bias)
-    return _restore(_fp16_op(x2, w_half, bias), x)
+    return _restore(backends.call(_fp16_op, _fp16_table, x2, w_half, bias), x)
