@@ -477,39 +477,70 @@ inline void transpose_16x16_epi32(const __m512i in[16], __m512i out[16]) {
 
 // x quantised per row into the interleaved tile layout: tile t holds rows 16 t .. 16 t + 15
 // as [group g][row][4 bytes of k = 4 g ..], zero past M and K; plus each row's scale and
-// byte sum. A tile's rows are quantised row-major into a per-task buffer first
-// (quantize_row, the quantize_rowwise kernel's arithmetic) and then interleaved 64 bytes of
-// k at a time by a 16 x 16 transpose of 4-byte lanes: writing each row's 4-byte groups
-// straight into the tile (one store per 64-byte line, 16 passes over it) took 15 us of a
-// 48 us call at 16 x 4096 x 64.
+// byte sum. A tile's rows are quantised row-major into a buffer first (quantize_row, the
+// quantize_rowwise kernel's arithmetic) and then interleaved 64 bytes of k at a time by a
+// 16 x 16 transpose of 4-byte lanes: writing each row's 4-byte groups straight into the
+// tile (one store per 64-byte line, 16 passes over it) took 15 us of a 48 us call at
+// 16 x 4096 x 64.
+class TileQuantizer {
+ public:
+  TileQuantizer(int64_t K, int64_t groups) : K_(K), groups_(groups), chunks_((groups + 15) / 16), ld_(chunks_ * 64) {}
+  int64_t ld() const { return ld_; }
+
+  // Rows m0 .. m0 + count - 1 of x into rows (leading dimension ld(), zero past K).
+  template <typename x_t>
+  void quantize(const x_t* x, int64_t xs0, int64_t xs1, int64_t m0, int64_t count, int8_t* rows, float* x_scale,
+                int32_t* a_sum) const {
+    for (int64_t i = 0; i < count; ++i) {
+      int8_t* row = rows + i * ld_;
+      x_scale[m0 + i] = quantize_row(x + (m0 + i) * xs0, K_, xs1, 0, reinterpret_cast<uint8_t*>(row));
+      int32_t s = 0;
+      for (int64_t k = 0; k < K_; ++k) s += row[k];
+      a_sum[m0 + i] = s;
+    }
+  }
+
+  // 16 quantised rows (zero rows past M) into one tile of the interleaved layout.
+  void interleave(const int8_t* rows, int8_t* tile) const {
+    for (int64_t c = 0; c < chunks_; ++c) {
+      __m512i in[16], out[16];
+      for (int i = 0; i < 16; ++i) in[i] = _mm512_loadu_si512(rows + i * ld_ + c * 64);
+      transpose_16x16_epi32(in, out);
+      const int64_t live = std::min<int64_t>(16, groups_ - c * 16);
+      for (int64_t g = 0; g < live; ++g) _mm512_storeu_si512(tile + (c * 16 + g) * 64, out[g]);
+    }
+  }
+
+ private:
+  int64_t K_, groups_, chunks_, ld_;
+};
+
 template <typename x_t>
 void quantize_to_tiles(const x_t* x, int64_t M, int64_t K, int64_t xs0, int64_t xs1, int64_t groups, int8_t* tiles,
                        float* x_scale, int32_t* a_sum) {
+  const TileQuantizer q(K, groups);
   const int64_t tile_count = (M + kPackedTileRows - 1) / kPackedTileRows;
-  const int64_t chunks = (groups + 15) / 16;  // 64 bytes of k each
-  const int64_t ld = chunks * 64;
+  const size_t tile_rows_bytes = static_cast<size_t>(kPackedTileRows * q.ld());
+  if (tile_count == 1) {
+    // One tile (M <= 16, the decode case): its rows are quantised in parallel, then
+    // interleaved. x arrives cold from memory after the previous call's weight stream:
+    // on one thread the quantisation took 36 of 660 us at 16 x 4096 x 4096.
+    std::vector<int8_t> rows(tile_rows_bytes, 0);
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+      q.quantize(x, xs0, xs1, r0, r1 - r0, rows.data() + r0 * q.ld(), x_scale, a_sum);
+    });
+    q.interleave(rows.data(), tiles);
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(kPackedTileRows * K, 1));
   at::parallel_for(0, tile_count, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<int8_t> rows(static_cast<size_t>(kPackedTileRows * ld), 0);  // zero padding past K stays
+    std::vector<int8_t> rows(tile_rows_bytes, 0);  // zero padding past K stays
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t * kPackedTileRows;
       const int64_t count = std::min<int64_t>(kPackedTileRows, M - m0);
-      for (int64_t i = 0; i < count; ++i) {
-        int8_t* row = rows.data() + i * ld;
-        x_scale[m0 + i] = quantize_row(x + (m0 + i) * xs0, K, xs1, 0, reinterpret_cast<uint8_t*>(row));
-        int32_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += row[k];
-        a_sum[m0 + i] = s;
-      }
-      if (count < kPackedTileRows) std::memset(rows.data() + count * ld, 0, (kPackedTileRows - count) * ld);
-      int8_t* tile = tiles + t * groups * 64;
-      for (int64_t c = 0; c < chunks; ++c) {
-        __m512i in[16], out[16];
-        for (int i = 0; i < 16; ++i) in[i] = _mm512_loadu_si512(rows.data() + i * ld + c * 64);
-        transpose_16x16_epi32(in, out);
-        const int64_t live = std::min<int64_t>(16, groups - c * 16);
-        for (int64_t g = 0; g < live; ++g) _mm512_storeu_si512(tile + (c * 16 + g) * 64, out[g]);
-      }
+      q.quantize(x, xs0, xs1, m0, count, rows.data(), x_scale, a_sum);
+      if (count < kPackedTileRows) std::memset(rows.data() + count * q.ld(), 0, (kPackedTileRows - count) * q.ld());
+      q.interleave(rows.data(), tiles + t * groups * 64);
     }
   });
 }
@@ -547,6 +578,12 @@ void int8_linear_packed_vnni(const x_t* x, int64_t M, int64_t K, int64_t xs0, in
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t m0 = t * kPackedTileRows;
           const int rows = static_cast<int>(std::min<int64_t>(kPackedTileRows, M - m0));
+          // The output lines this tile's epilogue writes, requested for writing now so they
+          // arrive while the tile computes: met cold, each line's read-for-ownership cost
+          // the epilogue 17 of 660 us at 16 x 4096 x 4096.
+          for (int i = 0; i < rows; ++i)
+            for (int64_t c = 0; c < cols * static_cast<int64_t>(sizeof(out_t)); c += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(out + (m0 + i) * N + n0) + c, 1, 3);
           kPackedRows[rows - 1](a.data() + t * panel_bytes, w + p0 * panel_bytes, panel_bytes, groups, unit_panels,
                                 acc);
           // Epilogue, 16 columns at a time; lanes past N are masked off.
