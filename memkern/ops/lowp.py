@@ -56,8 +56,9 @@ def _int8_linear_triton(x, w_q, w_scale, bias, out_dtype):
 
 # int8_linear_packed: the C++ kernel reads the packed layout; every other backend runs the
 # same backend of int8_linear on the weight unpacked (the layout is a CPU kernel's; memkern's
-# modules keep it only where int8_packed_kernel_native() says the kernel reads it).
-_int8_packed_table = backends.op_table("int8_linear_packed")
+# modules keep it only where int8_packed_kernel_native() says the kernel reads it), in
+# int8_linear's order.
+_int8_packed_table = backends.op_table("int8_linear_packed", preference=backends.TRITON_FIRST)
 
 
 @_int8_packed_table.register("cpp", dtypes=FLOAT_DTYPES)
