@@ -179,6 +179,10 @@ class OpTable:
     name: str
     preference: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
     impls: dict[str, Implementation] = field(default_factory=dict)
+    # Unforced choices that depend only on the primary tensor's device type and dtype (no
+    # implementation consulted checks the arguments), remembered: the walk through the
+    # preference order cost ~18 us a call with cold caches (bench/NOTES.md).
+    _choices: dict[tuple[str, torch.dtype], Implementation] = field(default_factory=dict, repr=False)
 
     def register(
         self,
@@ -194,6 +198,7 @@ class OpTable:
             self.impls[backend] = Implementation(
                 backend, fn, frozenset(dtypes) if dtypes is not None else None, check
             )
+            self._choices.clear()
             return fn
 
         return decorate
@@ -250,11 +255,21 @@ class OpTable:
                 )
             return self.impls[forced]
         primary = _primary_tensor(args)
+        key = (primary.device.type, primary.dtype) if primary is not None else None
+        chosen = self._choices.get(key)
+        if chosen is not None:
+            return chosen
         device_type = primary.device.type if primary is not None else "cpu"
+        consulted = []
+        chosen = self.impls["torch"]
         for backend in self.preference.get(device_type, ("torch",)):
+            consulted.append(self.impls.get(backend))
             if self.reason(backend, *args, **kwargs) is None:
-                return self.impls[backend]
-        return self.impls["torch"]
+                chosen = self.impls[backend]
+                break
+        if key is not None and all(impl is None or impl.check is None for impl in consulted):
+            self._choices[key] = chosen
+        return chosen
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.select(*args, **kwargs).fn(*args, **kwargs)

@@ -193,3 +193,19 @@ def test_call_goes_through_the_custom_op_for_fake_tensors_and_modes():
         assert out.shape == (3, 4) and out.dtype == torch.float32
     with torch.device("cpu"):  # a torch function mode
         assert _custom_ops_entered(lambda: memkern.ops.int8_linear(x, w_q, w_scale, bias)) == {"memkern::int8_linear"}
+
+
+def test_remembered_choices_respect_argument_checks_and_new_registrations(toy_op):
+    if not _library.has_cpp():
+        pytest.skip("needs the C++ build for the cpp choice")
+    assert toy_op(torch.zeros(2, 2)) == "cpp"
+    assert toy_op(torch.zeros(3, 2)) == "torch"  # cpp's check rejects odd rows: never remembered
+    assert toy_op(torch.zeros(2, 2)) == "cpp"
+    plain = backends.OpTable("plain_op")
+    plain.register("torch")(lambda x: "torch")
+    assert plain(torch.zeros(2)) == "torch"
+    plain.register("cpp", dtypes=(torch.float32,))(lambda x: "cpp")  # a new implementation: chosen from now on
+    assert plain(torch.zeros(2)) == "cpp"
+    assert plain(torch.zeros(2, dtype=torch.float64)) == "torch"
+    with memkern.use_backend("torch"):
+        assert plain(torch.zeros(2)) == "torch"
