@@ -638,6 +638,25 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, bool allow_vnni
   return c;
 }
 
+#ifdef MEMKERN_AVX512_VNNI
+// out (M x N, out_dtype) = kernel<x_t, out_t>(x, M, K, x strides, w, N, w_scale, bias, out)
+// for the fused VNNI kernels, dispatched on x's dtype and out_dtype.
+template <typename Kernel>
+at::Tensor run_fused_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& bias,
+                          int64_t N, at::ScalarType out_dtype, Kernel kernel) {
+  auto out = at::empty({x.size(0), N}, x.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear_fused_x", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_fused_out", [&] {
+      kernel(x.const_data_ptr<x_t>(), x.size(0), x.size(1), x.stride(0), x.stride(1), w.const_data_ptr<int8_t>(), N,
+             w_scale.const_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+             out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> quantize_rowwise(const at::Tensor& x) {
   // The same kernel quantize_rowwise runs (csrc/cpu/quantize_rowwise.cpp), so both ops
   // quantise activations identically.
@@ -663,20 +682,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
 #ifdef MEMKERN_AVX512_VNNI
   // Every M: level with torch._int_mm's GEMM at 512 x 4096 x 4096 and faster below, with
   // the quantisation and the epilogue fused (bench/NOTES.md).
-  {
-    auto out = at::empty({M, N}, x.options().dtype(out_dtype));
-    const auto w = w_q.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear_vnni_x", [&] {
-      using x_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_vnni_out", [&] {
-        int8_linear_vnni<x_t, scalar_t>(x.const_data_ptr<x_t>(), M, K, x.stride(0), x.stride(1),
-                                        w.const_data_ptr<int8_t>(), N, ws.const_data_ptr<float>(),
-                                        b.defined() ? b.const_data_ptr<float>() : nullptr,
-                                        out.mutable_data_ptr<scalar_t>());
-      });
-    });
-    return out;
-  }
+  return run_fused_int8(x, w_q.contiguous(), ws, b, N, out_dtype, [](auto... args) { int8_linear_vnni(args...); });
 #endif
   auto [x_q, x_scale] = quantize_rowwise(x);
   at::Tensor acc;
@@ -722,20 +728,8 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
               " and K = ", K, ", got ", w_packed.sizes());
   if (M == 0 || N == 0) return at::empty({M, N}, x.options().dtype(out_dtype));
 #ifdef MEMKERN_AVX512_VNNI
-  const auto w = w_packed.contiguous();
-  const auto ws = w_scale.contiguous();
-  const auto b = float_bias(bias);
-  auto out = at::empty({M, N}, x.options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear_packed_x", [&] {
-    using x_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_packed_out", [&] {
-      int8_linear_packed_vnni<x_t, scalar_t>(x.const_data_ptr<x_t>(), M, K, x.stride(0), x.stride(1),
-                                             w.const_data_ptr<int8_t>(), N, ws.const_data_ptr<float>(),
-                                             b.defined() ? b.const_data_ptr<float>() : nullptr,
-                                             out.mutable_data_ptr<scalar_t>());
-    });
-  });
-  return out;
+  return run_fused_int8(x, w_packed.contiguous(), w_scale.contiguous(), float_bias(bias), N, out_dtype,
+                        [](auto... args) { int8_linear_packed_vnni(args...); });
 #else
   const auto w_q = w_packed.permute({0, 2, 1, 3}).reshape({panels * 16, groups * 4}).narrow(0, 0, N).narrow(1, 0, K);
   return int8_linear_cpu(x, w_q, w_scale, bias, out_dtype);
