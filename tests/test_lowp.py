@@ -22,6 +22,8 @@ CASES = (
     (128, 31, 9, F32),
     (17, 31, 33, BF16),
     (7, 31, 19, F16),
+    (1, 16, 9, BF16),  # one row: 8 weight rows per CPU tile, N past them; K without a tail
+    (129, 45, 21, F32),  # past the CPU's register-widening kernel: widened blocks and the float32 GEMM
 )
 
 

@@ -14,7 +14,9 @@
 //                                   refuses a shape or a CPU.
 //   int8_weight_only_linear_kernel  W8A16 and
 //   fp16_linear_kernel              half-precision weights: float32 accumulation from the
-//                                   low-precision weight without a float32 copy of it.
+//                                   low-precision weight without a float32 copy of it (up
+//                                   to 128 rows of x widened in registers as it is read;
+//                                   above, a block of rows at a time for the float32 GEMM).
 //
 // The epilogue arithmetic follows the reference's order, (float)acc * (x_scale * w_scale)
 // + bias in float32 (the compiler may fuse the last multiply-add: a rounding, not more).
@@ -748,100 +750,109 @@ bool int8_packed_kernel_native() {
 
 // ---- float32 accumulation from low-precision weights ------------------------------------
 
-// Up to this many rows of x, each weight row is widened once into a per-thread float32
-// buffer and dotted with every row of x, four rows at a time: the weight is read exactly
-// once (the decode case, bound by memory bandwidth). Above it, blocks of weight rows are
-// widened and handed to the float32 GEMM.
-constexpr int64_t kDirectRows = 8;
 // Bytes of float32 weight one task widens at a time on the GEMM path (1 MiB: 64 rows of
 // K = 4096, L2-resident while the GEMM reads it).
 constexpr int64_t kBlockBytes = 1 << 20;
 
-// wr[0..K) = (float)w[0..K). The int8 and bfloat16 loops vectorise as written; float16
-// goes through vcvtph2ps (scalar _cvtsh_ss otherwise: 3x slower on the 4096 x 4096 case).
-template <typename w_t>
-inline void widen_row(const w_t* w, int64_t K, float* wr) {
-  int64_t k = 0;
 #ifdef __AVX512F__
-  if constexpr (std::is_same_v<w_t, at::Half>) {
-    for (; k + 16 <= K; k += 16)
-      _mm512_storeu_ps(wr + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k))));
-  }
-#endif
-  for (; k < K; ++k) wr[k] = static_cast<float>(w[k]);
+// 16 consecutive weights as float32 (Tail: only the lanes in `live`, zero past them).
+template <bool Tail>
+inline __m512 weights16(const int8_t* w, __mmask16 live) {
+  const __m128i v = Tail ? _mm_maskz_loadu_epi8(live, w) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+}
+template <bool Tail>
+inline __m512 weights16(const at::Half* w, __mmask16 live) {
+  const __m256i v = Tail ? _mm256_maskz_loadu_epi16(live, w) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_cvtph_ps(v);
+}
+template <bool Tail>
+inline __m512 weights16(const at::BFloat16* w, __mmask16 live) {
+  const __m256i v = Tail ? _mm256_maskz_loadu_epi16(live, w) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));  // bf16 is fp32's top half
 }
 
-// s[i] = sum_k xi[k] * w[k] for four rows sharing each load of w. GCC 12 left the
-// four-reduction omp simd loop scalar (vfmadd231ss), hence the intrinsics.
-inline void dot4(const float* x0, const float* x1, const float* x2, const float* x3, const float* w, int64_t K,
-                 float* s) {
+// sums[i][j] = sum_k x[i, k] * w[j, k] for MR rows of x (K floats apart) and NR weight rows
+// (pointers), each weight vector widened in registers as it is loaded: no float32 copy of
+// the weight, not even of one row. MR x NR accumulators, all independent.
+template <int MR, int NR, typename w_t>
+void fused_dot_tile(const float* x, const w_t* const* w, int64_t K, float sums[][NR]) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, auto tail, __mmask16 live) {
+    constexpr bool kTail = decltype(tail)::value;
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = weights16<kTail>(w[j] + k, live);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = kTail ? _mm512_maskz_loadu_ps(live, x + i * K + k) : _mm512_loadu_ps(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  };
   int64_t k = 0;
-  float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
-#ifdef __AVX512F__
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + k);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + k), wv, a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x1 + k), wv, a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x2 + k), wv, a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x3 + k), wv, a3);
-  }
-  t0 = _mm512_reduce_add_ps(a0), t1 = _mm512_reduce_add_ps(a1);
-  t2 = _mm512_reduce_add_ps(a2), t3 = _mm512_reduce_add_ps(a3);
-#endif
-  for (; k < K; ++k) {
-    t0 += x0[k] * w[k];
-    t1 += x1[k] * w[k];
-    t2 += x2[k] * w[k];
-    t3 += x3[k] * w[k];
-  }
-  s[0] = t0, s[1] = t1, s[2] = t2, s[3] = t3;
+  for (; k + 16 <= K; k += 16) step(k, std::false_type{}, __mmask16(0xFFFF));
+  if (k < K) step(k, std::true_type{}, static_cast<__mmask16>((1u << (K - k)) - 1));
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-inline float dot1(const float* x, const float* w, int64_t K) {
-  int64_t k = 0;
-  float t = 0.0f;
-#ifdef __AVX512F__
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0;  // two chains hide the FMA latency
-  for (; k + 32 <= K; k += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(w + k + 16), a1);
-  }
-  t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-  for (; k < K; ++k) t += x[k] * w[k];
-  return t;
-}
-
-template <typename w_t, typename out_t>
-void direct_linear(const float* x, int64_t M, int64_t K, const w_t* w, int64_t N, const float* col_scale,
-                   const float* bias, out_t* out) {
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(K));
-    float* wr = row.data();
-    for (int64_t n = begin; n < end; ++n) {
-      const w_t* wn = w + n * K;
-      widen_row(wn, K, wr);
-      auto store = [&](int64_t m, float s) {
-        if (col_scale) s = s * col_scale[n];
-        if (bias) s = s + bias[n];
-        out[m * N + n] = static_cast<out_t>(s);
-      };
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {  // four rows share each load of wr
-        const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
-        float s[4];
-        dot4(x0, x1, x2, x3, wr, K, s);
-        store(m, s[0]), store(m + 1, s[1]), store(m + 2, s[2]), store(m + 3, s[3]);
-      }
-      for (; m < M; ++m) {
-        const float* xm = x + m * K;
-        store(m, dot1(xm, wr, K));
+// M <= kFusedRows: weight rows in groups of NR (split across threads); each group meets
+// every row of x, four rows at a time, while it is in L1, so the weight is read from
+// memory once. One row of x takes 8 weight rows per tile so that 8 accumulators hide the
+// FMA latency.
+template <int NR, typename w_t, typename out_t>
+void fused_small_m_linear(const float* x, int64_t M, int64_t K, const w_t* w, int64_t N, const float* col_scale,
+                          const float* bias, out_t* out) {
+  const int64_t groups = (N + NR - 1) / NR;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(K * NR, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * NR;
+      const int count = static_cast<int>(std::min<int64_t>(NR, N - n0));
+      const w_t* rows[NR];
+      for (int j = 0; j < NR; ++j) rows[j] = w + std::min<int64_t>(n0 + j, N - 1) * K;  // past N: repeat the last
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        float sums[4][NR];
+        const float* xm = x + m0 * K;
+        const int64_t mr = std::min<int64_t>(4, M - m0);
+        switch (mr) {
+          case 4: fused_dot_tile<4, NR>(xm, rows, K, sums); break;
+          case 3: fused_dot_tile<3, NR>(xm, rows, K, sums); break;
+          case 2: fused_dot_tile<2, NR>(xm, rows, K, sums); break;
+          default: fused_dot_tile<1, NR>(xm, rows, K, sums); break;
+        }
+        for (int64_t i = 0; i < mr; ++i)
+          for (int j = 0; j < count; ++j) {
+            float v = sums[i][j];
+            if (col_scale) v = v * col_scale[n0 + j];
+            if (bias) v = v + bias[n0 + j];
+            out[(m0 + i) * N + n0 + j] = static_cast<out_t>(v);
+          }
       }
     }
   });
 }
+#endif
+
+#ifdef __AVX512F__
+// Rows of x up to which the fused kernel runs. Against the widened-block GEMM path below,
+// 4096 x 4096 int8 and fp16 weights, 2 threads (bench/NOTES.md): faster from 1 row (0.36
+// against 0.9-2.4 ms) to 128 (23.3 against 25.0 ms), level at 256, 4% slower at 512.
+constexpr int64_t kFusedRows = 128;
+
+template <typename w_t, typename out_t>
+void fused_small_m(const at::Tensor& xf, int64_t M, int64_t K, const at::Tensor& w, int64_t N, const float* sp,
+                   const float* bp, at::Tensor& out) {
+  const float* xp = xf.const_data_ptr<float>();
+  const w_t* wp = w.const_data_ptr<w_t>();
+  out_t* op = out.mutable_data_ptr<out_t>();
+  if (M == 1) {
+    fused_small_m_linear<8>(xp, M, K, wp, N, sp, bp, op);
+  } else {
+    fused_small_m_linear<4>(xp, M, K, wp, N, sp, bp, op);
+  }
+}
+#endif
 
 at::Tensor scaled_linear_cpu(const char* op, const at::Tensor& x, const at::Tensor& w,
                              const at::Tensor& col_scale, const std::optional<at::Tensor>& bias) {
@@ -855,26 +866,18 @@ at::Tensor scaled_linear_cpu(const char* op, const at::Tensor& x, const at::Tens
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const float* sp = col_scale.defined() ? col_scale.const_data_ptr<float>() : nullptr;
 
-  if (M <= kDirectRows && w.stride(1) == 1 && w.stride(0) == K) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "direct_linear_out", [&] {
+#ifdef __AVX512F__
+  if (M <= kFusedRows && w.stride(1) == 1 && w.stride(0) == K) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_small_m_out", [&] {
       using out_t = scalar_t;
-      AT_DISPATCH_SWITCH(w.scalar_type(), "direct_linear_w",
-          AT_DISPATCH_CASE(at::kChar, [&] {
-            direct_linear<int8_t, out_t>(xf.const_data_ptr<float>(), M, K, w.const_data_ptr<int8_t>(), N, sp, bp,
-                                         out.mutable_data_ptr<out_t>());
-          })
-          AT_DISPATCH_CASE(at::kHalf, [&] {
-            direct_linear<at::Half, out_t>(xf.const_data_ptr<float>(), M, K, w.const_data_ptr<at::Half>(), N, sp,
-                                           bp, out.mutable_data_ptr<out_t>());
-          })
-          AT_DISPATCH_CASE(at::kBFloat16, [&] {
-            direct_linear<at::BFloat16, out_t>(xf.const_data_ptr<float>(), M, K, w.const_data_ptr<at::BFloat16>(),
-                                               N, sp, bp, out.mutable_data_ptr<out_t>());
-          }));
+      AT_DISPATCH_SWITCH(w.scalar_type(), "fused_small_m_w",
+          AT_DISPATCH_CASE(at::kChar, [&] { fused_small_m<int8_t, out_t>(xf, M, K, w, N, sp, bp, out); })
+          AT_DISPATCH_CASE(at::kHalf, [&] { fused_small_m<at::Half, out_t>(xf, M, K, w, N, sp, bp, out); })
+          AT_DISPATCH_CASE(at::kBFloat16, [&] { fused_small_m<at::BFloat16, out_t>(xf, M, K, w, N, sp, bp, out); }));
     });
     return out;
   }
-
+#endif
   // GEMM path: each task widens a block of weight rows to float32, multiplies it with the
   // single-threaded GEMM (ATen runs nested parallel work serially) and runs the epilogue on
   // the block's output columns. One parallel region per call: with one ATen call per block
