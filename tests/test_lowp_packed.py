@@ -737,3 +737,17 @@ def test_native_where_the_build_machine_has_vnni():
     expected = {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags()
     assert memkern.ops.int8_packed_kernel_native("cpu") is expected
     assert Int8Linear.from_linear(nn.Linear(8, 4)).weight_packed is expected
+
+
+def test_whole_module_pickles(tmp_path):
+    # torch.save(model) pickles the modules themselves, hooks included.
+    model = memkern.convert(nn.Sequential(nn.Linear(37, 23), nn.ReLU(), nn.Linear(23, 5)), "int8")
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert loaded[0].weight_packed == model[0].weight_packed
+    x = torch.randn(4, 37)
+    with torch.no_grad():
+        _assert_bit_equal(loaded(x), model(x))
+    state = loaded.state_dict()
+    assert state["0.weight"].shape == (23, 37)

@@ -116,7 +116,7 @@ class Int8Linear(_Int8WeightLinear):
         super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
         self.register_state_dict_post_hook(_plain_weight_in_state_dict)
         self.register_load_state_dict_pre_hook(_state_dict_weight_in_module_layout)
-        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._settle_layout())
+        self.register_load_state_dict_post_hook(_settle_layout_after_load)
         if ops.int8_packed_kernel_native(self.weight.device):  # the zero weight, packed without a pass over it
             self.weight = self.weight.new_zeros(ops.lowp.packed_shape(out_features, in_features))
 
@@ -164,6 +164,10 @@ def _plain_weight_in_state_dict(module: Int8Linear, state_dict, prefix: str, loc
     key = prefix + "weight"
     if key in state_dict and module.weight_packed:
         state_dict[key] = module.int8_weight()
+
+
+def _settle_layout_after_load(module: Int8Linear, incompatible_keys) -> None:
+    module._settle_layout()
 
 
 def _state_dict_weight_in_module_layout(module: Int8Linear, state_dict, prefix: str, local_metadata, strict,
