@@ -439,8 +439,9 @@ def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.T
 
 def fp16_linear(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Linear layer with half-precision weights: ``x @ w_half.T + bias``, float32
-    accumulation. On the CPU the weight is widened to float32 a block of rows at a time,
-    so no float32 copy of the whole weight is ever made.
+    accumulation. On the CPU the weight is widened to float32 in registers as it is read
+    (up to 128 rows of x; above, a block of weight rows at a time for the float32 GEMM), so
+    no float32 copy of the whole weight is ever made.
 
     Args:
         x: ``(..., K)`` float32, float16 or bfloat16 activations, any strides.
