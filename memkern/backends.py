@@ -255,11 +255,11 @@ class OpTable:
                 )
             return self.impls[forced]
         primary = _primary_tensor(args)
-        key = (primary.device.type, primary.dtype) if primary is not None else None
+        device_type = primary.device.type if primary is not None else "cpu"
+        key = (device_type, primary.dtype) if primary is not None else None
         chosen = self._choices.get(key)
         if chosen is not None:
             return chosen
-        device_type = primary.device.type if primary is not None else "cpu"
         consulted = []
         chosen = self.impls["torch"]
         for backend in self.preference.get(device_type, ("torch",)):

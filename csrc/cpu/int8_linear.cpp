@@ -258,6 +258,13 @@ void vnni_gemm(const int8_t* a, int64_t lda, const int32_t* a_sum, const int8_t*
   });
 }
 
+// sum_k a[k]: the activation row's sum, which takes the weight's +128 bias back out.
+inline int32_t byte_sum(const int8_t* a, int64_t K) {
+  int32_t s = 0;
+  for (int64_t k = 0; k < K; ++k) s += a[k];
+  return s;
+}
+
 // Scratch memory for a kernel's copy of the activations. Past 1 MiB it lives in
 // 2 MiB pages where the kernel allows it: rows of 4 KiB are otherwise a page each, and the
 // hardware prefetcher stops at every page end (512 x 4096 x 4096 on one thread: 65% -> 73%
@@ -301,12 +308,7 @@ class KernelRows {
   const int8_t* data() { return buffer_.data(); }
   const int32_t* sums() const { return sums_.data(); }
   // Call once row m is written.
-  void sum_row(int64_t m, int64_t K) {
-    const int8_t* r = row(m);
-    int32_t s = 0;
-    for (int64_t k = 0; k < K; ++k) s += r[k];
-    sums_[m] = s;
-  }
+  void sum_row(int64_t m, int64_t K) { sums_[m] = byte_sum(row(m), K); }
 
  private:
   int64_t lda_;
@@ -496,9 +498,7 @@ class TileQuantizer {
     for (int64_t i = 0; i < count; ++i) {
       int8_t* row = rows + i * ld_;
       x_scale[m0 + i] = quantize_row(x + (m0 + i) * xs0, K_, xs1, 0, reinterpret_cast<uint8_t*>(row));
-      int32_t s = 0;
-      for (int64_t k = 0; k < K_; ++k) s += row[k];
-      a_sum[m0 + i] = s;
+      a_sum[m0 + i] = byte_sum(row, K_);
     }
   }
 

@@ -241,15 +241,31 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
-def _check_linear(op: str, x, weight, weight_name: str, weight_dtypes, bias) -> torch.Tensor:
-    """Check x, the weight and bias; return x as a 2-D (M, K) view or copy."""
+def _check_x(op: str, x) -> None:
     _validate.check_tensor(op, "x", x)
-    _validate.check_tensor(op, weight_name, weight)
-    if bias is not None:
-        _validate.check_tensor(op, "bias", bias)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got a 0-D tensor")
     _validate.check_dtype(op, "x", x, FLOAT_DTYPES)
+
+
+def _check_bias(op: str, bias, n: int, n_source: str) -> None:
+    if bias is None:
+        return
+    _validate.check_tensor(op, "bias", bias)
+    _validate.check_dtype(op, "bias", bias, FLOAT_DTYPES)
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias must have shape ({n},) (N = {n_source}), got {tuple(bias.shape)}")
+
+
+def _check_out_dtype(op: str, out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
+
+
+def _check_linear(op: str, x, weight, weight_name: str, weight_dtypes, bias) -> torch.Tensor:
+    """Check x, the weight and bias; return x as a 2-D (M, K) view or copy."""
+    _check_x(op, x)
+    _validate.check_tensor(op, weight_name, weight)
     _validate.check_dim(op, weight_name, weight, 2)
     _validate.check_dtype(op, weight_name, weight, weight_dtypes)
     n, k = weight.shape
@@ -258,11 +274,7 @@ def _check_linear(op: str, x, weight, weight_name: str, weight_dtypes, bias) -> 
             f"{op}: x's last dimension (K) must equal {weight_name}.shape[1] = {k}, "
             f"got x of shape {tuple(x.shape)}"
         )
-    if bias is not None:
-        _validate.check_dtype(op, "bias", bias, FLOAT_DTYPES)
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{op}: bias must have shape ({n},) (N = {weight_name}.shape[0]), "
-                             f"got {tuple(bias.shape)}")
+    _check_bias(op, bias, n, f"{weight_name}.shape[0]")
     return _as_2d(x)
 
 
@@ -312,8 +324,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     op = "int8_linear"
     x2 = _check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
     _check_scale(op, w_scale, w_q)
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
+    _check_out_dtype(op, out_dtype)
     _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
     return _restore(backends.call(_int8_linear_op, _int8_table, x2, w_q, w_scale, bias, out_dtype), x)
 
@@ -392,22 +403,14 @@ def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.T
     padding. Pass the weight packed for x's K and w_scale's N.
     """
     op = "int8_linear_packed"
-    _validate.check_tensor(op, "x", x)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got a 0-D tensor")
-    _validate.check_dtype(op, "x", x, FLOAT_DTYPES)
+    _check_x(op, x)
     _validate.check_tensor(op, "w_scale", w_scale)
     _validate.check_dtype(op, "w_scale", w_scale, (torch.float32,))
     _validate.check_dim(op, "w_scale", w_scale, 1)
     n, k = w_scale.shape[0], x.shape[-1]
     _check_packed(op, w_packed, n, k)
-    if bias is not None:
-        _validate.check_tensor(op, "bias", bias)
-        _validate.check_dtype(op, "bias", bias, FLOAT_DTYPES)
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{op}: bias must have shape ({n},) (N = w_scale.shape[0]), got {tuple(bias.shape)}")
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
+    _check_bias(op, bias, n, "w_scale.shape[0]")
+    _check_out_dtype(op, out_dtype)
     _validate.check_same_device(op, x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
     return _restore(backends.call(_int8_linear_packed_op, _int8_packed_table, _as_2d(x), w_packed, w_scale, bias,
                                   out_dtype), x)
