@@ -62,12 +62,20 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"memkern bench: {exc}", file=sys.stderr)
         return 2
+    if args.match:
+        cases = [c for c in cases if any(m in c.id for m in args.match)]
+        if not cases:
+            print(f"memkern bench: no case id contains {' or '.join(map(repr, args.match))}", file=sys.stderr)
+            return 2
+
+    def write_rows(m: harness.Measurement) -> None:  # as measured, so a run cut short keeps its rows
+        harness.append_csv(args.csv, harness.rows([m], memkern.__version__))
+
     torch.manual_seed(0)
     results = harness.run(cases, args.device, quick=args.quick, memory=not args.no_memory,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), on_result=write_rows if args.csv else None)
     harness.print_table(results, args.device)
     if args.csv:
-        harness.append_csv(args.csv, harness.rows(results, memkern.__version__))
         print(f"appended results to {args.csv}")
     failed = [m for m in results if m.error]
     for m in failed:
@@ -105,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--quick", action="store_true", help="small shapes, short runs")
     bench.add_argument("--ops", action="append", help="only these ops (comma separated, repeatable)")
-    bench.add_argument("--csv", help="append tidy result rows to this CSV file")
+    bench.add_argument("--match", action="append",
+                       help="only cases whose id (op/mode/shape/dtype) contains this text (repeatable)")
+    bench.add_argument("--csv", help="append tidy result rows to this CSV file, each as it is measured")
     bench.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     bench.set_defaults(func=_bench)
     demo = sub.add_parser("demo", help="distil, share, prune and quantise a small language model end to end")

@@ -91,3 +91,67 @@ def test_every_case_has_one_baseline_and_a_memkern_provider():
         assert case.work is not None and (case.work.flops > 0 or case.work.bytes > 0), f"{case.id}: no work"
     with pytest.raises(ValueError, match="unknown op"):
         registry.all_cases(quick=True, ops=["nope"])
+
+
+def test_each_measurement_reaches_on_result_before_the_next_is_taken():
+    seen: list[tuple[str, int]] = []
+    calls = {"n": 0}
+
+    def counting(inp):
+        def call():
+            calls["n"] += 1
+            return inp["x"] * 2
+        return call
+
+    case = dataclasses.replace(_tiny_case(), providers=(
+        Provider("baseline", counting, baseline=True), Provider("candidate", counting)))
+    # on_result runs before the next provider is measured: it sees the call count of the
+    # providers measured so far, not of the whole run.
+    results = harness.run([case], "cpu", quick=True, memory=False, progress=False,
+                          on_result=lambda m: seen.append((m.provider, calls["n"])))
+    assert [p for p, _ in seen] == ["baseline", "candidate"]
+    assert 0 < seen[0][1] < seen[1][1]
+    assert [m.provider for m in results] == ["baseline", "candidate"]
+
+
+def test_table_prints_without_rich(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_rich(name, *args, **kwargs):
+        if name == "rich" or name.startswith("rich."):
+            raise ImportError("no rich here")
+        return real_import(name, *args, **kwargs)
+
+    results = harness.run([_tiny_case()], "cpu", quick=True, memory=False, progress=False)
+    monkeypatch.setattr(builtins, "__import__", no_rich)
+    harness.print_table(results, "cpu")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == " | ".join(harness.TABLE_COLUMNS)
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [r[4] for r in rows] == ["baseline", "candidate", "broken"]
+    assert rows[0][6] == "1.00x" and rows[2][5].startswith("failed: RuntimeError: boom")
+
+
+def test_cli_bench_match_selects_cases_and_streams_csv(tmp_path, capsys):
+    from memkern import cli
+
+    path = tmp_path / "r.csv"
+    rc = cli.main(["bench", "--quick", "--no-memory", "--ops", "quantize_rowwise", "--match", "float32",
+                   "--csv", str(path)])
+    assert rc == 0
+    with open(path) as f:
+        table = list(csv.DictReader(f))
+    assert table and {r["dtype"] for r in table} == {"float32"}
+    assert {r["provider"] for r in table} == {"torch eager", "memkern"}
+    assert cli.main(["bench", "--quick", "--no-memory", "--ops", "quantize_rowwise", "--match", "nope"]) == 2
+    assert "no case id contains 'nope'" in capsys.readouterr().err
+
+
+def test_int_mm_is_no_baseline_below_17_rows_on_cuda():
+    # torch._int_mm refuses M <= 16 on CUDA; listing it there made every GPU run exit 1.
+    for case in registry.all_cases(quick=False, ops=["int8_linear"], device="cuda"):
+        m = int(case.shape.split("x")[0])
+        names = {p.name for p in case.providers}
+        assert ("torch._int_mm eager" in names) == (m > 16), case.id

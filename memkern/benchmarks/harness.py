@@ -269,21 +269,39 @@ def measure(case: Case, provider: Provider, device: str, *, quick: bool, memory:
 
 
 def run(cases: Iterable[Case], device: str, *, quick: bool, memory: bool = True,
-        progress: bool = True) -> list[Measurement]:
+        progress: bool = True, on_result: Callable[[Measurement], None] | None = None) -> list[Measurement]:
+    """Measure every provider of every case. ``on_result`` sees each measurement as soon as
+    it is taken (the CLI appends its CSV rows there), so a run cut short keeps what it measured."""
     jobs = [(c, p) for c in cases for p in c.providers]
     results: list[Measurement] = []
-    if progress:
-        from rich.progress import Progress
 
-        with Progress(transient=True) as bar:
-            task = bar.add_task("benchmarking", total=len(jobs))
-            for case, provider in jobs:
-                bar.update(task, description=f"{case.id} [{provider.name}]")
-                results.append(measure(case, provider, device, quick=quick, memory=memory))
-                bar.advance(task)
-    else:
-        results = [measure(c, p, device, quick=quick, memory=memory) for c, p in jobs]
+    def one(case: Case, provider: Provider) -> None:
+        m = measure(case, provider, device, quick=quick, memory=memory)
+        results.append(m)
+        if on_result is not None:
+            on_result(m)
+
+    bar = _progress_bar() if progress else None
+    if bar is None:
+        for case, provider in jobs:
+            one(case, provider)
+        return results
+    with bar:
+        task = bar.add_task("benchmarking", total=len(jobs))
+        for case, provider in jobs:
+            bar.update(task, description=f"{case.id} [{provider.name}]")
+            one(case, provider)
+            bar.advance(task)
     return results
+
+
+def _progress_bar():
+    """A rich progress bar, or None where rich is not installed (it is optional)."""
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        return None
+    return Progress(transient=True)
 
 
 # -- reporting -------------------------------------------------------------------------
@@ -314,27 +332,24 @@ def append_csv(path: str, table_rows: list[dict[str, Any]]) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def print_table(results: list[Measurement], device: str, title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+TABLE_COLUMNS = ("op", "mode", "shape", "dtype", "provider", "time ms (p20-p80)", "speedup", "peak MiB",
+                 "memory ratio", "TFLOP/s", "GB/s")
 
-    table = Table(title=title or f"memkern bench on {device}: median time and peak memory, "
-                  "ratios against the case's dense baseline; TFLOP/s and GB/s: the case's least "
-                  "work over each provider's time")
-    for col in ("op", "mode", "shape", "dtype", "provider"):
-        table.add_column(col, no_wrap=True)
-    for col in ("time ms (p20-p80)", "speedup", "peak MiB", "memory ratio", "TFLOP/s", "GB/s"):
-        table.add_column(col, justify="right", no_wrap=True)
+
+def table_rows(results: list[Measurement]) -> list[list[list[str]]]:
+    """The printed table's cells, one group of rows per case (TABLE_COLUMNS)."""
     by_case: dict[str, list[Measurement]] = {}
     for m in results:
         by_case.setdefault(m.case.id, []).append(m)
+    groups = []
     for ms in by_case.values():
         case = ms[0].case
+        head = [case.op, case.mode, case.shape, dtype_name(case.dtype)]
         base = next((m for m in ms if m.provider == case.baseline.name and m.error is None), None)
+        group = []
         for m in ms:
             if m.error is not None:
-                table.add_row(case.op, case.mode, case.shape, dtype_name(case.dtype), m.provider,
-                              f"[red]failed: {m.error[:60]}", "", "", "", "", "")
+                group.append([*head, m.provider, f"failed: {m.error[:60]}", "", "", "", "", ""])
                 continue
             med, p20, p80 = m.time_ms
             speed = f"{base.time_ms[0] / med:.2f}x" if base else "-"
@@ -345,8 +360,31 @@ def print_table(results: list[Measurement], device: str, title: str | None = Non
             rate = rates(m)
             flops = f"{rate['tflop_per_s'][0]:.3g}" if "tflop_per_s" in rate else "-"
             gbs = f"{rate['gb_per_s'][0]:.3g}" if "gb_per_s" in rate else "-"
-            table.add_row(case.op, case.mode, case.shape, dtype_name(case.dtype), m.provider,
-                          f"{med:.3f} ({p20:.3f}-{p80:.3f})", speed, mem, mem_ratio, flops, gbs)
+            group.append([*head, m.provider, f"{med:.3f} ({p20:.3f}-{p80:.3f})", speed, mem, mem_ratio, flops, gbs])
+        groups.append(group)
+    return groups
+
+
+def print_table(results: list[Measurement], device: str, title: str | None = None) -> None:
+    title = title or (f"memkern bench on {device}: median time and peak memory, ratios against the case's "
+                      "dense baseline; TFLOP/s and GB/s: the case's least work over each provider's time")
+    groups = table_rows(results)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is optional: plain columns, one line a row
+        print(title)
+        print(" | ".join(TABLE_COLUMNS))
+        for group in groups:
+            for row in group:
+                print(" | ".join(row))
+        return
+    table = Table(title=title)
+    for i, col in enumerate(TABLE_COLUMNS):
+        table.add_column(col, justify="left" if i < 5 else "right", no_wrap=True)
+    for group in groups:
+        for row in group:
+            table.add_row(*row[:5], *(f"[red]{c}" if c.startswith("failed") else c for c in row[5:]))
         table.add_section()
     Console(width=max(180, Console().width)).print(table)
 
