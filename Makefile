@@ -20,6 +20,10 @@ $(STAMP): $(PY) $(SOURCES)
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')" \
 		|| $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	@# Triton before 3.8 runs its interpreter on numpy < 2.4 only ("only 0-dimensional arrays
+	@# can be converted to Python scalars"); pyproject.toml cannot condition numpy on Triton.
+	@$(PY) -c "import importlib.metadata as m, sys; v = m.version('triton').split('.')[:2]; sys.exit(tuple(map(int, v)) < (3, 8))" 2>/dev/null \
+		|| $(PY) -m pip install -q "numpy<2.4"
 	@touch $@
 
 # The main job: distil, prune and quantise a small language model (about 5 minutes on 2

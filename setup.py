@@ -10,16 +10,38 @@ from torch.utils import cpp_extension
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _want_cuda() -> bool:
+def _load_cuda_toolkit_finder():
+    # By path: at build time the memkern package is not importable.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_toolkit", os.path.join(HERE, "tools", "cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cuda_toolkit() -> str | None:
+    """The CUDA toolkit to build with, or None for a CPU-only build. Forced on
+    (MEMKERN_BUILD_CUDA=1), a missing toolkit is an error; detected, a CUDA build of torch
+    and a toolkit are both needed."""
     forced = os.environ.get("MEMKERN_BUILD_CUDA")
-    if forced is not None:
-        if forced not in ("0", "1"):
-            raise SystemExit(f"MEMKERN_BUILD_CUDA must be 0 or 1, got {forced!r}")
-        return forced == "1"
+    if forced is not None and forced not in ("0", "1"):
+        raise SystemExit(f"MEMKERN_BUILD_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return None
     import torch
 
-    nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
-    return torch.version.cuda is not None and nvcc
+    if forced is None and (torch.version.cuda is None or shutil.which("nvcc") is None
+                           and not os.environ.get("CUDA_HOME")):
+        return None
+    finder = _load_cuda_toolkit_finder()
+    try:
+        return finder.find()
+    except finder.ToolkitNotFound as exc:
+        if forced == "1":
+            raise SystemExit(f"MEMKERN_BUILD_CUDA=1: {exc}") from None
+        print(f"memkern: building without CUDA kernels: {exc}")
+        return None
 
 
 def _sources(pattern: str) -> list[str]:
@@ -35,7 +57,12 @@ def _extension():
         cxx.append(f"-march={march}")
     sources = ["csrc/memkern.cpp", *_sources("csrc/cpu/*.cpp")]
     include_dirs = [os.path.join(HERE, "csrc")]
-    if _want_cuda():
+    toolkit = _cuda_toolkit()
+    if toolkit is not None:
+        # torch's own guess (the folder above the first nvcc on PATH) fails for a wrapper nvcc.
+        os.environ["CUDA_HOME"] = toolkit
+        cpp_extension.CUDA_HOME = toolkit
+        print(f"memkern: CUDA toolkit {toolkit}")
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
         archs = os.environ.get("MEMKERN_CUDA_ARCHS", "80;90")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -27,17 +27,19 @@ if _reason is not None:
 
 VARIANTS = _aot.capture()
 
-# Register spills ptxas reports at the launchers' GPU configurations (Triton 3.9.0, ptxas
-# 12.9 for sm_80 and 13.4 for sm_90; registers per thread, spill stores / loads in bytes
-# per thread). Marked, not hidden: each is a kernel whose tiles, warps or fp32 products
-# want retuning on that target. The fp32 products (input_precision="ieee") run on the FMA
-# units, whose operand tiles live in registers.
+# Register spills ptxas reported at the launchers' GPU configurations (Triton 3.9.0, ptxas
+# 12.9 for sm_80 and 13.4 for sm_90): the most spill stores / loads, in bytes per thread, a
+# launch may have. Each is a kernel whose tiles, warps or fp32 products want retuning on
+# that target; the fp32 products (input_precision="ieee") run on the FMA units, whose
+# operand tiles live in registers. A budget, not an expected failure: other Triton
+# releases allocate registers differently (Triton 3.6 spills none of these), and a launch
+# must never spill more than recorded here; every other launch must not spill at all.
 SPILLS = {
-    (80, "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)"): "255 registers, 68/68 bytes spilled",
-    (80, "_linear_kd_grad_kernel(linear_kd_grad-bf16-jsd-row_scale)"): "255 registers, 116/116 bytes spilled",
-    (80, "_block_sparse_fwd_kernel(block_sparse-fp32-64x64)"): "255 registers, 164/164 bytes spilled",
-    (80, "_block_sparse_dx_kernel(block_sparse-fp32-64x64)"): "32 registers, 6348/8176 bytes spilled",
-    (80, "_block_sparse_dw_kernel(block_sparse-bf16-128x128)"): "255 registers, 8/4 bytes spilled",
+    (80, "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)"): (68, 68),
+    (80, "_linear_kd_grad_kernel(linear_kd_grad-bf16-jsd-row_scale)"): (116, 116),
+    (80, "_block_sparse_fwd_kernel(block_sparse-fp32-64x64)"): (164, 164),
+    (80, "_block_sparse_dx_kernel(block_sparse-fp32-64x64)"): (6348, 8176),
+    (80, "_block_sparse_dw_kernel(block_sparse-bf16-128x128)"): (8, 4),
 }
 
 
@@ -61,14 +63,9 @@ WGMMA_ON_SM90 = {
 }
 
 
-def _cases(spill_marks: bool) -> list:
-    params = []
-    for v in VARIANTS:
-        for capability in _aot.CAPABILITIES:
-            reason = SPILLS.get((capability, v.id)) if spill_marks else None
-            marks = [pytest.mark.xfail(strict=True, reason=f"sm_{capability}: {reason}")] if reason else []
-            params.append(pytest.param(capability, v.id, id=f"sm_{capability}-{v.id}", marks=marks))
-    return params
+def _cases() -> list:
+    return [pytest.param(capability, v.id, id=f"sm_{capability}-{v.id}")
+            for v in VARIANTS for capability in _aot.CAPABILITIES]
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +107,17 @@ def test_capture_restores_the_kernels():
     assert (kd._kd_rows_kernel, _library.triton_interpret) == before
 
 
-@pytest.mark.parametrize(("capability", "variant_id"), _cases(spill_marks=False))
+@pytest.mark.parametrize(("capability", "variant_id"), _cases())
 def test_compiles_within_shared_memory(compiled, capability, variant_id):
     r = _result(compiled, capability, variant_id)
     limit = _aot.SHARED_LIMIT[capability]
     assert r["shared"] <= limit, f"{r['shared']} bytes of shared memory > {limit} on sm_{capability}"
 
 
-@pytest.mark.parametrize(("capability", "variant_id"), _cases(spill_marks=True))
-def test_no_register_spills(compiled, capability, variant_id):
+@pytest.mark.parametrize(("capability", "variant_id"), _cases())
+def test_no_register_spills_beyond_the_recorded_budget(compiled, capability, variant_id):
     r = _result(compiled, capability, variant_id)
-    assert (r["spill_stores"], r["spill_loads"]) == (0, 0), (
+    stores, loads = SPILLS.get((capability, variant_id), (0, 0))
+    assert r["spill_stores"] <= stores and r["spill_loads"] <= loads, (
         f"sm_{capability}: {r['registers']} registers, {r['spill_stores']}/{r['spill_loads']} bytes of spill "
-        f"stores/loads per thread")
+        f"stores/loads per thread; at most {stores}/{loads} allowed")
