@@ -16,7 +16,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) $(SOURCES)
-	$(PY) -m pip install -q --upgrade "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')" \
 		|| $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
