@@ -14,7 +14,6 @@ import copy
 import csv
 import itertools
 import math
-import pathlib
 import subprocess
 import sys
 from collections import OrderedDict
@@ -319,7 +318,7 @@ def test_block_sparse_large_and_rectangular_blocks(device, backend, block, dtype
     cuda=grid(CUDA_BACKENDS, reference.KD_DIVERGENCES, (F16, F32))))
 def test_kd_loss_divergences_on_the_row_kernel(device, backend, divergence, dtype):
     # Vocabularies past one 1024-wide tile; the CUDA case at GPT-2's 50257.
-    shape = (4, 65, 50257) if device == "cuda" else (2, 3, 1100)
+    shape = (3, 37, 50257) if device == "cuda" else (2, 3, 1100)
     s = (torch.randn(shape) * 3).to(dtype)
     t = (torch.randn(shape) * 3).to(dtype)
     labels = torch.randint(0, shape[-1], shape[:-1])
@@ -433,21 +432,26 @@ def test_convert_and_memory_footprint_on_device(device, scheme, layer_type, weig
         out = converted(x.to(device))
     assert out.device.type == device and out.dtype == F32
     assert sqnr_db(out.cpu(), exact) > min_sqnr_db
-    # the same converted model on the CPU; int8's per-token rounding may differ by one step
-    assert_rel_close(out.cpu(), on_cpu, F16 if scheme == "int8" else F32, factor=10)
+    # the same converted model on the CPU: float32 sums in another order, which can move an
+    # int8 activation of the second layer by one step (about 1e-3 of the output)
+    if scheme == "int8":
+        assert_rel_close(out.cpu(), on_cpu, F16)
+    else:
+        assert_rel_close(out.cpu(), on_cpu, F32, factor=10)
 
 
 # -- the demo end to end -----------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-def test_demo_cli_quick_runs_on_the_device(device, tmp_path):
-    cmd = [sys.executable, "-m", "memkern.cli", "demo", "--quick", "--device", device, "--out", str(tmp_path)]
-    if device == "cpu":  # the plumbing only (the CPU run is tests/test_demo.py's): seconds, not a minute
-        corpus = pathlib.Path(memkern.__file__).parent / "ops"
-        cmd += ["--teacher-steps", "1", "--student-steps", "1", "--finetune-steps", "1", "--corpus", str(corpus)]
+# CUDA only: even cut to one training step a stage, the CPU run takes 15-50 s on the 2-core
+# CI machine (imports, tokenizer, six evaluations); tests/test_demo.py covers the CPU demo.
+@pytest.mark.gpu
+def test_demo_cli_quick_on_cuda(tmp_path):
+    cmd = [sys.executable, "-m", "memkern.cli", "demo", "--quick", "--device", "cuda", "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Traceback" not in out.stderr
-    assert f"memkern demo on {device}" in out.stdout
+    assert "memkern demo on cuda" in out.stdout  # the table's title
+    for stage in STAGES:
+        assert stage in out.stdout
     rows = list(csv.DictReader(open(tmp_path / "demo.csv")))
     assert [r["stage"] for r in rows] == STAGES
     for r in rows:
@@ -576,9 +580,11 @@ def test_linear_kd_loss_at_full_size(device, backend, shape, monkeypatch):
     if device == "cuda":
         extra = _peak_above(base)
         gradients = ws.numel() * ws.element_size() + hs.numel() * hs.element_size()
-        if backend == "triton":  # vocabulary slabs of float32 sums, an fp32 grad_h accumulator
+        if backend == "triton":
             from memkern.kernels import kd as kd_kernels
 
+            # a vocabulary slab of float32 sums (two while the next one is allocated before
+            # the last is released) and the float32 grad_h accumulator
             workspace = 2 * kd_kernels.WEIGHT_GRAD_SLAB_BYTES + rows * hidden * 4
         else:  # the float32 V x H accumulator and two chunks of bf16 logits
             workspace = vocab * hidden * 4 + 2 * kd_ops.CHUNK_ELEMENTS["cuda"] * 2
