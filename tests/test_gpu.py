@@ -26,7 +26,7 @@ import memkern
 from memkern import backends, prune, reference
 from memkern.ops import BlockSparseWeight, kd as kd_ops
 from memkern.ops import lowp as lowp_ops
-from conftest import CPU_BACKENDS, REL_TOL, assert_rel_close, require_backend, sqnr_db
+from conftest import CPU_BACKENDS, assert_rel_close, require_backend, sqnr_db
 from test_demo import STAGES
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
