@@ -16,8 +16,8 @@ How memory is saved:
   states, weight and bias. No rows x V tensor exists at any time. With a scalar upstream
   gradient (reduction "mean" or "sum") this happens in forward and backward scales the
   results; with reduction "none" the upstream gradient differs per row, so forward keeps
-  only the per-row losses and backward recomputes the logit chunks. That is the cpp and
-  cuda backends; the triton backend does not chunk: its kernels tile the matmul and the
+  only the per-row losses and backward recomputes the logit chunks. That is the cpp,
+  cuda and torch backends; the triton backend does not chunk: its kernels tile the matmul and the
   online softmax together, keep eight statistics per row and recompute logit tiles for the
   gradient (memkern/kernels/kd.py), so its extra memory is O(rows) besides the gradients.
 """
@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from memkern import _dense, _validate, backends, reference
+from memkern.ops._autograd import refuse_double_backward
 
 DIVERGENCES = reference.KD_DIVERGENCES
 REDUCTIONS = reference.KD_REDUCTIONS
@@ -243,12 +244,18 @@ def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, 
     return grads
 
 
+# Double backward would need the second derivative of the loss, i.e. the logits (or hidden
+# states and weights) kept until backward: the memory these ops exist to save.
+_NOT_TWICE = "its gradient is computed by a fused kernel, which keeps no inputs for a second derivative"
+
+
 def _kd_backward(ctx, grad_loss, _grad_of_grad):
     (g,) = ctx.saved_tensors
     if not ctx.compute_grad or grad_loss is None:
         return (None,) * 11
     per_row = ctx.reduction == "none"
     (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
+    (g,) = refuse_double_backward("kd_loss", _NOT_TWICE, g)
     return (g,) + (None,) * 10
 
 
@@ -477,7 +484,8 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
                                                  o["ignore_index"], o["kd_scale"])
     else:
         gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
-    return (gh, gw, gb if ctx.has_bias else None) + (None,) * 12
+    gh, gw, gb = refuse_double_backward("linear_kd_loss", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
+    return (gh, gw, gb) + (None,) * 12
 
 
 backends.register_autograd(_linear_kd_loss_op, _linear_backward, setup_context=_linear_setup_context)
