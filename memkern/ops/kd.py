@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from memkern import _dense, _validate, backends, reference
+from memkern import _autocast, _dense, _validate, backends, reference
 from memkern.ops._autograd import refuse_double_backward
 
 DIVERGENCES = reference.KD_DIVERGENCES
@@ -260,6 +260,9 @@ def _kd_backward(ctx, grad_loss, _grad_of_grad):
 
 
 backends.register_autograd(_kd_loss_op, _kd_backward, setup_context=_kd_setup_context)
+# Autocast: the logits go in as they are (the kernels read any float dtype and keep their
+# statistics in float32; a float32 copy would double the largest tensor of a step).
+_autocast.register("kd_loss")
 
 
 # -- fused-linear: the chunk loop ---------------------------------------------------------------
@@ -489,6 +492,11 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
 
 
 backends.register_autograd(_linear_kd_loss_op, _linear_backward, setup_context=_linear_setup_context)
+# Autocast: the lm_head products run in the autocast dtype, as torch.nn.functional.linear's
+# would (the usual loop: bf16 hidden states, float32 lm_head weights); statistics in float32.
+_autocast.register("linear_kd_loss", cast=("student_hidden", "student_weight", "student_bias",
+                                           "teacher_hidden", "teacher_weight", "teacher_bias"))
+_autocast.register("linear_kd_loss_backward")
 
 
 # -- public functions ---------------------------------------------------------------------------
@@ -605,7 +613,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if h.shape[-1] != w.shape[1]:
             raise ValueError(f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
                              f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))")
-        if h.dtype != w.dtype:
+        if _autocast.dtype_seen(h) != _autocast.dtype_seen(w):  # autocast casts both
             raise TypeError(f"{op}: {who}_hidden ({_validate._dtype_name(h.dtype)}) and {who}_weight "
                             f"({_validate._dtype_name(w.dtype)}) must have the same dtype")
     if student_weight.shape[0] != teacher_weight.shape[0]:
@@ -618,7 +626,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     for who, b, w in (("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight)):
         if b is not None:
             _validate.check_tensor(op, f"{who}_bias", b)
-            if tuple(b.shape) != (w.shape[0],) or b.dtype != w.dtype:
+            if tuple(b.shape) != (w.shape[0],) or _autocast.dtype_seen(b) != _autocast.dtype_seen(w):
                 raise ValueError(f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
                                  f"{_validate._dtype_name(w.dtype)}, got {tuple(b.shape)} "
                                  f"{_validate._dtype_name(b.dtype)}")
