@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from memkern import _library
+from memkern import _autocast, _library
 
 BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpp", "torch")
 
@@ -112,7 +112,7 @@ def call(op, table: "OpTable", *args: Any) -> Any:
     call finds them after a 16 MiB int8 weight has streamed through (bench/NOTES.md: 5-6%
     of a 16 x 4096 x 4096 Int8Linear call). Everything the op exists for still goes
     through it: torch.compile and tracing, fake, subclass or functorch tensors, an active
-    dispatch or function mode, and calls with an input that requires grad.
+    dispatch or function mode, autocast, and calls with an input that requires grad.
     """
     if _direct_call_ok(args):
         return table(*args)
@@ -126,6 +126,8 @@ def _direct_call_ok(args: Sequence[Any]) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if _autocast.enabled():  # the op's autocast rule (memkern/_autocast.py) must run
         return False
     grad = torch.is_grad_enabled()
     for a in args:

@@ -523,3 +523,177 @@ def test_modules_check_options_at_construction():
         memkern.nn.KDLoss(temperature=0.0)
     with pytest.raises(ValueError, match="LinearKDLoss: divergence"):
         memkern.nn.LinearKDLoss(divergence="kl")
+
+
+# -- temperature range ------------------------------------------------------------------------------
+_LOW_T, _HIGH_T = kd_ops.TEMPERATURE_RANGE
+
+
+def _linear_with(**opts):
+    return memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5),
+                                      torch.randn(10, 5), torch.arange(4), **opts)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e20, 1e200, 10**400, float("inf"), float("nan"),
+                                         _LOW_T / 2, _HIGH_T * 1.01],
+                         ids=["1e-40", "1e20", "1e200", "int-10^400", "inf", "nan", "below", "above"])
+@pytest.mark.parametrize("call", [
+    lambda T: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=T),
+    lambda T: _linear_with(temperature=T),
+    lambda T: memkern.nn.KDLoss(temperature=T),
+    lambda T: memkern.nn.LinearKDLoss(temperature=T),
+], ids=["kd_loss", "linear_kd_loss", "KDLoss", "LinearKDLoss"])
+def test_temperature_outside_the_range_is_a_clear_error(call, temperature):
+    with pytest.raises(ValueError) as info:
+        call(temperature)
+    message = str(info.value)
+    assert "temperature" in message and f"[{_LOW_T:g}, {_HIGH_T:g}]" in message, message
+    assert str(temperature)[:20] in message
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("temperature", [_LOW_T, _HIGH_T], ids=["lowest", "highest"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_temperature_range_ends_match_float64(backend, temperature, divergence):
+    s, t = torch.randn(6, 97) * 3, torch.randn(6, 97) * 3
+    labels = torch.tensor([5, -100, 9, 0, 96, 3])
+    require_backend("kd_loss_rows", backend, s)
+    opts = dict(alpha=0.3, temperature=temperature, divergence=divergence, soft_loss_scale="none")
+    student = s.clone().requires_grad_()
+    with memkern.use_backend(backend):
+        loss = memkern.ops.kd_loss(student, t, labels, **opts)
+    loss.backward()
+    ref, ref_grad = _reference_and_grad(s, t, labels, opts, torch.ones(()))
+    # T = 100: the soft term is a float32 cancellation of terms ~gap / T (TEMPERATURE_RANGE)
+    factor = 30 if temperature == _HIGH_T else 1
+    assert_rel_close(loss, ref, torch.float32, factor=factor)
+    assert_rel_close(student.grad, ref_grad, torch.float32, factor=factor)
+
+
+# -- torch.compile with dynamic shapes --------------------------------------------------------------
+def _compiled_matches_eager(module, make_inputs, grad_positions):
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (6, 11):  # a second shape reuses the dynamic graph
+        inputs = make_inputs(rows)
+        eager_inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+        out_c, out_e = compiled(*inputs), module(*eager_inputs)
+        out_c.sum().backward()
+        out_e.sum().backward()
+        torch.testing.assert_close(out_c, out_e)
+        for i in grad_positions:
+            torch.testing.assert_close(inputs[i].grad, eager_inputs[i].grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_kdloss_module_compiles_with_dynamic_shapes(reduction):
+    module = memkern.nn.KDLoss(alpha=0.3, temperature=2.5, divergence="jsd", beta=0.4, reduction=reduction)
+
+    def make_inputs(rows):
+        return [torch.randn(rows, 37, requires_grad=True), torch.randn(rows, 37), torch.randint(0, 37, (rows,))]
+
+    _compiled_matches_eager(module, make_inputs, [0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_kdloss_module_compiles_with_dynamic_shapes(reduction):
+    module = memkern.nn.LinearKDLoss(alpha=0.3, temperature=0.7, divergence="reverse_kl", reduction=reduction)
+
+    def make_inputs(rows):
+        return [torch.randn(rows, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True),
+                torch.randn(rows, 6), torch.randn(30, 6), torch.randint(0, 30, (rows,))]
+
+    _compiled_matches_eager(module, make_inputs, [0, 1])
+
+
+# -- the modules pass every option on -----------------------------------------------------------------
+# A value other than the default for every constructor option of both modules.
+_NON_DEFAULT_OPTIONS = dict(alpha=0.2, temperature=3.0, divergence="jsd", beta=0.3, ignore_index=3,
+                            reduction="sum", soft_loss_scale="none")
+
+
+def test_every_module_option_is_covered():
+    import inspect
+
+    for module in (memkern.nn.KDLoss, memkern.nn.LinearKDLoss):
+        params = [p for p in inspect.signature(module.__init__).parameters if p != "self"]
+        assert sorted(params) == sorted(_NON_DEFAULT_OPTIONS), module
+        for name, value in _NON_DEFAULT_OPTIONS.items():
+            assert inspect.signature(module.__init__).parameters[name].default != value, name
+
+
+@pytest.mark.parametrize("option", sorted(_NON_DEFAULT_OPTIONS))
+def test_modules_pass_each_option_on(option):
+    # beta matters only for jsd, soft_loss_scale only at T != 1
+    opts = {"divergence": "jsd", "temperature": 2.0, option: _NON_DEFAULT_OPTIONS[option]}
+    if option == "divergence":
+        opts["divergence"] = "reverse_kl"
+    s, t = torch.randn(6, 40) * 2, torch.randn(6, 40) * 2
+    labels = torch.tensor([3, 1, 3, 0, 39, 7])  # 3: a class, or the ignore marker
+    hs, ws, ht, wt = torch.randn(6, 8), torch.randn(40, 8), torch.randn(6, 5), torch.randn(40, 5)
+    calls = [
+        (memkern.nn.KDLoss, (s, t, labels), memkern.ops.kd_loss),
+        (memkern.nn.LinearKDLoss, (hs, ws, ht, wt, labels), memkern.ops.linear_kd_loss),
+    ]
+    for module, args, function in calls:
+        expected = function(*args, **opts)
+        default = function(*args, **{k: v for k, v in opts.items() if k != option})
+        # the option changes the result here, so a module that dropped it would differ
+        assert expected.shape != default.shape or not torch.allclose(expected, default), option
+        torch.testing.assert_close(module(**opts)(*args), expected, rtol=0, atol=0)
+
+
+# -- ignored rows holding NaN / inf --------------------------------------------------------------------
+def _poison_ignored_rows(x: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
+    poisoned = x.clone()
+    rows = ignored.nonzero().squeeze(1)
+    poisoned[rows[0], 1] = float("nan")
+    poisoned[rows[1], 0] = float("inf")
+    poisoned[rows[1], 2] = float("-inf")
+    return poisoned
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")  # NaN on purpose
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_ignored_rows_holding_nan_and_inf_logits_stay_out(backend, divergence):
+    s, t = torch.randn(7, 45) * 3, torch.randn(7, 45) * 3
+    labels = torch.tensor([4, -100, 0, -100, 44, 9, 2])
+    ignored = labels == -100
+    require_backend("kd_loss_rows", backend, s)
+    opts = dict(alpha=0.4, temperature=2.0, divergence=divergence, reduction="none")
+    student = _poison_ignored_rows(s, ignored).requires_grad_()
+    with memkern.use_backend(backend):
+        loss = memkern.ops.kd_loss(student, _poison_ignored_rows(t, ignored), labels, **opts)
+    upstream = torch.rand(7) + 0.5
+    loss.backward(upstream)
+    ref, ref_grad = _reference_and_grad(s, t, labels, opts, upstream)  # clean copies
+    assert torch.isfinite(loss).all() and torch.isfinite(student.grad).all()
+    assert torch.equal(loss[ignored], torch.zeros(2))
+    assert torch.equal(student.grad[ignored], torch.zeros(2, 45))
+    assert_rel_close(loss, ref, torch.float32)
+    assert_rel_close(student.grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # gradients in forward / recomputed in backward
+def test_linear_ignored_rows_holding_nan_and_inf_stay_out(backend, reduction, small_chunks):
+    lc = LinearCase((9,), 12, 10, 150, Case((0,), 0.3, 2.0, "jsd", reduction))
+    hs, ws, bs, ht, wt, bt, _ = _linear_inputs(lc)
+    labels = torch.tensor([5, -100, 0, 149, -100, 7, 3, 11, 2])
+    ignored = labels == -100
+    require_backend("linear_kd_loss", backend, hs)
+    opts = lc.case.options()
+    leaves = [_poison_ignored_rows(hs, ignored).requires_grad_(), ws.clone().requires_grad_(),
+              bs.clone().requires_grad_()]
+    with memkern.use_backend(backend):
+        loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], _poison_ignored_rows(ht, ignored), wt, labels,
+                                          student_bias=leaves[2], teacher_bias=bt, **opts)
+        upstream = torch.rand(loss.shape) + 0.5
+        loss.backward(upstream)
+    ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)  # clean copies
+    assert torch.isfinite(loss).all()
+    assert_rel_close(loss, ref, torch.float32)
+    for leaf, ref_grad in zip(leaves, ref_grads):
+        assert torch.isfinite(leaf.grad).all()
+        assert_rel_close(leaf.grad, ref_grad, torch.float32, factor=3)
+    assert torch.equal(leaves[0].grad[ignored], torch.zeros(2, 12))

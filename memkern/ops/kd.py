@@ -16,25 +16,32 @@ How memory is saved:
   states, weight and bias. No rows x V tensor exists at any time. With a scalar upstream
   gradient (reduction "mean" or "sum") this happens in forward and backward scales the
   results; with reduction "none" the upstream gradient differs per row, so forward keeps
-  only the per-row losses and backward recomputes the logit chunks. That is the cpp and
-  cuda backends; the triton backend does not chunk: its kernels tile the matmul and the
+  only the per-row losses and backward recomputes the logit chunks. That is the cpp,
+  cuda and torch backends; the triton backend does not chunk: its kernels tile the matmul and the
   online softmax together, keep eight statistics per row and recompute logit tiles for the
   gradient (memkern/kernels/kd.py), so its extra memory is O(rows) besides the gradients.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from memkern import _dense, _validate, backends, reference
+from memkern import _autocast, _dense, _validate, backends, reference
+from memkern.ops._autograd import refuse_double_backward
 
 DIVERGENCES = reference.KD_DIVERGENCES
 REDUCTIONS = reference.KD_REDUCTIONS
 SOFT_LOSS_SCALES = ("t2", "none")
 KD_DTYPES = (*_validate.FLOAT_DTYPES, torch.float64)  # float64 for gradcheck and oracles
+# Temperatures T accepted. Above 100, the float32 statistics lose the soft term: the
+# softened distributions differ by O(logit gap / T), so KL(p || q) ~ (gap / T)^2 comes out of
+# a cancellation between terms ~gap / T, and T^2 * KL of N(0, 3^2) logits was off by 1e-4
+# relative at T = 100, 1e-2 at 1e3 and 70% at 1e4 (every backend, against float64). Below
+# 1e-4, exp(-gap / T) underflows float32 for every gap above 0.01, so both distributions are
+# one-hot and the T^2-scaled soft term vanishes below float32's resolution.
+TEMPERATURE_RANGE = (1e-4, 100.0)
 
 
 # -- options and checks --------------------------------------------------------------------
@@ -66,8 +73,10 @@ def check_options(op: str, *, has_labels: bool, alpha: float, temperature: float
             raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"{op}: alpha must be in [0, 1], got {alpha}")
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature}")
+    low, high = TEMPERATURE_RANGE
+    if not (low <= temperature <= high):  # comparisons only: NaN fails, and a SymFloat traces
+        raise ValueError(f"{op}: temperature must be in [{low:g}, {high:g}] (where float32 statistics "
+                         f"stay meaningful), got {temperature}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"{op}: divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
     if divergence == "jsd" and not (0.0 < beta < 1.0):
@@ -235,16 +244,25 @@ def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, 
     return grads
 
 
+# Double backward would need the second derivative of the loss, i.e. the logits (or hidden
+# states and weights) kept until backward: the memory these ops exist to save.
+_NOT_TWICE = "its gradient is computed by a fused kernel, which keeps no inputs for a second derivative"
+
+
 def _kd_backward(ctx, grad_loss, _grad_of_grad):
     (g,) = ctx.saved_tensors
     if not ctx.compute_grad or grad_loss is None:
         return (None,) * 11
     per_row = ctx.reduction == "none"
     (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
+    (g,) = refuse_double_backward("kd_loss", _NOT_TWICE, g)
     return (g,) + (None,) * 10
 
 
 backends.register_autograd(_kd_loss_op, _kd_backward, setup_context=_kd_setup_context)
+# Autocast: the logits go in as they are (the kernels read any float dtype and keep their
+# statistics in float32; a float32 copy would double the largest tensor of a step).
+_autocast.register("kd_loss")
 
 
 # -- fused-linear: the chunk loop ---------------------------------------------------------------
@@ -336,22 +354,6 @@ def linear_chunks(rows_impl, hs, ws, bs, ht, wt, bt, labels, opts: KDOptions, *,
 _linear = backends.op_table("linear_kd_loss", preference=backends.TRITON_FIRST)
 
 
-@_linear.register("torch")
-def _linear_torch(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
-    options = opts.reference_options()
-    acc = _acc_dtype(hs.dtype)
-    s = torch.nn.functional.linear(hs, ws, bs)
-    t = torch.nn.functional.linear(ht, wt, bt)
-    loss = reference.kd_loss_rows(s, t, labels, **options)
-    if not want_grad:
-        return loss.to(acc), None, None, None
-    g = reference.kd_loss_rows_grad(s, t, labels, _row_weights(loss, row_scale, grad_scale), **options).to(acc)
-    grad_h = (g @ ws.to(acc)).to(hs.dtype)
-    grad_w = g.t() @ hs.to(acc)
-    grad_b = g.sum(0) if bs is not None else None
-    return loss.to(acc), grad_h, grad_w, grad_b
-
-
 def _linear_chunked(backend: str):
     def impl(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
         return linear_chunks(_rows.impls[backend].fn, hs, ws, bs, ht, wt, bt, labels, opts,
@@ -360,6 +362,10 @@ def _linear_chunked(backend: str):
     return impl
 
 
+# The torch backend runs the same chunk loop over the reference's rows: ignored rows stay
+# out of every product there too (a NaN hidden state in one must not reach the weight
+# gradient), and without memkern._C or Triton no rows x V tensor exists either.
+_linear.register("torch")(_linear_chunked("torch"))
 _linear.register("cpp", dtypes=KD_DTYPES)(_linear_chunked("cpp"))
 _linear.register("cuda", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("cuda"))
 
@@ -481,10 +487,16 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
                                                  o["ignore_index"], o["kd_scale"])
     else:
         gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
-    return (gh, gw, gb if ctx.has_bias else None) + (None,) * 12
+    gh, gw, gb = refuse_double_backward("linear_kd_loss", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
+    return (gh, gw, gb) + (None,) * 12
 
 
 backends.register_autograd(_linear_kd_loss_op, _linear_backward, setup_context=_linear_setup_context)
+# Autocast: the lm_head products run in the autocast dtype, as torch.nn.functional.linear's
+# would (the usual loop: bf16 hidden states, float32 lm_head weights); statistics in float32.
+_autocast.register("linear_kd_loss", cast=("student_hidden", "student_weight", "student_bias",
+                                           "teacher_hidden", "teacher_weight", "teacher_bias"))
+_autocast.register("linear_kd_loss_backward")
 
 
 # -- public functions ---------------------------------------------------------------------------
@@ -564,7 +576,8 @@ kd_loss.__doc__ = """Distillation loss ``alpha * CE + (1 - alpha) * k * D`` on l
         labels: ``(N,)`` or ``(B, T)`` int64/int32 targets in [0, V) or ``ignore_index``;
             ``None`` for the soft loss alone (alpha must then be 0).
         alpha: weight of the hard-label cross entropy, in [0, 1].
-        temperature: T > 0, applied to both distributions of the soft term.
+        temperature: T in [1e-4, 100] (TEMPERATURE_RANGE: where float32 statistics stay
+            meaningful), applied to both distributions of the soft term.
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``; beta: JSD weight.
         ignore_index: label value of rows to leave out.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -600,7 +613,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if h.shape[-1] != w.shape[1]:
             raise ValueError(f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
                              f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))")
-        if h.dtype != w.dtype:
+        if _autocast.dtype_seen(h) != _autocast.dtype_seen(w):  # autocast casts both
             raise TypeError(f"{op}: {who}_hidden ({_validate._dtype_name(h.dtype)}) and {who}_weight "
                             f"({_validate._dtype_name(w.dtype)}) must have the same dtype")
     if student_weight.shape[0] != teacher_weight.shape[0]:
@@ -613,7 +626,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     for who, b, w in (("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight)):
         if b is not None:
             _validate.check_tensor(op, f"{who}_bias", b)
-            if tuple(b.shape) != (w.shape[0],) or b.dtype != w.dtype:
+            if tuple(b.shape) != (w.shape[0],) or _autocast.dtype_seen(b) != _autocast.dtype_seen(w):
                 raise ValueError(f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
                                  f"{_validate._dtype_name(w.dtype)}, got {tuple(b.shape)} "
                                  f"{_validate._dtype_name(b.dtype)}")

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from memkern import _validate, backends, reference
+from memkern import _autocast, _validate, backends, reference
 
 FLOAT_DTYPES = _validate.FLOAT_DTYPES
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -234,6 +234,10 @@ def _fp16_backward(ctx, grad):
 
 
 backends.register_autograd(_fp16_op, _fp16_backward, setup_context=_setup_fp16)
+# Autocast: x and bias in the autocast dtype, as for torch.nn.functional.linear (so the
+# output is in it too); the stored weights and scales are never cast.
+for _name in ("int8_linear", "int8_linear_packed", "int8_weight_only_linear", "fp16_linear"):
+    _autocast.register(_name, cast=("x", "bias"))
 
 
 # -- argument checks ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from memkern import _validate, backends, reference
+from memkern import _autocast, _validate, backends, reference
 
 # -- implementations ---------------------------------------------------------------------
 _table = backends.op_table("quantize_rowwise")
@@ -41,6 +41,9 @@ def _quantize_rowwise_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @_quantize_rowwise_op.register_fake
 def _quantize_rowwise_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+_autocast.register("quantize_rowwise")  # autocast: x as it is (the scales come from its values)
 
 
 # -- public function ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memkern import _validate, backends, reference
+from memkern import _autocast, _validate, backends, reference
 
 BLOCK_SIZES = (16, 32, 64, 128)
 # The C++ block-sparse kernels also take float64 (gradcheck on the CPU path); the public
@@ -247,6 +247,12 @@ def _s24_backward(ctx, grad):
 
 
 backends.register_autograd(_s24_op, _s24_backward, setup_context=_s24_setup)
+# Autocast: the products take x, the kept values and bias in the autocast dtype, as
+# torch.nn.functional.linear would; the rest runs as called.
+for _name in ("block_sparse_matmul", "sparse24_matmul"):
+    _autocast.register(_name, cast=("x", "values", "bias"))
+for _name in ("block_sparse_matmul_backward", "sparse24_compress", "sparse24_decompress"):
+    _autocast.register(_name)
 
 
 # -- weight containers ---------------------------------------------------------------------
@@ -678,13 +684,13 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
     n_out, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"{op}: x's last dimension must be in_features={k}, got shape {tuple(x.shape)}")
-    if x.dtype != weight.dtype:
+    if _autocast.dtype_seen(x) != _autocast.dtype_seen(weight.values):  # autocast casts both
         raise TypeError(f"{op}: x must have the weight's dtype {weight.dtype}; got {x.dtype}")
     if bias is not None:
         _validate.check_tensor(op, "bias", bias)
         if bias.shape != (n_out,):
             raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
+        if _autocast.dtype_seen(bias) != _autocast.dtype_seen(x):
             raise TypeError(f"{op}: bias must have x's dtype {x.dtype}; got {bias.dtype}")
     _validate.check_same_device(op, x=x, weight=weight.values, bias=bias)
     lead = x.shape[:-1]
