@@ -113,6 +113,31 @@ def test_int8_products_are_bit_exact(backend, m, k, w_bound):
     assert torch.equal(out.long(), exact)
 
 
+# K past 2^17, the longest stretch whose int8 products sum inside int32 (127 * 128 * 2^17
+# < 2^31): 140,000 needs two int32 partial sums; 2^18 + 1 two full ones and a one-column
+# one (the CPU's _int_mm cannot take K = 1).
+LONG_K = [("cpp", 140_000), ("torch", 140_000), ("triton", 140_000), ("cpp", 2**18 + 1)]
+
+
+@pytest.mark.parametrize("backend, k", LONG_K, ids=[f"{b}-K{k}" for b, k in LONG_K])
+def test_int8_products_past_the_int32_range_are_exact(backend, k):
+    # Row 0 is all 127 and row 1 integers with a 127: both quantise with scale exactly 1,
+    # so with unit weight scales the output is the integer product rounded once to float32.
+    # Against weights of all 127 (sum 127^2 K = 2.26e9 > 2^31 - 1) and all -128 (-2.28e9)
+    # an int32 accumulator wraps; the int64 product does not.
+    x = torch.randint(-127, 128, (2, k)).float()
+    x[0] = 127.0
+    x[1, 7] = 127.0
+    w_q = torch.stack([torch.full((k,), 127), torch.full((k,), -128), torch.randint(-128, 128, (k,))]).to(torch.int8)
+    out = _run("int8_linear", backend, x, (w_q, torch.ones(3)), out_dtype=torch.float32)
+    exact = x.long() @ w_q.long().t()
+    assert exact[0, 0] == 127 * 127 * k and exact[0, 0] > 2**31 and exact[0, 1] < -(2**31)
+    assert torch.equal(out, exact.float())
+    # The case as met: x = 1 (scale 1/127), weights of 127: 127 * K within float32 rounding.
+    ones = _run("int8_linear", backend, torch.ones(1, k), (w_q[:1], torch.ones(1)))
+    assert abs(ones.item() - 127.0 * k) <= 1e-6 * 127 * k
+
+
 @pytest.mark.parametrize("allow_vnni", (True, False), ids=["vnni", "portable"])
 @pytest.mark.parametrize("m, k, n", [(13, 4097, 37), (1, 1, 5), (6, 65, 1), (5, 0, 3), (9, 130, 10)])
 def test_cpu_int8_gemms_are_bit_exact(allow_vnni, m, k, n):

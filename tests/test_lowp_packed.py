@@ -344,6 +344,24 @@ def test_extreme_values_at_k_4096(pattern):
     _assert_bit_equal(packed, plain)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_products_past_the_int32_range_are_exact(backend):
+    # K = 140,000 > 2^17, the longest stretch of int8 products that always sums inside
+    # int32: weights of 127 and -128 against activations of 127 (scale 1) sum to about
+    # +-2.26e9, past int32; the packed kernel must add its partial sums in int64.
+    k = 140_000
+    x = torch.full((1, k), 127.0)
+    w_q = torch.stack([torch.full((k,), 127), torch.full((k,), -128)]).to(torch.int8)
+    packed = memkern.ops.pack_int8_weight(w_q)
+    w_scale = torch.ones(2)
+    require_backend(OP, backend, x, packed, w_scale, None)
+    with memkern.use_backend(backend):
+        out = memkern.ops.int8_linear_packed(x, packed, w_scale, out_dtype=F32)
+    exact = torch.tensor([[127 * 127 * k, -127 * 128 * k]])
+    assert exact.abs().min() > 2**31
+    assert torch.equal(out, exact.float())
+
+
 # -- NaN and inf ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
