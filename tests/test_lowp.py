@@ -180,6 +180,25 @@ def test_cpu_int8_linear_kernel_blocks_and_edges(m, k, n):
     assert_rel_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["float32", "float16", "bfloat16", "float32-strided"])
+def test_int8_linear_quantises_ties_half_to_even(backend, layout):
+    # The activation quantisation inside int8_linear (fused into the CPU's VNNI kernel)
+    # rounds x / scale half to even. Rows with exact .5 ties at scale 1 and at scale 2,
+    # times an identity weight with unit scales: each output is q * x_scale.
+    rows = [[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -125.5, 127.0],
+            [1.0, 3.0, 5.0, -1.0, -3.0, -5.0, 251.0, 253.0, -251.0, 254.0]]
+    half_even = torch.tensor([0, 2, 2, 0, -2, -2, 126, 126, -126, 127], dtype=torch.float64)
+    x = torch.tensor(rows)
+    if layout == "float32-strided":
+        x = torch.stack([x, torch.full_like(x, 1e30)], dim=-1)[..., 0]
+    else:
+        x = x.to(getattr(torch, layout))
+    eye = torch.eye(10, dtype=torch.int8)
+    out = _run("int8_linear", backend, x, (eye, torch.ones(10)), out_dtype=torch.float32)
+    assert torch.equal(out.double(), torch.stack([half_even, 2 * half_even]))
+
+
 @pytest.mark.parametrize("op, min_db", [("int8_linear", 38.0), ("int8_weight_only_linear", 40.0),
                                         ("fp16_linear", 60.0)])
 def test_sqnr_against_the_float64_product(op, min_db):
@@ -205,6 +224,7 @@ def test_empty_batch_and_leading_dims(op, backend):
     assert_rel_close(out.reshape(6, 6), _reference64(op, x.reshape(6, 10), weight_args), F32)
     out = _run(op, backend, x[0, 0], weight_args)  # a single 1-D vector
     assert out.shape == (6,)
+    assert_rel_close(out, _reference64(op, x[0, 0][None], weight_args)[0], F32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
