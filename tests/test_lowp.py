@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import memkern
 from memkern import reference
@@ -113,6 +114,31 @@ def test_int8_products_are_bit_exact(backend, m, k, w_bound):
     assert torch.equal(out.long(), exact)
 
 
+# K past 2^17, the longest stretch whose int8 products sum inside int32 (127 * 128 * 2^17
+# < 2^31): 140,000 needs two int32 partial sums; 2^18 + 1 two full ones and a one-column
+# one (the CPU's _int_mm cannot take K = 1).
+LONG_K = [("cpp", 140_000), ("torch", 140_000), ("triton", 140_000), ("cpp", 2**18 + 1)]
+
+
+@pytest.mark.parametrize("backend, k", LONG_K, ids=[f"{b}-K{k}" for b, k in LONG_K])
+def test_int8_products_past_the_int32_range_are_exact(backend, k):
+    # Row 0 is all 127 and row 1 integers with a 127: both quantise with scale exactly 1,
+    # so with unit weight scales the output is the integer product rounded once to float32.
+    # Against weights of all 127 (sum 127^2 K = 2.26e9 > 2^31 - 1) and all -128 (-2.28e9)
+    # an int32 accumulator wraps; the int64 product does not.
+    x = torch.randint(-127, 128, (2, k)).float()
+    x[0] = 127.0
+    x[1, 7] = 127.0
+    w_q = torch.stack([torch.full((k,), 127), torch.full((k,), -128), torch.randint(-128, 128, (k,))]).to(torch.int8)
+    out = _run("int8_linear", backend, x, (w_q, torch.ones(3)), out_dtype=torch.float32)
+    exact = x.long() @ w_q.long().t()
+    assert exact[0, 0] == 127 * 127 * k and exact[0, 0] > 2**31 and exact[0, 1] < -(2**31)
+    assert torch.equal(out, exact.float())
+    # The case as met: x = 1 (scale 1/127), weights of 127: 127 * K within float32 rounding.
+    ones = _run("int8_linear", backend, torch.ones(1, k), (w_q[:1], torch.ones(1)))
+    assert abs(ones.item() - 127.0 * k) <= 1e-6 * 127 * k
+
+
 @pytest.mark.parametrize("allow_vnni", (True, False), ids=["vnni", "portable"])
 @pytest.mark.parametrize("m, k, n", [(13, 4097, 37), (1, 1, 5), (6, 65, 1), (5, 0, 3), (9, 130, 10)])
 def test_cpu_int8_gemms_are_bit_exact(allow_vnni, m, k, n):
@@ -155,6 +181,25 @@ def test_cpu_int8_linear_kernel_blocks_and_edges(m, k, n):
     assert_rel_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["float32", "float16", "bfloat16", "float32-strided"])
+def test_int8_linear_quantises_ties_half_to_even(backend, layout):
+    # The activation quantisation inside int8_linear (fused into the CPU's VNNI kernel)
+    # rounds x / scale half to even. Rows with exact .5 ties at scale 1 and at scale 2,
+    # times an identity weight with unit scales: each output is q * x_scale.
+    rows = [[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -125.5, 127.0],
+            [1.0, 3.0, 5.0, -1.0, -3.0, -5.0, 251.0, 253.0, -251.0, 254.0]]
+    half_even = torch.tensor([0, 2, 2, 0, -2, -2, 126, 126, -126, 127], dtype=torch.float64)
+    x = torch.tensor(rows)
+    if layout == "float32-strided":
+        x = torch.stack([x, torch.full_like(x, 1e30)], dim=-1)[..., 0]
+    else:
+        x = x.to(getattr(torch, layout))
+    eye = torch.eye(10, dtype=torch.int8)
+    out = _run("int8_linear", backend, x, (eye, torch.ones(10)), out_dtype=torch.float32)
+    assert torch.equal(out.double(), torch.stack([half_even, 2 * half_even]))
+
+
 @pytest.mark.parametrize("op, min_db", [("int8_linear", 38.0), ("int8_weight_only_linear", 40.0),
                                         ("fp16_linear", 60.0)])
 def test_sqnr_against_the_float64_product(op, min_db):
@@ -180,6 +225,7 @@ def test_empty_batch_and_leading_dims(op, backend):
     assert_rel_close(out.reshape(6, 6), _reference64(op, x.reshape(6, 10), weight_args), F32)
     out = _run(op, backend, x[0, 0], weight_args)  # a single 1-D vector
     assert out.shape == (6,)
+    assert_rel_close(out, _reference64(op, x[0, 0][None], weight_args)[0], F32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -341,6 +387,140 @@ def test_compiles_without_graph_breaks(op):
     (g_eager,) = torch.autograd.grad(f(x), x)
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
     torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+
+
+# -- modules: dtype casts, float64 layers, constructor arguments ------------------------------------
+LAYERS = {"int8_linear": memkern.nn.Int8Linear, "int8_weight_only_linear": memkern.nn.Int8WeightOnlyLinear,
+          "fp16_linear": memkern.nn.Fp16Linear}
+CASTS = {
+    "half": (lambda m: m.half(), F16),
+    "bfloat16": (lambda m: m.bfloat16(), BF16),
+    "float": (lambda m: m.float(), F32),
+    "double": (lambda m: m.double(), torch.float64),
+    "to-dtype": (lambda m: m.to(F16), F16),
+    "to-device-dtype": (lambda m: m.to("cpu", BF16), BF16),
+    "type": (lambda m: m.type(torch.float64), torch.float64),
+}
+
+
+def _storage(layer) -> dict[str, torch.Tensor]:
+    """The layer's weight buffers (what a module cast must leave alone), copied."""
+    return {name: buf.clone() for name, buf in layer.named_buffers()}
+
+
+def _layer_weight_args(op, storage):
+    """The op's weight arguments in the plain (N, K) layout."""
+    if op == "fp16_linear":
+        return (storage["weight"],)
+    return (storage["int8_weight"], storage["weight_scale"])
+
+
+def _plain_storage(layer) -> dict[str, torch.Tensor]:
+    storage = _storage(layer)
+    if "weight_scale" in storage:
+        storage["int8_weight"] = layer.int8_weight().clone()
+    return storage
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@pytest.mark.parametrize("op", OPS)
+def test_module_casts_keep_the_quantised_storage(op, cast):
+    linear = nn.Linear(37, 11)
+    layer = LAYERS[op].from_linear(linear)
+    before = _plain_storage(layer)
+    apply, dtype = CASTS[cast]
+    assert apply(layer) is layer
+    for name, buf in layer.named_buffers():  # bit for bit, dtype included
+        assert buf.dtype == before[name].dtype and torch.equal(buf, before[name]), name
+    assert layer.bias.dtype == dtype and layer.bias.requires_grad
+    torch.testing.assert_close(layer.bias.double(), linear.bias.detach().to(dtype).double(), rtol=0, atol=0)
+    # It runs, in the caller's dtype, on the weights it had before the cast.
+    x = torch.randn(5, 37).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == dtype and out.shape == (5, 11)
+    kernel_dtype = F32 if dtype == torch.float64 else dtype
+    ref = _reference64(op, x.to(kernel_dtype), _layer_weight_args(op, before), layer.bias.detach().to(kernel_dtype))
+    assert_rel_close(out, ref, kernel_dtype)
+    # ... and back to float32: the same outputs as the uncast weights with the cast bias.
+    layer.float()
+    x32 = torch.randn(4, 37)
+    with torch.no_grad():
+        got = layer(x32)
+        want = _call(op, x32, _layer_weight_args(op, before), layer.bias)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_state_dict_round_trips_after_a_cast(op):
+    cls = LAYERS[op]
+    layer = cls.from_linear(nn.Linear(37, 11)).half()
+    before = _plain_storage(layer)
+    sd = layer.state_dict()
+    storage_dtypes = {"weight": torch.float16 if op == "fp16_linear" else torch.int8, "weight_scale": F32}
+    assert {k: v.dtype for k, v in sd.items()} == {"bias": F16, **{k: storage_dtypes[k] for k in sd if k != "bias"}}
+    x = torch.randn(3, 37).half()
+    with torch.no_grad():
+        want = layer(x)
+    # into a float32 layer (bias copied into float32, exactly), then cast like the source
+    fresh = cls(37, 11)
+    fresh.load_state_dict(sd)
+    assert fresh.bias.dtype == F32 and fresh.half().bias.dtype == F16
+    # into a layer cast before the load, and with assign=True from the meta device
+    cast_first = cls(37, 11).half()
+    cast_first.load_state_dict(sd)
+    with torch.device("meta"):
+        on_meta = cls(37, 11)
+    on_meta.load_state_dict(sd, assign=True)
+    for target in (fresh, cast_first, on_meta):
+        after = _plain_storage(target)
+        for name, buf in before.items():
+            assert after[name].dtype == buf.dtype and torch.equal(after[name], buf), name
+        with torch.no_grad():
+            assert torch.equal(target(x), want)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_float64_layers_run(op):
+    # A float64 nn.Linear (or a converted float64 model) gives a layer that takes float64
+    # input and answers in float64, computed in float32 like every kernel.
+    linear = nn.Linear(37, 11).double()
+    layer = LAYERS[op].from_linear(linear)
+    assert layer.bias.dtype == torch.float64
+    storage = _plain_storage(layer)
+    x = torch.randn(2, 5, 37, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.float64 and out.shape == (2, 5, 11)
+    weight_args = _layer_weight_args(op, storage)
+    ref = _reference64(op, x.detach().float().reshape(10, 37), weight_args, layer.bias.detach().float())
+    assert_rel_close(out.reshape(10, 11), ref, F32)
+    out.sum().backward()
+    assert x.grad.dtype == torch.float64 and layer.bias.grad.dtype == torch.float64
+    w_deq = storage["weight"].double() if op == "fp16_linear" else (
+        storage["int8_weight"].double() * storage["weight_scale"].double()[:, None])
+    assert_rel_close(x.grad.reshape(10, 37), torch.ones(10, 11, dtype=torch.float64) @ w_deq, F32)
+    with torch.no_grad():  # float32 input to the float64 layer: float32 output
+        assert layer(x.detach().float()).dtype == F32
+    model = nn.Sequential(nn.Linear(37, 11), nn.ReLU(), nn.Linear(11, 3)).double()
+    with torch.no_grad():
+        want = model(x.detach())
+        got = memkern.convert(model, op.removesuffix("_linear"))(x.detach())
+    assert got.dtype == torch.float64 and sqnr_db(got, want) > 30
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("args, error, words", [
+    ((-1, 4), ValueError, ["in_features", ">= 0", "-1"]),
+    ((4, -3), ValueError, ["out_features", ">= 0", "-3"]),
+    ((4.0, 3), TypeError, ["in_features", "int", "float"]),
+    ((4, None), TypeError, ["out_features", "int", "NoneType"]),
+], ids=["in-negative", "out-negative", "in-float", "out-none"])
+def test_layer_constructor_checks_its_sizes(op, args, error, words):
+    cls = LAYERS[op]
+    with pytest.raises(error, match=f"^{cls.__name__}: ") as info:
+        cls(*args)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
 
 
 # -- GPU ----------------------------------------------------------------------------------------

@@ -344,6 +344,24 @@ def test_extreme_values_at_k_4096(pattern):
     _assert_bit_equal(packed, plain)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_products_past_the_int32_range_are_exact(backend):
+    # K = 140,000 > 2^17, the longest stretch of int8 products that always sums inside
+    # int32: weights of 127 and -128 against activations of 127 (scale 1) sum to about
+    # +-2.26e9, past int32; the packed kernel must add its partial sums in int64.
+    k = 140_000
+    x = torch.full((1, k), 127.0)
+    w_q = torch.stack([torch.full((k,), 127), torch.full((k,), -128)]).to(torch.int8)
+    packed = memkern.ops.pack_int8_weight(w_q)
+    w_scale = torch.ones(2)
+    require_backend(OP, backend, x, packed, w_scale, None)
+    with memkern.use_backend(backend):
+        out = memkern.ops.int8_linear_packed(x, packed, w_scale, out_dtype=F32)
+    exact = torch.tensor([[127 * 127 * k, -127 * 128 * k]])
+    assert exact.abs().min() > 2**31
+    assert torch.equal(out, exact.float())
+
+
 # -- NaN and inf ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
@@ -714,6 +732,80 @@ def test_plain_layout_when_the_kernel_is_not_native(monkeypatch):
     _layout_ok(layer)
     with torch.no_grad():
         _assert_bit_equal(layer(x), want)
+
+
+CASTS = {
+    "half": (lambda m: m.half(), F16),
+    "bfloat16": (lambda m: m.bfloat16(), BF16),
+    "float": (lambda m: m.float(), F32),
+    "double": (lambda m: m.double(), torch.float64),
+    "to-dtype": (lambda m: m.to(BF16), BF16),
+    "to-device-dtype": (lambda m: m.to("cpu", F16), F16),
+}
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@pytest.mark.parametrize("native", (True, False), ids=["packed", "plain"])
+def test_layout_survives_module_casts(monkeypatch, native, cast):
+    # Either layout (forced here, whatever this CPU has): a module cast keeps the int8
+    # bytes in their layout and the float32 scales bit for bit; only the bias follows.
+    monkeypatch.setattr(memkern.ops, "int8_packed_kernel_native", lambda device: native)
+    linear = _linear()
+    w_q, w_scale = memkern.ops.quantize_rowwise(linear.weight.detach())
+    layer = Int8Linear.from_linear(linear)
+    weight = layer.weight.clone()
+    apply, dtype = CASTS[cast]
+    apply(layer)
+    _layout_ok(layer, native=native)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.int8_weight(), w_q)
+    assert layer.weight_scale.dtype == F32 and torch.equal(layer.weight_scale, w_scale)
+    assert layer.bias.dtype == dtype
+    sd = layer.state_dict()
+    assert sd["weight"].shape == (23, 37) and torch.equal(sd["weight"], w_q) and torch.equal(sd["weight_scale"], w_scale)
+    x = torch.randn(6, 37)
+    kernel_bias = layer.bias.detach().float() if dtype == torch.float64 else layer.bias.detach()
+    with torch.no_grad():
+        _assert_bit_equal(layer(x), memkern.ops.int8_linear(x, w_q, w_scale, kernel_bias))
+        out = layer(x.to(dtype))
+    assert out.dtype == dtype
+    kernel_dtype = F32 if dtype == torch.float64 else dtype
+    ref = reference.int8_linear(x.to(dtype).to(kernel_dtype), w_q, w_scale, kernel_bias,
+                                out_dtype=torch.float64, compute_dtype=torch.float64)
+    assert_rel_close(out, ref, kernel_dtype)
+
+
+def test_converted_model_on_the_plain_layout_matches_float64(monkeypatch):
+    # Where the packed kernel is not native, a converted model keeps the plain (N, K)
+    # weight and int8_linear runs it (on a CPU with AVX512-VNNI: the fused (N, K) VNNI
+    # kernel); a checkpoint of a packed model loads into it the same way. Each layer is
+    # checked on the input it was given against the float64 reference of its own weights.
+    def model():
+        return nn.Sequential(nn.Linear(67, 29), nn.ReLU(), nn.Linear(29, 13))
+
+    source = model()
+    packed_model = memkern.convert(copy.deepcopy(source), "int8")
+    monkeypatch.setattr(memkern.ops, "int8_packed_kernel_native", lambda device: False)
+    converted = memkern.convert(copy.deepcopy(source), "int8")
+    loaded = memkern.convert(model(), "int8")
+    loaded.load_state_dict(packed_model.state_dict())
+    x = torch.randn(2, 17, 67)
+    for target in (converted, loaded):
+        seen = {}
+        hooks = [target[i].register_forward_hook(lambda m, args, out, i=i: seen.update({i: (args[0], out)}))
+                 for i in (0, 2)]
+        with torch.no_grad(), memkern.use_backend("cpp"):
+            target(x)
+        for hook in hooks:
+            hook.remove()
+        for i, (inp, out) in seen.items():
+            layer = target[i]
+            _layout_ok(layer, native=False)
+            w_q, w_scale = memkern.ops.quantize_rowwise(source[i].weight.detach())
+            assert torch.equal(layer.weight, w_q) and torch.equal(layer.weight_scale, w_scale)
+            ref = reference.int8_linear(inp.reshape(-1, inp.shape[-1]), w_q, w_scale, source[i].bias.detach(),
+                                        out_dtype=torch.float64, compute_dtype=torch.float64)
+            assert_rel_close(out.reshape(-1, out.shape[-1]), ref, F32)
+        assert sorted(seen) == [0, 2]
 
 
 def _cpu_flags() -> set[str]:

@@ -1,6 +1,7 @@
 """quantize_rowwise: every backend bit-identical to the reference, edge cases, bad input."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,64 @@ def test_ties_round_half_to_even(backend):
     q, scale = _run(backend, x)
     assert scale.item() == 1.0
     assert q.tolist() == [[0, 2, 2, 0, -2, -2, 126, 127]]
+
+
+# Rows that reach the C++ kernel's scalar loop on every build: the AVX-512 loop takes only
+# contiguous float32 rows (csrc/cpu/quantize_row.h). Both rows hold exact .5 ties of
+# x / scale: the first has absmax 127 (scale 1), the second absmax 254 (scale 2, so the
+# division makes the ties). Every value is exact in float16 and bfloat16.
+TIE_ROWS = [[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -125.5, 127.0],
+            [1.0, 3.0, 5.0, -1.0, -3.0, -5.0, 251.0, 253.0, -251.0, 254.0]]
+TIE_HALF_EVEN = [0, 2, 2, 0, -2, -2, 126, 126, -126, 127]  # round half away from zero: 1, 2, 3, ...
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["float16", "bfloat16", "float32-strided", "float32-transposed"])
+def test_ties_round_half_to_even_on_the_scalar_path(backend, layout):
+    x = torch.tensor(TIE_ROWS)
+    if layout in ("float16", "bfloat16"):
+        x = x.to(getattr(torch, layout))
+    elif layout == "float32-strided":
+        x = torch.stack([x, torch.full_like(x, 1e30)], dim=-1)[..., 0]  # column stride 2
+    else:
+        x = x.t().contiguous().t()  # column stride 2 (rows), row stride 1
+    assert x.dtype != torch.float32 or x.stride(1) != 1
+    q, scale = _run(backend, x)
+    assert scale.tolist() == [1.0, 2.0]
+    assert q.tolist() == [TIE_HALF_EVEN, TIE_HALF_EVEN]
+
+
+def _float32_quantisation(row: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """quantize_rowwise's arithmetic spelled out in IEEE float32 (numpy keeps subnormals):
+    scale = absmax / 127, q = clip(rint(x / scale), -127, 127)."""
+    scale = np.abs(row).max() / np.float32(127)
+    return np.clip(np.rint(row / scale), -127, 127).astype(np.int8), scale
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_subnormal_rows_stay_in_the_symmetric_range(backend, strided):
+    # absmax = (127 j + 63) * 2^-149 (subnormal) gives scale = j * 2^-149: the division by
+    # 127 rounds down to the subnormal grid, so -absmax / scale = -127 - 63 / j, below
+    # -127.5 for j < 126. Those rows must clamp to -127, never -128 (and +127 likewise).
+    tiny = np.float32(2.0**-149)
+    rows = []
+    for j in (1, 2, 5, 50, 125, 126, 200):
+        a = np.float32(127 * j + 63) * tiny
+        rng = np.random.default_rng(j)
+        others = rng.integers(-(127 * j + 62), 127 * j + 63, size=9).astype(np.float32) * tiny
+        rows.append(np.concatenate([[-a, a], others]).astype(np.float32))
+    x = torch.from_numpy(np.stack(rows))
+    if strided:
+        x = torch.stack([x, torch.ones_like(x)], dim=-1)[..., 0]
+    assert (x.abs().amax(dim=1) < 4.6e-41).all() and (x != 0).any(dim=1).all()
+    q, scale = _run(backend, x)
+    for r, row in enumerate(rows):
+        q_want, scale_want = _float32_quantisation(row)
+        assert scale[r].item() == float(scale_want), f"row {r}"
+        assert q[r].tolist() == q_want.tolist(), f"row {r}"
+    assert q[:6, 0].tolist() == [-127] * 6 and q[:6, 1].tolist() == [127] * 6
+    assert q.min().item() >= -127
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -5,7 +5,8 @@
 //                                   one kernel does all three (the epilogue runs on each
 //                                   tile as it leaves registers); without it, the
 //                                   quantize_rowwise kernel, torch._int_mm (oneDNN) and a
-//                                   fused epilogue pass.
+//                                   fused epilogue pass. Rows longer than kExactChunkK add
+//                                   int32 partial sums in int64 (exact for any K).
 //   int8_linear_packed_kernel       the same from the packed weight layout that
 //                                   memkern.nn.Int8Linear keeps on the CPU (vpdpbusd's
 //                                   operand order, written once at conversion).
@@ -55,6 +56,14 @@ namespace {
 
 // Output elements per parallel task: small tasks cost more in scheduling than they earn.
 constexpr int64_t kGrain = 16384;
+
+// The longest stretch of K whose int8 x int8 products always sum inside int32: quantised
+// activations are at most 127 in magnitude and weights at most 128 (-128 is accepted), and
+// 2^17 * 127 * 128 < 2^31 (133,144 = 2^31 / 127^2 would let a -128 weight wrap). Longer
+// rows add int32 partial sums over stretches of this length in int64, so the exact sum
+// rounds once to float32, as in the reference. The same length as kExactChunkK in
+// csrc/cuda/int8_gemm.cuh and EXACT_CHUNK_K in memkern/kernels/int8.py.
+constexpr int64_t kExactChunkK = int64_t{1} << 17;
 
 at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
   if (!bias.has_value()) return at::Tensor();
@@ -668,6 +677,35 @@ std::tuple<at::Tensor, at::Tensor> quantize_rowwise(const at::Tensor& x) {
   return op.call(x);
 }
 
+// x_q @ w_q.T in int32 (x_q: M x K quantised activations, w_q: N x K), exact for K up to
+// kExactChunkK.
+at::Tensor int8_product_int32(const at::Tensor& x_q, const at::Tensor& w_q) {
+  if (x_q.size(1) < 2) {
+    // torch 2.13's CPU _int_mm leaves its output uninitialised for K = 1 (N > 1), seen
+    // with fill_uninitialized_memory in tests/test_lowp.py.
+    return int8_mm_cpu(x_q, w_q, true);
+  }
+  try {
+    // oneDNN's s8s8s32 GEMM: ~4.4x the float32 GEMM at 512 x 4096 x 4096 on the AVX-512
+    // VNNI machine of bench/NOTES.md. w_q.t() is a (K, N) view, no copy.
+    return at::_int_mm(x_q, w_q.t());
+  } catch (const c10::Error&) {
+    return int8_mm_cpu(x_q, w_q, true);  // shapes or CPUs _int_mm refuses
+  }
+}
+
+// x_q @ w_q.T in int64 for any K: int32 products over stretches of kExactChunkK, added
+// exactly. Only rows longer than kExactChunkK come here (one M x N int64 sum beside them).
+at::Tensor int8_product_int64(const at::Tensor& x_q, const at::Tensor& w_q) {
+  const int64_t K = x_q.size(1);
+  auto acc = at::zeros({x_q.size(0), w_q.size(0)}, x_q.options().dtype(at::kLong));
+  for (int64_t k0 = 0; k0 < K; k0 += kExactChunkK) {
+    const int64_t len = std::min(kExactChunkK, K - k0);
+    acc.add_(int8_product_int32(x_q.narrow(1, k0, len).contiguous(), w_q.narrow(1, k0, len)));
+  }
+  return acc;
+}
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   TORCH_CHECK(x.dim() == 2 && w_q.dim() == 2 && x.size(1) == w_q.size(1),
@@ -683,38 +721,37 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   const auto b = float_bias(bias);
 #ifdef MEMKERN_AVX512_VNNI
   // Every M: level with torch._int_mm's GEMM at 512 x 4096 x 4096 and faster below, with
-  // the quantisation and the epilogue fused (bench/NOTES.md).
-  return run_fused_int8(x, w_q.contiguous(), ws, b, N, out_dtype, [](auto... args) { int8_linear_vnni(args...); });
+  // the quantisation and the epilogue fused (bench/NOTES.md). Its tiles sum all of K in
+  // int32, so longer rows take the int64 path below.
+  if (K <= kExactChunkK)
+    return run_fused_int8(x, w_q.contiguous(), ws, b, N, out_dtype, [](auto... args) { int8_linear_vnni(args...); });
 #endif
   auto [x_q, x_scale] = quantize_rowwise(x);
-  at::Tensor acc;
-  if (K < 2) {
-    // torch 2.13's CPU _int_mm leaves its output uninitialised for K = 1 (N > 1), seen
-    // with fill_uninitialized_memory in tests/test_lowp.py.
-    acc = int8_mm_cpu(x_q, w_q, true);
-  } else {
-    try {
-      // oneDNN's s8s8s32 GEMM: ~4.4x the float32 GEMM at 512 x 4096 x 4096 on the AVX-512
-      // VNNI machine of bench/NOTES.md. w_q.t() is a (K, N) view, no copy.
-      acc = at::_int_mm(x_q, w_q.t());
-    } catch (const c10::Error&) {
-      acc = int8_mm_cpu(x_q, w_q, true);  // shapes or CPUs _int_mm refuses
-    }
+  const float* xs = x_scale.const_data_ptr<float>();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  if (K > kExactChunkK) {
+    const auto acc = int8_product_int64(x_q, w_q);
+    auto out = at::empty({M, N}, x.options().dtype(out_dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_epilogue_int64", [&] {
+      epilogue_rows<int64_t, scalar_t>(acc.const_data_ptr<int64_t>(), N, M, N, xs, ws.const_data_ptr<float>(), bp,
+                                       out.mutable_data_ptr<scalar_t>(), N);
+    });
+    return out;
   }
-  acc = acc.contiguous();
+  const auto acc = int8_product_int32(x_q, w_q).contiguous();
   // A float32 output overwrites the int32 accumulator in place (each element is read
   // before it is written): 8 MiB less peak memory at 512 x 4096 x 4096.
   auto out = out_dtype == at::kFloat ? acc.view(at::kFloat) : at::empty({M, N}, x.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_linear_epilogue", [&] {
-    epilogue_rows<int32_t, scalar_t>(acc.const_data_ptr<int32_t>(), N, M, N, x_scale.const_data_ptr<float>(),
-                                     ws.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+    epilogue_rows<int32_t, scalar_t>(acc.const_data_ptr<int32_t>(), N, M, N, xs, ws.const_data_ptr<float>(), bp,
                                      out.mutable_data_ptr<scalar_t>(), N);
   });
   return out;
 }
 
 // int8_linear from the packed weight layout (memkern.ops.pack_int8_weight): the packed VNNI
-// kernel, or, in a build without VNNI, the path above on the weight unpacked to (N, K).
+// kernel, or, in a build without VNNI (and for K past kExactChunkK), the path above on the
+// weight unpacked to (N, K).
 at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
                                   const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   TORCH_CHECK(x.dim() == 2, "int8_linear_packed: expected x (M, K), got ", x.sizes());
@@ -730,12 +767,13 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
               " and K = ", K, ", got ", w_packed.sizes());
   if (M == 0 || N == 0) return at::empty({M, N}, x.options().dtype(out_dtype));
 #ifdef MEMKERN_AVX512_VNNI
-  return run_fused_int8(x, w_packed.contiguous(), w_scale.contiguous(), float_bias(bias), N, out_dtype,
-                        [](auto... args) { int8_linear_packed_vnni(args...); });
-#else
+  // The packed kernel sums all of K in int32 (see kExactChunkK).
+  if (K <= kExactChunkK)
+    return run_fused_int8(x, w_packed.contiguous(), w_scale.contiguous(), float_bias(bias), N, out_dtype,
+                          [](auto... args) { int8_linear_packed_vnni(args...); });
+#endif
   const auto w_q = w_packed.permute({0, 2, 1, 3}).reshape({panels * 16, groups * 4}).narrow(0, 0, N).narrow(1, 0, K);
   return int8_linear_cpu(x, w_q, w_scale, bias, out_dtype);
-#endif
 }
 
 // Whether int8_linear_packed_kernel runs its own kernel here (true) or unpacks the weight

@@ -1,5 +1,7 @@
 // Launcher of the int8 tensor-core GEMM with fused epilogue (torch-free; see
 // lowp_launchers.h).
+#include <type_traits>
+
 #include "int8_gemm.cuh"
 #include "lowp_launchers.h"
 
@@ -17,12 +19,16 @@ static cudaError_t launch_typed(const int8_t* x_q, const float* x_scale, const i
   const bool vec = K % 16 == 0 && ldw % 16 == 0 && reinterpret_cast<uintptr_t>(x_q) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(w_q) % 16 == 0;
   auto* o = static_cast<OutT*>(out);
-  if (vec)
-    int8_linear_gemm_kernel<OutT, true><<<grid, kGemmThreads, 0, stream>>>(x_q, x_scale, w_q, ldw, w_scale, bias,
-                                                                           o, M, N, K);
-  else
-    int8_linear_gemm_kernel<OutT, false><<<grid, kGemmThreads, 0, stream>>>(x_q, x_scale, w_q, ldw, w_scale, bias,
-                                                                            o, M, N, K);
+  auto launch = [&](auto vec_tag, auto long_k_tag) {
+    int8_linear_gemm_kernel<OutT, decltype(vec_tag)::value, decltype(long_k_tag)::value>
+        <<<grid, kGemmThreads, 0, stream>>>(x_q, x_scale, w_q, ldw, w_scale, bias, o, M, N, K);
+  };
+  // Rows longer than kExactChunkK add int32 partial sums in int64 (int8_gemm.cuh).
+  const bool long_k = K > kExactChunkK;
+  if (vec && long_k) launch(std::true_type{}, std::true_type{});
+  else if (vec) launch(std::true_type{}, std::false_type{});
+  else if (long_k) launch(std::false_type{}, std::true_type{});
+  else launch(std::false_type{}, std::false_type{});
   return cudaGetLastError();
 }
 

@@ -6,7 +6,8 @@
 // are padded to 80 bytes (20 words), which puts the 32 lanes' 4-byte fragment loads
 // (8 rows x 4 words) on 32 different banks. Global loads are 16-byte vectors when K and
 // both base pointers allow it, byte loads with zero fill at the edges otherwise, so any
-// M, N and K (including K = 1 or not a multiple of 16) is computed exactly.
+// M, N and K (including K = 1 or not a multiple of 16) is computed exactly; past
+// kExactChunkK the int32 accumulators are emptied into int64 ones (see there).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,6 +22,14 @@ constexpr int kGemmThreads = 256;
 constexpr int kSmemStride = kGemmBK + 16;  // bytes per shared row
 static_assert(kGemmBM == kGemmBN, "load_tile copies both operands' tiles with one row count");
 static_assert(kGemmThreads == 8 * 32 && kGemmBM == 2 * 64 && kGemmBN == 4 * 32, "2 x 4 warps of 64 x 32");
+
+// The longest stretch of K whose int8 x int8 products always sum inside int32: quantised
+// activations are at most 127 in magnitude and weights at most 128 (-128 is accepted), and
+// 2^17 * 127 * 128 < 2^31. Longer rows (kLongK) add the int32 sums of each stretch in
+// int64, so the exact sum rounds once to float32, as in the reference. The same length as
+// kExactChunkK in csrc/cpu/int8_linear.cpp and EXACT_CHUNK_K in memkern/kernels/int8.py.
+constexpr int64_t kExactChunkK = int64_t{1} << 17;
+static_assert(kExactChunkK % kGemmBK == 0, "int32 partial sums end on a K step");
 
 __device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
@@ -55,7 +64,7 @@ __device__ __forceinline__ void load_tile(uint8_t* smem, const int8_t* __restric
   }
 }
 
-template <typename OutT, bool kVec>
+template <typename OutT, bool kVec, bool kLongK>
 __global__ void __launch_bounds__(kGemmThreads)
 int8_linear_gemm_kernel(const int8_t* __restrict__ xq, const float* __restrict__ x_scale,
                         const int8_t* __restrict__ wq, int64_t ldw, const float* __restrict__ w_scale,
@@ -76,6 +85,17 @@ int8_linear_gemm_kernel(const int8_t* __restrict__ xq, const float* __restrict__
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+  // K > kExactChunkK only: the int64 sum of acc's stretches. ptxas for sm_90: 240
+  // registers a thread and no spill with it, 98-105 in the instantiations without it.
+  int64_t total[4][4][4];
+  if constexpr (kLongK) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) total[i][j][r] = 0;
+  }
 
   for (int64_t k0 = 0; k0 < K; k0 += kGemmBK) {
     load_tile<kVec>(As, xq, K, m0, M, k0, K);
@@ -104,6 +124,19 @@ int8_linear_gemm_kernel(const int8_t* __restrict__ xq, const float* __restrict__
         for (int j = 0; j < 4; ++j) mma_s8_m16n8k32(acc[i][j], a[i], b[j]);
     }
     __syncthreads();
+    if constexpr (kLongK) {
+      if ((k0 + kGemmBK) % kExactChunkK == 0 || k0 + kGemmBK >= K) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              total[i][j][r] += acc[i][j][r];
+              acc[i][j][r] = 0;
+            }
+      }
+    }
   }
 
   // Epilogue: c0, c1 at (g, 2t + {0, 1}), c2, c3 at (g + 8, 2t + {0, 1}) of each 16 x 8 tile.
@@ -120,7 +153,9 @@ int8_linear_gemm_kernel(const int8_t* __restrict__ xq, const float* __restrict__
         for (int e = 0; e < 2; ++e) {
           const int64_t col = n0 + wn * 32 + j * 8 + t * 2 + e;
           if (col >= N) continue;
-          float v = static_cast<float>(acc[i][j][half * 2 + e]) * (xs * w_scale[col]);
+          const float sum = kLongK ? static_cast<float>(total[i][j][half * 2 + e])
+                                   : static_cast<float>(acc[i][j][half * 2 + e]);
+          float v = sum * (xs * w_scale[col]);
           if (bias != nullptr) v += bias[col];
           store_out(out + row * N + col, v);
         }

@@ -1,8 +1,9 @@
 """Triton kernels of the low-precision linear layers.
 
 * ``int8_linear``: activations quantised per row by the quantize_rowwise kernel, then an
-  int8 x int8 -> int32 GEMM whose epilogue ``acc * x_scale[row] * w_scale[col] + bias``
-  runs in float32 in registers before the one store.
+  int8 x int8 -> int32 GEMM (int64 past EXACT_CHUNK_K inputs) whose epilogue
+  ``acc * x_scale[row] * w_scale[col] + bias`` runs in float32 in registers before the
+  one store.
 * ``scaled_linear``: ``x @ w.T * w_scale + bias`` for an int8 (W8A16) or half-precision
   weight, widened inside the kernel, float32 accumulation; a GEMV kernel for the decode
   case (few rows: the weight is streamed once) and a tiled GEMM otherwise.
@@ -21,29 +22,56 @@ from memkern.kernels.quantize import quantize_rowwise
 # least 16 rows, so below that the GEMM would compute mostly padding.
 GEMV_MAX_ROWS = 8
 
+# The longest stretch of K whose int8 x int8 products always sum inside int32: quantised
+# activations are at most 127 in magnitude and weights at most 128 (-128 is accepted), and
+# 2^17 * 127 * 128 < 2^31. Longer rows add int32 partial sums over stretches of this length
+# in int64, so the exact sum rounds once to float32, as in the reference. The same length
+# as kExactChunkK in csrc/cpu/int8_linear.cpp and csrc/cuda/int8_gemm.cuh.
+EXACT_CHUNK_K = 1 << 17
+
+
+@triton.jit
+def _int8_block_product(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                        BLOCK_K: tl.constexpr):
+    # x_q[rm, k0:k0 + BLOCK_K] @ w[rn, k0:k0 + BLOCK_K].T in int32, zero past M, N and K.
+    kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    k_ok = kk < K
+    a = tl.load(xq_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                mask=m_ok[:, None] & k_ok[None, :], other=0)
+    b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                mask=n_ok[None, :] & k_ok[:, None], other=0)
+    return tl.dot(a, b, out_dtype=tl.int32)
+
 
 @triton.jit
 def _int8_gemm_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LONG_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        a = tl.load(xq_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0)
-        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                    mask=n_ok[None, :] & k_ok[:, None], other=0)
-        acc += tl.dot(a, b, out_dtype=tl.int32)
+    if LONG_K:
+        # K > CHUNK_K: int32 sums over CHUNK_K (a multiple of BLOCK_K), added in int64.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            part += _int8_block_product(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk,
+                                        stride_wn, stride_wk, BLOCK_K)
+            if (k0 + BLOCK_K) % CHUNK_K == 0:
+                acc += part.to(tl.int64)
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc += part.to(tl.int64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            acc += _int8_block_product(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk,
+                                       stride_wn, stride_wk, BLOCK_K)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
     out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
@@ -121,7 +149,8 @@ def _scaled_gemv_kernel(
     tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _gemm_blocks(device: torch.device, k_block: int, fp32_x: bool = False) -> tuple[int, int, int, int]:
+def _gemm_blocks(device: torch.device, k_block: int, fp32_x: bool = False,
+                 long_k: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     if device.type == "cuda":
         if fp32_x:
@@ -132,10 +161,17 @@ def _gemm_blocks(device: torch.device, k_block: int, fp32_x: bool = False) -> tu
             # sm_80 / sm_90). Half activations with a weight of the other half type keep
             # the large tiles: 250 registers, no spill.
             return 64, 64, 16, 4
+        if long_k:
+            # An int64 sum beside the int32 one: at 128 x 128 x 128 ptxas took 255
+            # registers and spilled 592 bytes a thread on sm_90 (Triton 3.9); at 64 x 128,
+            # 187 registers (sm_80: 254) and no spill.
+            return 64, 128, k_block, 8
         return 128, 128, k_block, 8
     # The interpreter runs each program as numpy array operations: few, larger tiles are
-    # quicker than many small ones.
-    return 32, 32, 32, 4
+    # quicker than many small ones. Rows longer than EXACT_CHUNK_K step K 4096 at a time in
+    # the smallest tiles tl.dot takes: 32 x 32 x 32 took ~30 s for one 1 x 140,000 x 2
+    # int8_linear, 16 x 16 x 4096 ~2 s.
+    return (16, 16, 4096, 4) if long_k else (32, 32, 32, 4)
 
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -148,12 +184,15 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     x_q, x_scale = quantize_rowwise(x)
     w_scale = w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    bm, bn, bk, warps = _gemm_blocks(x.device, 128)
+    long_k = K > EXACT_CHUNK_K
+    bm, bn, bk, warps = _gemm_blocks(x.device, 128, long_k=long_k)
+    assert EXACT_CHUNK_K % bk == 0, "int32 partial sums must end on a block boundary"
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int8_gemm_kernel[grid](
         x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, M, N, K,
         x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        HAS_BIAS=bias is not None, LONG_K=long_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CHUNK_K=EXACT_CHUNK_K,
+        num_warps=warps,
     )
     return out
 

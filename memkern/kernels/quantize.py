@@ -59,7 +59,9 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows == 0:
         return q, scale
-    # One program per row; a 1024-wide block keeps rows of LLM width (4096) to 4 trips.
-    block = min(1024, max(16, triton.next_power_of_2(cols)))
+    # One program per row; a 1024-wide block keeps rows of LLM width (4096) to 4 trips. The
+    # interpreter (CPU tensors) pays per operation, not per element: 16384-wide blocks.
+    widest = 1024 if x.device.type == "cuda" else 16384
+    block = min(widest, max(16, triton.next_power_of_2(cols)))
     _quantize_rowwise_kernel[(rows,)](x, q, scale, cols, x.stride(0), x.stride(1), BLOCK=block)
     return q, scale

@@ -9,6 +9,14 @@
 Weights (and the float32 per-output-channel scales) are buffers: they are saved in the
 ``state_dict`` and moved by ``.to()``, but they are not trained. The bias stays a parameter
 in its original dtype, so it can still be trained; gradients flow to the input.
+
+Module casts (``.half()``, ``.bfloat16()``, ``.float()``, ``.double()``, ``.to(dtype)``,
+``.to(device, dtype)``, ``.type(dtype)``) move the quantised storage and its scales between
+devices but never change their dtypes, as bitsandbytes' and torchao's layers do: rounding a
+float32 scale to float16 would shift every output. What follows the cast is the bias, and
+with it the dtype the caller feeds: the output has the input's dtype. float64 input (and a
+float64 bias, from ``.double()`` or a float64 ``nn.Linear``) is computed in float32, the
+kernels' accumulation dtype, and returned as float64.
 """
 from __future__ import annotations
 
@@ -26,14 +34,26 @@ def _check_linear(cls_name: str, linear: object) -> nn.Linear:
     return linear
 
 
+def _check_features(cls_name: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{cls_name}: {name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{cls_name}: {name} must be >= 0, got {value}")
+
+
 class _LowPrecisionLinear(nn.Module):
-    """Shared by the three layers: shape attributes, the bias, repr and dequantize.
-    Each layer defines ``dequantized_weight()``: the ``(out_features, in_features)``
-    float32 weight it computes with."""
+    """Shared by the three layers: shape attributes, the bias, dtype-keeping casts, the
+    float64 entry, repr and dequantize. Each layer defines ``dequantized_weight()``: the
+    ``(out_features, in_features)`` float32 weight it computes with, and ``_linear(x,
+    bias)``: its op on x of a kernel dtype (float32, float16, bfloat16)."""
 
     scheme: str = ""
+    # Buffers whose dtype is the storage format: module casts move them, never convert them.
+    _storage_buffers: tuple[str, ...] = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device, bias_dtype) -> None:
+        _check_features(type(self).__name__, "in_features", in_features)
+        _check_features(type(self).__name__, "out_features", out_features)
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -45,6 +65,34 @@ class _LowPrecisionLinear(nn.Module):
     def _set_bias(self, linear: nn.Linear) -> None:
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+
+    def _apply(self, fn, recurse=True):
+        # .half(), .to(dtype), ... reach every tensor through fn. For the storage buffers,
+        # fn is tried on an empty tensor of theirs first: if it would change the dtype,
+        # only its device move is made (to_empty and plain moves are applied as they are).
+        storage = {id(self._buffers[name]) for name in self._storage_buffers if self._buffers.get(name) is not None}
+
+        def keep_storage_dtype(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in storage:
+                return fn(t)
+            probe = fn(t.new_empty(0))
+            if probe.dtype == t.dtype:
+                return fn(t)
+            if probe.device == t.device:
+                return t
+            return torch.empty_like(t, device=probe.device) if t.is_meta else t.to(probe.device)
+
+        return super()._apply(keep_storage_dtype, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The kernels take float32, float16 and bfloat16; float64 (input or bias) runs in
+        # float32, the dtype they accumulate in anyway, and the output keeps x's dtype.
+        bias = self.bias
+        if bias is not None and bias.dtype == torch.float64:
+            bias = bias.float()
+        if x.dtype == torch.float64:
+            return self._linear(x.float(), bias).double()
+        return self._linear(x, bias)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An ``nn.Linear`` with this layer's (dequantised) weight, in ``dtype`` (default:
@@ -66,6 +114,8 @@ class _LowPrecisionLinear(nn.Module):
 
 
 class _Int8WeightLinear(_LowPrecisionLinear):
+    _storage_buffers = ("weight", "weight_scale")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  bias_dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, bias, device, bias_dtype)
@@ -97,8 +147,10 @@ class _Int8WeightLinear(_LowPrecisionLinear):
 class Int8Linear(_Int8WeightLinear):
     """W8A8 dynamic linear layer: ``y = int8_linear(x, weight, weight_scale, bias)``.
 
-    Buffers: ``weight`` int8, ``weight_scale`` ``(out_features,)`` float32. Input
-    ``(..., in_features)`` float32/float16/bfloat16; output in the input's dtype.
+    Buffers: ``weight`` int8, ``weight_scale`` ``(out_features,)`` float32, both kept
+    through module casts (the module docstring says what follows them). Input
+    ``(..., in_features)`` float32/float16/bfloat16 (float64 runs in float32); output in
+    the input's dtype.
 
     ``weight`` is kept in the layout its device's kernel reads best: on a CPU where
     :func:`memkern.ops.int8_packed_kernel_native` holds, packed by
@@ -151,10 +203,10 @@ class Int8Linear(_Int8WeightLinear):
         self._settle_layout()
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight_packed:
-            return ops.int8_linear_packed(x, self.weight, self.weight_scale, self.bias)
-        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
+            return ops.int8_linear_packed(x, self.weight, self.weight_scale, bias)
+        return ops.int8_linear(x, self.weight, self.weight_scale, bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", weight_layout=packed" if self.weight_packed else "")
@@ -189,15 +241,16 @@ class Int8WeightOnlyLinear(_Int8WeightLinear):
 
     scheme = "int8_weight_only (W8A16: per-channel int8 weights, activations unquantised)"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, bias)
 
 
 class Fp16Linear(_LowPrecisionLinear):
     """Linear layer with half-precision weights: ``y = fp16_linear(x, weight, bias)``.
 
-    Buffer ``weight`` ``(out_features, in_features)`` float16 (or bfloat16); float32
-    accumulation; output in the input's dtype.
+    Buffer ``weight`` ``(out_features, in_features)`` float16 (or bfloat16), kept in that
+    dtype through module casts (``.float()`` too); float32 accumulation; output in the
+    input's dtype (float64 input runs in float32).
     """
 
     scheme = "fp16 (half-precision weights, float32 accumulation)"
@@ -224,8 +277,8 @@ class Fp16Linear(_LowPrecisionLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.fp16_linear(x, self.weight, self.bias)
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return ops.fp16_linear(x, self.weight, bias)
 
 
 QUANTIZED_LINEAR_TYPES: tuple[type[nn.Module], ...] = (Int8Linear, Int8WeightOnlyLinear, Fp16Linear)

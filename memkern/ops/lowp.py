@@ -306,9 +306,9 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     """W8A8 dynamic linear layer: ``x @ (w_q * w_scale[:, None]).T + bias``.
 
     Each row (token) of ``x`` is quantised to int8 with a symmetric absmax scale exactly as
-    :func:`memkern.ops.quantize_rowwise` does; the int8 x int8 product accumulates in
-    int32 and the epilogue ``acc * x_scale[row] * w_scale[col] + bias[col]`` runs in
-    float32 before the store.
+    :func:`memkern.ops.quantize_rowwise` does; the int8 x int8 product is exact for any K
+    (int32 sums over 2^17 inputs, added in int64) and the epilogue ``acc * x_scale[row] *
+    w_scale[col] + bias[col]`` runs in float32 before the store.
 
     Args:
         x: ``(..., K)`` float32, float16 or bfloat16 activations, any strides.
