@@ -45,6 +45,11 @@ TRITON_FIRST: dict[str, tuple[str, ...]] = {
 ENV_VAR = "MEMKERN_BACKEND"
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("memkern_backend", default=None)
+# Inside a backward that register_autograd runs on its forward's forced backend: an op the
+# backward uses internally that has no implementation at all on that backend (the int8
+# ops' dx is the weight-only product, which has no .cu kernel) takes its default instead of
+# failing, since the user forced the forward's backend, not the backward's building blocks.
+_in_forced_backward: contextvars.ContextVar[bool] = contextvars.ContextVar("memkern_forced_backward", default=False)
 
 
 class BackendUnavailable(RuntimeError):
@@ -97,8 +102,12 @@ def register_autograd(op, backward: Callable[..., Any], *, setup_context: Callab
     def run_backward(ctx, *grads):
         if ctx.memkern_backend is None:
             return backward(ctx, *grads)
-        with use_backend(ctx.memkern_backend):
-            return backward(ctx, *grads)
+        token = _in_forced_backward.set(True)
+        try:
+            with use_backend(ctx.memkern_backend):
+                return backward(ctx, *grads)
+        finally:
+            _in_forced_backward.reset(token)
 
     op.register_autograd(run_backward, setup_context=setup)
 
@@ -245,6 +254,8 @@ class OpTable:
     # -- choice --------------------------------------------------------------------
     def select(self, *args: Any, **kwargs: Any) -> Implementation:
         forced = forced_backend()
+        if forced is not None and forced not in self.impls and _in_forced_backward.get():
+            forced = None
         if forced is not None:
             reason = self.reason(forced, *args, **kwargs)
             if reason is not None:

@@ -209,3 +209,36 @@ def test_remembered_choices_respect_argument_checks_and_new_registrations(toy_op
     assert plain(torch.zeros(2, dtype=torch.float64)) == "torch"
     with memkern.use_backend("torch"):
         assert plain(torch.zeros(2)) == "torch"
+
+
+def test_forced_backward_uses_the_default_for_inner_ops_lacking_that_backend():
+    # The forward is forced onto "cpp"; its backward uses an inner op that has no cpp
+    # implementation at all (as int8_linear's dx uses the weight-only op, which has no .cu
+    # kernel). The backward must run, the inner op on its default; called directly under
+    # the same forcing, the inner op still refuses.
+    outer = backends.op_table("test_forced_outer")
+    inner = backends.op_table("test_forced_inner")
+    ran = []
+    try:
+        outer.register("torch")(lambda x: x * 3)
+        outer.register("cpp")(lambda x: x * 3)
+        inner.register("torch")(lambda g: (ran.append("inner torch"), g * 3)[1])
+
+        @torch.library.custom_op("memkern_test::forced_outer", mutates_args=())
+        def outer_op(x: torch.Tensor) -> torch.Tensor:
+            return outer(x)
+
+        outer_op.register_fake(lambda x: torch.empty_like(x))
+        backends.register_autograd(outer_op, lambda ctx, g: inner(g), setup_context=lambda ctx, i, o: None)
+
+        x = torch.randn(5, requires_grad=True)
+        with memkern.use_backend("cpp"):
+            y = outer_op(x)
+            with pytest.raises(backends.BackendUnavailable, match="has no cpp implementation"):
+                inner(x.detach())
+        y.sum().backward()
+        assert ran == ["inner torch"]
+        torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+    finally:
+        backends.OPS.pop("test_forced_outer", None)
+        backends.OPS.pop("test_forced_inner", None)
