@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from memkern._replace import chosen_layers, find_layers, replace_layers
+
 
 @dataclass
 class Footprint:
@@ -94,6 +96,13 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
     (its weights are no longer the original ones). A warning says when nothing was
     replaced. Works on models on the meta device: build, convert, then
     ``load_state_dict(converted_state_dict, assign=True)``.
+
+    A layer held under several names (:func:`memkern.share_layers`, tied weights) is
+    converted once and the converted layer put under every name, so it stays shared;
+    ``skip`` and ``filter_fn`` must choose all its names or none. All or nothing: every
+    chosen layer is converted before any is replaced, and a layer that fails leaves the
+    model as it was, with an error naming the layer (while the call runs, the converted
+    layers and the originals both exist).
     """
     from memkern.nn.quantized import QUANTIZED_LINEAR_TYPES
 
@@ -126,20 +135,11 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
     if chosen(model, ""):
         return layer_type.from_linear(model)
 
-    replaced = 0
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        nonlocal replaced
-        for name, child in list(parent.named_children()):
-            fqn = f"{prefix}{name}"
-            if chosen(child, fqn):
-                setattr(parent, name, layer_type.from_linear(child))
-                replaced += 1
-            elif not isinstance(child, nn.MultiheadAttention):
-                visit(child, fqn + ".")
-
-    visit(model, "")
-    if replaced == 0:
+    candidates = find_layers(model, lambda m: isinstance(m, (nn.Linear, *QUANTIZED_LINEAR_TYPES)),
+                             descend=lambda m: not isinstance(m, nn.MultiheadAttention))
+    layers = chosen_layers("convert", candidates, chosen)
+    replace_layers("convert", layers, lambda layer: layer_type.from_linear(layer.module))
+    if not layers:
         import warnings
 
         warnings.warn(f"convert: no layer was replaced (scheme {scheme!r}, skip={tuple(skip)}, "
