@@ -2,6 +2,7 @@
 model, state_dict and meta-device round trips, filter/skip behaviour, memory footprint."""
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -161,11 +162,26 @@ def test_warns_when_nothing_is_replaced():
 
 
 def test_multihead_attention_projections_are_left_alone():
-    model = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    # nn.MultiheadAttention reads its projections' weights directly, and so does the fused
+    # inference path of nn.TransformerEncoderLayer (eval, no autograd) read linear1/linear2's.
+    encoder = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(encoder, nn.Linear(16, 16)).eval()
+    reference = copy.deepcopy(model)
+    tensors = encoder.state_dict(keep_vars=True)
     memkern.convert(model, "int8")
-    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert isinstance(model.linear1, Int8Linear)
-    assert model(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+    assert type(encoder.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(encoder.linear1) is nn.Linear and type(encoder.linear2) is nn.Linear
+    assert isinstance(model[1], Int8Linear)
+    after = encoder.state_dict(keep_vars=True)
+    assert list(after) == list(tensors) and all(after[name] is t for name, t in tensors.items())
+    head = reference[1]
+    x = torch.randn(2, 5, 16)
+    for grad in (False, True):  # the fused inference path, then the module-by-module one
+        with torch.set_grad_enabled(grad):
+            hidden, out = encoder(x), model(x)
+            assert torch.equal(hidden, reference[0](x))  # untouched: bit for bit
+        ref = hidden.double() @ head.weight.double().t() + head.bias.double()
+        assert sqnr_db(out, ref) >= 30.0  # the int8 head, as test_converted_transformer_stays_close
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
