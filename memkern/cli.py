@@ -1,9 +1,43 @@
-"""`memkern info | bench | demo`."""
+"""`memkern info | bench | demo` (also `python -m memkern ...`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+import tempfile
+
+
+def _cannot_write(path: str, kind: str) -> str | None:
+    """Why nothing can be written at ``path``, or None: a ``"file"`` to append to (its
+    folder must exist) or a ``"folder"`` to write into (made, with its parents, if
+    missing). Checked before any work starts; nothing is left behind."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        if kind == "file":
+            return "it is a folder"
+        folder = path
+    elif os.path.exists(path):
+        if kind == "folder":
+            return "it exists and is not a folder"
+        try:
+            with open(path, "a"):  # appending nothing changes nothing
+                return None
+        except OSError as exc:
+            return exc.strerror
+    else:
+        # A new file goes into its folder as it is; a new folder is made inside the
+        # nearest folder that exists.
+        folder = os.path.dirname(path)
+        while kind == "folder" and not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            return f"{folder!r} is not a folder" if os.path.exists(folder) else f"folder {folder!r} does not exist"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return f"cannot create files in {folder!r}: {exc.strerror}"
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -56,6 +90,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("memkern bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
         return 2
+    reason = _cannot_write(args.csv, "file") if args.csv else None
+    if reason:
+        print(f"memkern bench: --csv {args.csv!r} cannot be written: {reason}", file=sys.stderr)
+        return 2
     ops = [o for part in args.ops for o in part.split(",") if o] if args.ops else None
     try:
         cases = registry.all_cases(quick=args.quick, ops=ops, device=args.device)
@@ -72,8 +110,12 @@ def _bench(args: argparse.Namespace) -> int:
         harness.append_csv(args.csv, harness.rows([m], memkern.__version__))
 
     torch.manual_seed(0)
-    results = harness.run(cases, args.device, quick=args.quick, memory=not args.no_memory,
-                          progress=sys.stderr.isatty(), on_result=write_rows if args.csv else None)
+    try:
+        results = harness.run(cases, args.device, quick=args.quick, memory=not args.no_memory,
+                              progress=sys.stderr.isatty(), on_result=write_rows if args.csv else None)
+    except OSError as exc:
+        print(f"memkern bench: writing --csv {args.csv!r} failed: {exc}", file=sys.stderr)
+        return 2
     harness.print_table(results, args.device)
     if args.csv:
         print(f"appended results to {args.csv}")
@@ -89,6 +131,10 @@ def _demo(args: argparse.Namespace) -> int:
     from memkern.demo import DemoConfig, DemoError, run_demo
     from memkern.demo.report import print_table, write_all
 
+    reason = _cannot_write(args.out, "folder")
+    if reason:
+        print(f"memkern demo: error: --out {args.out!r} cannot be written: {reason}", file=sys.stderr)
+        return 2
     overrides = {k: getattr(args, k) for k in ("corpus", "teacher_steps", "student_steps", "finetune_steps",
                                                "share_layers", "prune_pattern", "sparsity", "device", "seed")
                  if getattr(args, k) is not None}
@@ -100,7 +146,11 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"memkern demo: error: {exc}", file=sys.stderr)
         return 2
     print_table(result)
-    csv_path, png_path = write_all(result, args.out)
+    try:
+        csv_path, png_path = write_all(result, args.out)
+    except OSError as exc:
+        print(f"memkern demo: error: writing to --out {args.out!r} failed: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {csv_path} and {png_path}")
     return 0
 
@@ -133,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-output", help="folder for demo.csv and demo.png")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
+    from memkern import backends
+
+    try:  # a bad MEMKERN_BACKEND would otherwise fail in the middle of the command
+        backends.forced_backend()
+    except ValueError as exc:
+        print(f"memkern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

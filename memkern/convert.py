@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from memkern._replace import chosen_layers, find_layers, replace_layers
+
 
 @dataclass
 class Footprint:
@@ -64,6 +66,12 @@ def _schemes() -> dict[str, type]:
     return {"int8": Int8Linear, "int8_weight_only": Int8WeightOnlyLinear, "fp16": Fp16Linear}
 
 
+# Modules that read their linear children's weights directly: converting those children
+# breaks the parent (nn.TransformerEncoderLayer in eval under no_grad: "self and mat2 must
+# have the same dtype, but got Float and Char").
+_READ_BY_PARENT = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
 def _skipped(fqn: str, skip) -> bool:
     # "lm_head" matches the layer named lm_head at any depth ("model.lm_head" too).
     return any(fqn == s or fqn.endswith("." + s) for s in skip)
@@ -89,11 +97,20 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
         The converted model (``model`` itself when ``inplace``).
 
     Candidates are ``nn.Linear`` layers (subclasses included) and layers memkern already
-    converted; the projections inside ``nn.MultiheadAttention``, whose parent reads their
-    weights directly, are left alone. A chosen layer that is already converted is an error
+    converted. Layers whose parent reads their weights directly are left alone: the
+    projections inside ``nn.MultiheadAttention``, and ``linear1``/``linear2`` of
+    ``nn.TransformerEncoderLayer`` (its fused inference path, taken in eval mode without
+    autograd, hands them to one kernel that expects float weights). A chosen layer that is already converted is an error
     (its weights are no longer the original ones). A warning says when nothing was
     replaced. Works on models on the meta device: build, convert, then
     ``load_state_dict(converted_state_dict, assign=True)``.
+
+    A layer held under several names (:func:`memkern.share_layers`, tied weights) is
+    converted once and the converted layer put under every name, so it stays shared;
+    ``skip`` and ``filter_fn`` must choose all its names or none. All or nothing: every
+    chosen layer is converted before any is replaced, and a layer that fails leaves the
+    model as it was, with an error naming the layer (while the call runs, the converted
+    layers and the originals both exist).
     """
     from memkern.nn.quantized import QUANTIZED_LINEAR_TYPES
 
@@ -126,20 +143,11 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
     if chosen(model, ""):
         return layer_type.from_linear(model)
 
-    replaced = 0
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        nonlocal replaced
-        for name, child in list(parent.named_children()):
-            fqn = f"{prefix}{name}"
-            if chosen(child, fqn):
-                setattr(parent, name, layer_type.from_linear(child))
-                replaced += 1
-            elif not isinstance(child, nn.MultiheadAttention):
-                visit(child, fqn + ".")
-
-    visit(model, "")
-    if replaced == 0:
+    candidates = find_layers(model, lambda m: isinstance(m, (nn.Linear, *QUANTIZED_LINEAR_TYPES)),
+                             descend=lambda m: not isinstance(m, _READ_BY_PARENT))
+    layers = chosen_layers("convert", candidates, chosen)
+    replace_layers("convert", layers, lambda layer: layer_type.from_linear(layer.module))
+    if not layers:
         import warnings
 
         warnings.warn(f"convert: no layer was replaced (scheme {scheme!r}, skip={tuple(skip)}, "

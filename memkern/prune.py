@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from memkern import _validate
+from memkern._replace import Layer, chosen_layers, find_layers, replace_layers
 from memkern.convert import memory_footprint
 from memkern.ops.sparse import _check_block
 
@@ -162,6 +163,14 @@ def prune_model(model: nn.Module, sparsity: float, pattern: str = "unstructured"
     ``model`` with forward hooks that collect each layer's input norms. 2:4 masks are
     stored compressed (``Sparse24Weight``); every other mask as kept ``block``-sized blocks
     (``BlockSparseWeight``). Returns a :class:`PruneReport`.
+
+    A layer held under several names (:func:`memkern.share_layers`, tied weights) is
+    pruned once (Wanda: with the inputs of all its uses) and put under every name, so it
+    stays shared; it is listed once, under its first name, and ``skip`` and ``filter_fn``
+    must choose all its names or none. All or nothing: every layer's mask and sparse layer
+    are built before any layer is replaced, and a layer that fails (e.g. ``n:m`` with
+    ``in_features`` not divisible by ``m``) leaves the model as it was, with an error
+    naming the layer.
     """
     from memkern.nn.sparse import SparseLinear
 
@@ -172,22 +181,24 @@ def prune_model(model: nn.Module, sparsity: float, pattern: str = "unstructured"
     if method == "wanda" and calibration is None:
         raise ValueError(f"{op}: method 'wanda' needs calibration batches, got None")
     skip = tuple(skip)
-    selected = [
-        name for name, mod in model.named_modules()
-        if type(mod) is nn.Linear and not set(name.split(".")) & set(skip)
-        and (filter_fn is None or filter_fn(name, mod))
-    ]
-    norms = activation_norms(model, selected, calibration) if method == "wanda" else {}
+
+    def chosen(module: nn.Module, name: str) -> bool:
+        return not set(name.split(".")) & set(skip) and (filter_fn is None or filter_fn(name, module))
+
+    layers = chosen_layers(op, find_layers(model, lambda module: type(module) is nn.Linear), chosen)
+    names = [layer.name for layer in layers]
+    norms = activation_norms(model, names, calibration) if method == "wanda" else {}
     before = memory_footprint(model).total_bytes
+    fmt = "2:4" if pattern == "n:m" and (n, m) == (2, 4) else "block"
     pruned = total = 0
-    for name in selected:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
-        mask = masks(linear.weight, sparsity, pattern, method, block=block, n=n, m=m,
-                     activation_norms=norms.get(name))
-        fmt = "2:4" if pattern == "n:m" and (n, m) == (2, 4) else "block"
-        setattr(parent, attr, SparseLinear.from_dense(linear, mask, format=fmt, block=block))
+
+    def sparse(layer: Layer) -> nn.Module:
+        nonlocal pruned, total
+        mask = masks(layer.module.weight, sparsity, pattern, method, block=block, n=n, m=m,
+                     activation_norms=norms.get(layer.name))
         pruned += int((~mask).sum())
         total += mask.numel()
-    return PruneReport(selected, pruned / total if total else 0.0, before, memory_footprint(model).total_bytes)
+        return SparseLinear.from_dense(layer.module, mask, format=fmt, block=block)
+
+    replace_layers(op, layers, sparse)
+    return PruneReport(names, pruned / total if total else 0.0, before, memory_footprint(model).total_bytes)

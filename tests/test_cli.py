@@ -1,15 +1,21 @@
-"""`memkern info` and `memkern bench` answer truthfully."""
+"""`memkern info` and `memkern bench` answer truthfully; bad settings end in one line."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
-from memkern import _library
+import pytest
+
+import memkern.demo
+from memkern import _library, cli
+from memkern.benchmarks import harness
 
 
-def _memkern(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "memkern.cli", *args], capture_output=True, text=True, timeout=600)
+def _memkern(*args: str, module: str = "memkern.cli", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_info_lists_builds_and_backends():
@@ -43,3 +49,65 @@ def test_bench_rejects_unknown_ops_and_missing_cuda():
     if not torch.cuda.is_available():
         out = _memkern("bench", "--device", "cuda")
         assert out.returncode == 2 and "no CUDA device" in out.stderr
+
+
+def test_python_dash_m_memkern_is_the_memkern_command():
+    out = _memkern("info", module="memkern")
+    assert out.returncode == 0, out.stderr
+    assert ("C++ ext   built" in out.stdout) == _library.has_cpp()
+    assert next(l for l in out.stdout.splitlines() if l.startswith("quantize_rowwise"))
+    usage = _memkern("--help", module="memkern")
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: memkern ")
+
+
+def _one_line(text: str) -> str:
+    assert "Traceback" not in text
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_an_unknown_memkern_backend_is_one_line():
+    out = _memkern("info", env={"MEMKERN_BACKEND": "bogus"})
+    assert out.returncode == 2 and out.stdout == ""
+    line = _one_line(out.stderr)
+    assert line.startswith("memkern info: error: MEMKERN_BACKEND") and "'bogus'" in line and "cpp" in line
+
+
+def _unwritable_csv_paths(tmp_path) -> list[str]:
+    paths = [str(tmp_path / "missing" / "x.csv"), str(tmp_path)]
+    return paths + (["/proc/x.csv"] if os.path.isdir("/proc") else [])
+
+
+def test_bench_checks_its_csv_before_running_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "run", lambda *a, **k: pytest.fail("the benchmarks ran"))
+    for path in _unwritable_csv_paths(tmp_path):
+        assert cli.main(["bench", "--quick", "--ops", "quantize_rowwise", "--csv", path]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line.startswith(f"memkern bench: --csv {path!r} cannot be written: ")
+    assert sorted(os.listdir(tmp_path)) == []  # nothing was made
+    out = _memkern("bench", "--quick", "--csv", _unwritable_csv_paths(tmp_path)[-1])
+    assert out.returncode == 2 and "cannot be written" in _one_line(out.stderr)
+
+
+def test_demo_checks_its_out_folder_before_running(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memkern.demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    for path, reason in ((existing, "it exists and is not a folder"), (existing / "sub", "is not a folder")):
+        assert cli.main(["demo", "--quick", "--out", str(path)]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line.startswith(f"memkern demo: error: --out {str(path)!r} cannot be written") and reason in line
+    assert existing.read_text() == "keep me"
+    out = _memkern("demo", "--quick", "--out", str(existing))
+    assert out.returncode == 2 and "not a folder" in _one_line(out.stderr)
+    assert "corpus" not in out.stdout  # the demo's first log line never came
+
+
+def test_output_paths_that_will_do_pass_the_check_and_nothing_is_made(tmp_path):
+    (tmp_path / "old.csv").write_text("a,b\n")
+    assert cli._cannot_write(str(tmp_path / "old.csv"), "file") is None
+    assert cli._cannot_write(str(tmp_path / "new.csv"), "file") is None
+    assert cli._cannot_write(str(tmp_path), "folder") is None
+    assert cli._cannot_write(str(tmp_path / "a" / "b"), "folder") is None  # made by the demo at the end
+    assert sorted(os.listdir(tmp_path)) == ["old.csv"] and (tmp_path / "old.csv").read_text() == "a,b\n"

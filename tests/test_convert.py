@@ -2,6 +2,7 @@
 model, state_dict and meta-device round trips, filter/skip behaviour, memory footprint."""
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import memkern
 from memkern.nn import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
-from conftest import sqnr_db
+from conftest import CPU_BACKENDS, sqnr_db
 
 SCHEMES = {"int8": Int8Linear, "int8_weight_only": Int8WeightOnlyLinear, "fp16": Fp16Linear}
 
@@ -161,11 +162,26 @@ def test_warns_when_nothing_is_replaced():
 
 
 def test_multihead_attention_projections_are_left_alone():
-    model = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    # nn.MultiheadAttention reads its projections' weights directly, and so does the fused
+    # inference path of nn.TransformerEncoderLayer (eval, no autograd) read linear1/linear2's.
+    encoder = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(encoder, nn.Linear(16, 16)).eval()
+    reference = copy.deepcopy(model)
+    tensors = encoder.state_dict(keep_vars=True)
     memkern.convert(model, "int8")
-    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert isinstance(model.linear1, Int8Linear)
-    assert model(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+    assert type(encoder.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(encoder.linear1) is nn.Linear and type(encoder.linear2) is nn.Linear
+    assert isinstance(model[1], Int8Linear)
+    after = encoder.state_dict(keep_vars=True)
+    assert list(after) == list(tensors) and all(after[name] is t for name, t in tensors.items())
+    head = reference[1]
+    x = torch.randn(2, 5, 16)
+    for grad in (False, True):  # the fused inference path, then the module-by-module one
+        with torch.set_grad_enabled(grad):
+            hidden, out = encoder(x), model(x)
+            assert torch.equal(hidden, reference[0](x))  # untouched: bit for bit
+        ref = hidden.double() @ head.weight.double().t() + head.bias.double()
+        assert sqnr_db(out, ref) >= 30.0  # the int8 head, as test_converted_transformer_stays_close
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
@@ -233,3 +249,61 @@ def test_memory_footprint_counts_scales(scheme, weight_bytes):
         assert fp.by_dtype == {"int8": n * k, "float32": 2 * n * 4}
         # Weight memory (scales included) against float32: 4x smaller, to within the scales.
         assert (n * k * 4) / (n * k + scales) > 3.95
+
+
+# -- shared layers and all-or-nothing --------------------------------------------------------
+def _tied_pair() -> nn.Sequential:
+    """Linear -> ReLU -> the same Linear, tied by share_layers."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    memkern.share_layers(model, [["0", "2"]])
+    return model
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scheme, weight_bytes, min_db", [("int8", 1, 30.0), ("int8_weight_only", 1, 30.0),
+                                                          ("fp16", 2, 50.0)])
+def test_a_shared_layer_is_converted_once_and_stays_shared(backend, scheme, weight_bytes, min_db):
+    model = _tied_pair()
+    assert memkern.memory_footprint(model).total_bytes == (64 * 64 + 64) * 4  # one layer: 16,640 bytes
+    w, b = model[0].weight.detach().double(), model[0].bias.detach().double()
+    x = torch.randn(5, 64)
+    with memkern.use_backend(backend), torch.no_grad():
+        memkern.convert(model, scheme)
+        out = model(x)
+    assert type(model[0]) is SCHEMES[scheme] and model[2] is model[0]
+    # One converted layer: its weight, the float32 scales (int8 only) and the float32 bias.
+    scales = 64 * 4 if scheme != "fp16" else 0
+    assert memkern.memory_footprint(model).total_bytes == 64 * 64 * weight_bytes + scales + 64 * 4
+    hidden = (x.double() @ w.t() + b).clamp(min=0)
+    assert sqnr_db(out, hidden @ w.t() + b) >= min_db
+
+
+def test_shared_blocks_stay_shared_after_convert():
+    model = TinyLM(layers=3)
+    memkern.share_layers(model, [["blocks.0", "blocks.2"]])
+    memkern.convert(model, "int8")
+    assert model.blocks[2] is model.blocks[0] and isinstance(model.blocks[0].q, Int8Linear)
+    assert isinstance(model.blocks[1].q, Int8Linear) and type(model.lm_head) is nn.Linear
+
+
+def test_choosing_some_names_of_a_shared_layer_is_an_error():
+    model = _tied_pair()
+    with pytest.raises(ValueError, match=r"convert: layer '0' \(also '2'\).* leave out '2'"):
+        memkern.convert(model, "int8", skip=("2",))
+    assert type(model[0]) is nn.Linear and model[2] is model[0]
+
+
+def test_a_layer_that_fails_to_convert_leaves_the_model_untouched():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))
+    # An integer weight cannot be quantised; the layers before and after it could be.
+    model[2].weight = nn.Parameter(torch.arange(64, dtype=torch.int32).reshape(8, 8), requires_grad=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError) as info:
+        memkern.convert(model, "int8")
+    assert "convert: layer '2'" in str(info.value) and "floating point" in str(info.value)
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert list(after) == list(state)
+    for name, value in state.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name

@@ -11,6 +11,7 @@ import torch
 
 import memkern
 from memkern.demo import DemoConfig, run_demo
+from memkern.demo.corpus import load_corpus
 from memkern.demo.report import COLUMNS, write_all
 
 STAGES = ["teacher", "student (labels only)", "student (distilled)", "pruned (2:4 wanda)",
@@ -116,3 +117,30 @@ def test_shared_student_ties_its_blocks():
     assert res.stage("student (distilled)").weight_bytes < unshared.total_bytes
     assert "saved" in res.stage("student (distilled)").note
     assert torch.isfinite(torch.tensor(res.stage("fp16 (from pruned)").perplexity))
+
+
+# -- the corpus split ---------------------------------------------------------------------------
+def _text(chars: int, seed: int = 0) -> str:
+    lines = "".join(f"line {i} of text {seed}: the quick brown fox jumps over the lazy dog\n" for i in range(chars // 40))
+    return lines[:chars]
+
+
+def test_a_single_file_corpus_is_split_within_the_file(tmp_path):
+    # 490,937 characters: under 2 x 10% of the default 3 MB budget, so the file counts as
+    # a validation file; the split has to happen inside it.
+    text = _text(490_937)
+    (tmp_path / "book.txt").write_text(text)
+    corpus = load_corpus(str(tmp_path / "book.txt"), DemoConfig().max_corpus_bytes)
+    cut = int(490_937 * 0.9)
+    assert corpus.train_text == text[:cut] and corpus.val_text == text[cut:]
+
+
+def test_a_folder_under_the_validation_share_is_split_by_text(tmp_path):
+    texts = [_text(5_000, seed) for seed in range(3)]
+    for seed, text in enumerate(texts):
+        (tmp_path / f"part{seed}.txt").write_text(text)
+    corpus = load_corpus(str(tmp_path), DemoConfig().max_corpus_bytes)
+    joined = corpus.train_text + corpus.val_text
+    total = 3 * 5_000 + 2  # joined by two newlines
+    assert len(joined) == total and all(text in joined for text in texts)
+    assert len(corpus.train_text) == int(total * 0.9)

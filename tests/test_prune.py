@@ -8,6 +8,8 @@ from torch import nn
 import memkern
 from memkern import prune
 from memkern.nn import SparseLinear
+from memkern.prune import METHODS
+from conftest import CPU_BACKENDS
 
 
 # -- masks -------------------------------------------------------------------------------------
@@ -180,3 +182,53 @@ def test_prune_model_wanda_uses_calibration_norms():
     assert torch.equal(model[0].to_dense() != 0, expected & (w0 != 0))
     with pytest.raises(ValueError, match="calibration"):
         prune.prune_model(_model(), 0.5, "unstructured", "wanda")
+
+
+# -- prune_model: shared layers, all or nothing -------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_prune_model_prunes_a_shared_layer_once_and_keeps_it_shared(backend):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    memkern.share_layers(model, [["0", "2"]])
+    w, b = model[0].weight.detach().double(), model[0].bias.detach().double()
+    # 2:4 by magnitude: the two largest |w| of every four consecutive inputs stay.
+    groups = w.abs().reshape(64, 16, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    w_kept = w * keep.reshape(64, 64)
+    x = torch.randn(5, 64)
+    report = prune.prune_model(model, 0.5, "n:m")  # compressing 2:4 has no Triton kernel: default backend
+    with memkern.use_backend(backend), torch.no_grad():
+        out = model(x)
+    assert isinstance(model[0], SparseLinear) and model[2] is model[0]
+    assert report.layers == ["0"] and report.sparsity == 0.5
+    assert torch.equal(model[0].to_dense().double(), w_kept)
+    # One pruned layer: half its weights kept as float32, the float32 bias, and the 2:4
+    # index (whatever its dtype) counted once.
+    fp = memkern.memory_footprint(model)
+    assert fp.by_dtype["float32"] == (64 * 64 // 2 + 64) * 4
+    assert fp.total_bytes == report.bytes_after == memkern.memory_footprint(model[0]).total_bytes
+    hidden = (x.double() @ w_kept.t() + b).clamp(min=0)
+    torch.testing.assert_close(out.double(), hidden @ w_kept.t() + b, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_model_refuses_to_prune_some_names_of_a_shared_layer():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    memkern.share_layers(model, [["0", "2"]])
+    with pytest.raises(ValueError, match=r"prune_model: layer '0' \(also '2'\).* leave out '2'"):
+        prune.prune_model(model, 0.5, "n:m", filter_fn=lambda name, mod: name != "2")
+    assert type(model[0]) is nn.Linear and model[2] is model[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_model_checks_every_layer_before_replacing_any(method):
+    # n:m needs in_features divisible by m = 4: layer "0" (8 inputs) could be pruned, "2" (6) not.
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = [torch.randn(3, 8)] if method == "wanda" else None
+    with pytest.raises(ValueError) as info:
+        prune.prune_model(model, 0.5, "n:m", method, calibration=calibration)
+    assert "prune_model: layer '2'" in str(info.value) and "divisible by 4, got 6" in str(info.value)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    after = model.state_dict()
+    assert list(after) == list(state)
+    for name, value in state.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name

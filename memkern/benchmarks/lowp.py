@@ -66,6 +66,8 @@ _WEIGHT_BYTES = {"int8_weight_only_linear": 1, "fp16_linear": 2}
 
 
 def _inputs(m: int, k: int, n: int):
+    # x Gaussian; the weight as nn.Linear initialises it (uniform in +-1/sqrt(k)), the
+    # distribution the accuracy figures in README.md and bench/NOTES.md are quoted for.
     def make(device):
         return {"x": torch.randn(m, k, device=device), "linear": nn.Linear(k, n, device=device)}
 

@@ -42,7 +42,9 @@ def _read(path: pathlib.Path) -> str:
 
 def load_corpus(path: str | None, max_bytes: int, val_fraction: float = 0.1) -> Corpus:
     """Split text files into train and validation by file (a file's name decides, so the
-    split is the same on every run and machine). ``max_bytes`` caps the text read."""
+    split is the same on every run and machine); when every file falls on one side (e.g. a
+    single file), the text itself is split, its last ``val_fraction`` held out.
+    ``max_bytes`` caps the text read."""
     if path is None:
         root = pathlib.Path(sysconfig.get_paths()["stdlib"])
         files = sorted(root.glob("*.py"))
@@ -72,13 +74,12 @@ def load_corpus(path: str | None, max_bytes: int, val_fraction: float = 0.1) -> 
             break
     if not train and not val:
         raise CorpusError(f"corpus {source!r} holds no readable text files")
-    if not val:  # a single file: hold out its tail
-        text = train.pop()
+    if not train or not val:
+        # Every file landed on one side (a single file, or a corpus smaller than the
+        # validation share of the budget): split the text itself, the tail held out.
+        text = "\n".join(train + val)
         cut = int(len(text) * (1 - val_fraction))
-        train.append(text[:cut])
-        val.append(text[cut:])
-    if not train:
-        train.append(val.pop(0))
+        train, val = [text[:cut]], [text[cut:]]
     train_text, val_text = "\n".join(train), "\n".join(val)
     if len(val_text) < 1000 or len(train_text) < 10000:
         raise CorpusError(f"corpus {source!r} is too small: {len(train_text)} training and "

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memkern
+from memkern._replace import find_layers, replace_layers
 from memkern.benchmarks.harness import PeakMemory, pin_malloc_thresholds
 from memkern.demo.corpus import CorpusError, Tokenizer, load_corpus
 from memkern.demo.model import TinyLM
@@ -220,21 +221,24 @@ def _sparse_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def _dense_copy(sparse: nn.Module) -> nn.Linear:
+    dense = nn.Linear(sparse.in_features, sparse.out_features, bias=sparse.bias is not None,
+                      device=sparse.values.device, dtype=sparse.values.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(sparse.to_dense())
+        if sparse.bias is not None:
+            dense.bias.copy_(sparse.bias)
+    return dense
+
+
 def _densify(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with each SparseLinear back as an nn.Linear holding W * M (the
-    pruned zeros stay), so it can be converted to int8 or fp16."""
+    pruned zeros stay), so it can be converted to int8 or fp16. Shared blocks stay shared."""
+    from memkern.nn import SparseLinear
+
     model = copy.deepcopy(model)
-    for name, sparse in list(_sparse_linears(model)):
-        dense = nn.Linear(sparse.in_features, sparse.out_features, bias=sparse.bias is not None,
-                          device=sparse.values.device, dtype=sparse.values.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(sparse.to_dense())
-            if sparse.bias is not None:
-                dense.bias.copy_(sparse.bias)
-        for holder_name, holder in model.named_modules(remove_duplicate=False):
-            for child_name, child in holder.named_children():
-                if child is sparse:  # shared blocks hold the same layer under several names
-                    setattr(holder, child_name, dense)
+    layers = find_layers(model, lambda module: isinstance(module, SparseLinear))
+    replace_layers("densify", layers, lambda layer: _dense_copy(layer.module))
     return model
 
 
