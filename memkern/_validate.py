@@ -9,7 +9,7 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _dtype_name(d: torch.dtype) -> str:
+def dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
@@ -29,8 +29,8 @@ def check_dim(op: str, name: str, t: torch.Tensor, dims: int | Iterable[int]) ->
 def check_dtype(op: str, name: str, t: torch.Tensor, dtypes: Iterable[torch.dtype]) -> None:
     allowed = tuple(dtypes)
     if t.dtype not in allowed:
-        want = ", ".join(_dtype_name(d) for d in allowed)
-        raise TypeError(f"{op}: {name} must have dtype {want}; got {_dtype_name(t.dtype)}")
+        want = ", ".join(dtype_name(d) for d in allowed)
+        raise TypeError(f"{op}: {name} must have dtype {want}; got {dtype_name(t.dtype)}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from memkern import _autocast, _library
+from memkern._validate import dtype_name
 
 BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpp", "torch")
 
@@ -229,8 +230,8 @@ class OpTable:
             if reason is not None:
                 return reason
             if impl.dtypes is not None and primary.dtype not in impl.dtypes:
-                names = ", ".join(sorted(str(d).removeprefix("torch.") for d in impl.dtypes))
-                return f"dtype {str(primary.dtype).removeprefix('torch.')} not supported (supports {names})"
+                names = ", ".join(sorted(dtype_name(d) for d in impl.dtypes))
+                return f"dtype {dtype_name(primary.dtype)} not supported (supports {names})"
         if impl.check is not None:
             return impl.check(*args, **kwargs)
         return None

@@ -85,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     import memkern
-    from memkern.benchmarks import harness, registry
+    from memkern.benchmarks import harness, registry, report
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("memkern bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
@@ -107,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
 
     def write_rows(m: harness.Measurement) -> None:  # as measured, so a run cut short keeps its rows
-        harness.append_csv(args.csv, harness.rows([m], memkern.__version__))
+        report.append_csv(args.csv, report.rows([m], memkern.__version__))
 
     torch.manual_seed(0)
     try:
@@ -116,7 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"memkern bench: writing --csv {args.csv!r} failed: {exc}", file=sys.stderr)
         return 2
-    harness.print_table(results, args.device)
+    report.print_table(results, args.device)
     if args.csv:
         print(f"appended results to {args.csv}")
     failed = [m for m in results if m.error]

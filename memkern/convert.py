@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from memkern._replace import chosen_layers, find_layers, replace_layers
+from memkern._validate import dtype_name
 
 
 @dataclass
@@ -52,7 +53,7 @@ def memory_footprint(model: nn.Module) -> Footprint:
             seen.add(key)
             nbytes = _tensor_bytes(tensor)
             total += nbytes
-            by_dtype[str(tensor.dtype).removeprefix("torch.")] += nbytes
+            by_dtype[dtype_name(tensor.dtype)] += nbytes
             by_type[type(module).__name__] += nbytes
             if is_param:
                 params += tensor.numel()

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from memkern.benchmarks import harness, registry
+from memkern import measure
+from memkern.benchmarks import harness, registry, report
 from memkern.benchmarks.harness import Case, Provider
 
 MIB = 2**20
@@ -20,7 +21,7 @@ def test_peak_rss_probe_sees_a_known_allocation():
         t = torch.ones(16 * MIB, dtype=torch.float32)
         return t.sum()
 
-    peak = harness.peak_rss_above_inputs(allocate) / MIB
+    peak = measure.peak_rss_above_inputs(allocate) / MIB
     assert 60 <= peak <= 72, peak
 
 
@@ -55,11 +56,11 @@ def test_run_reports_failures_without_stopping_and_writes_tidy_csv(tmp_path):
         med, p20, p80 = m.time_ms
         assert 0 < p20 <= med <= p80
     path = tmp_path / "r.csv"
-    harness.append_csv(str(path), harness.rows(results, "9.9", date="2026-01-02"))
-    harness.append_csv(str(path), harness.rows(results[:1], "9.9", date="2026-01-02"))
+    report.append_csv(str(path), report.rows(results, "9.9", date="2026-01-02"))
+    report.append_csv(str(path), report.rows(results[:1], "9.9", date="2026-01-02"))
     with open(path) as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == list(harness.CSV_FIELDS)
+    assert list(table[0]) == list(report.CSV_FIELDS)
     assert [r["provider"] for r in table] == ["baseline", "candidate", "baseline"]
     assert {r["metric"] for r in table} == {"time_ms"}
     assert all(r["version"] == "9.9" and r["device"] == "cpu" and r["op"] == "toy" for r in table)
@@ -68,7 +69,7 @@ def test_run_reports_failures_without_stopping_and_writes_tidy_csv(tmp_path):
 def test_rates_are_the_work_over_each_time_in_the_csv(tmp_path):
     case = dataclasses.replace(_tiny_case(), work=harness.Work(flops=2 * 64**3, bytes=3 * 64 * 64 * 4))
     results = harness.run([case], "cpu", quick=True, memory=False, progress=False)
-    table = harness.rows(results, "9.9", date="2026-01-02")
+    table = report.rows(results, "9.9", date="2026-01-02")
     for m in results[:2]:
         med, p20, p80 = m.time_ms
         got = {r["metric"]: r for r in table if r["provider"] == m.provider}
@@ -79,7 +80,7 @@ def test_rates_are_the_work_over_each_time_in_the_csv(tmp_path):
         assert flops["p20"] == pytest.approx(2 * 64**3 / (p80 * 1e-3) / 1e12)
         assert flops["p20"] <= flops["median"] <= flops["p80"]
     # a case without work reports no rates
-    assert not [r for r in harness.rows(harness.run([_tiny_case()], "cpu", quick=True, memory=False,
+    assert not [r for r in report.rows(harness.run([_tiny_case()], "cpu", quick=True, memory=False,
                                                     progress=False), "9.9") if r["metric"] != "time_ms"]
 
 
@@ -126,9 +127,9 @@ def test_table_prints_without_rich(monkeypatch, capsys):
 
     results = harness.run([_tiny_case()], "cpu", quick=True, memory=False, progress=False)
     monkeypatch.setattr(builtins, "__import__", no_rich)
-    harness.print_table(results, "cpu")
+    report.print_table(results, "cpu")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1] == " | ".join(harness.TABLE_COLUMNS)
+    assert lines[1] == " | ".join(report.TABLE_COLUMNS)
     rows = [line.split(" | ") for line in lines[2:]]
     assert [r[4] for r in rows] == ["baseline", "candidate", "broken"]
     assert rows[0][6] == "1.00x" and rows[2][5].startswith("failed: RuntimeError: boom")

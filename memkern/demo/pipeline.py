@@ -18,7 +18,7 @@ from torch import nn
 
 import memkern
 from memkern._replace import find_layers, replace_layers
-from memkern.benchmarks.harness import PeakMemory, pin_malloc_thresholds
+from memkern.measure import PeakMemory, pin_malloc_thresholds
 from memkern.demo.corpus import CorpusError, Tokenizer, load_corpus
 from memkern.demo.model import TinyLM
 

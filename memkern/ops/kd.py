@@ -100,7 +100,7 @@ def _check_labels(op: str, labels: Optional[torch.Tensor], lead: tuple[int, ...]
         return None
     _validate.check_tensor(op, "labels", labels)
     if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{op}: labels must have dtype int64 or int32; got {_validate._dtype_name(labels.dtype)}")
+        raise TypeError(f"{op}: labels must have dtype int64 or int32; got {_validate.dtype_name(labels.dtype)}")
     if tuple(labels.shape) != lead:
         raise ValueError(f"{op}: labels must have shape {lead} (the rows of the logits), got {tuple(labels.shape)}")
     if labels.device != device:
@@ -614,8 +614,8 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             raise ValueError(f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
                              f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))")
         if _autocast.dtype_seen(h) != _autocast.dtype_seen(w):  # autocast casts both
-            raise TypeError(f"{op}: {who}_hidden ({_validate._dtype_name(h.dtype)}) and {who}_weight "
-                            f"({_validate._dtype_name(w.dtype)}) must have the same dtype")
+            raise TypeError(f"{op}: {who}_hidden ({_validate.dtype_name(h.dtype)}) and {who}_weight "
+                            f"({_validate.dtype_name(w.dtype)}) must have the same dtype")
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"{op}: student vocabulary size {student_weight.shape[0]} != teacher vocabulary size "
                          f"{teacher_weight.shape[0]}; memkern does not pad or truncate vocabularies")
@@ -628,8 +628,8 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             _validate.check_tensor(op, f"{who}_bias", b)
             if tuple(b.shape) != (w.shape[0],) or _autocast.dtype_seen(b) != _autocast.dtype_seen(w):
                 raise ValueError(f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
-                                 f"{_validate._dtype_name(w.dtype)}, got {tuple(b.shape)} "
-                                 f"{_validate._dtype_name(b.dtype)}")
+                                 f"{_validate.dtype_name(w.dtype)}, got {tuple(b.shape)} "
+                                 f"{_validate.dtype_name(b.dtype)}")
     _validate.check_same_device(op, student_hidden=student_hidden, student_weight=student_weight,
                                 teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                 student_bias=student_bias, teacher_bias=teacher_bias)

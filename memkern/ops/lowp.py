@@ -241,10 +241,6 @@ for _name in ("int8_linear", "int8_linear_packed", "int8_weight_only_linear", "f
 
 
 # -- argument checks ---------------------------------------------------------------------
-def _dtype_name(d: torch.dtype) -> str:
-    return str(d).removeprefix("torch.")
-
-
 def _check_x(op: str, x) -> None:
     _validate.check_tensor(op, "x", x)
     if x.dim() < 1:
