@@ -78,8 +78,10 @@ def test_block_sparse_matches_reference(backend, dtype, block, sparsity, poisone
     mask = _block_mask(sparsity, block)
     weight = BlockSparseWeight.from_dense(w, mask, (block, block))
     assert weight.mask is None  # a block mask needs no element mask
-    n_blocks = -(-OUT // block) * -(-IN // block)
-    assert weight.values.shape[0] == n_blocks - round(sparsity * n_blocks)
+    nbr, nbc = -(-OUT // block), -(-IN // block)
+    padded = torch.zeros(nbr * block, nbc * block, dtype=torch.bool)
+    padded[:OUT, :IN] = mask
+    assert weight.values.shape[0] == int(padded.reshape(nbr, block, nbc, block).any(3).any(1).sum())
     x = torch.randn(2, 7, IN).to(dtype)  # (B, T, K)
     bias = torch.randn(OUT).to(dtype)
     dv = _check_against_reference(backend, x, weight, mask, bias, dtype, w)
