@@ -167,3 +167,52 @@ def test_other_block_heights_take_the_general_path(block_rows, poisoned_outputs)
     require_backend("block_sparse_matmul", "cpp", x)
     y = torch.ops.memkern.block_sparse_matmul_kernel(x, values, crow, col, n_out, None)
     assert_rel_close(y, x.double() @ w.double().t(), torch.float32)
+
+
+@pytest.mark.parametrize("block", ((16, 16), (64, 32), (32, 128)), ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gradients_match_reference(block, shape, poisoned_outputs):
+    from memkern import reference
+
+    w, mask, weight = _weight(shape, block, 0.5)
+    values = weight.values.detach().clone().requires_grad_(True)
+    weight.values = values
+    x = torch.randn(ROW_TILE + 5, shape[1], requires_grad=True)  # one whole row tile and a part
+    grad = torch.randn(ROW_TILE + 5, shape[0])
+    _cpp(x, weight).backward(grad)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = (w.double() * mask).requires_grad_(True)
+    (x64 @ w64.t()).backward(grad.double())
+    assert_rel_close(x.grad, x64.grad, torch.float32)
+    dw = reference.block_sparse_to_dense(values.grad, weight.crow, weight.col, *shape)
+    assert_rel_close(dw, w64.grad * mask, torch.float32)
+    # Pruned weights and the padding of edge blocks get exactly nothing.
+    assert (dw[~mask] == 0).all()
+    assert torch.count_nonzero(values.grad) == torch.count_nonzero(dw)
+
+
+def _bad_index(kind: str, weight: BlockSparseWeight) -> tuple[dict, str]:
+    index = {n: getattr(weight, n).clone() for n in ("crow", "col", "ccol", "csc_row", "csc_block")}
+    if kind == "col":
+        index["col"][1] = 10**6
+        return index, r"col must lie in \[0, 4\), got 1000000 at position 1"
+    if kind == "crow":
+        index["crow"][1] = 9  # [0, 4, 8, 12] -> [0, 9, 8, 12]
+        return index, "crow must not decrease"
+    assert kind == "csc_block"
+    index["csc_block"][0] = -7
+    return index, r"csc_block must lie in \[0, 12\), got -7 at position 0"
+
+
+@pytest.mark.parametrize("kind", ("col", "crow", "csc_block"))
+def test_direct_calls_with_a_bad_index_are_refused(kind):
+    # The op itself takes raw tensors: the kernel checks the index before reading with it.
+    _, _, weight = _weight((150, 200), (64, 64), 0.0)  # 3 x 4 blocks, all kept
+    index, message = _bad_index(kind, weight)
+    x, grad = torch.randn(8, 200), torch.randn(8, 150)
+    require_backend("block_sparse_matmul", "cpp", x)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.memkern.block_sparse_matmul_backward_kernel(grad, x, weight.values, *index.values())
+    if kind != "csc_block":  # the forward reads crow and col only
+        with pytest.raises(ValueError, match=message):
+            torch.ops.memkern.block_sparse_matmul_kernel(x, weight.values, index["crow"], index["col"], 150, None)

@@ -78,8 +78,10 @@ def test_block_sparse_matches_reference(backend, dtype, block, sparsity, poisone
     mask = _block_mask(sparsity, block)
     weight = BlockSparseWeight.from_dense(w, mask, (block, block))
     assert weight.mask is None  # a block mask needs no element mask
-    n_blocks = -(-OUT // block) * -(-IN // block)
-    assert weight.values.shape[0] == n_blocks - round(sparsity * n_blocks)
+    nbr, nbc = -(-OUT // block), -(-IN // block)
+    padded = torch.zeros(nbr * block, nbc * block, dtype=torch.bool)
+    padded[:OUT, :IN] = mask
+    assert weight.values.shape[0] == int(padded.reshape(nbr, block, nbc, block).any(3).any(1).sum())
     x = torch.randn(2, 7, IN).to(dtype)  # (B, T, K)
     bias = torch.randn(OUT).to(dtype)
     dv = _check_against_reference(backend, x, weight, mask, bias, dtype, w)
@@ -324,9 +326,15 @@ def _bsw():
         (lambda: masked_matmul(torch.randn(3, 48), torch.randn(32, 48)), TypeError,
          ["weight", "BlockSparseWeight", "Tensor"]),
         (lambda: masked_matmul(torch.arange(48).reshape(1, 48), _bsw()), TypeError, ["x", "int64"]),
+        (lambda: SparseLinear(-3, 4), ValueError, ["SparseLinear", "in_features", "non-negative", "-3"]),
+        (lambda: SparseLinear(4, -1, format="2:4"), ValueError, ["out_features", "-1"]),
+        (lambda: SparseLinear(4.0, 4), ValueError, ["in_features", "4.0"]),
+        (lambda: BlockSparseWeight.from_dense(torch.empty(8, 8, device="meta")), ValueError,
+         ["from_dense", "meta", "keeping_every_block"]),
     ],
     ids=["mask-shape", "mask-dtype", "block-not-pow2", "block-too-big", "24-cols", "24-too-many",
-         "x-width", "x-dtype", "bias-shape", "dense-weight", "int-x"],
+         "x-width", "x-dtype", "bias-shape", "dense-weight", "int-x", "in-negative", "out-negative",
+         "in-float", "meta-from-dense"],
 )
 def test_bad_input_is_a_clear_error(call, error, words):
     with pytest.raises(error) as info:
@@ -447,3 +455,268 @@ def test_values_in_any_layout_give_the_same_product(backend):
         y_plain = masked_matmul(x, weight)
     torch.testing.assert_close(y_plain, y_panel, rtol=1e-6, atol=1e-6)
     assert_rel_close(y_panel, x.double() @ weight.to_dense().double().t(), torch.float32)
+
+
+# -- untrusted structure: a clear error, never a crash ------------------------------------------
+def _corrupt(weight: BlockSparseWeight, kind: str) -> list[str]:
+    """Change ``weight``'s index in place as a bad checkpoint or a stray write would; the
+    words the error must hold."""
+    if kind == "col-far":
+        weight.col[1] = 10**6
+        return ["weight.col", "[0, 8)", "1000000", "position 1"]
+    if kind == "col-negative":
+        weight.col[0] = -1
+        return ["weight.col", "-1"]
+    if kind == "crow-backwards":
+        weight.crow[1] = weight.crow[2] + 1
+        return ["weight.crow", "without decreasing"]
+    if kind == "csc-block-far":
+        weight.csc_block[-1] = weight.col.numel()
+        return ["weight.csc_block", f"[0, {weight.col.numel()})"]
+    if kind == "csc-row-wrong":
+        weight.csc_row[0] = (weight.csc_row[0] + 1) % 3
+        return ["weight.csc_row", "block row"]
+    assert kind == "duplicate-block"
+    weight.col[1] = weight.col[0]
+    return ["weight.col", "once"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ("col-far", "col-negative", "crow-backwards", "csc-block-far", "csc-row-wrong",
+                                  "duplicate-block"))
+def test_index_changed_in_place_is_a_clear_error(backend, kind):
+    # Every block of a 48 x 123 weight in 16 x 16 blocks: 3 x 8 blocks, 8 in each block row.
+    weight = BlockSparseWeight.from_dense(torch.randn(48, IN), None, (16, 16))
+    x = torch.randn(5, IN)
+    require_backend("block_sparse_matmul", backend, x)
+    with memkern.use_backend(backend):
+        y = masked_matmul(x, weight)  # checked at construction, trusted until changed
+        assert_rel_close(y, x.double() @ weight.to_dense().double().t(), torch.float32)
+        words = _corrupt(weight, kind)
+        with pytest.raises(ValueError) as info:
+            masked_matmul(x, weight)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def _raw(weight: BlockSparseWeight) -> dict:
+    return {n: getattr(weight, n) for n in ("values", "crow", "col", "ccol", "csc_row", "csc_block", "mask", "shape")}
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        ({"col": torch.tensor([0, 10**6])}, ValueError, ["col", "[0, 2)", "1000000"]),
+        ({"col": torch.tensor([0, 1], dtype=torch.int32)}, TypeError, ["col", "int64", "int32"]),
+        ({"col": torch.tensor([0, 1, 1])}, ValueError, ["col", "(2,)", "(3,)"]),
+        ({"col": torch.tensor([0, 0, 1, 1])[::2]}, ValueError, ["col", "contiguous"]),
+        ({"crow": torch.tensor([1, 2])}, ValueError, ["crow", "from 0 to 2", "[1, 2]"]),
+        ({"crow": torch.tensor([0, 2, 2])}, ValueError, ["crow", "(2,)", "(3,)"]),
+        ({"ccol": torch.tensor([0, 2, 1])}, ValueError, ["ccol", "without decreasing"]),
+        ({"csc_block": torch.tensor([0, 0])}, ValueError, ["csc_block", "each of the 2 blocks once"]),
+        ({"values": torch.randn(2, 24, 64)}, ValueError, ["values", "BN and BK", "(2, 24, 64)"]),
+        ({"values": torch.randn(3, 64, 64)}, ValueError, ["col", "(3,)", "(2,)"]),
+        ({"mask": torch.ones(2, 64, 64)}, TypeError, ["mask", "bool", "float32"]),
+        ({"shape": (64, -128)}, ValueError, ["in_features", "-128"]),
+        ({"crow": torch.tensor([0, 2], device="meta")}, ValueError, ["one device", "crow on meta", "values on cpu"]),
+    ],
+    ids=["col-range", "col-dtype", "col-length", "col-strided", "crow-start", "crow-length", "ccol-order",
+         "csc-twice", "block-size", "values-count", "mask-dtype", "shape", "device"],
+)
+def test_block_sparse_constructor_checks_raw_tensors(change, error, words):
+    raw = _raw(BlockSparseWeight.from_dense(torch.randn(64, 128), None, (64, 64)))
+    with pytest.raises(error) as info:
+        BlockSparseWeight(**{**raw, **change})
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def test_sparse24_constructor_checks_raw_tensors():
+    sw = Sparse24Weight.from_dense(torch.randn(4, 16), _mask24(4, 16))
+    meta = sw.meta.clone()
+    meta[2, 1] = (meta[2, 1] & 0x0F) | 0x30  # group 3 of row 2 (high half of byte 1): i0 = 3, i1 = 0
+    cases = [({"meta": meta}, ValueError, ["meta", "i0 < i1", "row 2, group 3", "i0=3, i1=0"]),
+             ({"meta": sw.meta[:, :1]}, ValueError, ["meta", "(4, 2)", "(4, 1)"]),
+             ({"meta": sw.meta.to(torch.int16)}, TypeError, ["meta", "uint8", "int16"]),
+             ({"values": sw.values[:, :6]}, ValueError, ["values", "(4, 8)", "(4, 6)"]),
+             ({"mask": torch.ones(4, 8)}, TypeError, ["mask", "bool"]),
+             ({"shape": (4, 18)}, ValueError, ["divisible by 4", "(4, 18)"])]
+    for change, error, words in cases:
+        with pytest.raises(error) as info:
+            Sparse24Weight(**{"values": sw.values, "meta": sw.meta, "shape": sw.shape, **change})
+        for w in words:
+            assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def _trained_layer(fmt: str, inp: int = 48, out: int = 40) -> tuple[SparseLinear, torch.Tensor]:
+    linear = torch.nn.Linear(inp, out)
+    mask = (_mask24(out, inp, (0, 1, 2)) if fmt == "2:4"
+            else prune.masks(linear.weight, 0.5, "unstructured") & prune.masks(torch.randn(out, inp), 0.5, "block",
+                                                                               block=(16, 16)))
+    return SparseLinear.from_dense(linear, mask, format=fmt, block=(16, 16)), mask
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [("col", lambda sd: sd["col"].index_fill(0, torch.tensor([1]), 10**6), ["col", "1000000", "position 1"]),
+     ("crow", lambda sd: sd["crow"].flip(0), ["crow", "without decreasing"]),
+     ("crow", lambda sd: None, ["crow", "missing"]),
+     ("mask", lambda sd: sd["mask"].float(), ["mask", "bool"]),
+     ("_extra_state", lambda sd: {**sd["_extra_state"], "shape": [40, 64]}, ["size mismatch", "(40, 64)", "(40, 48)"]),
+     ("_extra_state", lambda sd: {**sd["_extra_state"], "block": [16, 32]}, ["values", "(16, 32)"]),
+     ("_extra_state", lambda sd: "block", ["_extra_state", "dict"])],
+    ids=["col-range", "crow-order", "crow-missing", "mask-dtype", "shape", "block", "extra-type"],
+)
+def test_corrupted_checkpoint_is_refused_and_leaves_the_layer(key, value, words):
+    source, _ = _trained_layer("block")
+    state = source.state_dict()
+    state[key] = value(state)
+    if state[key] is None:
+        del state[key]
+    layer, _ = _trained_layer("block")
+    x = torch.randn(3, 48)
+    before = layer(x)
+    with pytest.raises(RuntimeError) as info:
+        layer.load_state_dict(state)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+    assert torch.equal(layer(x), before)  # nothing was half loaded
+
+
+def test_corrupted_sparse24_checkpoint_is_refused():
+    source, _ = _trained_layer("2:4")
+    state = source.state_dict()
+    state["meta"] = torch.full_like(state["meta"], 0xFF)
+    layer = SparseLinear(48, 40, format="2:4")
+    with pytest.raises(RuntimeError, match=r"meta must give each group two positions i0 < i1; row 0, group 0"):
+        layer.load_state_dict(state)
+
+
+def test_layer_buffer_changed_in_place_is_a_clear_error():
+    layer, _ = _trained_layer("block")
+    x = torch.randn(3, 48)
+    layer(x)
+    layer.col[0] = 10**6
+    with pytest.raises(ValueError, match=r"weight\.col must hold block columns in \[0, 3\).*1000000"):
+        layer(x)
+
+
+# -- meta device and shapes ----------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ("block", "2:4"))
+def test_layer_built_on_meta_loads_with_assign(fmt):
+    trained, mask = _trained_layer(fmt)
+    layer = SparseLinear(48, 40, format=fmt, block=(16, 16), device="meta")
+    assert layer.values.is_meta and layer.bias.is_meta
+    layer.load_state_dict(trained.state_dict(), assign=True)
+    assert not layer.values.is_meta and layer.values.requires_grad
+    x = torch.randn(3, 48)
+    dense = trained.to_dense().detach()
+    assert torch.equal(dense, (dense * mask))
+    ref = x.double() @ dense.double().t() + trained.bias.detach().double()
+    assert_rel_close(layer(x), ref, torch.float32)
+    assert layer.sparsity == pytest.approx(1 - mask.float().mean().item())
+
+
+@pytest.mark.parametrize("fmt", ("block", "2:4"))
+def test_loading_another_shape_is_refused(fmt):
+    small = SparseLinear(64, 32, format=fmt)
+    big = SparseLinear(128, 32, format=fmt)
+    x = torch.randn(2, 128)
+    before = big(x)
+    with pytest.raises(RuntimeError) as info:
+        big.load_state_dict(small.state_dict())
+    assert "size mismatch for values" in str(info.value) and "(32, 64)" in str(info.value)
+    assert "(32, 128)" in str(info.value)
+    assert big.in_features == 128 and torch.equal(big(x), before)
+
+
+# -- pruned weights stay pruned ------------------------------------------------------------------
+_OPTIMISERS = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=1e-1, momentum=0.9, weight_decay=0.1),
+}
+
+
+def _masks_for_training(case: str, out: int, inp: int) -> tuple[str, torch.Tensor]:
+    if case == "2:4-by-hand":  # groups keeping 1 and 2: positions 1, 2 and 3 of group 0 are pruned
+        return "2:4", torch.tensor([[1, 0, 0, 0, 1, 1, 0, 0]], dtype=torch.bool).repeat(out, inp // 8)
+    if case == "2:4-0-1-2":
+        return "2:4", _mask24(out, inp, (0, 1, 2))
+    if case == "block":
+        return "block", prune.masks(torch.randn(out, inp), 0.5, "block", block=(16, 16))
+    assert case == "unstructured-in-blocks"
+    return "block", prune.masks(torch.randn(out, inp), 0.6, "unstructured")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("optimiser", _OPTIMISERS)
+@pytest.mark.parametrize("case", ("2:4-by-hand", "2:4-0-1-2", "block", "unstructured-in-blocks"))
+def test_pruned_weights_stay_zero_through_any_optimiser(backend, optimiser, case):
+    out, inp = 20, 40  # 40: cut inside a 16-wide block
+    fmt, mask = _masks_for_training(case, out, inp)
+    linear = torch.nn.Linear(inp, out)
+    layer = SparseLinear.from_dense(linear, mask, format=fmt, block=(16, 16))
+    opt = _OPTIMISERS[optimiser](layer.parameters())
+    before = layer.to_dense().detach().clone()
+    x = torch.randn(6, inp)
+    require_backend("block_sparse_matmul" if fmt == "block" else "sparse24_matmul", backend, x)
+    with memkern.use_backend(backend):
+        for _ in range(4):
+            opt.zero_grad()
+            layer(torch.randn(6, inp)).square().mean().backward()
+            opt.step()
+    after = layer.to_dense()
+    assert (after[~mask] == 0).all(), "a pruned weight was revived"
+    assert (after[mask] != before[mask]).all()  # every kept weight trained
+    # Nor does the storage hold anything at pruned places (free 2:4 slots, masked elements).
+    if layer.mask is not None:
+        assert (layer.values.detach()[~layer.mask] == 0).all()
+
+
+def test_sparse24_free_slots_count_as_zero_whatever_they_hold():
+    mask = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)  # groups keeping 1 and 0
+    w = torch.tensor([[3.0, 5.0, 7.0, 9.0, 2.0, 4.0, 6.0, 8.0]])
+    sw = Sparse24Weight.from_dense(w, mask)
+    assert sw.mask.tolist() == [[True, False, False, False]]
+    with torch.no_grad():
+        sw.values.fill_(11.0)  # a stray write into the free slots too
+    assert sw.to_dense().tolist() == [[11.0, 0, 0, 0, 0, 0, 0, 0]]
+    assert masked_matmul(torch.ones(1, 8), sw).tolist() == [[11.0]]
+    assert SparseLinear.from_dense(torch.nn.Linear(8, 1), mask, format="2:4").sparsity == 7 / 8
+
+
+# -- in_features = 0 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ("block", "2:4"))
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no-bias"))
+def test_zero_in_features_gives_the_bias(backend, kind, with_bias):
+    layer = SparseLinear(0, 5, bias=with_bias, format=kind, block=(16, 16))
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    grad = torch.randn(2, 3, 5)
+    require_backend("block_sparse_matmul" if kind == "block" else "sparse24_matmul", backend, x.reshape(6, 0))
+    with memkern.use_backend(backend):
+        y = layer(x)
+        y.backward(grad)
+    expected = layer.bias.detach().expand(2, 3, 5) if with_bias else torch.zeros(2, 3, 5)
+    assert torch.equal(y, expected)
+    assert x.grad.shape == (2, 3, 0) and layer.values.grad.numel() == 0
+    if with_bias:
+        assert_rel_close(layer.bias.grad, grad.double().sum((0, 1)), torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no-bias"))
+def test_block_rows_without_kept_blocks_give_exactly_the_bias(backend, with_bias, poisoned_outputs):
+    w = torch.randn(OUT, IN)
+    mask = torch.ones(OUT, IN, dtype=torch.bool)
+    mask[16:32] = False  # block row 1 of 16 x 16 blocks keeps nothing
+    weight = BlockSparseWeight.from_dense(w, mask, (16, 16))
+    assert weight.crow.diff()[1] == 0
+    bias = torch.randn(OUT) if with_bias else None
+    x = torch.randn(9, IN)
+    expected = bias[16:32].expand(9, 16) if with_bias else torch.zeros(9, 16)
+    dv = _check_against_reference(backend, x, weight, mask, bias, torch.float32, w)
+    with memkern.use_backend(backend):
+        y = masked_matmul(x, weight, bias)
+    assert torch.equal(y[:, 16:32], expected)
+    assert dv.shape[0] == weight.col.numel()

@@ -339,3 +339,25 @@ def test_gpu_sparse_linear_inference_builds_once(semi_structured_calls):
     assert semi_structured_calls["build"] == 1 and semi_structured_calls["mm"] >= 2
     torch.testing.assert_close(y1, y2)
     assert_rel_close(y1.cpu(), _reference(x, layer.to_dense(), layer.bias), torch.float16)
+
+
+def test_free_slots_stay_out_of_the_semi_structured_product(monkeypatch):
+    # Groups keeping fewer than 2 weights have masked free slots; whatever those hold (here
+    # a stray write), the cached copy and the gradient of x must see zeros there.
+    _take_the_path_on_cpu(monkeypatch, _CountingBuilder())
+    w = torch.randn(32, 64)
+    mask = torch.rand(32, 64) < 0.3
+    mask &= mask.reshape(32, 16, 4).cumsum(-1).reshape(32, 64) <= 2  # at most 2 per group
+    sw = Sparse24Weight.from_dense(w, mask)
+    assert sw.mask is not None
+    with torch.no_grad():
+        sw.values.add_(3.0)
+    dense = (sw.values.detach() * sw.mask).double()
+    dense = sparse_mod.reference.sparse24_decompress(dense, sw.meta, 64)
+    x = torch.randn(5, 64, requires_grad=True)
+    grad = torch.randn(5, 32)
+    y = masked_matmul(x, sw)
+    y.backward(grad)
+    assert (dense[~mask] == 0).all()
+    assert_rel_close(y, x.detach().double() @ dense.t(), torch.float32)
+    assert_rel_close(x.grad, grad.double() @ dense, torch.float32)

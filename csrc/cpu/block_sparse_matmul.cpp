@@ -44,9 +44,32 @@ constexpr const char* kOp = "block_sparse_matmul";
 // sparsity, 2048x4096 @ 4096x4096^T fp32, 2-core EPYC shared with other jobs).
 constexpr int64_t kRowTile = 256;
 
-void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), kOp, ": ", name,
-              " must be a 1-D int64 CPU tensor, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+void check_index(const at::Tensor& t, const char* name, int64_t entries) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu() && t.is_contiguous(), kOp, ": ",
+              name, " must be a contiguous 1-D int64 CPU tensor, got ", t.sizes(), " ", t.scalar_type(), " on ",
+              t.device());
+  TORCH_CHECK_VALUE(t.size(0) == entries, kOp, ": ", name, " must have ", entries, " entries, got ", t.size(0));
+}
+
+// The block index steers every memory access below: a block column past the matrix or a
+// pointer that runs backwards would read and write out of bounds. memkern.ops.sparse checks
+// a structure where it enters; the kernels check again (O(blocks), nothing beside the
+// products) so that a direct call of the op cannot corrupt memory either.
+void check_pointer(const at::Tensor& ptr, const char* name, int64_t total) {
+  const int64_t* p = ptr.const_data_ptr<int64_t>();
+  const int64_t n = ptr.size(0);
+  TORCH_CHECK_VALUE(p[0] == 0 && p[n - 1] == total, kOp, ": ", name, " must run from 0 to ", total,
+                    " (the number of blocks), got ", p[0], " to ", p[n - 1]);
+  for (int64_t i = 0; i + 1 < n; ++i)
+    TORCH_CHECK_VALUE(p[i] <= p[i + 1], kOp, ": ", name, " must not decrease, got ", p[i], " then ", p[i + 1],
+                      " at position ", i);
+}
+
+void check_entries(const at::Tensor& t, const char* name, int64_t bound) {
+  const int64_t* p = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.size(0); ++i)
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < bound, kOp, ": ", name, " must lie in [0, ", bound, "), got ", p[i],
+                      " at position ", i);
 }
 
 // Detached: GradMode is thread-local and the pool's worker threads do not inherit the
@@ -334,11 +357,12 @@ at::Tensor block_sparse_matmul_cpu(const at::Tensor& x, const at::Tensor& values
                                    const at::Tensor& col, int64_t n_out, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D, got ", x.dim(), "-D");
   TORCH_CHECK(values.dim() == 3, kOp, ": values must be 3-D (blocks, BN, BK), got ", values.dim(), "-D");
-  check_index(crow, "crow");
-  check_index(col, "col");
-  const int64_t BN = values.size(1);
-  TORCH_CHECK(crow.size(0) - 1 == (n_out + BN - 1) / BN, kOp, ": crow has ", crow.size(0), " entries, expected ",
-              (n_out + BN - 1) / BN + 1, " for n_out=", n_out, " and BN=", BN);
+  TORCH_CHECK_VALUE(n_out >= 0, kOp, ": n_out must be non-negative, got ", n_out);
+  const int64_t nnzb = values.size(0), BN = values.size(1), BK = values.size(2);
+  check_index(crow, "crow", (n_out + BN - 1) / BN + 1);
+  check_index(col, "col", nnzb);
+  check_pointer(crow, "crow", nnzb);
+  check_entries(col, "col", (x.size(1) + BK - 1) / BK);
   const at::Tensor xf = as_acc(x, x);
 #ifdef __AVX512F__
   if (micro_kernel_takes(xf, BN))
@@ -352,12 +376,19 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_matmul_backward_cpu(
     const at::Tensor& col, const at::Tensor& ccol, const at::Tensor& csc_row, const at::Tensor& csc_block) {
   TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && grad.size(0) == x.size(0), kOp,
               ": grad and x must be 2-D with equal rows, got ", grad.sizes(), " and ", x.sizes());
-  for (auto [t, name] : {std::pair{&crow, "crow"}, {&col, "col"}, {&ccol, "ccol"}, {&csc_row, "csc_row"},
-                         {&csc_block, "csc_block"}})
-    check_index(*t, name);
+  TORCH_CHECK(values.dim() == 3, kOp, ": values must be 3-D (blocks, BN, BK), got ", values.dim(), "-D");
   const int64_t M = x.size(0), K = x.size(1), n_out = grad.size(1);
   const int64_t BN = values.size(1), BK = values.size(2), nnzb = values.size(0);
-  const int64_t n_block_rows = crow.size(0) - 1, n_block_cols = ccol.size(0) - 1;
+  const int64_t n_block_rows = (n_out + BN - 1) / BN, n_block_cols = (K + BK - 1) / BK;
+  check_index(crow, "crow", n_block_rows + 1);
+  check_index(ccol, "ccol", n_block_cols + 1);
+  for (auto [t, name] : {std::pair{&col, "col"}, {&csc_row, "csc_row"}, {&csc_block, "csc_block"}})
+    check_index(*t, name, nnzb);
+  check_pointer(crow, "crow", nnzb);
+  check_pointer(ccol, "ccol", nnzb);
+  check_entries(col, "col", n_block_cols);
+  check_entries(csc_row, "csc_row", n_block_rows);
+  check_entries(csc_block, "csc_block", nnzb);
 
   const at::Tensor gf = as_acc(grad, x);
   const at::Tensor xf = as_acc(x, x);

@@ -6,10 +6,13 @@ import math
 import torch
 from torch import nn
 
+from memkern.ops import sparse_format
 from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, _check_block, masked_matmul
 
 FORMATS = ("block", "2:4")
 _BLOCK_INDEX = ("crow", "col", "ccol", "csc_row", "csc_block")
+# The buffers each format stores next to ``values``; "mask" may be None.
+_BUFFERS = {"block": (*_BLOCK_INDEX, "mask"), "2:4": ("meta", "mask")}
 
 
 class SparseLinear(nn.Module):
@@ -24,27 +27,34 @@ class SparseLinear(nn.Module):
 
     A freshly built layer keeps every weight (initialised like ``nn.Linear``; for ``"2:4"``
     the first two of every four); ``from_dense`` builds one from a trained layer and a mask,
-    and ``load_state_dict`` adopts the stored layout of any SparseLinear state.
+    and ``load_state_dict`` adopts the stored layout of any SparseLinear state of the same
+    shape, after checking it (a checkpoint is untrusted input). A layer built on the meta
+    device takes a state with ``load_state_dict(state, assign=True)``.
     Parameters: ``values`` (and ``bias``); the index and element mask are buffers, so an
-    optimiser only ever sees kept weights.
+    optimiser only ever sees kept weights, and masked ones get no gradient.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "block",
                  block: tuple[int, int] = (64, 64), device=None, dtype=None) -> None:
         super().__init__()
+        op = "SparseLinear"
+        in_features = sparse_format.check_features(op, "in_features", in_features)
+        out_features = sparse_format.check_features(op, "out_features", out_features)
         if format not in FORMATS:
-            raise ValueError(f"SparseLinear: format must be one of {', '.join(FORMATS)}; got {format!r}")
+            raise ValueError(f"{op}: format must be one of {', '.join(FORMATS)}; got {format!r}")
         self.in_features, self.out_features, self.format = in_features, out_features, format
-        self.block = _check_block("SparseLinear", block)
+        self.block = _check_block(op, block)
         dense = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.get_default_dtype())
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        if dense.numel():
+            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        # Layouts that read no values, so that a layer can be built on the meta device.
         if format == "2:4":
             mask = torch.zeros_like(dense, dtype=torch.bool)
             mask[:, 0::4] = True
             mask[:, 1::4] = True
+            self._adopt(Sparse24Weight.from_dense(dense, mask))
         else:
-            mask = torch.ones_like(dense, dtype=torch.bool)
-        self._adopt(self._compress(dense, mask))
+            self._adopt(BlockSparseWeight.keeping_every_block(dense, self.block))
         if bias:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             self.bias = nn.Parameter(torch.empty(out_features, device=dense.device, dtype=dense.dtype).uniform_(-bound, bound))
@@ -61,27 +71,29 @@ class SparseLinear(nn.Module):
         for name in (*_BLOCK_INDEX, "mask", "meta"):
             self._buffers.pop(name, None)
         self.values = nn.Parameter(w.values)
-        if isinstance(w, Sparse24Weight):
-            self.register_buffer("meta", w.meta)
-        else:
-            for name in _BLOCK_INDEX:
-                self.register_buffer(name, getattr(w, name))
-            self.register_buffer("mask", w.mask)
+        for name in _BUFFERS["2:4" if isinstance(w, Sparse24Weight) else "block"]:
+            self.register_buffer(name, getattr(w, name))
 
     @property
     def weight(self) -> BlockSparseWeight | Sparse24Weight:
         """The stored weight (sharing this module's tensors)."""
         shape = (self.out_features, self.in_features)
-        if self.format == "2:4":
-            if torch.compiler.is_compiling():
-                return Sparse24Weight(self.values, self.meta, shape)
-            # The same object across calls while it wraps this module's tensors, so the
-            # semi-structured copy masked_matmul caches on it (CUDA inference) is reused.
-            w = self.__dict__.get("_sparse24_weight")
-            if w is None or w.values is not self.values or w.meta is not self.meta or w.shape != shape:
-                w = Sparse24Weight(self.values, self.meta, shape)
-                self.__dict__["_sparse24_weight"] = w
-            return w
+        names = ("values", *_BUFFERS[self.format])
+        kind = Sparse24Weight if self.format == "2:4" else BlockSparseWeight
+        if torch.compiler.is_compiling():
+            return self._wrap(kind, shape)
+        # The same object across calls while it wraps this module's tensors: its structure
+        # check is not repeated (on CUDA it reads the index, a synchronisation), and the
+        # semi-structured copy masked_matmul caches on a 2:4 weight (CUDA inference) is reused.
+        w = self.__dict__.get("_stored_weight")
+        if type(w) is not kind or w.shape != shape or any(getattr(w, n) is not getattr(self, n) for n in names):
+            w = self._wrap(kind, shape)
+            self.__dict__["_stored_weight"] = w
+        return w
+
+    def _wrap(self, kind: type, shape: tuple[int, int]) -> BlockSparseWeight | Sparse24Weight:
+        if kind is Sparse24Weight:
+            return Sparse24Weight(self.values, self.meta, shape, self.mask)
         return BlockSparseWeight(self.values, *(getattr(self, n) for n in _BLOCK_INDEX), self.mask, shape)
 
     @classmethod
@@ -118,9 +130,11 @@ class SparseLinear(nn.Module):
         total = self.out_features * self.in_features
         if total == 0:
             return 0.0
+        if self.values.is_meta:
+            return math.nan  # which weights are kept is not known before a state is loaded
         if self.format == "2:4":
-            return 0.5
-        if self.mask is not None:
+            kept = total // 2 if self.mask is None else int(self.mask.sum())
+        elif self.mask is not None:
             kept = int(self.mask.sum())
         else:
             bn, bk = self.block
@@ -145,19 +159,60 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # A checkpoint is untrusted input: its layout is checked, and its shape compared with
+        # this layer's (refused on mismatch, as nn.Linear does), before anything changes here.
         # The stored layout (number of kept blocks, element mask or not, format) belongs to
-        # the state, so this module takes the incoming tensors' shapes before copying.
+        # the state, so this module then takes the incoming tensors' shapes before copying.
         extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None and prefix + "values" in state_dict:
+        if extra is not None or prefix + "values" in state_dict:
+            try:
+                self._check_state(state_dict, prefix, extra)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(str(exc))
+                return
+        if extra is not None:
             self.set_extra_state(extra)
             dev = self.values.device
-            names = ("meta",) if self.format == "2:4" else (*_BLOCK_INDEX, "mask")
             for name in (*_BLOCK_INDEX, "mask", "meta"):
                 self._buffers.pop(name, None)
-            for name in names:
+            for name in _BUFFERS[self.format]:
                 src = state_dict.get(prefix + name)
                 self.register_buffer(name, None if src is None else torch.empty_like(src, device=dev))
             src = state_dict[prefix + "values"]
-            self.values = nn.Parameter(torch.empty_like(src, device=dev, dtype=self.values.dtype))
+            self.values = nn.Parameter(torch.empty_like(src, device=dev, dtype=self.values.dtype),
+                                       requires_grad=self.values.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _check_state(self, state_dict, prefix: str, extra: object) -> None:
+        """Raise a clear error unless ``state_dict`` holds a valid SparseLinear state of this
+        layer's shape: with ``_extra_state``, in the layout it names; without, in this layer's
+        layout, taking this layer's tensors where the state has none."""
+        op = "SparseLinear.load_state_dict"
+        shape = (self.out_features, self.in_features)
+        names = ("values", *_BUFFERS[self.format])
+        tensors = {n: state_dict.get(prefix + n, getattr(self, n)) for n in names}
+        fmt, block = self.format, self.block
+        if extra is not None:
+            if not (isinstance(extra, dict) and {"format", "block", "shape"} <= extra.keys()):
+                raise ValueError(f"{op}: {prefix}_extra_state must be a dict of format, block and shape, got {extra!r}")
+            fmt = extra["format"]
+            if fmt not in FORMATS:
+                raise ValueError(f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+            block = _check_block(f"{op}: {prefix}_extra_state", extra["block"])
+            stored = sparse_format.check_shape(f"{op}: {prefix}_extra_state", extra["shape"])
+            if stored != shape:
+                raise ValueError(f"size mismatch for {prefix}values: copying a SparseLinear of (out_features, "
+                                 f"in_features) {stored} from checkpoint, the shape in current model is {shape}")
+            tensors = {n: state_dict.get(prefix + n) for n in ("values", *_BUFFERS[fmt])}
+            for name in ("values", *_BUFFERS[fmt][:-1]):  # all but the optional mask
+                if tensors[name] is None:
+                    raise ValueError(f"{op}: {prefix}{name} is missing from a {fmt!r} SparseLinear state")
+        if fmt == "2:4":
+            sparse_format.check_sparse24(op, tensors["values"], tensors["meta"], tensors["mask"], shape, prefix)
+            return
+        index = [tensors[n] for n in _BLOCK_INDEX]
+        sparse_format.check_block_sparse(op, tensors["values"], *index, tensors["mask"], shape, prefix)
+        if tuple(tensors["values"].shape[1:]) != block:
+            raise ValueError(f"{op}: {prefix}values must hold blocks of {block} ({prefix}_extra_state's block), "
+                             f"got shape {tuple(tensors['values'].shape)}")

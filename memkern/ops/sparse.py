@@ -13,6 +13,7 @@ Two storages of a pruned weight W (out_features x in_features) with mask M:
 
 Reads top to bottom: implementations -> backend tables -> operators (schema, fake,
 autograd) -> weight containers -> PyTorch's semi-structured path for 2:4 -> public function.
+The containers' structure checks (untrusted tensors) are in :mod:`memkern.ops.sparse_format`.
 """
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ from dataclasses import dataclass, field
 import torch
 
 from memkern import _autocast, _validate, backends, reference
+from memkern.ops import sparse_format
+from memkern.ops.sparse_format import BLOCK_SIZES
+from memkern.ops.sparse_format import check_block as _check_block
+from memkern.ops.sparse_format import check_mask as _check_mask
+from memkern.ops.sparse_format import kept_positions as _kept_positions
 
-BLOCK_SIZES = (16, 32, 64, 128)
 # The C++ block-sparse kernels also take float64 (gradcheck on the CPU path); the public
 # function accepts the float dtypes only.
 _CPP_DTYPES = (*_validate.FLOAT_DTYPES, torch.float64)
@@ -224,14 +229,6 @@ def _s24_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _kept_positions(meta: torch.Tensor, cols: int) -> torch.Tensor:
-    """(rows, cols/4, 2) int64 dense positions of each group's two slots."""
-    groups = cols // 4
-    byte = meta.to(torch.int32).repeat_interleave(2, dim=1)[:, :groups]
-    code = (byte >> (4 * (torch.arange(groups, device=meta.device, dtype=torch.int32) % 2))) & 15
-    return torch.stack([code & 3, code >> 2], dim=-1).to(torch.int64)
-
-
 def _s24_backward(ctx, grad):
     x, values, meta = ctx.saved_tensors
     cols = x.shape[1]
@@ -256,26 +253,28 @@ for _name in ("block_sparse_matmul_backward", "sparse24_compress", "sparse24_dec
 
 
 # -- weight containers ---------------------------------------------------------------------
-def _check_block(op: str, block: tuple[int, int]) -> tuple[int, int]:
-    if not (isinstance(block, (tuple, list)) and len(block) == 2):
-        raise ValueError(f"{op}: block must be a pair (rows, cols), got {block!r}")
-    for name, b in zip(("block rows", "block cols"), block):
-        if not isinstance(b, int) or b not in BLOCK_SIZES:
-            raise ValueError(f"{op}: {name} must be a power of two in {list(BLOCK_SIZES)}, got {b!r}")
-    return int(block[0]), int(block[1])
+class _PrunedWeight:
+    """What both storages share: stored ``values`` with an optional element ``mask``."""
 
+    values: torch.Tensor
+    mask: torch.Tensor | None
 
-def _check_mask(op: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
-    _validate.check_tensor(op, "mask", mask)
-    if mask.shape != weight.shape:
-        raise ValueError(f"{op}: mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{op}: mask must have dtype bool; got {str(mask.dtype).removeprefix('torch.')}")
-    _validate.check_same_device(op, weight=weight, mask=mask)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def effective_values(self) -> torch.Tensor:
+        """``values`` with the element mask applied (differentiable in ``values``): a pruned
+        position gets no gradient and counts as zero whatever ``values`` holds there."""
+        return self.values if self.mask is None else self.values * self.mask
 
 
 @dataclass
-class BlockSparseWeight:
+class BlockSparseWeight(_PrunedWeight):
     """A pruned weight stored as its kept (BN x BK) blocks.
 
     Attributes:
@@ -289,6 +288,10 @@ class BlockSparseWeight:
         mask: ``(nnzb, BN, BK)`` bool element mask inside kept blocks, or None when every
             element of a kept block is kept.
         shape: ``(out_features, in_features)``.
+
+    The structure is checked at construction (a clear error instead of kernels reading out
+    of bounds) and again by :func:`masked_matmul` once a tensor was replaced or an index
+    tensor changed in place; see :meth:`check`.
     """
 
     values: torch.Tensor
@@ -299,18 +302,23 @@ class BlockSparseWeight:
     csc_block: torch.Tensor
     mask: torch.Tensor | None
     shape: tuple[int, int]
+    _checked: "sparse_format.Checked | None" = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, op: str = "BlockSparseWeight", prefix: str = "") -> None:
+        """Raise a clear error unless the tensors form a valid structure of ``shape``
+        (:func:`memkern.ops.sparse_format.check_block_sparse`). Free after a passed check
+        until a tensor is replaced or an index tensor is changed in place."""
+        index = (self.crow, self.col, self.ccol, self.csc_row, self.csc_block)
+        self._checked = sparse_format.check_once(
+            self._checked, index, (self.values, self.mask), self.shape,
+            lambda: sparse_format.check_block_sparse(op, self.values, *index, self.mask, self.shape, prefix))
 
     @property
     def block(self) -> tuple[int, int]:
         return int(self.values.shape[1]), int(self.values.shape[2])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     @property
     def block_density(self) -> float:
@@ -331,6 +339,7 @@ class BlockSparseWeight:
     def index(block_rows: torch.Tensor, block_cols: torch.Tensor, n_block_rows: int,
               n_block_cols: int) -> tuple[torch.Tensor, ...]:
         """(crow, col, ccol, csc_row, csc_block) of blocks listed in block-row order."""
+        sparse_format.check_block_list("BlockSparseWeight.index", block_rows, block_cols, n_block_rows, n_block_cols)
         dev = block_rows.device
         crow = torch.zeros(n_block_rows + 1, dtype=torch.int64, device=dev)
         crow[1:] = torch.bincount(block_rows, minlength=n_block_rows).cumsum(0)
@@ -353,6 +362,9 @@ class BlockSparseWeight:
         if mask is None:
             mask = weight != 0
         _check_mask(op, weight, mask)
+        if mask.is_meta:
+            raise ValueError(f"{op}: which blocks a mask keeps depends on its values, and a meta tensor has none; "
+                             "keeping_every_block builds a meta weight (to load with assign=True)")
         n, k = weight.shape
         nbr, nbc = -(-n // bn), -(-k // bk)
         padded_mask = torch.zeros(nbr * bn, nbc * bk, dtype=torch.bool, device=weight.device)
@@ -371,9 +383,21 @@ class BlockSparseWeight:
         need_mask = bool((inside_blocks & ~block_mask).any())
         return cls(values, *cls.index(rows, cols, nbr, nbc), block_mask if need_mask else None, (n, k))
 
-    def effective_values(self) -> torch.Tensor:
-        """``values`` with the element mask applied (differentiable in ``values``)."""
-        return self.values if self.mask is None else self.values * self.mask
+    @classmethod
+    def keeping_every_block(cls, weight: torch.Tensor, block: tuple[int, int] = (64, 64)) -> "BlockSparseWeight":
+        """``weight`` (out, in) with every block kept and no element mask. It reads no
+        values, so it also builds a weight on the meta device."""
+        op = "BlockSparseWeight.keeping_every_block"
+        _validate.check_tensor(op, "weight", weight)
+        _validate.check_dim(op, "weight", weight, 2)
+        _validate.check_dtype(op, "weight", weight, _validate.FLOAT_DTYPES)
+        bn, bk = _check_block(op, block)
+        n, k = weight.shape
+        nbr, nbc = -(-n // bn), -(-k // bk)
+        padded = weight.detach().new_zeros(nbr * bn, nbc * bk)
+        padded[:n, :k] = weight.detach()
+        values = row_panel_layout(padded.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3).reshape(nbr * nbc, bn, bk))
+        return cls(values, *sparse_format.every_block_index(nbr, nbc, weight.device), None, (n, k))
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``(out, in)`` weight ``W * M``."""
@@ -381,7 +405,7 @@ class BlockSparseWeight:
 
 
 @dataclass
-class Sparse24Weight:
+class Sparse24Weight(_PrunedWeight):
     """A 2:4 pruned weight: kept values + 2-bit positions.
 
     Attributes:
@@ -390,9 +414,13 @@ class Sparse24Weight:
         meta: ``(out, ceil(in/8))`` uint8: group g's positions ``i0 | (i1 << 2)`` (i0 < i1)
             in byte ``g // 2`` at bit ``4 * (g % 2)``.
         shape: ``(out_features, in_features)``, in_features a multiple of 4.
+        mask: ``(out, in/2)`` bool: which slots hold kept weights, or None when every slot
+            does (every group keeps 2, as n:m masks do).
 
     The two slots of every group are the trainable positions: a group whose mask keeps
-    fewer than 2 values gets its free slot(s) at the lowest unused position(s), holding 0.
+    fewer than 2 values gets its free slot(s) at the lowest unused position(s), holding 0,
+    and masked, so they get no gradient and stay zero under any optimiser. The structure
+    is checked at construction and by :func:`masked_matmul` after a change (:meth:`check`).
 
     On CUDA, :func:`masked_matmul` may keep a PyTorch semi-structured copy of the weight
     (:func:`semi_structured_reason` says when) on this object. It is rebuilt when ``values``
@@ -403,22 +431,28 @@ class Sparse24Weight:
     values: torch.Tensor
     meta: torch.Tensor
     shape: tuple[int, int]
+    mask: torch.Tensor | None = None
     # PyTorch semi-structured copy of this weight for the CUDA inference path, built on
     # first use; see _semi_structured_weight.
     _semi_structured: "_SemiStructuredCache | None" = field(default=None, init=False, repr=False, compare=False)
+    _checked: "sparse_format.Checked | None" = field(default=None, init=False, repr=False, compare=False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
+    def __post_init__(self) -> None:
+        self.check()
 
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
+    def check(self, op: str = "Sparse24Weight", prefix: str = "") -> None:
+        """Raise a clear error unless the tensors form a valid 2:4 weight of ``shape``
+        (:func:`memkern.ops.sparse_format.check_sparse24`). Free after a passed check until
+        a tensor is replaced or ``meta`` is changed in place."""
+        self._checked = sparse_format.check_once(
+            self._checked, (self.meta,), (self.values, self.mask), self.shape,
+            lambda: sparse_format.check_sparse24(op, self.values, self.meta, self.mask, self.shape, prefix))
 
     @property
     def nbytes(self) -> int:
-        """Bytes of values and meta (a cached semi-structured copy, on CUDA, is not counted)."""
-        return self.values.numel() * self.values.element_size() + self.meta.numel()
+        """Bytes of values, meta and the slot mask if any (a cached semi-structured copy, on
+        CUDA, is not counted)."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.meta, self.mask) if t is not None)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "Sparse24Weight":
@@ -435,15 +469,18 @@ class Sparse24Weight:
             mask = weight != 0
         _check_mask(op, weight, mask)
         per_group = mask.reshape(n, k // 4, 4).sum(-1)
-        if n and k and int(per_group.max()) > 2:
+        if n and k and not weight.is_meta and int(per_group.max()) > 2:
             r, g = (per_group > 2).nonzero()[0].tolist()
             raise ValueError(f"{op}: 2:4 keeps at most 2 of every 4 input columns; row {r}, columns "
                              f"{4 * g}..{4 * g + 3} keep {int(per_group[r, g])}")
         values, meta = _compress_op(weight.detach().contiguous(), mask.contiguous())
-        return cls(values, meta, (n, k))
+        if weight.is_meta:  # no values, so no free slots to find
+            return cls(values, meta, (n, k))
+        slots = torch.gather(mask.reshape(n, k // 4, 4), 2, _kept_positions(meta, k)).reshape(n, k // 2)
+        return cls(values, meta, (n, k), None if bool(slots.all()) else slots)
 
     def to_dense(self) -> torch.Tensor:
-        return _decompress_op(self.values, self.meta, self.shape[1])
+        return _decompress_op(self.effective_values(), self.meta, self.shape[1])
 
 
 # -- 2:4 on CUDA: PyTorch's semi-structured sparse kernels ---------------------------------
@@ -494,8 +531,9 @@ def _semi_structured_key(weight: "Sparse24Weight") -> tuple:
     """What must stay equal for a built copy to still be this weight: in-place changes
     (optimiser steps, ``copy_``) bump ``_version``; ``.data`` swaps and ``.to()`` change the
     storage, dtype or device."""
-    v, m = weight.values, weight.meta
-    return (v._version, v.data_ptr(), v.dtype, v.device, m._version, m.data_ptr(), tuple(weight.shape))
+    v, m, s = weight.values, weight.meta, weight.mask
+    return (v._version, v.data_ptr(), v.dtype, v.device, m._version, m.data_ptr(), tuple(weight.shape),
+            None if s is None else (s._version, s.data_ptr()))
 
 
 def _semi_structured_class():
@@ -654,6 +692,7 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
 
     Differentiable in ``x``, ``weight.values`` and ``bias``. The weight gradient exists only
     for stored (kept) values, so pruned weights stay exactly zero under any optimiser.
+    ``in_features`` may be 0: the output is then the bias (or zeros).
 
     NaN or inf in ``x`` propagates through every kept weight (including zeros inside kept
     blocks and 2:4 groups). Pruned blocks are skipped, so a non-finite x meeting only pruned
@@ -678,6 +717,7 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
     _validate.check_tensor(op, "x", x)
     if not isinstance(weight, (BlockSparseWeight, Sparse24Weight)):
         raise TypeError(f"{op}: weight must be a BlockSparseWeight or Sparse24Weight, got {type(weight).__name__}")
+    weight.check(op, "weight.")  # again only if its tensors were replaced or its index changed in place
     _validate.check_dtype(op, "x", x, _validate.FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must be at least 1-D, got 0-D")
@@ -694,19 +734,20 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
             raise TypeError(f"{op}: bias must have x's dtype {x.dtype}; got {bias.dtype}")
     _validate.check_same_device(op, x=x, weight=weight.values, bias=bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(lead.numel(), k)  # not -1: in_features may be 0
     if isinstance(weight, BlockSparseWeight):
         y = _bsmm_op(x2, weight.effective_values(), weight.crow, weight.col, weight.ccol, weight.csc_row,
                      weight.csc_block, n_out, bias)
     else:
+        values = weight.effective_values()
         w_semi = _semi_structured_weight(weight) if semi_structured_reason(x2, weight) is None else None
         if w_semi is not None:
-            y = _SemiStructuredProduct.apply(x2, bias, weight.values, weight.meta, (w_semi,))
+            y = _SemiStructuredProduct.apply(x2, bias, values, weight.meta, (w_semi,))
         else:
             cache = weight._semi_structured
             if cache is not None and cache.failure is None:
                 # Not used on this call (training, a CPU copy, ...): free the device copy; a
                 # remembered build failure stays, so the build is not retried every call.
                 weight._semi_structured = None
-            y = _s24_op(x2, weight.values, weight.meta, bias)
+            y = _s24_op(x2, values, weight.meta, bias)
     return y.reshape(*lead, n_out)
