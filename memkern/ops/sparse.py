@@ -581,7 +581,7 @@ def semi_structured_reason(x: torch.Tensor, weight: "BlockSparseWeight | Sparse2
     if compiler is not None and compiler.is_compiling():
         return "traced by torch.compile: the memkern op is what gets compiled"
     if x.dtype not in _SEMI_STRUCTURED_DTYPES:
-        return f"dtype {str(x.dtype).removeprefix('torch.')} not supported (supports bfloat16, float16)"
+        return f"dtype {_validate.dtype_name(x.dtype)} not supported (supports bfloat16, float16)"
     # Before anything that calls torch.cuda, which would initialise CUDA for CPU tensors.
     if x.device.type != "cuda":
         return f"runs on CUDA tensors only, got {x.device.type}"
@@ -595,7 +595,7 @@ def semi_structured_reason(x: torch.Tensor, weight: "BlockSparseWeight | Sparse2
         return "this torch has no torch.sparse.to_sparse_semi_structured"
     constraints = _semi_structured_constraints(cls, x.dtype)
     if constraints is None:
-        return f"{cls.__name__} does not take {str(x.dtype).removeprefix('torch.')}"
+        return f"{cls.__name__} does not take {_validate.dtype_name(x.dtype)}"
     n, k = weight.shape
     rows, cols = constraints.sparse_min_rows, constraints.sparse_min_cols
     if n < rows or n % rows or k < cols or k % cols:

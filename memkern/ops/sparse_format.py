@@ -41,7 +41,7 @@ def check_mask(op: str, weight: torch.Tensor, mask: object) -> None:
     if mask.shape != weight.shape:
         raise ValueError(f"{op}: mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"{op}: mask must have dtype bool; got {str(mask.dtype).removeprefix('torch.')}")
+        raise TypeError(f"{op}: mask must have dtype bool; got {_validate.dtype_name(mask.dtype)}")
     _validate.check_same_device(op, weight=weight, mask=mask)
 
 
