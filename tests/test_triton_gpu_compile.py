@@ -4,7 +4,7 @@ The interpreter tests (TRITON_INTERPRET=1) prove the kernels' arithmetic but nev
 them. Here each launcher runs on fake CUDA tensors with its kernels replaced by recorders,
 so it picks its GPU tiles, flags and launch options; every distinct launch is compiled
 ahead of time with Triton's NVIDIA backend and its bundled ptxas
-(memkern/kernels/_aot.py), and must fit the target's shared memory and not spill
+(tools/triton_aot.py), and must fit the target's shared memory and not spill
 registers. No GPU is used or needed; the compiler runs in a separate process with the
 interpreter off, so the file also runs under the suite's TRITON_INTERPRET=1.
 """
@@ -19,7 +19,7 @@ from memkern import _library
 if not _library.has_triton():
     pytest.skip(f"Triton is not available: {_library.triton_error()}", allow_module_level=True)
 
-from memkern.kernels import _aot  # noqa: E402  (imports Triton)
+from tools import triton_aot as _aot  # noqa: E402  (imports Triton)
 
 _reason = _aot.unavailable()
 if _reason is not None:
@@ -49,7 +49,7 @@ SPILLS = {
 # product. A kernel that falls back to mma.sync on sm_90 is on Hopper's slower path.
 WGMMA_ON_SM90 = {
     "_int8_gemm_kernel(int8_linear-fp32-M64)", "_int8_gemm_kernel(int8_linear-fp16-M1)",
-    "_int8_gemm_kernel(int8_linear-bf16-M64-bias)",
+    "_int8_gemm_kernel(int8_linear-bf16-M64-bias)", "_int8_gemm_kernel(int8_linear-fp16-M64-longK)",
     "_scaled_gemm_kernel(scaled_linear-xfp16-wint8-M64-bias)", "_scaled_gemm_kernel(scaled_linear-xbf16-wint8-M64)",
     "_scaled_gemm_kernel(scaled_linear-xbf16-wbf16-M64)",
     "_linear_kd_stats_kernel(linear_kd_grad-fp16-rkl-bias)", "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)",
@@ -83,7 +83,7 @@ def _result(compiled, capability, variant_id) -> dict:
 def test_every_kernel_is_captured():
     launched = {(v.module, v.kernel) for v in VARIANTS}
     defined = {(m, name) for m in _aot.KERNEL_MODULES for name in _aot.kernel_names(importlib.import_module(m))}
-    assert defined - launched == set(), "kernels that no launcher call in memkern/kernels/_aot.py launches"
+    assert defined - launched == set(), "kernels that no launcher call in tools/triton_aot.py launches"
 
 
 def test_spill_marks_name_captured_variants():

@@ -1,17 +1,16 @@
-"""The CUDA toolkit setup.py builds against is found through a wrapper nvcc."""
+"""The development tools in tools/: the CUDA toolkit setup.py builds against is found
+through a wrapper nvcc; the Triton ahead-of-time compiler refuses releases it was not
+checked with."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import shutil
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("cuda_toolkit", ROOT / "tools" / "cuda_toolkit.py")
-cuda_toolkit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cuda_toolkit)
+from memkern import _library
+from tools import cuda_toolkit
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -41,3 +40,13 @@ def test_no_nvcc_and_no_toolkit_says_what_was_tried(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_toolkit, "is_toolkit", lambda path: False)
     with pytest.raises(cuda_toolkit.ToolkitNotFound, match="set CUDA_HOME"):
         cuda_toolkit.find({"PATH": str(tmp_path)})
+
+
+@pytest.mark.skipif(not _library.has_triton(), reason="Triton is not installed")
+@pytest.mark.parametrize("version", ["3.5.1", "3.10.0", "4.0.0"])
+def test_triton_aot_refuses_releases_outside_the_checked_range(version, monkeypatch):
+    from tools import triton_aot
+
+    monkeypatch.setattr(_library, "triton_version", lambda: version)
+    reason = triton_aot.unavailable()
+    assert reason is not None and f"Triton {version} is outside" in reason

@@ -1,9 +1,9 @@
 """Resources of memkern's Triton kernels compiled for sm_80 and sm_90, with no GPU.
 
-    python bench/triton_resources.py [--target 80 --target 90]
+    python -m tools.triton_resources [--target 80 --target 90]     (from the repository root)
 
 Every distinct launch of every launcher, captured and compiled as
-tests/test_triton_gpu_compile.py does (memkern/kernels/_aot.py), as one markdown table per
+tests/test_triton_gpu_compile.py does (tools/triton_aot.py), as one markdown table per
 target: launch options, shared memory per block, registers per thread and spill bytes per
 thread from ptxas, and the matrix instruction its products compiled to (wgmma, Hopper's
 own, or mma.sync). This says whether a kernel compiles and fits, its register pressure and
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from memkern.kernels import _aot
+from tools import triton_aot as _aot
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ repeats their argument lists):
 
 Kernels compile only where Triton does not interpret them: ``TRITON_INTERPRET`` is read
 when a kernel module is first imported. :func:`compile_isolated` therefore compiles in a
-fresh Python process (``python -m memkern.kernels._aot``) with the interpreter off, which
+fresh Python process (``python -m tools.triton_aot`` from the repository root) with the interpreter off, which
 also keeps the interpreter's patches of ``triton.language`` out of the compiler. Capturing
 needs no compiler and works in either mode.
 
@@ -49,7 +49,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 # Shared memory one block may use (bytes; the opt-in maximum): A100 163 KiB, H100 227 KiB.
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 SHARED_LIMIT = {80: 166912, 90: 232448}
+# The Triton releases this tool was checked with: it drives Triton's launch binder, fake
+# tensors and NVIDIA backend directly, whose internals change between releases.
+SUPPORTED_TRITON = ((3, 6), (3, 9))
 CAPABILITIES = (80, 90)
 KERNEL_MODULES = ("memkern.kernels.kd", "memkern.kernels.int8", "memkern.kernels.quantize",
                   "memkern.kernels.sparse")
@@ -61,6 +65,11 @@ def unavailable() -> str | None:
 
     if not _library.has_triton():
         return _library.triton_error()
+    version = tuple(int(p) for p in _library.triton_version().split(".")[:2])
+    low, high = SUPPORTED_TRITON
+    if not low <= version <= high:
+        return (f"Triton {_library.triton_version()} is outside the releases this compiler drives "
+                f"({low[0]}.{low[1]} to {high[0]}.{high[1]}); it uses Triton internals that change between releases")
     try:
         from triton.backends.nvidia.compiler import get_ptxas
     except Exception as exc:  # no NVIDIA backend in this Triton build
@@ -285,6 +294,12 @@ def _lowp_cases():
             b = fake((n,), x_dtype) if bias else None
             return lambda: int8.scaled_linear(x, w, scale, b)
 
+    # K past int8.EXACT_CHUNK_K: int32 sums per chunk of K, added in int64
+    @_case("int8_linear-fp16-M64-longK")
+    def _(fake, long_k=int8.EXACT_CHUNK_K + 4096):
+        x, w_q, w_scale = fake((64, long_k), torch.float16), fake((n, long_k), torch.int8), fake((n,))
+        return lambda: int8.int8_linear(x, w_q, w_scale, None, torch.float16)
+
     for m in (1, 64):
         # the gradient of the int8 ops: a float32 gradient times the transposed int8 weight
         # with unit scales (memkern.ops.lowp._scaled_backward)
@@ -451,16 +466,13 @@ def compile_isolated(variants: list[Variant], capabilities=CAPABILITIES, timeout
     """Compile every variant for every capability in a fresh Python process with Triton's
     interpreter off. One dict per (variant, capability), in that order: ``id``,
     ``capability`` and either the Resources fields or ``error`` (why it did not compile)."""
-    import memkern
-
     env = dict(os.environ, TRITON_INTERPRET="0")
-    root = str(pathlib.Path(memkern.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     request = json.dumps({"capabilities": list(capabilities), "variants": [v.to_json() for v in variants]})
     with tempfile.TemporaryDirectory() as tmp:
         # results go to a file: Triton prints the PTX to stdout when ptxas fails
         out = pathlib.Path(tmp) / "results.json"
-        result = subprocess.run([sys.executable, "-m", "memkern.kernels._aot", str(out)], input=request,
+        result = subprocess.run([sys.executable, "-m", "tools.triton_aot", str(out)], input=request, cwd=ROOT,
                                 capture_output=True, text=True, env=env, timeout=timeout)
         if result.returncode != 0 or not out.exists():
             raise RuntimeError(f"the compiling process failed ({result.returncode}):\n{result.stderr[-8000:]}")
