@@ -4,6 +4,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 # The CPU build on CPU-only machines; override (e.g. TORCH_SPEC=torch==2.11.0) elsewhere.
 # Only installed when the environment has no torch yet, so a bare `torch` is never asked for.
+# memkern itself is installed with its `test` extra, which includes the demo's (`demo`).
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.memkern-installed
 SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml

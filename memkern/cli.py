@@ -128,9 +128,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from memkern.demo import DemoConfig, DemoError, run_demo
+    from memkern.demo import DemoConfig, DemoError, missing_requirements, run_demo
     from memkern.demo.report import print_table, write_all
 
+    missing = missing_requirements()
+    if missing:
+        print(f"memkern demo: error: needs {', '.join(missing)}: pip install 'memkern[demo]'", file=sys.stderr)
+        return 2
     reason = _cannot_write(args.out, "folder")
     if reason:
         print(f"memkern demo: error: --out {args.out!r} cannot be written: {reason}", file=sys.stderr)

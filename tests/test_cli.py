@@ -111,3 +111,26 @@ def test_output_paths_that_will_do_pass_the_check_and_nothing_is_made(tmp_path):
     assert cli._cannot_write(str(tmp_path), "folder") is None
     assert cli._cannot_write(str(tmp_path / "a" / "b"), "folder") is None  # made by the demo at the end
     assert sorted(os.listdir(tmp_path)) == ["old.csv"] and (tmp_path / "old.csv").read_text() == "a,b\n"
+
+
+def test_demo_without_its_extra_stops_before_any_work(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setattr(memkern.demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    assert cli.main(["demo", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs matplotlib" in err and "memkern[demo]" in err
+
+
+def test_import_memkern_needs_none_of_the_demo_packages():
+    # Every op imports and runs with the demo's packages blocked.
+    code = ("import sys\n"
+            "for name in ('rich', 'matplotlib', 'tokenizers'): sys.modules[name] = None\n"
+            "import torch, memkern\n"
+            "q, s = memkern.ops.quantize_rowwise(torch.randn(4, 8))\n"
+            "print(q.dtype)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "torch.int8", out.stderr

@@ -26,8 +26,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # -- implementations ---------------------------------------------------------------------
 # On CUDA, Triton goes first for W8A8: on sm_90 its int8 tl.dot compiles to Hopper's wgmma
 # (the PTX of tests/test_triton_gpu_compile.py's build), while csrc/cuda/int8_gemm.cuh
-# issues mma.sync, which on Hopper does not reach the tensor cores' full rate. Not yet
-# measured on a GPU: `memkern bench --device cuda` times both ("memkern", "memkern cuda").
+# issues mma.sync, which on Hopper does not reach the tensor cores' full rate.
+# `memkern bench --device cuda` times both ("memkern", "memkern cuda").
 _int8_table = backends.op_table("int8_linear", preference=backends.TRITON_FIRST)
 _w8a16_table = backends.op_table("int8_weight_only_linear")
 _fp16_table = backends.op_table("fp16_linear")
