@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback, Tra
 
 from memkern.integrations.hf import DistillationTrainer
 
-VOCAB, SEQ = 256, 32
+VOCAB, SEQ = 256, 24
 
 
 def synthetic_data(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -38,7 +38,7 @@ def tiny_llama(hidden: int, layers: int) -> AutoModelForCausalLM:
     return AutoModelForCausalLM.from_config(config)
 
 
-def warm_up_teacher(teacher, data, steps: int = 30) -> None:
+def warm_up_teacher(teacher, data, steps: int) -> None:
     """A few steps of plain next-token training, so the teacher's distribution is not uniform."""
     ids = torch.stack([r["input_ids"] for r in data])
     mask = torch.stack([r["attention_mask"] for r in data])
@@ -66,16 +66,17 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label cross entropy")
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--teacher-steps", type=int, default=20, help="plain training steps of the teacher first")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    data = synthetic_data(64)
+    data = synthetic_data(32)
     teacher = tiny_llama(hidden=64, layers=2)
-    warm_up_teacher(teacher, data)
+    warm_up_teacher(teacher, data, args.teacher_steps)
     student = tiny_llama(hidden=32, layers=1)
     record = RecordLoss()
     with tempfile.TemporaryDirectory() as out:
-        training = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=8,
+        training = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=4,
                                      gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1,
                                      use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
                                      seed=0)
