@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version as _dist_version
 from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it is missing)
 from memkern import backends, nn, ops, prune
 from memkern.backends import BackendUnavailable, use_backend
+from memkern.checkpoint import load, save
 from memkern.convert import Footprint, convert, memory_footprint
 from memkern.share import ShareReport, share_layers
 
@@ -17,10 +18,12 @@ __all__ = [
     "Footprint",
     "backends",
     "convert",
+    "load",
     "memory_footprint",
     "nn",
     "ops",
     "prune",
+    "save",
     "share_layers",
     "ShareReport",
     "use_backend",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from memkern.convert import memory_footprint
@@ -25,8 +26,10 @@ class ShareReport:
                 f"({self.bytes_saved / 2**20:.2f} MiB saved)")
 
 
-def _signature(module: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(n, tuple(t.shape), str(t.dtype)) for n, t in module.state_dict().items()]
+def _signature(module: nn.Module) -> list[tuple]:
+    # Extra states (e.g. a SparseLinear's format and shape) are plain data: compared as they are.
+    return [(n, tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else (n, t)
+            for n, t in module.state_dict().items()]
 
 
 def share_layers(model: nn.Module, groups: Sequence[Sequence[str]]) -> ShareReport:
