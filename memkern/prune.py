@@ -13,7 +13,7 @@ from torch import nn
 from memkern import _validate
 from memkern._replace import Layer, chosen_layers, find_layers, replace_layers
 from memkern.convert import memory_footprint
-from memkern.ops.sparse import _check_block
+from memkern.ops.sparse_format import check_block
 
 PATTERNS = ("unstructured", "n:m", "block")
 METHODS = ("magnitude", "wanda")
@@ -86,7 +86,7 @@ def masks(weight: torch.Tensor, sparsity: float, pattern: str = "unstructured", 
         pruned = _lowest(score.reshape(out_f, in_f // m, m), m - n)
         return ~pruned.reshape(out_f, in_f)
     if pattern == "block":
-        bn, bk = _check_block(op, block)
+        bn, bk = check_block(op, block)
         nbr, nbc = -(-out_f // bn), -(-in_f // bk)
         padded = score.new_zeros(nbr * bn, nbc * bk)
         padded[:out_f, :in_f] = score

@@ -11,7 +11,6 @@ from torch import nn
 
 import memkern
 from memkern import reference
-from memkern.ops import lowp
 from conftest import CPU_BACKENDS, assert_rel_close, require_backend
 
 AMP_DTYPES = [torch.bfloat16, torch.float16]
@@ -110,7 +109,7 @@ def _lowp_call(name, w_q, w_scale, w_half):
     if name == "int8_linear":
         return lambda x, b: memkern.ops.int8_linear(x, w_q, w_scale, b)
     if name == "int8_linear_packed":
-        packed = lowp.pack_int8_weight(w_q)
+        packed = memkern.ops.pack_int8_weight(w_q)
         return lambda x, b: memkern.ops.int8_linear_packed(x, packed, w_scale, b)
     if name == "int8_weight_only_linear":
         return lambda x, b: memkern.ops.int8_weight_only_linear(x, w_q, w_scale, b)

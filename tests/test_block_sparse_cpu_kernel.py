@@ -128,7 +128,7 @@ def test_non_contiguous_x(layout, poisoned_outputs):
 
 def test_values_in_any_layout(poisoned_outputs):
     # The kernel packs the kept blocks from their strides: a contiguous (nnzb, BN, BK)
-    # tensor (not memkern.ops.sparse.row_panel_layout) must give the same product.
+    # tensor (not memkern.ops.sparse_format.row_panel_layout) must give the same product.
     w, mask, weight = _weight((150, 200), (64, 32), 0.5)
     y_panels = _cpp(torch.ones(LEAD_ROWS, 200), weight)
     weight.values = weight.values.contiguous()

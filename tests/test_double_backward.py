@@ -9,7 +9,6 @@ import torch
 
 import memkern
 from memkern import reference
-from memkern.ops import lowp
 from conftest import CPU_BACKENDS, assert_rel_close, require_backend
 
 # NaN-free; the interpreter's numpy warns on some masked lanes all the same.
@@ -99,7 +98,7 @@ def _lowp_cases():
     w_scale = torch.rand(9) * 0.01 + 0.001
     w_half = torch.randn(9, 13).to(torch.float16)
     dequantised = w_q.double() * w_scale.double()[:, None]
-    packed = lowp.pack_int8_weight(w_q)
+    packed = memkern.ops.pack_int8_weight(w_q)
     return [
         ("int8_linear", "int8_linear", lambda x, b: memkern.ops.int8_linear(x, w_q, w_scale, b), dequantised),
         ("int8_linear_packed", "int8_linear_packed",

@@ -9,7 +9,7 @@ from torch import nn
 
 import memkern
 from memkern import reference
-from conftest import CPU_BACKENDS, REL_TOL, assert_rel_close, require_backend, sqnr_db
+from conftest import CPU_BACKENDS, assert_rel_close, require_backend, sqnr_db
 
 OPS = ("int8_linear", "int8_weight_only_linear", "fp16_linear")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

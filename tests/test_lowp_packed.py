@@ -78,7 +78,7 @@ def test_pack_unpack_round_trip(n, k):
     packed = memkern.ops.pack_int8_weight(w)
     assert packed.dtype == torch.int8 and packed.is_contiguous()
     assert tuple(packed.shape) == _expected_packed_shape(n, k)
-    assert memkern.ops.lowp.packed_shape(n, k) == _expected_packed_shape(n, k)
+    assert memkern.ops.int8_packing.packed_shape(n, k) == _expected_packed_shape(n, k)
     back = memkern.ops.unpack_int8_weight(packed, n, k)
     assert back.dtype == torch.int8 and back.shape == (n, k)
     assert torch.equal(back, w)

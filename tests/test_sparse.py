@@ -10,7 +10,7 @@ import memkern
 from memkern import prune, reference
 from memkern.nn import SparseLinear
 from memkern.ops import BlockSparseWeight, Sparse24Weight, masked_matmul
-from conftest import CPU_BACKENDS, REL_TOL, assert_rel_close, require_backend
+from conftest import CPU_BACKENDS, assert_rel_close, require_backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUT, IN = 47, 123  # multiples of no block size

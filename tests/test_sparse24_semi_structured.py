@@ -13,7 +13,7 @@ import memkern
 from memkern import prune
 from memkern.nn import SparseLinear
 from memkern.ops import Sparse24Weight, masked_matmul
-from memkern.ops import sparse as sparse_mod
+from memkern.ops import semi_structured as sparse_mod
 from conftest import assert_rel_close
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -75,13 +75,13 @@ def test_cpu_masked_matmul_never_builds_a_semi_structured_weight(monkeypatch, dt
 
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", refuse)
     monkeypatch.setattr(sparse_mod, "_build_semi_structured", refuse)
-    monkeypatch.setattr(sparse_mod._SemiStructuredProduct, "apply", refuse)
+    monkeypatch.setattr(sparse_mod.SemiStructuredProduct, "apply", refuse)
     sw, dense = _weight(128, 256, dtype)
     x = torch.randn(*batch, 256).to(dtype)
     bias = torch.randn(128).to(dtype)
     with torch.no_grad():
         y = masked_matmul(x, sw, bias)
-    assert sw._semi_structured is None
+    assert sw.semi_structured_cache is None
     assert_rel_close(y, _reference(x, dense, bias), dtype)
 
 
@@ -90,29 +90,29 @@ def test_copy_is_built_once_per_weight_state(monkeypatch):
     builder = _CountingBuilder()
     monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
     sw, dense = _weight(32, 64)
-    first = sparse_mod._semi_structured_weight(sw)
+    first = sparse_mod.semi_structured_weight(sw)
     assert torch.equal(first, dense)
-    assert sparse_mod._semi_structured_weight(sw) is first
+    assert sparse_mod.semi_structured_weight(sw) is first
     assert builder.calls == 1
 
     with torch.no_grad():
         sw.values.mul_(2)  # what an optimiser step does: in place, same tensor
-    second = sparse_mod._semi_structured_weight(sw)
+    second = sparse_mod.semi_structured_weight(sw)
     assert builder.calls == 2
     assert torch.equal(second, 2 * dense)
 
     sw.values = sw.values.clone()  # equal values, another tensor
-    sparse_mod._semi_structured_weight(sw)
+    sparse_mod.semi_structured_weight(sw)
     assert builder.calls == 3
 
     sw.meta = sw.meta.clone()
-    sparse_mod._semi_structured_weight(sw)
+    sparse_mod.semi_structured_weight(sw)
     assert builder.calls == 4
 
     sw.values.data = sw.values.data.clone()  # what Module.to / .half() do to a parameter
-    sparse_mod._semi_structured_weight(sw)
+    sparse_mod.semi_structured_weight(sw)
     assert builder.calls == 5
-    sparse_mod._semi_structured_weight(sw)
+    sparse_mod.semi_structured_weight(sw)
     assert builder.calls == 5
 
 
@@ -121,26 +121,26 @@ def test_failed_build_is_remembered_until_the_weight_changes(monkeypatch):
     monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
     sw, _ = _weight(32, 64)
     with pytest.warns(RuntimeWarning, match="no kernel for this device"):
-        assert sparse_mod._semi_structured_weight(sw) is None
-    assert sw._semi_structured.matches(sw)
-    assert "no kernel for this device" in sw._semi_structured.failure
-    assert sparse_mod._semi_structured_weight(sw) is None
+        assert sparse_mod.semi_structured_weight(sw) is None
+    assert sw.semi_structured_cache.matches(sw)
+    assert "no kernel for this device" in sw.semi_structured_cache.failure
+    assert sparse_mod.semi_structured_weight(sw) is None
     assert builder.calls == 1
     with torch.no_grad():
         sw.values.add_(1)
-    assert not sw._semi_structured.matches(sw)
+    assert not sw.semi_structured_cache.matches(sw)
     with pytest.warns(RuntimeWarning):
-        sparse_mod._semi_structured_weight(sw)
+        sparse_mod.semi_structured_weight(sw)
     assert builder.calls == 2
 
 
 def test_copies_of_the_weight_drop_the_cached_copy(monkeypatch):
     monkeypatch.setattr(sparse_mod, "_build_semi_structured", _CountingBuilder())
     sw, _ = _weight(32, 64)
-    sparse_mod._semi_structured_weight(sw)
-    assert sw._semi_structured.tensor is not None
+    sparse_mod.semi_structured_weight(sw)
+    assert sw.semi_structured_cache.tensor is not None
     for clone in (copy.deepcopy(sw), pickle.loads(pickle.dumps(sw))):
-        assert clone._semi_structured is None or clone._semi_structured.tensor is None
+        assert clone.semi_structured_cache is None or clone.semi_structured_cache.tensor is None
         assert torch.equal(clone.values, sw.values)
 
 
@@ -199,10 +199,10 @@ def test_a_call_off_the_path_frees_the_copy_and_the_next_one_rebuilds(monkeypatc
     sw, dense = _weight(32, 64)
     x = torch.randn(5, 64)
     masked_matmul(x, sw)
-    assert builder.calls == 1 and sw._semi_structured.tensor is not None
+    assert builder.calls == 1 and sw.semi_structured_cache.tensor is not None
     allowed["now"] = False
     masked_matmul(x, sw)
-    assert sw._semi_structured is None
+    assert sw.semi_structured_cache is None
     allowed["now"] = True
     y = masked_matmul(x, sw)
     assert builder.calls == 2
@@ -353,7 +353,7 @@ def test_free_slots_stay_out_of_the_semi_structured_product(monkeypatch):
     with torch.no_grad():
         sw.values.add_(3.0)
     dense = (sw.values.detach() * sw.mask).double()
-    dense = sparse_mod.reference.sparse24_decompress(dense, sw.meta, 64)
+    dense = memkern.reference.sparse24_decompress(dense, sw.meta, 64)
     x = torch.randn(5, 64, requires_grad=True)
     grad = torch.randn(5, 32)
     y = masked_matmul(x, sw)

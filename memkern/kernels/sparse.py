@@ -140,7 +140,7 @@ def block_sparse_matmul_backward(grad, x, values, crow, col, ccol, csc_row, csc_
     nnzb, bn, bk = values.shape
     values = _unit_inner_stride(values)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    # The gradient takes the row-panel layout of memkern.ops.sparse.row_panel_layout.
+    # The gradient takes the row-panel layout of memkern.ops.sparse_format.row_panel_layout.
     dv = torch.empty((bn, nnzb, bk), dtype=values.dtype, device=values.device).permute(1, 0, 2)
     bm = _block_m(m)
     prec = _precision(x.dtype)

@@ -170,7 +170,7 @@ class Int8Linear(_Int8WeightLinear):
         self.register_load_state_dict_pre_hook(_state_dict_weight_in_module_layout)
         self.register_load_state_dict_post_hook(_settle_layout_after_load)
         if ops.int8_packed_kernel_native(self.weight.device):  # the zero weight, packed without a pass over it
-            self.weight = self.weight.new_zeros(ops.lowp.packed_shape(out_features, in_features))
+            self.weight = self.weight.new_zeros(ops.int8_packing.packed_shape(out_features, in_features))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from memkern.ops import sparse_format
-from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, _check_block, masked_matmul
+from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, masked_matmul
 
 FORMATS = ("block", "2:4")
 _BLOCK_INDEX = ("crow", "col", "ccol", "csc_row", "csc_block")
@@ -43,7 +43,7 @@ class SparseLinear(nn.Module):
         if format not in FORMATS:
             raise ValueError(f"{op}: format must be one of {', '.join(FORMATS)}; got {format!r}")
         self.in_features, self.out_features, self.format = in_features, out_features, format
-        self.block = _check_block(op, block)
+        self.block = sparse_format.check_block(op, block)
         dense = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.get_default_dtype())
         if dense.numel():
             nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
@@ -108,7 +108,7 @@ class SparseLinear(nn.Module):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         if format not in FORMATS:
             raise ValueError(f"SparseLinear.from_dense: format must be one of {', '.join(FORMATS)}; got {format!r}")
-        layer.format, layer.block = format, _check_block("SparseLinear.from_dense", block)
+        layer.format, layer.block = format, sparse_format.check_block("SparseLinear.from_dense", block)
         layer._adopt(layer._compress(w, mask))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
@@ -199,7 +199,7 @@ class SparseLinear(nn.Module):
             fmt = extra["format"]
             if fmt not in FORMATS:
                 raise ValueError(f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-            block = _check_block(f"{op}: {prefix}_extra_state", extra["block"])
+            block = sparse_format.check_block(f"{op}: {prefix}_extra_state", extra["block"])
             stored = sparse_format.check_shape(f"{op}: {prefix}_extra_state", extra["shape"])
             if stored != shape:
                 raise ValueError(f"size mismatch for {prefix}values: copying a SparseLinear of (out_features, "

@@ -253,3 +253,10 @@ def check_once(previous: Checked | None, index: tuple, others: tuple, shape, che
         return previous
     check()
     return Checked(tuple(index), stamp)
+
+
+def row_panel_layout(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (nnzb, BN, BK) laid out in memory as (BN, nnzb, BK): the kept blocks of a
+    block row, being consecutive, then form one (BN, kept * BK) matrix with unit column
+    stride, which the C++ kernel hands to BLAS as is (no packing per call)."""
+    return values.permute(1, 0, 2).contiguous().permute(1, 0, 2)

@@ -1,0 +1,206 @@
+"""2:4 weights on PyTorch's semi-structured sparse kernels (CUDA): when a product may take
+them (semi_structured_reason), the cached semi-structured copy of a weight, and the
+autograd function that runs the product on it.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+from memkern import _validate, backends
+from memkern.ops.sparse_ops import sparse24_decompress_op
+from memkern.ops.sparse_weights import BlockSparseWeight, Sparse24Weight
+
+
+# -- 2:4 on CUDA: PyTorch's semi-structured sparse kernels ---------------------------------
+# Sparse tensor cores run 2:4 products natively; PyTorch reaches them through
+# torch.sparse.SparseSemiStructuredTensor (cuSPARSELt, or CUTLASS). memkern's own CUDA path
+# expands the weight and runs a dense product, which saves memory but not time.
+#
+# The semi-structured product serves the forward output and dx only, never the gradient of
+# weight.values: PyTorch's tensor built from a dense weight has no gradient of its own, and
+# the memkern op's backward already gives the kept values' gradient. So a call that needs
+# that gradient (values requires grad with grad mode on: training) keeps the memkern op,
+# and frozen or inference use takes the semi-structured path. It sits outside the _s24
+# backend table on purpose: the custom op sees neither the Sparse24Weight (where the copy
+# is cached) nor whether grad mode is on, and its fake/opcheck/compile behaviour stays as is.
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+_SEMI_STRUCTURED_MIN_CAPABILITY = (8, 0)  # sparse tensor cores arrived with Ampere
+
+
+class SemiStructuredCache:
+    """One weight's semi-structured copy (or why building it failed) and the state of
+    ``values`` / ``meta`` it was built from."""
+
+    __slots__ = ("values_ref", "meta_ref", "key", "tensor", "failure")
+
+    def __init__(self, weight: "Sparse24Weight | None" = None, tensor=None, failure: str | None = None) -> None:
+        self.values_ref = None if weight is None else weakref.ref(weight.values)
+        self.meta_ref = None if weight is None else weakref.ref(weight.meta)
+        self.key = None if weight is None else _semi_structured_key(weight)
+        self.tensor = tensor
+        self.failure = failure
+
+    def matches(self, weight: "Sparse24Weight") -> bool:
+        # Weak references pin identity: a tensor allocated later at the same address, with
+        # the same id and version, would otherwise pass for the one the copy was built from.
+        return (self.values_ref is not None and self.values_ref() is weight.values
+                and self.meta_ref() is weight.meta and self.key == _semi_structured_key(weight))
+
+    # A copy of the weight (deepcopy, pickle) starts without the device-side copy: it is
+    # cheap to rebuild, and a SparseSemiStructuredTensor need not survive either.
+    def __deepcopy__(self, memo) -> "SemiStructuredCache":
+        return SemiStructuredCache()
+
+    def __reduce__(self):
+        return (SemiStructuredCache, ())
+
+
+def _semi_structured_key(weight: "Sparse24Weight") -> tuple:
+    """What must stay equal for a built copy to still be this weight: in-place changes
+    (optimiser steps, ``copy_``) bump ``_version``; ``.data`` swaps and ``.to()`` change the
+    storage, dtype or device."""
+    v, m, s = weight.values, weight.meta, weight.mask
+    return (v._version, v.data_ptr(), v.dtype, v.device, m._version, m.data_ptr(), tuple(weight.shape),
+            None if s is None else (s._version, s.data_ptr()))
+
+
+def _semi_structured_class():
+    """The SparseSemiStructuredTensor subclass to build, or None if this torch has none.
+
+    Like ``to_sparse_semi_structured``, cuSPARSELt unless
+    ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set; unlike it, CUTLASS when this
+    torch was built without cuSPARSELt (where ``to_sparse_semi_structured`` would fail)."""
+    sparse = torch.sparse
+    base = getattr(sparse, "SparseSemiStructuredTensor", None)
+    cutlass = getattr(sparse, "SparseSemiStructuredTensorCUTLASS", None)
+    cusparselt = getattr(sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
+    if base is None or not hasattr(sparse, "to_sparse_semi_structured"):
+        return None
+    cusparselt_backend = getattr(torch.backends, "cusparselt", None)
+    cusparselt_ok = cusparselt is not None and cusparselt_backend is not None and cusparselt_backend.is_available()
+    if cusparselt_ok and not getattr(base, "_FORCE_CUTLASS", False):
+        return cusparselt
+    return cutlass
+
+
+def _semi_structured_constraints(cls, dtype: torch.dtype):
+    table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) or {}
+    return table.get(dtype)
+
+
+def semi_structured_reason(x: torch.Tensor, weight: "BlockSparseWeight | Sparse24Weight") -> str | None:
+    """Why ``masked_matmul(x, weight)`` does not run on PyTorch's semi-structured sparse
+    kernels; None when it does. The one place that decides.
+
+    It does when: ``weight`` is a :class:`Sparse24Weight`; x is a non-empty CUDA
+    float16/bfloat16 tensor on a device of compute capability 8.0 or newer; no gradient
+    of ``weight.values`` is needed (``values.requires_grad`` is False or grad mode is off;
+    gradients of x and bias are fine); no memkern backend is forced; the call is not being
+    traced by ``torch.compile``; this torch has ``torch.sparse.to_sparse_semi_structured``;
+    the weight's shape is a multiple of (and at least) the kernel's minimum tile
+    (in torch 2.13, fp16/bf16: cuSPARSELt 16 x 16, CUTLASS 32 x 64); and building the copy has not
+    already failed for this weight.
+    """
+    if not isinstance(weight, Sparse24Weight):
+        return "only 2:4 (Sparse24Weight) weights have a semi-structured form"
+    # Checked before anything else: tracing would build a copy from fake tensors, and the
+    # checks below read process state that torch.compile does not trace.
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return "traced by torch.compile: the memkern op is what gets compiled"
+    if x.dtype not in _SEMI_STRUCTURED_DTYPES:
+        return f"dtype {_validate.dtype_name(x.dtype)} not supported (supports bfloat16, float16)"
+    # Before anything that calls torch.cuda, which would initialise CUDA for CPU tensors.
+    if x.device.type != "cuda":
+        return f"runs on CUDA tensors only, got {x.device.type}"
+    if weight.values.requires_grad and torch.is_grad_enabled():
+        return "weight.values needs a gradient: the memkern op computes it"
+    forced = backends.forced_backend()
+    if forced is not None:
+        return f"backend {forced!r} is forced"
+    cls = _semi_structured_class()
+    if cls is None:
+        return "this torch has no torch.sparse.to_sparse_semi_structured"
+    constraints = _semi_structured_constraints(cls, x.dtype)
+    if constraints is None:
+        return f"{cls.__name__} does not take {_validate.dtype_name(x.dtype)}"
+    n, k = weight.shape
+    rows, cols = constraints.sparse_min_rows, constraints.sparse_min_cols
+    if n < rows or n % rows or k < cols or k % cols:
+        return f"weight shape ({n}, {k}) is not a positive multiple of ({rows}, {cols}) ({cls.__name__})"
+    if x.numel() == 0:
+        return "empty batch"
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < _SEMI_STRUCTURED_MIN_CAPABILITY:
+        return f"needs compute capability >= 8.0, device has {capability[0]}.{capability[1]}"
+    cache = weight.semi_structured_cache
+    if cache is not None and cache.failure is not None and cache.matches(weight):
+        return cache.failure
+    return None
+
+
+def _build_semi_structured(dense: torch.Tensor):
+    return _semi_structured_class().from_dense(dense)
+
+
+def semi_structured_weight(weight: Sparse24Weight):
+    """The weight's semi-structured copy, built once per state of values/meta; None if
+    building failed (the reason is kept, so it is not retried until the weight changes)."""
+    cache = weight.semi_structured_cache
+    if cache is not None and cache.matches(weight):
+        return cache.tensor
+    weight.semi_structured_cache = None  # release the stale copy before building the new one
+    with torch.no_grad():
+        dense = weight.to_dense().contiguous()
+        try:
+            tensor, failure = _build_semi_structured(dense), None
+        except RuntimeError as exc:  # unimplemented-kernel errors are RuntimeErrors too
+            # The predicate cannot see every build limit (a torch built without the
+            # kernels for this architecture, say); the memkern op still gives the answer.
+            tensor, failure = None, f"building the semi-structured weight failed: {exc}"
+            warnings.warn(f"masked_matmul: {failure}; using the memkern 2:4 op", RuntimeWarning, stacklevel=3)
+    weight.semi_structured_cache = SemiStructuredCache(weight, tensor, failure)
+    return tensor
+
+
+def _semi_structured_linear(x: torch.Tensor, w_semi, bias: torch.Tensor | None) -> torch.Tensor:
+    # Some torch releases require the dense operand's rows to be a multiple of the kernel
+    # tile and do not pad it themselves; padding here costs a copy only for ragged batches.
+    constraints = _semi_structured_constraints(type(w_semi), x.dtype)
+    tile = constraints.dense_min_rows if constraints is not None else 1
+    rows = x.shape[0]
+    pad = -rows % tile
+    x = x.contiguous()
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    y = torch.nn.functional.linear(x, w_semi, bias)
+    return y[:rows] if pad else y
+
+
+class SemiStructuredProduct(torch.autograd.Function):
+    """Forward on the semi-structured kernels; dx and dbias as the memkern op computes
+    them. Never asked for the gradient of values (semi_structured_reason sees to that)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, values, meta, boxed_w_semi):
+        # The semi-structured tensor comes boxed in a tuple so autograd does not treat it
+        # as an input tensor (it is a constant of this call, with no gradient).
+        ctx.save_for_backward(values, meta)
+        ctx.cols = x.shape[1]
+        return _semi_structured_linear(x, boxed_w_semi[0], bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, meta = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            # The semi-structured tensor has no transposed copy for grad @ W; the weight is
+            # expanded once, as in the memkern op's backward, and accumulated in float32.
+            w = sparse24_decompress_op(values.detach(), meta, ctx.cols)
+            dx = (grad.float() @ w.float()).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            db = grad.float().sum(0).to(grad.dtype)
+        return dx, db, None, None, None
