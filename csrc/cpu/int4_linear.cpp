@@ -156,13 +156,34 @@ void split_x(const x_t* x, int64_t M, int64_t K, int64_t s0, int64_t s1, int64_t
   });
 }
 
-// The packed bytes of chunk c of a weight row: in place, or (the row's last, partial
-// chunk) copied into `tail`, zero past the row's end.
-inline const uint8_t* chunk_bytes(const Problem& p, const uint8_t* row, int64_t c, uint8_t* tail) {
-  if (c < p.full_chunks) return row + c * kLanes;
+// The row's last chunk when it holds fewer than kLanes bytes (odd K, or K not a multiple
+// of kChunk): copied into `tail`, zero past the row's end, so no load reads past it.
+inline const uint8_t* tail_bytes(const Problem& p, const uint8_t* row, uint8_t* tail) {
+  const int64_t c = p.full_chunks;
   std::memset(tail, 0, kLanes);
   std::memcpy(tail, row + c * kLanes, static_cast<size_t>(p.row_bytes - c * kLanes));
   return tail;
+}
+
+// Calls step(c, bytes) for every chunk c of group g of the rows `w` (NR of them), bytes[j]
+// the kLanes packed bytes of row j. The partial last chunk (copied) is kept out of the
+// loop over full chunks: a function call inside it made GCC keep every accumulator on the
+// stack (all vector registers are caller-saved), 4x slower.
+template <int NR, typename Step>
+inline void for_each_chunk(const Problem& p, const uint8_t* const* w, int64_t g, Step&& step) {
+  const int64_t c0 = g * p.group_chunks, c1 = std::min(p.chunks, c0 + p.group_chunks);
+  const int64_t full_end = std::min(c1, p.full_chunks);
+  for (int64_t c = c0; c < full_end; ++c) {
+    const uint8_t* bytes[NR];
+    for (int j = 0; j < NR; ++j) bytes[j] = w[j] + c * kLanes;
+    step(c, bytes);
+  }
+  if (full_end < c1) {
+    alignas(64) uint8_t tail[NR][kLanes];
+    const uint8_t* bytes[NR];
+    for (int j = 0; j < NR; ++j) bytes[j] = tail_bytes(p, w[j], tail[j]);
+    step(full_end, bytes);
+  }
 }
 
 // sums[i][j] = sum_k x[m0 + i, k] * W[rows[j], k] for MR rows of x and NR weight rows,
@@ -176,17 +197,15 @@ void fused_tile(const Problem& p, int64_t m0, const int64_t* rows, float sums[][
   const float* x = p.xs + m0 * width;
   const uint8_t* w[NR];
   for (int j = 0; j < NR; ++j) w[j] = p.w + rows[j] * p.row_bytes;
-  alignas(64) uint8_t tail[NR][kLanes];
   for (int64_t g = 0; g < p.groups; ++g) {
     typename Simd::Table table[NR];
     for (int j = 0; j < NR; ++j) {
       const int64_t at = rows[j] * p.groups + g;
       table[j] = Simd::table(p.scales[at], p.zeros[at]);
     }
-    const int64_t c1 = std::min(p.chunks, (g + 1) * p.group_chunks);
-    for (int64_t c = g * p.group_chunks; c < c1; ++c) {
+    for_each_chunk<NR>(p, w, g, [&](int64_t c, const uint8_t* const* bytes) __attribute__((always_inline)) {
       for (int j = 0; j < NR; ++j) {
-        const auto q = Simd::load_codes(chunk_bytes(p, w[j], c, tail[j]));
+        const auto q = Simd::load_codes(bytes[j]);
         const auto lo = Simd::low(q, table[j]);
         const auto hi = Simd::high(q, table[j]);
         for (int i = 0; i < MR; ++i) {
@@ -195,7 +214,7 @@ void fused_tile(const Problem& p, int64_t m0, const int64_t* rows, float sums[][
           acc[i][j] = Simd::fma(Simd::load(xc + kLanes), hi, acc[i][j]);
         }
       }
-    }
+    });
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) sums[i][j] = Simd::sum(acc[i][j]);
@@ -241,15 +260,13 @@ void fused_rows(const Problem& p, out_t* out) {
 // Weight row n, dequantised into the split k order: chunks * kChunk floats.
 void dequantize_row(const Problem& p, int64_t n, float* out) {
   const uint8_t* row = p.w + n * p.row_bytes;
-  alignas(64) uint8_t tail[kLanes];
   for (int64_t g = 0; g < p.groups; ++g) {
     const auto table = Simd::table(p.scales[n * p.groups + g], p.zeros[n * p.groups + g]);
-    const int64_t c1 = std::min(p.chunks, (g + 1) * p.group_chunks);
-    for (int64_t c = g * p.group_chunks; c < c1; ++c) {
-      const auto q = Simd::load_codes(chunk_bytes(p, row, c, tail));
+    for_each_chunk<1>(p, &row, g, [&](int64_t c, const uint8_t* const* bytes) __attribute__((always_inline)) {
+      const auto q = Simd::load_codes(bytes[0]);
       Simd::store(out + c * kChunk, Simd::low(q, table));
       Simd::store(out + c * kChunk + kLanes, Simd::high(q, table));
-    }
+    });
   }
 }
 
