@@ -34,6 +34,9 @@ TORCH_LIBRARY(memkern, m) {
   m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
   m.def("int8_weight_only_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("fp16_linear_kernel(Tensor x, Tensor w_half, Tensor? bias) -> Tensor");
+  // 4-bit group-wise weight-only linear layer; see memkern/ops/int4.py.
+  m.def("int4_weight_only_linear_kernel(Tensor x, Tensor w_int4, Tensor scales, Tensor zeros, int group_size, "
+        "Tensor? bias) -> Tensor");
 }
 
 extern "C" {

@@ -62,9 +62,11 @@ def memory_footprint(model: nn.Module) -> Footprint:
 
 # -- convert: nn.Linear -> low-precision layers --------------------------------------------
 def _schemes() -> dict[str, type]:
+    from memkern.nn.int4 import Int4WeightOnlyLinear
     from memkern.nn.quantized import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
 
-    return {"int8": Int8Linear, "int8_weight_only": Int8WeightOnlyLinear, "fp16": Fp16Linear}
+    return {"int8": Int8Linear, "int8_weight_only": Int8WeightOnlyLinear, "fp16": Fp16Linear,
+            "int4_weight_only": Int4WeightOnlyLinear}
 
 
 # Modules that read their linear children's weights directly: converting those children
@@ -78,14 +80,29 @@ def _skipped(fqn: str, skip) -> bool:
     return any(fqn == s or fqn.endswith("." + s) for s in skip)
 
 
+def _check_options(scheme: str, group_size, smooth, calibration) -> None:
+    if group_size is not None and scheme != "int4_weight_only":
+        raise ValueError(f"convert: group_size applies to scheme 'int4_weight_only' only; got group_size="
+                         f"{group_size!r} with scheme {scheme!r}")
+    if (smooth is None) != (calibration is None):
+        raise ValueError("convert: smooth (the SmoothQuant migration strength) and calibration (batches of model "
+                         f"inputs) go together; got smooth={smooth!r} and calibration "
+                         f"{'given' if calibration is not None else 'None'}")
+    if smooth is not None and scheme != "int8":
+        raise ValueError(f"convert: smooth applies to scheme 'int8' (W8A8, whose activations are quantised); "
+                         f"got scheme {scheme!r}")
+
+
 def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm_head",),
-            inplace: bool = True) -> nn.Module:
+            inplace: bool = True, group_size: int | None = None, smooth: float | None = None,
+            calibration=None) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` with memkern's low-precision layers.
 
     Args:
         model: any module (a bare ``nn.Linear`` is converted and returned).
         scheme: ``"int8"`` (:class:`memkern.nn.Int8Linear`, W8A8 dynamic),
-            ``"int8_weight_only"`` (:class:`memkern.nn.Int8WeightOnlyLinear`, W8A16) or
+            ``"int8_weight_only"`` (:class:`memkern.nn.Int8WeightOnlyLinear`, W8A16),
+            ``"int4_weight_only"`` (:class:`memkern.nn.Int4WeightOnlyLinear`, W4A16) or
             ``"fp16"`` (:class:`memkern.nn.Fp16Linear`).
         filter_fn: ``filter_fn(module, fqn) -> bool`` chooses among the candidate layers
             (default: every one); ``fqn`` is the layer's dotted name in ``model``.
@@ -93,6 +110,12 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
             depth (default ``("lm_head",)``: the output projection is the most sensitive
             layer and is often tied to the embedding).
         inplace: modify ``model`` (default) or convert a deep copy.
+        group_size: ``"int4_weight_only"`` only: inputs per quantisation group, a multiple
+            of 32 (default 128).
+        smooth, calibration: ``"int8"`` only: SmoothQuant with migration strength
+            ``smooth`` (e.g. 0.5) from ``calibration``, an iterable of model inputs
+            (memkern/smoothquant.py: what is folded where). Layers whose factors cannot be
+            folded into the module before them become :class:`memkern.nn.SmoothedInt8Linear`.
 
     Returns:
         The converted model (``model`` itself when ``inplace``).
@@ -122,6 +145,7 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"convert: filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+    _check_options(scheme, group_size, smooth, calibration)
     if isinstance(skip, str):
         skip = (skip,)
     if not inplace:
@@ -129,25 +153,43 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
 
         model = copy.deepcopy(model)
     layer_type = schemes[scheme]
+    converted_types = (*QUANTIZED_LINEAR_TYPES, schemes["int4_weight_only"])
 
     def chosen(module: nn.Module, fqn: str) -> bool:
-        if not isinstance(module, (nn.Linear, *QUANTIZED_LINEAR_TYPES)) or _skipped(fqn, skip):
+        if not isinstance(module, (nn.Linear, *converted_types)) or _skipped(fqn, skip):
             return False
         if filter_fn is not None and not filter_fn(module, fqn):
             return False
-        if isinstance(module, QUANTIZED_LINEAR_TYPES):
+        if isinstance(module, converted_types):
             raise ValueError(f"convert: layer {fqn or '<model>'!r} is already converted "
                              f"({type(module).__name__}, scheme {module.scheme.split()[0]}); "
                              f"convert the original nn.Linear instead, or exclude it with skip or filter_fn")
         return True
 
-    if chosen(model, ""):
-        return layer_type.from_linear(model)
+    def build(fqn: str, linear: nn.Linear, pending: dict) -> nn.Module:
+        if fqn in pending:
+            from memkern.nn.smoothed import SmoothedInt8Linear
 
-    candidates = find_layers(model, lambda m: isinstance(m, (nn.Linear, *QUANTIZED_LINEAR_TYPES)),
+            return SmoothedInt8Linear.from_linear(linear, pending[fqn])
+        if scheme == "int4_weight_only":
+            return layer_type.from_linear(linear, group_size=128 if group_size is None else group_size)
+        return layer_type.from_linear(linear)
+
+    def smoothing(layers: dict[str, nn.Module]) -> dict:
+        if smooth is None:
+            return {}
+        from memkern.smoothquant import smooth as smooth_model
+
+        return smooth_model(model, calibration, smooth, layers=layers).pending
+
+    if chosen(model, ""):
+        return build("", model, smoothing({"": model}))
+
+    candidates = find_layers(model, lambda m: isinstance(m, (nn.Linear, *converted_types)),
                              descend=lambda m: not isinstance(m, _READ_BY_PARENT))
     layers = chosen_layers("convert", candidates, chosen)
-    replace_layers("convert", layers, lambda layer: layer_type.from_linear(layer.module))
+    pending = smoothing({layer.name: layer.module for layer in layers})
+    replace_layers("convert", layers, lambda layer: build(layer.name, layer.module, pending))
     if not layers:
         import warnings
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from memkern.benchmarks import kd, lowp, quantize, sparse
+from memkern.benchmarks import int4, kd, lowp, quantize, sparse
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
@@ -14,6 +14,7 @@ FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "int8_linear": lowp.int8_linear_cases,
     "int8_weight_only_linear": lowp.int8_weight_only_linear_cases,
     "fp16_linear": lowp.fp16_linear_cases,
+    "int4_weight_only_linear": int4.cases,
 }
 
 

@@ -1,5 +1,6 @@
 """memkern's operators. Each is a ``torch.library`` op (``torch.ops.memkern.<name>``) with
 a fake implementation, so it works under ``torch.compile(fullgraph=True)``."""
+from memkern.ops.int4 import dequantize_int4, int4_cpu_kernel_simd, int4_weight_only_linear, quantize_int4
 from memkern.ops.kd import kd_loss, linear_kd_loss
 from memkern.ops.int8_packing import int8_packed_kernel_native, pack_int8_weight, unpack_int8_weight
 from memkern.ops.lowp import fp16_linear, int8_linear, int8_linear_packed, int8_weight_only_linear
@@ -9,7 +10,10 @@ from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, masked_matmul
 __all__ = [
     "BlockSparseWeight",
     "Sparse24Weight",
+    "dequantize_int4",
     "fp16_linear",
+    "int4_cpu_kernel_simd",
+    "int4_weight_only_linear",
     "int8_linear",
     "int8_linear_packed",
     "int8_packed_kernel_native",
@@ -18,6 +22,7 @@ __all__ = [
     "linear_kd_loss",
     "masked_matmul",
     "pack_int8_weight",
+    "quantize_int4",
     "quantize_rowwise",
     "unpack_int8_weight",
 ]
