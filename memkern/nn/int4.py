@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from memkern import ops
-from memkern.nn.quantized import _check_linear, _LowPrecisionLinear
+from memkern.nn.quantized import check_linear, LowPrecisionLinear
 from memkern.ops.int4 import check_group_size
 
 # The buffers of the storage format: their dtypes never follow a module cast.
 _FORMAT_DTYPES = {"weight": torch.uint8, "weight_scale": torch.float32, "weight_zero": torch.float32}
 
 
-class Int4WeightOnlyLinear(_LowPrecisionLinear):
+class Int4WeightOnlyLinear(LowPrecisionLinear):
     """W4A16 linear layer: ``y = int4_weight_only_linear(x, weight, weight_scale,
     weight_zero, group_size, bias)``.
 
@@ -52,7 +52,7 @@ class Int4WeightOnlyLinear(_LowPrecisionLinear):
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "Int4WeightOnlyLinear":
         """Quantise ``linear``'s weight per group of ``group_size`` inputs
         (:func:`memkern.ops.quantize_int4`), keep its bias. Works on the meta device."""
-        linear = _check_linear(cls.__name__, linear)
+        linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
         bias_dtype = linear.bias.dtype if linear.bias is not None else None
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group_size,

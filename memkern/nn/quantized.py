@@ -26,7 +26,7 @@ from torch import nn
 from memkern import ops
 
 
-def _check_linear(cls_name: str, linear: object) -> nn.Linear:
+def check_linear(cls_name: str, linear: object) -> nn.Linear:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"{cls_name}.from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
     if not linear.weight.dtype.is_floating_point:
@@ -41,7 +41,7 @@ def _check_features(cls_name: str, name: str, value: object) -> None:
         raise ValueError(f"{cls_name}: {name} must be >= 0, got {value}")
 
 
-class _LowPrecisionLinear(nn.Module):
+class LowPrecisionLinear(nn.Module):
     """Shared by the three layers: shape attributes, the bias, dtype-keeping casts, the
     float64 entry, repr and dequantize. Each layer defines ``dequantized_weight()``: the
     ``(out_features, in_features)`` float32 weight it computes with, and ``_linear(x,
@@ -113,7 +113,7 @@ class _LowPrecisionLinear(nn.Module):
                 f"bias={self.bias is not None}, scheme={self.scheme}")
 
 
-class _Int8WeightLinear(_LowPrecisionLinear):
+class _Int8WeightLinear(LowPrecisionLinear):
     _storage_buffers = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
@@ -126,7 +126,7 @@ class _Int8WeightLinear(_LowPrecisionLinear):
     def from_linear(cls, linear: nn.Linear):
         """Quantise ``linear``'s weight per output channel (symmetric absmax, as
         :func:`memkern.ops.quantize_rowwise`), keep its bias. Works on the meta device."""
-        linear = _check_linear(cls.__name__, linear)
+        linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
         bias_dtype = linear.bias.dtype if linear.bias is not None else None
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
@@ -245,7 +245,7 @@ class Int8WeightOnlyLinear(_Int8WeightLinear):
         return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, bias)
 
 
-class Fp16Linear(_LowPrecisionLinear):
+class Fp16Linear(LowPrecisionLinear):
     """Linear layer with half-precision weights: ``y = fp16_linear(x, weight, bias)``.
 
     Buffer ``weight`` ``(out_features, in_features)`` float16 (or bfloat16), kept in that
@@ -265,7 +265,7 @@ class Fp16Linear(_LowPrecisionLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_dtype: torch.dtype = torch.float16) -> "Fp16Linear":
         """Round ``linear``'s weight to ``weight_dtype`` (float16 or bfloat16), keep its bias."""
-        linear = _check_linear(cls.__name__, linear)
+        linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
         bias_dtype = linear.bias.dtype if linear.bias is not None else None
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,

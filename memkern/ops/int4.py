@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from memkern import _validate, backends, reference_int4
-from memkern.ops.lowp import FLOAT_DTYPES, _as_2d, _check_bias, _check_x, _restore
+from memkern.ops.linear_checks import FLOAT_DTYPES, as_2d, check_bias, check_x, restore_leading_dims
 from memkern.reference_int4 import GROUP_MULTIPLE
 
 # -- implementations ---------------------------------------------------------------------
@@ -148,13 +148,13 @@ def int4_weight_only_linear(x: torch.Tensor, w_int4: torch.Tensor, scales: torch
         ``(..., N)`` tensor of x's dtype. Differentiable with respect to ``x`` and ``bias``.
     """
     op = "int4_weight_only_linear"
-    _check_x(op, x)
+    check_x(op, x)
     group_size = check_group_size(op, group_size)
     k = x.shape[-1]
     n = _check_packed(op, w_int4, scales, zeros, k, group_size, "x's last dimension")
-    _check_bias(op, bias, n, "w_int4.shape[0]")
+    check_bias(op, bias, n, "w_int4.shape[0]")
     _validate.check_same_device(op, x=x, w_int4=w_int4, scales=scales, zeros=zeros, bias=bias)
-    return _restore(backends.call(_int4_op, _int4_table, _as_2d(x), w_int4, scales, zeros, group_size, bias), x)
+    return restore_leading_dims(backends.call(_int4_op, _int4_table, as_2d(x), w_int4, scales, zeros, group_size, bias), x)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,13 +13,21 @@ converted base model still passes gradients to adapters; the stored weights get 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from memkern import _autocast, _validate, backends, reference
 from memkern.ops.int8_packing import check_packed, unpack_int8_weight
+from memkern.ops.linear_checks import (
+    as_2d,
+    check_bias,
+    check_linear,
+    check_out_dtype,
+    check_scale,
+    check_x,
+    restore_leading_dims,
+)
 
 FLOAT_DTYPES = _validate.FLOAT_DTYPES
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -241,62 +249,6 @@ for _name in ("int8_linear", "int8_linear_packed", "int8_weight_only_linear", "f
     _autocast.register(_name, cast=("x", "bias"))
 
 
-# -- argument checks ---------------------------------------------------------------------
-def _check_x(op: str, x) -> None:
-    _validate.check_tensor(op, "x", x)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got a 0-D tensor")
-    _validate.check_dtype(op, "x", x, FLOAT_DTYPES)
-
-
-def _check_bias(op: str, bias, n: int, n_source: str) -> None:
-    if bias is None:
-        return
-    _validate.check_tensor(op, "bias", bias)
-    _validate.check_dtype(op, "bias", bias, FLOAT_DTYPES)
-    if tuple(bias.shape) != (n,):
-        raise ValueError(f"{op}: bias must have shape ({n},) (N = {n_source}), got {tuple(bias.shape)}")
-
-
-def _check_out_dtype(op: str, out_dtype) -> None:
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16 or None; got {out_dtype}")
-
-
-def _check_linear(op: str, x, weight, weight_name: str, weight_dtypes, bias) -> torch.Tensor:
-    """Check x, the weight and bias; return x as a 2-D (M, K) view or copy."""
-    _check_x(op, x)
-    _validate.check_tensor(op, weight_name, weight)
-    _validate.check_dim(op, weight_name, weight, 2)
-    _validate.check_dtype(op, weight_name, weight, weight_dtypes)
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"{op}: x's last dimension (K) must equal {weight_name}.shape[1] = {k}, "
-            f"got x of shape {tuple(x.shape)}"
-        )
-    _check_bias(op, bias, n, f"{weight_name}.shape[0]")
-    return _as_2d(x)
-
-
-def _as_2d(x: torch.Tensor) -> torch.Tensor:
-    # A no-op reshape still costs a dispatch (~1 us); most calls pass 2-D x already.
-    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-
-
-def _check_scale(op: str, w_scale, w_q: torch.Tensor) -> None:
-    _validate.check_tensor(op, "w_scale", w_scale)
-    _validate.check_dtype(op, "w_scale", w_scale, (torch.float32,))
-    n = w_q.shape[0]
-    if tuple(w_scale.shape) != (n,):
-        raise ValueError(f"{op}: w_scale must have shape ({n},) (one scale per output channel, "
-                         f"N = w_q.shape[0]), got {tuple(w_scale.shape)}")
-
-
-def _restore(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
-
-
 # -- public functions --------------------------------------------------------------------
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                 *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -323,11 +275,11 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     through the dequantised weight) and ``bias``.
     """
     op = "int8_linear"
-    x2 = _check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
-    _check_scale(op, w_scale, w_q)
-    _check_out_dtype(op, out_dtype)
+    x2 = check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
+    check_scale(op, w_scale, w_q)
+    check_out_dtype(op, out_dtype)
     _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    return _restore(backends.call(_int8_linear_op, _int8_table, x2, w_q, w_scale, bias, out_dtype), x)
+    return restore_leading_dims(backends.call(_int8_linear_op, _int8_table, x2, w_q, w_scale, bias, out_dtype), x)
 
 
 def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
@@ -346,16 +298,16 @@ def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.T
     padding. Pass the weight packed for x's K and w_scale's N.
     """
     op = "int8_linear_packed"
-    _check_x(op, x)
+    check_x(op, x)
     _validate.check_tensor(op, "w_scale", w_scale)
     _validate.check_dtype(op, "w_scale", w_scale, (torch.float32,))
     _validate.check_dim(op, "w_scale", w_scale, 1)
     n, k = w_scale.shape[0], x.shape[-1]
     check_packed(op, w_packed, n, k)
-    _check_bias(op, bias, n, "w_scale.shape[0]")
-    _check_out_dtype(op, out_dtype)
+    check_bias(op, bias, n, "w_scale.shape[0]")
+    check_out_dtype(op, out_dtype)
     _validate.check_same_device(op, x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
-    return _restore(backends.call(_int8_linear_packed_op, _int8_packed_table, _as_2d(x), w_packed, w_scale, bias,
+    return restore_leading_dims(backends.call(_int8_linear_packed_op, _int8_packed_table, as_2d(x), w_packed, w_scale, bias,
                                   out_dtype), x)
 
 
@@ -377,10 +329,10 @@ def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.T
     must fit float32 (3.4e38): bfloat16 activations within ~1e33 of its maximum overflow.
     """
     op = "int8_weight_only_linear"
-    x2 = _check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
-    _check_scale(op, w_scale, w_q)
+    x2 = check_linear(op, x, w_q, "w_q", (torch.int8,), bias)
+    check_scale(op, w_scale, w_q)
     _validate.check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    return _restore(backends.call(_w8a16_op, _w8a16_table, x2, w_q, w_scale, bias), x)
+    return restore_leading_dims(backends.call(_w8a16_op, _w8a16_table, x2, w_q, w_scale, bias), x)
 
 
 def fp16_linear(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -398,6 +350,6 @@ def fp16_linear(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None
         ``(..., N)`` tensor of x's dtype. Differentiable with respect to ``x`` and ``bias``.
     """
     op = "fp16_linear"
-    x2 = _check_linear(op, x, w_half, "w_half", HALF_DTYPES, bias)
+    x2 = check_linear(op, x, w_half, "w_half", HALF_DTYPES, bias)
     _validate.check_same_device(op, x=x, w_half=w_half, bias=bias)
-    return _restore(backends.call(_fp16_op, _fp16_table, x2, w_half, bias), x)
+    return restore_leading_dims(backends.call(_fp16_op, _fp16_table, x2, w_half, bias), x)
