@@ -4,7 +4,7 @@ memkern's fused ``distillation_loss`` against the plain loss from full logits.
     python examples/hf_kd_memory.py [--vocab 32000] [--seq 512] [--batch 2] [--hidden 64]
 
 Each way runs in a fresh subprocess, warms up once, then reports the rise of its peak
-resident set during one more step (memkern.benchmarks.harness.PeakMemory).
+resident set during one more step (memkern.measure.PeakMemory).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def fused_step(student, teacher, ids, mask):
 
 
 def measure(args) -> None:
-    from memkern.benchmarks.harness import PeakMemory, pin_malloc_thresholds
+    from memkern.measure import PeakMemory, pin_malloc_thresholds
 
     pin_malloc_thresholds()
     student, teacher, ids, mask = build(args)
