@@ -115,7 +115,8 @@ def register_autograd(op, backward: Callable[..., Any], *, setup_context: Callab
 
 def call(op, table: "OpTable", *args: Any) -> Any:
     """Run the custom op ``op`` on ``args`` or, in a plain eager call that autograd does not
-    record, its implementation table directly: the same implementation either way.
+    record, its implementation table directly: the same implementation either way. Every
+    public op calls its operator through here (docs/architecture.md).
 
     The custom op's Python dispatch (autograd wrapper, redispatch, alias checks) costs
     ~10 us a call with warm caches and ~40 us with cold ones, which is how an inference

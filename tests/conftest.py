@@ -1,6 +1,7 @@
 """Shared test machinery: seeding, the tolerance table, backend availability."""
 from __future__ import annotations
 
+import math
 import os
 import zlib
 
@@ -9,10 +10,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memkern
-from memkern import backends
+from memkern import backends, reference
 
 # Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, by the dtype
-# the kernel computes in (DESIGN.md: fp32 ~1e-6, bf16/fp16 1e-3..1e-2).
+# the kernel computes in (docs/numerics.md, "How results are checked").
 REL_TOL = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
@@ -102,3 +103,51 @@ def backend(request):
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+
+
+# -- the packed int8 layout, written out (tests/test_int8_packing.py, tests/test_nn_quantized.py)
+
+
+def assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """torch.equal, with NaN equal to NaN (in the same places only)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), "NaN in different places"
+    got, want = got.masked_fill(nan, 0), want.masked_fill(nan, 0)
+    if not torch.equal(got, want):
+        diff = (got.double() - want.double()).abs()
+        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+        raise AssertionError(f"{int((diff != 0).sum())} of {got.numel()} elements differ; worst at {idx}: "
+                             f"got {got[idx].item()!r}, want {want[idx].item()!r}")
+
+
+def expected_packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    return (math.ceil(n / 16), math.ceil(k / 4), 16, 4)
+
+
+def pack_loop(w: torch.Tensor) -> torch.Tensor:
+    """The packed layout written element by element: packed[j, g, c, t] = w[16j + c, 4g + t]."""
+    n, k = w.shape
+    bn, groups, _, _ = expected_packed_shape(n, k)
+    out = [[[[0] * 4 for _ in range(16)] for _ in range(groups)] for _ in range(bn)]
+    rows = w.tolist()
+    for r in range(n):
+        for c in range(k):
+            out[r // 16][c // 4][r % 16][c % 4] = rows[r][c]
+    return torch.tensor(out, dtype=torch.int8).reshape(bn, groups, 16, 4)
+
+
+# -- the low-precision linear ops (tests/test_lowp.py, tests/test_nn_quantized.py)
+def call_lowp(op: str, x, weight_args, bias=None, **kwargs):
+    return getattr(memkern.ops, op)(x, *weight_args, bias, **kwargs)
+
+
+def lowp_reference64(op: str, x, weight_args, bias=None):
+    """The low-precision op's reference evaluated in float64 (int8_linear: the quantisation of x and
+    the integer product are exact, the epilogue is float64)."""
+    f64 = torch.float64
+    if op == "int8_linear":
+        return reference.int8_linear(x, *weight_args, bias, out_dtype=f64, compute_dtype=f64)
+    if op == "int8_weight_only_linear":
+        return reference.int8_weight_only_linear(x, *weight_args, bias, compute_dtype=f64)
+    return reference.fp16_linear(x, *weight_args, bias, compute_dtype=f64)

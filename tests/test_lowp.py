@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import memkern
 from memkern import reference
-from conftest import CPU_BACKENDS, assert_rel_close, require_backend, sqnr_db
+from conftest import CPU_BACKENDS, assert_rel_close, call_lowp, lowp_reference64, require_backend, sqnr_db
 
 OPS = ("int8_linear", "int8_weight_only_linear", "fp16_linear")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -45,25 +44,10 @@ def _args(op: str, w, w_q, w_scale, half_dtype=torch.float16):
     return (w_q, w_scale)
 
 
-def _call(op: str, x, weight_args, bias=None, **kwargs):
-    return getattr(memkern.ops, op)(x, *weight_args, bias, **kwargs)
-
-
-def _reference64(op: str, x, weight_args, bias=None):
-    """The op's reference evaluated in float64 (int8_linear: the quantisation of x and
-    the integer product are exact, the epilogue is float64)."""
-    f64 = torch.float64
-    if op == "int8_linear":
-        return reference.int8_linear(x, *weight_args, bias, out_dtype=f64, compute_dtype=f64)
-    if op == "int8_weight_only_linear":
-        return reference.int8_weight_only_linear(x, *weight_args, bias, compute_dtype=f64)
-    return reference.fp16_linear(x, *weight_args, bias, compute_dtype=f64)
-
-
 def _run(op, backend, x, weight_args, bias=None, **kwargs):
     require_backend(op, backend, x, *weight_args, bias)
     with memkern.use_backend(backend):
-        return _call(op, x, weight_args, bias, **kwargs)
+        return call_lowp(op, x, weight_args, bias, **kwargs)
 
 
 # -- agreement with the float64 reference ----------------------------------------------------
@@ -78,7 +62,7 @@ def test_matches_float64_reference(op, backend, case, poisoned_outputs):
     bias = torch.randn(n).to(dtype)
     out = _run(op, backend, x, weight_args, bias)
     assert out.dtype == dtype and out.shape == (m, n)
-    ref = _reference64(op, x, weight_args, bias)
+    ref = lowp_reference64(op, x, weight_args, bias)
     assert torch.isfinite(out).all()
     assert_rel_close(out, ref, dtype)
 
@@ -91,7 +75,7 @@ def test_int8_linear_out_dtype(backend, out_dtype):
     bias = torch.randn(21, dtype=torch.float16)
     out = _run("int8_linear", backend, x, (w_q, w_scale), bias, out_dtype=out_dtype)
     assert out.dtype == out_dtype
-    assert_rel_close(out, _reference64("int8_linear", x, (w_q, w_scale), bias), out_dtype)
+    assert_rel_close(out, lowp_reference64("int8_linear", x, (w_q, w_scale), bias), out_dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -206,7 +190,7 @@ def test_sqnr_against_the_float64_product(op, min_db):
     # Gaussian activations and weights; the reference is the unquantised float64 product.
     x = torch.randn(128, 1024)
     w, w_q, w_scale = _weights(256, 1024)
-    out = _call(op, x, _args(op, w, w_q, w_scale))
+    out = call_lowp(op, x, _args(op, w, w_q, w_scale))
     exact = x.double() @ w.double().t()
     assert sqnr_db(out, exact) >= min_db
 
@@ -222,10 +206,10 @@ def test_empty_batch_and_leading_dims(op, backend):
     x = torch.randn(2, 3, 10)
     out = _run(op, backend, x, weight_args)
     assert out.shape == (2, 3, 6)
-    assert_rel_close(out.reshape(6, 6), _reference64(op, x.reshape(6, 10), weight_args), F32)
+    assert_rel_close(out.reshape(6, 6), lowp_reference64(op, x.reshape(6, 10), weight_args), F32)
     out = _run(op, backend, x[0, 0], weight_args)  # a single 1-D vector
     assert out.shape == (6,)
-    assert_rel_close(out, _reference64(op, x[0, 0][None], weight_args)[0], F32)
+    assert_rel_close(out, lowp_reference64(op, x[0, 0][None], weight_args)[0], F32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -238,7 +222,7 @@ def test_nan_row_stays_in_its_row(op, backend):
     assert torch.isnan(out[2]).all()
     keep = [0, 1, 3, 4]
     assert torch.isfinite(out[keep]).all()
-    assert_rel_close(out[keep], _reference64(op, x[keep], _args(op, w, w_q, w_scale)), F32)
+    assert_rel_close(out[keep], lowp_reference64(op, x[keep], _args(op, w, w_q, w_scale)), F32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -256,7 +240,7 @@ def test_largest_finite_activations(op, backend, dtype):
     w_q, w_scale = memkern.ops.quantize_rowwise(w)
     weight_args = _args(op, w, w_q, w_scale, half_dtype=dtype)
     out = _run(op, backend, x, weight_args)
-    ref = _reference64(op, x, weight_args)
+    ref = lowp_reference64(op, x, weight_args)
     assert torch.isfinite(ref).all() and torch.isfinite(out).all()
     assert_rel_close(out, ref, dtype)
 
@@ -272,7 +256,7 @@ def test_non_contiguous_inputs(op, backend):
     weight_args = _args(op, w, w_q, w_scale)
     assert not x.is_contiguous() and not weight_args[0].is_contiguous()
     out = _run(op, backend, x, weight_args, bias)
-    assert_rel_close(out, _reference64(op, x, weight_args, bias), F32)
+    assert_rel_close(out, lowp_reference64(op, x, weight_args, bias), F32)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -297,7 +281,7 @@ def test_backward_through_the_dequantised_weight(op, backend, dtype):
     grad = torch.randn(3, m, n).to(dtype)
     require_backend(op, backend, x, *weight_args, bias)
     with memkern.use_backend(backend):
-        _call(op, x, weight_args, bias).backward(grad)
+        call_lowp(op, x, weight_args, bias).backward(grad)
     w_deq = w.to(torch.float16).double() if op == "fp16_linear" else w_q.double() * w_scale.double()[:, None]
     assert x.grad.dtype == dtype and bias.grad.dtype == dtype
     assert_rel_close(x.grad, grad.double() @ w_deq, dtype)
@@ -311,7 +295,7 @@ def test_gradcheck(op):
     weight_args = _args(op, w, w_q, w_scale)
     x = torch.randn(3, 7, requires_grad=True)
     bias = torch.randn(5, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: _call(op, x, weight_args, b), (x, bias),
+    assert torch.autograd.gradcheck(lambda x, b: call_lowp(op, x, weight_args, b), (x, bias),
                                     eps=1e-2, atol=1e-3, rtol=1e-3)
 
 
@@ -379,7 +363,7 @@ def test_compiles_without_graph_breaks(op):
     bias = torch.randn(12)
 
     def f(x):
-        return _call(op, x * 2, weight_args, bias).relu().sum()
+        return call_lowp(op, x * 2, weight_args, bias).relu().sum()
 
     x = torch.randn(3, 5, 20, requires_grad=True)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -387,140 +371,6 @@ def test_compiles_without_graph_breaks(op):
     (g_eager,) = torch.autograd.grad(f(x), x)
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
     torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
-
-
-# -- modules: dtype casts, float64 layers, constructor arguments ------------------------------------
-LAYERS = {"int8_linear": memkern.nn.Int8Linear, "int8_weight_only_linear": memkern.nn.Int8WeightOnlyLinear,
-          "fp16_linear": memkern.nn.Fp16Linear}
-CASTS = {
-    "half": (lambda m: m.half(), F16),
-    "bfloat16": (lambda m: m.bfloat16(), BF16),
-    "float": (lambda m: m.float(), F32),
-    "double": (lambda m: m.double(), torch.float64),
-    "to-dtype": (lambda m: m.to(F16), F16),
-    "to-device-dtype": (lambda m: m.to("cpu", BF16), BF16),
-    "type": (lambda m: m.type(torch.float64), torch.float64),
-}
-
-
-def _storage(layer) -> dict[str, torch.Tensor]:
-    """The layer's weight buffers (what a module cast must leave alone), copied."""
-    return {name: buf.clone() for name, buf in layer.named_buffers()}
-
-
-def _layer_weight_args(op, storage):
-    """The op's weight arguments in the plain (N, K) layout."""
-    if op == "fp16_linear":
-        return (storage["weight"],)
-    return (storage["int8_weight"], storage["weight_scale"])
-
-
-def _plain_storage(layer) -> dict[str, torch.Tensor]:
-    storage = _storage(layer)
-    if "weight_scale" in storage:
-        storage["int8_weight"] = layer.int8_weight().clone()
-    return storage
-
-
-@pytest.mark.parametrize("cast", CASTS)
-@pytest.mark.parametrize("op", OPS)
-def test_module_casts_keep_the_quantised_storage(op, cast):
-    linear = nn.Linear(37, 11)
-    layer = LAYERS[op].from_linear(linear)
-    before = _plain_storage(layer)
-    apply, dtype = CASTS[cast]
-    assert apply(layer) is layer
-    for name, buf in layer.named_buffers():  # bit for bit, dtype included
-        assert buf.dtype == before[name].dtype and torch.equal(buf, before[name]), name
-    assert layer.bias.dtype == dtype and layer.bias.requires_grad
-    torch.testing.assert_close(layer.bias.double(), linear.bias.detach().to(dtype).double(), rtol=0, atol=0)
-    # It runs, in the caller's dtype, on the weights it had before the cast.
-    x = torch.randn(5, 37).to(dtype)
-    with torch.no_grad():
-        out = layer(x)
-    assert out.dtype == dtype and out.shape == (5, 11)
-    kernel_dtype = F32 if dtype == torch.float64 else dtype
-    ref = _reference64(op, x.to(kernel_dtype), _layer_weight_args(op, before), layer.bias.detach().to(kernel_dtype))
-    assert_rel_close(out, ref, kernel_dtype)
-    # ... and back to float32: the same outputs as the uncast weights with the cast bias.
-    layer.float()
-    x32 = torch.randn(4, 37)
-    with torch.no_grad():
-        got = layer(x32)
-        want = _call(op, x32, _layer_weight_args(op, before), layer.bias)
-    assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_state_dict_round_trips_after_a_cast(op):
-    cls = LAYERS[op]
-    layer = cls.from_linear(nn.Linear(37, 11)).half()
-    before = _plain_storage(layer)
-    sd = layer.state_dict()
-    storage_dtypes = {"weight": torch.float16 if op == "fp16_linear" else torch.int8, "weight_scale": F32}
-    assert {k: v.dtype for k, v in sd.items()} == {"bias": F16, **{k: storage_dtypes[k] for k in sd if k != "bias"}}
-    x = torch.randn(3, 37).half()
-    with torch.no_grad():
-        want = layer(x)
-    # into a float32 layer (bias copied into float32, exactly), then cast like the source
-    fresh = cls(37, 11)
-    fresh.load_state_dict(sd)
-    assert fresh.bias.dtype == F32 and fresh.half().bias.dtype == F16
-    # into a layer cast before the load, and with assign=True from the meta device
-    cast_first = cls(37, 11).half()
-    cast_first.load_state_dict(sd)
-    with torch.device("meta"):
-        on_meta = cls(37, 11)
-    on_meta.load_state_dict(sd, assign=True)
-    for target in (fresh, cast_first, on_meta):
-        after = _plain_storage(target)
-        for name, buf in before.items():
-            assert after[name].dtype == buf.dtype and torch.equal(after[name], buf), name
-        with torch.no_grad():
-            assert torch.equal(target(x), want)
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_float64_layers_run(op):
-    # A float64 nn.Linear (or a converted float64 model) gives a layer that takes float64
-    # input and answers in float64, computed in float32 like every kernel.
-    linear = nn.Linear(37, 11).double()
-    layer = LAYERS[op].from_linear(linear)
-    assert layer.bias.dtype == torch.float64
-    storage = _plain_storage(layer)
-    x = torch.randn(2, 5, 37, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
-    assert out.dtype == torch.float64 and out.shape == (2, 5, 11)
-    weight_args = _layer_weight_args(op, storage)
-    ref = _reference64(op, x.detach().float().reshape(10, 37), weight_args, layer.bias.detach().float())
-    assert_rel_close(out.reshape(10, 11), ref, F32)
-    out.sum().backward()
-    assert x.grad.dtype == torch.float64 and layer.bias.grad.dtype == torch.float64
-    w_deq = storage["weight"].double() if op == "fp16_linear" else (
-        storage["int8_weight"].double() * storage["weight_scale"].double()[:, None])
-    assert_rel_close(x.grad.reshape(10, 37), torch.ones(10, 11, dtype=torch.float64) @ w_deq, F32)
-    with torch.no_grad():  # float32 input to the float64 layer: float32 output
-        assert layer(x.detach().float()).dtype == F32
-    model = nn.Sequential(nn.Linear(37, 11), nn.ReLU(), nn.Linear(11, 3)).double()
-    with torch.no_grad():
-        want = model(x.detach())
-        got = memkern.convert(model, op.removesuffix("_linear"))(x.detach())
-    assert got.dtype == torch.float64 and sqnr_db(got, want) > 30
-
-
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("args, error, words", [
-    ((-1, 4), ValueError, ["in_features", ">= 0", "-1"]),
-    ((4, -3), ValueError, ["out_features", ">= 0", "-3"]),
-    ((4.0, 3), TypeError, ["in_features", "int", "float"]),
-    ((4, None), TypeError, ["out_features", "int", "NoneType"]),
-], ids=["in-negative", "out-negative", "in-float", "out-none"])
-def test_layer_constructor_checks_its_sizes(op, args, error, words):
-    cls = LAYERS[op]
-    with pytest.raises(error, match=f"^{cls.__name__}: ") as info:
-        cls(*args)
-    for word in words:
-        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
 
 
 # -- GPU ----------------------------------------------------------------------------------------
@@ -536,7 +386,7 @@ def test_gpu_matches_reference(op, backend, case):
     weight_args = _args(op, w, w_q, w_scale)
     bias = torch.randn(n, device="cuda").to(dtype)
     out = _run(op, backend, x, weight_args, bias)
-    ref = _reference64(op, x.cpu(), tuple(a.cpu() for a in weight_args), bias.cpu())
+    ref = lowp_reference64(op, x.cpu(), tuple(a.cpu() for a in weight_args), bias.cpu())
     # fp32 GEMMs on the GPU may run in tf32 (torch backend): its tolerance, not fp32's.
     assert_rel_close(out.cpu(), ref, dtype, factor=30 if dtype == F32 else 1)
 

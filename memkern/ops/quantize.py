@@ -70,4 +70,4 @@ def quantize_rowwise(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[
         raise ValueError(f"{op}: dtype must be torch.int8, got {dtype}")
     _validate.check_dim(op, "x", x, 2)
     _validate.check_dtype(op, "x", x, _validate.FLOAT_DTYPES)
-    return _quantize_rowwise_op(x)
+    return backends.call(_quantize_rowwise_op, _table, x)

@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from memkern import _autocast, _validate
+from memkern import _autocast, _validate, backends
 from memkern.ops import semi_structured
 from memkern.ops.semi_structured import semi_structured_reason
-from memkern.ops.sparse_ops import block_sparse_matmul_op, sparse24_matmul_op
+from memkern.ops.sparse_ops import (
+    block_sparse_matmul_op,
+    block_sparse_matmul_table,
+    sparse24_matmul_op,
+    sparse24_matmul_table,
+)
 from memkern.ops.sparse_weights import BlockSparseWeight, Sparse24Weight
 
 __all__ = ["BlockSparseWeight", "Sparse24Weight", "masked_matmul", "semi_structured_reason"]
@@ -90,8 +95,8 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), k)  # not -1: in_features may be 0
     if isinstance(weight, BlockSparseWeight):
-        y = block_sparse_matmul_op(x2, weight.effective_values(), weight.crow, weight.col, weight.ccol, weight.csc_row,
-                     weight.csc_block, n_out, bias)
+        y = backends.call(block_sparse_matmul_op, block_sparse_matmul_table, x2, weight.effective_values(),
+                          weight.crow, weight.col, weight.ccol, weight.csc_row, weight.csc_block, n_out, bias)
     else:
         values = weight.effective_values()
         w_semi = (semi_structured.semi_structured_weight(weight)
@@ -104,5 +109,5 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
                 # Not used on this call (training, a CPU copy, ...): free the device copy; a
                 # remembered build failure stays, so the build is not retried every call.
                 weight.semi_structured_cache = None
-            y = sparse24_matmul_op(x2, values, weight.meta, bias)
+            y = backends.call(sparse24_matmul_op, sparse24_matmul_table, x2, values, weight.meta, bias)
     return y.reshape(*lead, n_out)

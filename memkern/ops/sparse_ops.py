@@ -15,7 +15,7 @@ _CPP_DTYPES = (*_validate.FLOAT_DTYPES, torch.float64)
 
 
 # -- implementations: block-sparse product -----------------------------------------------
-_fwd = backends.op_table("block_sparse_matmul")
+_fwd = block_sparse_matmul_table = backends.op_table("block_sparse_matmul")
 _bwd = backends.op_table("block_sparse_matmul_backward")
 
 
@@ -68,7 +68,7 @@ def _bsmm_bwd_triton(grad, x, values, crow, col, ccol, csc_row, csc_block):
 # -- implementations: 2:4 compress / decompress / product -------------------------------
 _compress = backends.op_table("sparse24_compress")
 _decompress = backends.op_table("sparse24_decompress")
-_s24 = backends.op_table("sparse24_matmul")
+_s24 = sparse24_matmul_table = backends.op_table("sparse24_matmul")
 
 
 @_compress.register("torch")

@@ -4,9 +4,6 @@ integer exactness, NaN rows, autograd, bad input, opcheck and torch.compile, and
 memkern.nn.Int8Linear keeping its weight packed (state_dict, meta device, .to(), repr)."""
 from __future__ import annotations
 
-import copy
-import math
-import os
 import re
 
 import pytest
@@ -16,7 +13,14 @@ from torch import nn
 import memkern
 from memkern import reference
 from memkern.nn import Int8Linear
-from conftest import CPU_BACKENDS, assert_rel_close, require_backend
+from conftest import (
+    CPU_BACKENDS,
+    assert_bit_equal,
+    assert_rel_close,
+    expected_packed_shape,
+    pack_loop,
+    require_backend,
+)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 OP = "int8_linear_packed"
@@ -28,40 +32,11 @@ def _weights(n: int, k: int):
     return w_q, w_scale
 
 
-def _expected_packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
-    return (math.ceil(n / 16), math.ceil(k / 4), 16, 4)
-
-
-def _pack_loop(w: torch.Tensor) -> torch.Tensor:
-    """The packed layout written element by element: packed[j, g, c, t] = w[16j + c, 4g + t]."""
-    n, k = w.shape
-    bn, groups, _, _ = _expected_packed_shape(n, k)
-    out = [[[[0] * 4 for _ in range(16)] for _ in range(groups)] for _ in range(bn)]
-    rows = w.tolist()
-    for r in range(n):
-        for c in range(k):
-            out[r // 16][c // 4][r % 16][c % 4] = rows[r][c]
-    return torch.tensor(out, dtype=torch.int8).reshape(bn, groups, 16, 4)
-
-
 def _plain_and_packed(x, w_q, w_scale, bias=None, **kwargs):
     """(int8_linear, int8_linear_packed) on the same inputs, whatever backend is forced."""
     plain = memkern.ops.int8_linear(x, w_q, w_scale, bias, **kwargs)
     packed = memkern.ops.int8_linear_packed(x, memkern.ops.pack_int8_weight(w_q), w_scale, bias, **kwargs)
     return plain, packed
-
-
-def _assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
-    """torch.equal, with NaN equal to NaN (in the same places only)."""
-    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(got), nan), "NaN in different places"
-    got, want = got.masked_fill(nan, 0), want.masked_fill(nan, 0)
-    if not torch.equal(got, want):
-        diff = (got.double() - want.double()).abs()
-        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
-        raise AssertionError(f"{int((diff != 0).sum())} of {got.numel()} elements differ; worst at {idx}: "
-                             f"got {got[idx].item()!r}, want {want[idx].item()!r}")
 
 
 def _require_cpp():
@@ -77,8 +52,8 @@ def test_pack_unpack_round_trip(n, k):
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     packed = memkern.ops.pack_int8_weight(w)
     assert packed.dtype == torch.int8 and packed.is_contiguous()
-    assert tuple(packed.shape) == _expected_packed_shape(n, k)
-    assert memkern.ops.int8_packing.packed_shape(n, k) == _expected_packed_shape(n, k)
+    assert tuple(packed.shape) == expected_packed_shape(n, k)
+    assert memkern.ops.int8_packing.packed_shape(n, k) == expected_packed_shape(n, k)
     back = memkern.ops.unpack_int8_weight(packed, n, k)
     assert back.dtype == torch.int8 and back.shape == (n, k)
     assert torch.equal(back, w)
@@ -90,7 +65,7 @@ def test_pack_unpack_round_trip(n, k):
 def test_pack_matches_the_element_formula_and_pads_with_zeros(n, k):
     w = torch.randint(1, 128, (n, k), dtype=torch.int8) * torch.where(torch.rand(n, k) < 0.5, -1, 1).to(torch.int8)
     packed = memkern.ops.pack_int8_weight(w)
-    assert torch.equal(packed, _pack_loop(w))
+    assert torch.equal(packed, pack_loop(w))
     # Spelled out once more by indexing: in range it is w, out of range zero (w has no zeros).
     j, g, c, t = torch.meshgrid(*(torch.arange(s) for s in packed.shape), indexing="ij")
     rows, cols = 16 * j + c, 4 * g + t
@@ -104,7 +79,7 @@ def test_pack_of_a_non_contiguous_weight():
     w = torch.randint(-128, 128, (31, 17), dtype=torch.int8).t()  # (17, 31) transposed view
     assert not w.is_contiguous()
     packed = memkern.ops.pack_int8_weight(w)
-    assert torch.equal(packed, _pack_loop(w.contiguous()))
+    assert torch.equal(packed, pack_loop(w.contiguous()))
     assert torch.equal(memkern.ops.unpack_int8_weight(packed, 17, 31), w)
     # unpack of a non-contiguous packed tensor (same values) gives the same weight
     nc = torch.empty(packed.shape[0], packed.shape[1], 4, 16, dtype=torch.int8).transpose(2, 3)
@@ -117,7 +92,7 @@ def test_pack_and_unpack_on_the_meta_device():
     w = torch.empty(33, 4095, dtype=torch.int8, device="meta")
     packed = memkern.ops.pack_int8_weight(w)
     assert packed.is_meta and packed.dtype == torch.int8
-    assert tuple(packed.shape) == _expected_packed_shape(33, 4095)
+    assert tuple(packed.shape) == expected_packed_shape(33, 4095)
     back = memkern.ops.unpack_int8_weight(packed, 33, 4095)
     assert back.is_meta and back.shape == (33, 4095) and back.dtype == torch.int8
 
@@ -187,7 +162,7 @@ def test_cpp_packed_equals_int8_linear_bit_for_bit(case, poisoned_outputs):
     with memkern.use_backend("cpp"):
         plain, packed = _plain_and_packed(x, w_q, w_scale, bias, out_dtype=out_dtype)
     assert packed.dtype == (out_dtype or dtype) and packed.shape == (m, n)
-    _assert_bit_equal(packed, plain)
+    assert_bit_equal(packed, plain)
     ref = reference.int8_linear(x, w_q, w_scale, bias, out_dtype=torch.float64, compute_dtype=torch.float64)
     assert torch.isfinite(packed).all()
     assert_rel_close(packed, ref, out_dtype or dtype)
@@ -223,7 +198,7 @@ def test_cpp_edge_cases_equal_int8_linear(name, poisoned_outputs):
     with memkern.use_backend("cpp"):
         plain, packed = _plain_and_packed(x, w_q, w_scale, bias)
     assert packed.shape == (x.shape[0], w_q.shape[0])
-    _assert_bit_equal(packed, plain)
+    assert_bit_equal(packed, plain)
     if name.endswith("overflow"):
         assert torch.isinf(packed[0]).any() and torch.isfinite(packed[1:]).all()
     if name == "odd-scales":
@@ -244,7 +219,7 @@ def test_cpp_kernel_called_directly_equals_the_plain_kernel():
     bias = torch.randn(19)
     got = torch.ops.memkern.int8_linear_packed_kernel(x, memkern.ops.pack_int8_weight(w_q), w_scale, bias, F16)
     want = torch.ops.memkern.int8_linear_kernel(x, w_q, w_scale, bias, F16)
-    _assert_bit_equal(got, want)
+    assert_bit_equal(got, want)
 
 
 def _strided_inputs(k: int):
@@ -273,8 +248,8 @@ def test_cpp_non_contiguous_and_nd_x(view, dtype):
         # the same x made contiguous gives the same values
         contiguous = memkern.ops.int8_linear_packed(x.contiguous(), memkern.ops.pack_int8_weight(w_q), w_scale, bias)
     assert packed.shape == (*x.shape[:-1], n)
-    _assert_bit_equal(packed, plain)
-    _assert_bit_equal(packed, contiguous)
+    assert_bit_equal(packed, plain)
+    assert_bit_equal(packed, contiguous)
 
 
 def test_cpp_non_contiguous_weight_scale_bias_and_packed_weight():
@@ -294,7 +269,7 @@ def test_cpp_non_contiguous_weight_scale_bias_and_packed_weight():
     with memkern.use_backend("cpp"):
         got = memkern.ops.int8_linear_packed(x, packed_nc, scale_nc, bias_nc)
         want = memkern.ops.int8_linear(x, w_q, w_scale, bias)
-    _assert_bit_equal(got, want)
+    assert_bit_equal(got, want)
 
 
 # -- integer exactness --------------------------------------------------------------------------
@@ -341,7 +316,7 @@ def test_extreme_values_at_k_4096(pattern):
     exact = x.long() @ w_q.long().t()
     assert exact.abs().max() >= 127 * 127 * k or pattern == "random-signs"
     assert torch.equal(packed, exact.float())
-    _assert_bit_equal(packed, plain)
+    assert_bit_equal(packed, plain)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -380,7 +355,7 @@ def test_non_finite_row_gives_a_nan_row(backend, bad):
     assert torch.isnan(out[[2, 17]]).all()
     keep = [i for i in range(m) if i not in (2, 17)]
     assert torch.isfinite(out[keep]).all()
-    _assert_bit_equal(out[keep], plain[keep])
+    assert_bit_equal(out[keep], plain[keep])
     ref = reference.int8_linear(x[keep], w_q, w_scale, bias, out_dtype=torch.float64, compute_dtype=torch.float64)
     assert_rel_close(out[keep], ref, F32)
 
@@ -399,8 +374,8 @@ def test_backends_agree_with_int8_linear(backend, m, k, n, dtype, out_dtype):
     with memkern.use_backend(backend):
         plain, got = _plain_and_packed(x, w_q, w_scale, bias, out_dtype=out_dtype)
         got3d = memkern.ops.int8_linear_packed(x.reshape(1, m, k), packed, w_scale, bias, out_dtype=out_dtype)
-    _assert_bit_equal(got, plain)
-    _assert_bit_equal(got3d, plain.reshape(1, m, n))
+    assert_bit_equal(got, plain)
+    assert_bit_equal(got3d, plain.reshape(1, m, n))
     ref = reference.int8_linear(x, w_q, w_scale, bias, out_dtype=torch.float64, compute_dtype=torch.float64)
     assert_rel_close(got, ref, out_dtype or dtype)
 
@@ -435,7 +410,7 @@ def test_gradients_equal_int8_linear(backend, dtype):
         assert out.requires_grad and weight.grad is None and w_scale.grad is None
         grads[name] = (out.detach(), x.grad, bias.grad)
     for got, want in zip(grads["packed"], grads["plain"]):
-        _assert_bit_equal(got, want)
+        assert_bit_equal(got, want)
     w_deq = w_q.double() * w_scale.double()[:, None]
     assert_rel_close(grads["packed"][1], grad.double() @ w_deq, dtype)
     assert_rel_close(grads["packed"][2], grad.double().sum((0, 1)), dtype)
@@ -449,7 +424,7 @@ def test_gradient_of_x_alone_and_of_bias_alone():
     x_plain = x.detach().clone().requires_grad_()
     memkern.ops.int8_linear_packed(x, packed, w_scale, torch.randn(6)).backward(grad)
     memkern.ops.int8_linear(x_plain, w_q, w_scale, torch.randn(6)).backward(grad)
-    _assert_bit_equal(x.grad, x_plain.grad)
+    assert_bit_equal(x.grad, x_plain.grad)
     assert_rel_close(x.grad, grad.double() @ (w_q.double() * w_scale.double()[:, None]), F32)
     bias = torch.randn(6, requires_grad=True)
     x_const = torch.randn(4, 10)
@@ -544,302 +519,4 @@ def test_module_compiles_without_graph_breaks():
     x = torch.randn(3, 5, 20)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        _assert_bit_equal(compiled(x), layer(x))
-
-
-# -- Int8Linear -------------------------------------------------------------------------------------
-def _linear(k: int = 37, n: int = 23, bias_dtype=F32) -> nn.Linear:
-    linear = nn.Linear(k, n)
-    linear.bias.data = linear.bias.data.to(bias_dtype)
-    return linear
-
-
-def _layout_ok(layer: Int8Linear, native: bool = NATIVE) -> None:
-    n, k = layer.out_features, layer.in_features
-    assert layer.weight.dtype == torch.int8
-    assert layer.weight_packed is native
-    assert tuple(layer.weight.shape) == (_expected_packed_shape(n, k) if native else (n, k))
-    assert ("weight_layout=packed" in repr(layer)) is native
-
-
-@pytest.mark.parametrize("bias_dtype", (F32, BF16))
-def test_from_linear_layout_and_output(bias_dtype):
-    linear = _linear(bias_dtype=bias_dtype)
-    w_q, w_scale = memkern.ops.quantize_rowwise(linear.weight.detach())
-    layer = Int8Linear.from_linear(linear)
-    _layout_ok(layer)
-    assert set(dict(layer.named_buffers())) == {"weight", "weight_scale"}
-    assert torch.equal(layer.int8_weight(), w_q) and layer.int8_weight().shape == (23, 37)
-    assert torch.equal(layer.weight_scale, w_scale)
-    if NATIVE:
-        assert torch.equal(layer.weight, _pack_loop(w_q))
-    for x in (torch.randn(3, 5, 37), torch.randn(4, 37).to(BF16), torch.randn(37, 7).t()):
-        with torch.no_grad():
-            _assert_bit_equal(layer(x), memkern.ops.int8_linear(x, w_q, w_scale, linear.bias.detach()))
-
-
-def test_module_gradients_equal_the_plain_op():
-    linear = _linear()
-    layer = Int8Linear.from_linear(linear)
-    w_q, w_scale = memkern.ops.quantize_rowwise(linear.weight.detach())
-    x = torch.randn(6, 37, requires_grad=True)
-    grad = torch.randn(6, 23)
-    layer(x).backward(grad)
-    x2 = x.detach().clone().requires_grad_()
-    bias2 = linear.bias.detach().clone().requires_grad_()
-    memkern.ops.int8_linear(x2, w_q, w_scale, bias2).backward(grad)
-    _assert_bit_equal(x.grad, x2.grad)
-    _assert_bit_equal(layer.bias.grad, bias2.grad)
-
-
-def test_state_dict_holds_the_plain_weight():
-    linear = _linear()
-    w_q, w_scale = memkern.ops.quantize_rowwise(linear.weight.detach())
-    layer = Int8Linear.from_linear(linear)
-    sd = layer.state_dict()
-    assert set(sd) == {"weight", "weight_scale", "bias"}
-    assert sd["weight"].dtype == torch.int8 and sd["weight"].shape == (23, 37)
-    assert torch.equal(sd["weight"], w_q) and torch.equal(sd["weight"], layer.int8_weight())
-    assert torch.equal(sd["weight_scale"], w_scale)
-    _layout_ok(layer)  # taking the state_dict leaves the module as it was
-    nested = nn.Sequential(nn.Sequential(layer)).state_dict()
-    assert nested["0.0.weight"].shape == (23, 37) and torch.equal(nested["0.0.weight"], w_q)
-
-
-def test_save_and_load_into_a_fresh_module(tmp_path):
-    layer = Int8Linear.from_linear(_linear())
-    path = tmp_path / "int8.pt"
-    torch.save(layer.state_dict(), path)
-    fresh = Int8Linear(37, 23)
-    _layout_ok(fresh)
-    result = fresh.load_state_dict(torch.load(path))
-    assert not result.missing_keys and not result.unexpected_keys
-    _layout_ok(fresh)
-    assert torch.equal(fresh.int8_weight(), layer.int8_weight())
-    for (name, a), (_, b) in zip(layer.state_dict().items(), fresh.state_dict().items()):
-        assert a.dtype == b.dtype and torch.equal(a, b), name
-    x = torch.randn(5, 37)
-    with torch.no_grad():
-        _assert_bit_equal(fresh(x), layer(x))
-
-
-def test_load_of_a_wrong_shape_is_an_error():
-    sd = Int8Linear.from_linear(_linear()).state_dict()
-    other = Int8Linear(37, 24)
-    with pytest.raises(RuntimeError, match="size mismatch for weight"):
-        other.load_state_dict(sd)
-
-
-def test_meta_device_round_trip_with_assign():
-    k, n = 37, 23
-    source = memkern.convert(nn.Sequential(nn.Linear(k, n)), "int8")
-    sd = source.state_dict()
-    assert sd["0.weight"].shape == (n, k)
-    with torch.device("meta"):
-        target = nn.Sequential(nn.Linear(k, n))
-    memkern.convert(target, "int8")
-    assert isinstance(target[0], Int8Linear) and target[0].weight.is_meta
-    _layout_ok(target[0], native=False)  # meta: the plain layout
-    target.load_state_dict(sd, assign=True)
-    assert not any(t.is_meta for t in target.state_dict().values())
-    _layout_ok(target[0])
-    for name, value in sd.items():
-        got = target.state_dict()[name]
-        assert got.dtype == value.dtype and torch.equal(got, value), name
-    x = torch.randn(3, 4, k)
-    with torch.no_grad():
-        _assert_bit_equal(target(x), source(x))
-
-
-def test_to_meta_and_back():
-    layer = Int8Linear.from_linear(_linear())
-    sd = layer.state_dict()
-    _layout_ok(layer)
-    assert layer.to("cpu") is layer
-    _layout_ok(layer)
-    layer.to("meta")
-    assert layer.weight.is_meta
-    _layout_ok(layer, native=False)
-    layer.to_empty(device="cpu")
-    assert not layer.weight.is_meta
-    _layout_ok(layer)
-    layer.load_state_dict(sd)
-    _layout_ok(layer)
-    x = torch.randn(5, 37)
-    with torch.no_grad():
-        _assert_bit_equal(layer(x), memkern.ops.int8_linear(x, sd["weight"], sd["weight_scale"], sd["bias"]))
-    clone = copy.deepcopy(layer)
-    _layout_ok(clone)
-    with torch.no_grad():
-        _assert_bit_equal(clone(x), layer(x))
-
-
-def test_dequantize_matches_the_plain_weight(monkeypatch):
-    linear = _linear(bias_dtype=BF16)
-    w_q, w_scale = memkern.ops.quantize_rowwise(linear.weight.detach())
-    layer = Int8Linear.from_linear(linear)
-    back = layer.dequantize(torch.float32)
-    assert type(back) is nn.Linear and back.weight.shape == (23, 37)
-    assert torch.equal(back.weight, w_q.float() * w_scale[:, None])
-    assert torch.equal(back.bias, linear.bias.float())
-    assert layer.dequantize().weight.dtype == BF16
-    monkeypatch.setattr(memkern.ops, "int8_packed_kernel_native", lambda device: False)
-    plain = Int8Linear.from_linear(linear)
-    assert not plain.weight_packed
-    assert torch.equal(plain.dequantize(torch.float32).weight, back.weight)
-    assert torch.equal(plain.dequantized_weight(), layer.dequantized_weight())
-
-
-def test_memory_footprint_of_a_packed_layer():
-    n, k = 64, 64
-    model = memkern.convert(nn.Sequential(nn.Linear(k, n)), "int8")
-    fp = memkern.memory_footprint(model)
-    assert fp.total_bytes == n * k + n * 4 + n * 4
-    assert fp.by_dtype == {"int8": n * k, "float32": 2 * n * 4}
-    # A shape that is not a multiple of the blocks: the packed layout holds its padding.
-    n, k = 23, 37
-    model = memkern.convert(nn.Sequential(nn.Linear(k, n)), "int8")
-    int8_bytes = math.prod(_expected_packed_shape(n, k)) if NATIVE else n * k
-    assert memkern.memory_footprint(model).by_dtype["int8"] == int8_bytes
-
-
-def test_plain_layout_when_the_kernel_is_not_native(monkeypatch):
-    linear = _linear()
-    packed_layer = Int8Linear.from_linear(linear)
-    x = torch.randn(6, 37)
-    with torch.no_grad():
-        want = packed_layer(x)
-    monkeypatch.setattr(memkern.ops, "int8_packed_kernel_native", lambda device: False)
-    layer = Int8Linear.from_linear(linear)
-    _layout_ok(layer, native=False)
-    assert "weight_layout" not in repr(layer)
-    with torch.no_grad():
-        _assert_bit_equal(layer(x), want)
-    fresh = Int8Linear(37, 23)
-    _layout_ok(fresh, native=False)
-    fresh.load_state_dict(packed_layer.state_dict())
-    _layout_ok(fresh, native=False)
-    with torch.no_grad():
-        _assert_bit_equal(fresh(x), want)
-    # .to() re-settles: a module packed earlier goes plain under the patch ...
-    packed_layer.to("cpu")
-    _layout_ok(packed_layer, native=False)
-    with torch.no_grad():
-        _assert_bit_equal(packed_layer(x), want)
-    # ... and back to the machine's layout once the patch is gone.
-    monkeypatch.undo()
-    layer.to("cpu")
-    _layout_ok(layer)
-    with torch.no_grad():
-        _assert_bit_equal(layer(x), want)
-
-
-CASTS = {
-    "half": (lambda m: m.half(), F16),
-    "bfloat16": (lambda m: m.bfloat16(), BF16),
-    "float": (lambda m: m.float(), F32),
-    "double": (lambda m: m.double(), torch.float64),
-    "to-dtype": (lambda m: m.to(BF16), BF16),
-    "to-device-dtype": (lambda m: m.to("cpu", F16), F16),
-}
-
-
-@pytest.mark.parametrize("cast", CASTS)
-@pytest.mark.parametrize("native", (True, False), ids=["packed", "plain"])
-def test_layout_survives_module_casts(monkeypatch, native, cast):
-    # Either layout (forced here, whatever this CPU has): a module cast keeps the int8
-    # bytes in their layout and the float32 scales bit for bit; only the bias follows.
-    monkeypatch.setattr(memkern.ops, "int8_packed_kernel_native", lambda device: native)
-    linear = _linear()
-    w_q, w_scale = memkern.ops.quantize_rowwise(linear.weight.detach())
-    layer = Int8Linear.from_linear(linear)
-    weight = layer.weight.clone()
-    apply, dtype = CASTS[cast]
-    apply(layer)
-    _layout_ok(layer, native=native)
-    assert torch.equal(layer.weight, weight) and torch.equal(layer.int8_weight(), w_q)
-    assert layer.weight_scale.dtype == F32 and torch.equal(layer.weight_scale, w_scale)
-    assert layer.bias.dtype == dtype
-    sd = layer.state_dict()
-    assert sd["weight"].shape == (23, 37) and torch.equal(sd["weight"], w_q) and torch.equal(sd["weight_scale"], w_scale)
-    x = torch.randn(6, 37)
-    kernel_bias = layer.bias.detach().float() if dtype == torch.float64 else layer.bias.detach()
-    with torch.no_grad():
-        _assert_bit_equal(layer(x), memkern.ops.int8_linear(x, w_q, w_scale, kernel_bias))
-        out = layer(x.to(dtype))
-    assert out.dtype == dtype
-    kernel_dtype = F32 if dtype == torch.float64 else dtype
-    ref = reference.int8_linear(x.to(dtype).to(kernel_dtype), w_q, w_scale, kernel_bias,
-                                out_dtype=torch.float64, compute_dtype=torch.float64)
-    assert_rel_close(out, ref, kernel_dtype)
-
-
-def test_converted_model_on_the_plain_layout_matches_float64(monkeypatch):
-    # Where the packed kernel is not native, a converted model keeps the plain (N, K)
-    # weight and int8_linear runs it (on a CPU with AVX512-VNNI: the fused (N, K) VNNI
-    # kernel); a checkpoint of a packed model loads into it the same way. Each layer is
-    # checked on the input it was given against the float64 reference of its own weights.
-    def model():
-        return nn.Sequential(nn.Linear(67, 29), nn.ReLU(), nn.Linear(29, 13))
-
-    source = model()
-    packed_model = memkern.convert(copy.deepcopy(source), "int8")
-    monkeypatch.setattr(memkern.ops, "int8_packed_kernel_native", lambda device: False)
-    converted = memkern.convert(copy.deepcopy(source), "int8")
-    loaded = memkern.convert(model(), "int8")
-    loaded.load_state_dict(packed_model.state_dict())
-    x = torch.randn(2, 17, 67)
-    for target in (converted, loaded):
-        seen = {}
-        hooks = [target[i].register_forward_hook(lambda m, args, out, i=i: seen.update({i: (args[0], out)}))
-                 for i in (0, 2)]
-        with torch.no_grad(), memkern.use_backend("cpp"):
-            target(x)
-        for hook in hooks:
-            hook.remove()
-        for i, (inp, out) in seen.items():
-            layer = target[i]
-            _layout_ok(layer, native=False)
-            w_q, w_scale = memkern.ops.quantize_rowwise(source[i].weight.detach())
-            assert torch.equal(layer.weight, w_q) and torch.equal(layer.weight_scale, w_scale)
-            ref = reference.int8_linear(inp.reshape(-1, inp.shape[-1]), w_q, w_scale, source[i].bias.detach(),
-                                        out_dtype=torch.float64, compute_dtype=torch.float64)
-            assert_rel_close(out.reshape(-1, out.shape[-1]), ref, F32)
-        assert sorted(seen) == [0, 2]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-@pytest.mark.skipif(memkern.backends.OPS["int8_linear_packed"].static_reason("cpp", "cpu") is not None,
-                    reason="memkern._C is not built")
-def test_native_where_the_build_machine_has_vnni():
-    # The extension is built with -march=native (setup.py, MEMKERN_MARCH unset), so on a
-    # CPU with AVX512-VNNI the packed kernel must be compiled in, and Int8Linear must use it.
-    if os.environ.get("MEMKERN_MARCH", "native") != "native":
-        pytest.skip("built for another target than this CPU")
-    expected = {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags()
-    assert memkern.ops.int8_packed_kernel_native("cpu") is expected
-    assert Int8Linear.from_linear(nn.Linear(8, 4)).weight_packed is expected
-
-
-def test_whole_module_pickles(tmp_path):
-    # torch.save(model) pickles the modules themselves, hooks included.
-    model = memkern.convert(nn.Sequential(nn.Linear(37, 23), nn.ReLU(), nn.Linear(23, 5)), "int8")
-    path = tmp_path / "model.pt"
-    torch.save(model, path)
-    loaded = torch.load(path, weights_only=False)
-    assert loaded[0].weight_packed == model[0].weight_packed
-    x = torch.randn(4, 37)
-    with torch.no_grad():
-        _assert_bit_equal(loaded(x), model(x))
-    state = loaded.state_dict()
-    assert state["0.weight"].shape == (23, 37)
+        assert_bit_equal(compiled(x), layer(x))
