@@ -151,3 +151,13 @@ def lowp_reference64(op: str, x, weight_args, bias=None):
     if op == "int8_weight_only_linear":
         return reference.int8_weight_only_linear(x, *weight_args, bias, compute_dtype=f64)
     return reference.fp16_linear(x, *weight_args, bias, compute_dtype=f64)
+
+
+def assert_compiles_like_eager(f, x: torch.Tensor) -> None:
+    """``f`` compiled with ``fullgraph=True`` (no graph break) gives eager's value and
+    gradient with respect to ``x`` bit for bit (aot_eager: no kernel fusion to round differently)."""
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (g_compiled,) = torch.autograd.grad(compiled(x), x)
+    (g_eager,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)

@@ -141,10 +141,13 @@ def test_bad_files_are_refused_and_leave_the_model_untouched(tmp_path, damage):
     spoil, words = BAD_FILES[damage]
     named = spoil(tmp_path)  # the truncation names the tensor it cut
     words = [*words, named] if isinstance(named, str) else words
-    fresh = Net()
+    _assert_load_refused_untouched(tmp_path, Net(), words)
+
+
+def _assert_load_refused_untouched(directory, fresh: nn.Module, words: list[str]) -> None:
     before = _state(fresh)
     with pytest.raises(ValueError) as info:
-        memkern.load(tmp_path, fresh)
+        memkern.load(directory, fresh)
     for word in words:
         assert word in str(info.value)
     _assert_untouched(fresh, before)
@@ -168,13 +171,7 @@ class Narrower(Net):
                          ids=["plain-tensor", "memkern-layer"])
 def test_a_model_that_does_not_fit_is_refused_untouched(tmp_path, model_cls, words):
     memkern.save(_saved_model("int8"), tmp_path)
-    fresh = model_cls()
-    before = _state(fresh)
-    with pytest.raises(ValueError) as info:
-        memkern.load(tmp_path, fresh)
-    for word in words:
-        assert word in str(info.value)
-    _assert_untouched(fresh, before)
+    _assert_load_refused_untouched(tmp_path, model_cls(), words)
 
 
 def test_save_refuses_what_it_cannot_store(tmp_path):

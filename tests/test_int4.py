@@ -13,7 +13,7 @@ from torch import nn
 
 import memkern
 from memkern import reference_int4
-from conftest import CPU_BACKENDS, assert_rel_close, require_backend, sqnr_db
+from conftest import CPU_BACKENDS, assert_compiles_like_eager, assert_rel_close, require_backend, sqnr_db
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 OP = "int4_weight_only_linear"
@@ -326,11 +326,7 @@ def test_compiles_without_graph_breaks():
         return layer(x * 2).relu().sum()
 
     x = torch.randn(3, 5, 40, requires_grad=True)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    (g_compiled,) = torch.autograd.grad(compiled(x), x)
-    (g_eager,) = torch.autograd.grad(f(x), x)
-    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+    assert_compiles_like_eager(f, x)
 
 
 # -- the module ---------------------------------------------------------------------------------

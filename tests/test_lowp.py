@@ -8,7 +8,7 @@ import torch
 
 import memkern
 from memkern import reference
-from conftest import CPU_BACKENDS, assert_rel_close, call_lowp, lowp_reference64, require_backend, sqnr_db
+from conftest import CPU_BACKENDS, assert_compiles_like_eager, assert_rel_close, call_lowp, lowp_reference64, require_backend, sqnr_db
 
 OPS = ("int8_linear", "int8_weight_only_linear", "fp16_linear")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -366,11 +366,7 @@ def test_compiles_without_graph_breaks(op):
         return call_lowp(op, x * 2, weight_args, bias).relu().sum()
 
     x = torch.randn(3, 5, 20, requires_grad=True)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    (g_compiled,) = torch.autograd.grad(compiled(x), x)
-    (g_eager,) = torch.autograd.grad(f(x), x)
-    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+    assert_compiles_like_eager(f, x)
 
 
 # -- GPU ----------------------------------------------------------------------------------------

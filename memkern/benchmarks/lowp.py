@@ -82,6 +82,16 @@ def _work(m: int, k: int, n: int, x_dtype: torch.dtype, weight_bytes: int) -> Wo
     return Work(flops=2 * m * k * n, bytes=m * k * e + n * k * weight_bytes + scales + 4 * n + m * n * e)
 
 
+def _weight_only_cases(rows: tuple[int, ...], k: int, n: int, dtype: torch.dtype, dense_label: str,
+                       device: str) -> list[Case]:
+    """W8A16 and fp16 weights beside the dense layer of x's dtype, at each of ``rows``."""
+    return [Case(op, f"{m}x{k}x{n}", dtype, _inputs(m, k, n), (_dense(dtype, dense_label), _memkern(layer, dtype)),
+                 devices=(device,), work=_work(m, k, n, dtype, _WEIGHT_BYTES[op]))
+            for m in rows
+            for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
+                              ("fp16_linear", memkern.nn.Fp16Linear))]
+
+
 def _cpu_cases(quick: bool) -> list[Case]:
     k = n = 4096
     out = []
@@ -91,12 +101,7 @@ def _cpu_cases(quick: bool) -> list[Case]:
             Provider("quantize_dynamic", _quantize_dynamic),
             _memkern(memkern.nn.Int8Linear, torch.float32),
         ), devices=("cpu",), work=_work(m, k, n, torch.float32, 1)))
-    for m in ((1,) if quick else (1, 16, 512)):
-        for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
-                          ("fp16_linear", memkern.nn.Fp16Linear)):
-            out.append(Case(op, f"{m}x{k}x{n}", torch.float32, _inputs(m, k, n), (
-                _dense(torch.float32, "fp32 nn.Linear"), _memkern(layer, torch.float32),
-            ), devices=("cpu",), work=_work(m, k, n, torch.float32, _WEIGHT_BYTES[op])))
+    out += _weight_only_cases((1,) if quick else (1, 16, 512), k, n, torch.float32, "fp32 nn.Linear", "cpu")
     return out
 
 
@@ -113,12 +118,8 @@ def _cuda_cases(quick: bool) -> list[Case]:
             _memkern(memkern.nn.Int8Linear, torch.float16),  # Triton (wgmma on Hopper)
             _memkern(memkern.nn.Int8Linear, torch.float16, backend="cuda"),  # the .cu kernel (mma.sync)
         ), devices=("cuda",), work=_work(m, k, n, torch.float16, 1)))
-    for m in ((1, 16) if quick else (1, 16, 512)):
-        for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
-                          ("fp16_linear", memkern.nn.Fp16Linear)):
-            out.append(Case(op, f"{m}x{k}x{n}", torch.float16, _inputs(m, k, n), (
-                _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"), _memkern(layer, torch.float16),
-            ), devices=("cuda",), work=_work(m, k, n, torch.float16, _WEIGHT_BYTES[op])))
+    out += _weight_only_cases((1, 16) if quick else (1, 16, 512), k, n, torch.float16, "fp16 nn.Linear (cuBLAS)",
+                              "cuda")
     return out
 
 
