@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.memkern-installed
 SOURCES    := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install demo test bench info cuda-check clean
+.PHONY: install demo test lint format bench info cuda-check clean
 
 install: $(STAMP)
 
@@ -35,8 +35,17 @@ demo: install
 
 # The Triton kernels run in Triton's interpreter on the CPU; MEMKERN_REQUIRE_BACKENDS turns
 # a missing C++ build or Triton into test failures instead of skips.
-test: install
+test: install lint
 	TRITON_INTERPRET=1 MEMKERN_REQUIRE_BACKENDS=cpp,triton $(PY) -m pytest -v --durations=15 tests
+
+# ruff (configured in pyproject.toml): the code must be formatted and lint-clean.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # The full microbenchmarks at the shapes the results tables quote; rows go to the CSV.
 bench: install

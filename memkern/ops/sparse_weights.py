@@ -5,16 +5,12 @@ blocks) and Sparse24Weight (2:4). Their structure is checked where it enters
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from memkern import _validate, reference
 from memkern.ops import sparse_format
 from memkern.ops.sparse_ops import sparse24_compress_op, sparse24_decompress_op
-
-if TYPE_CHECKING:  # the cache of PyTorch's semi-structured copy, kept on a Sparse24Weight
-    from memkern.ops.semi_structured import SemiStructuredCache
 
 
 # -- weight containers ---------------------------------------------------------------------
@@ -197,9 +193,10 @@ class Sparse24Weight(_PrunedWeight):
     meta: torch.Tensor
     shape: tuple[int, int]
     mask: torch.Tensor | None = None
-    # PyTorch semi-structured copy of this weight for the CUDA inference path, built on
-    # first use; see semi_structured_weight.
-    semi_structured_cache: "SemiStructuredCache | None" = field(default=None, init=False, repr=False, compare=False)
+    # PyTorch's semi-structured copy of this weight for the CUDA inference path, built on
+    # first use (memkern.ops.semi_structured.SemiStructuredCache: kept here, built and read
+    # there, so this module need not import it).
+    semi_structured_cache: object | None = field(default=None, init=False, repr=False, compare=False)
     _checked: "sparse_format.Checked | None" = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
