@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 import memkern
+from memkern.kernels import kd_chunks
 from memkern import backends, prune, reference
-from memkern.ops import BlockSparseWeight, kd as kd_ops
+from memkern.ops import BlockSparseWeight
 from memkern.ops import lowp as lowp_ops
 from conftest import CPU_BACKENDS, assert_rel_close, require_backend, sqnr_db
 from test_demo import STAGES
@@ -119,10 +120,10 @@ def test_linear_kd_loss_forward_and_gradients(device, backend, dtype, mode, monk
     # for the 19 kept rows and the weight gradient is accumulated across chunks, on CUDA
     # for half weights by addmm(..., out_dtype=float32) into the float32 accumulator.
     for device_type in ("cpu", "cuda"):
-        monkeypatch.setitem(kd_ops.CHUNK_ELEMENTS, device_type, 1000)
+        monkeypatch.setitem(kd_chunks.CHUNK_ELEMENTS, device_type, 1000)
     accumulated = []
-    accumulate = kd_ops._accumulate_fp32
-    monkeypatch.setattr(kd_ops, "_accumulate_fp32",
+    accumulate = kd_chunks.accumulate_fp32
+    monkeypatch.setattr(kd_chunks, "accumulate_fp32",
                         lambda acc, a, b: (accumulated.append(a.dtype), accumulate(acc, a, b))[1])
     hs, ws, bs, ht, wt, bt, labels = _linear_kd_inputs(lead, 24, 16, vocab, dtype, device)
     require_backend("linear_kd_loss", backend, hs.reshape(-1, 24))
@@ -562,7 +563,7 @@ def _chunked_float32_reference(hs, ws, ht, wt, labels, opts, chunk):
     "linear_kd_loss", cpu=grid(CPU_BACKENDS, [(12, 16, 100)]), cuda=grid(("triton", "cuda"), [(8192, 4096, 128256)])))
 def test_linear_kd_loss_at_full_size(device, backend, shape, monkeypatch):
     rows, hidden, vocab = shape
-    monkeypatch.setitem(kd_ops.CHUNK_ELEMENTS, "cpu", 500)  # the CPU case crosses chunks too
+    monkeypatch.setitem(kd_chunks.CHUNK_ELEMENTS, "cpu", 500)  # the CPU case crosses chunks too
     scale = 3 / math.sqrt(hidden)
     hs = torch.randn(rows, hidden, device=device, dtype=BF16)
     ws = torch.randn(vocab, hidden, device=device, dtype=BF16).mul_(scale)
@@ -587,7 +588,7 @@ def test_linear_kd_loss_at_full_size(device, backend, shape, monkeypatch):
             # the last is released) and the float32 grad_h accumulator
             workspace = 2 * kd_kernels.WEIGHT_GRAD_SLAB_BYTES + rows * hidden * 4
         else:  # the float32 V x H accumulator and two chunks of bf16 logits
-            workspace = vocab * hidden * 4 + 2 * kd_ops.CHUNK_ELEMENTS["cuda"] * 2
+            workspace = vocab * hidden * 4 + 2 * kd_chunks.CHUNK_ELEMENTS["cuda"] * 2
         assert extra < rows * vocab * 4, f"{extra / 2**30:.2f} GiB: as much as one float32 rows x vocab tensor"
         assert extra <= gradients + workspace + (256 << 20), \
             f"{extra / 2**30:.2f} GiB above the inputs, expected at most {(gradients + workspace) / 2**30:.2f} + 0.25"

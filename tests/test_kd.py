@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import memkern
+from memkern.kernels import kd_chunks
 from memkern import reference
 from memkern.ops import kd as kd_ops
 from conftest import CPU_BACKENDS, LargestTensor, assert_rel_close, require_backend
@@ -364,7 +365,7 @@ def _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of a few rows, so every test crosses chunk boundaries."""
-    monkeypatch.setitem(kd_ops.CHUNK_ELEMENTS, "cpu", 2000)
+    monkeypatch.setitem(kd_chunks.CHUNK_ELEMENTS, "cpu", 2000)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

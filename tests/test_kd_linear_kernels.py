@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import memkern
+from memkern import kd_options
 from memkern import reference
 from memkern.ops import kd as kd_ops
 from conftest import LargestTensor, assert_rel_close, require_backend
@@ -73,7 +74,7 @@ def _options(alpha=0.3, temperature=2.0, divergence="forward_kl", beta=0.3, redu
                 soft_loss_scale="t2")
 
 
-def _kd_options(opts: dict, has_labels: bool) -> kd_ops.KDOptions:
+def _kd_options(opts: dict, has_labels: bool) -> kd_options.KDOptions:
     return kd_ops.check_options("test", has_labels=has_labels, ignore_index=-100, **opts)
 
 

@@ -26,7 +26,7 @@ gradients themselves the extra memory is rows x 8 floats of statistics, grad_h's
 accumulator (rows x H_s) and grad_w's: for a float32 weight the gradient itself, for a
 half-precision one a slab of at most WEIGHT_GRAD_SLAB_BYTES (256 MiB) of vocabulary rows,
 cast into the weight's dtype as soon as it is complete, so the memory does not grow with
-the vocabulary. Rows whose label is ignore_index never enter a kernel (kd_ops.kept_rows).
+the vocabulary. Rows whose label is ignore_index never enter a kernel (kd_options.kept_rows).
 The price is recomputation. Predicted from counting, not measured: the stats pass does 2
 logit matmuls (student and teacher; 4 with the JSD's second sweep), the gradient pass 2
 recomputed logit matmuls and the 2 gradient matmuls, so 6 matmul-equivalents (8 for the
@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from memkern import _library
-from memkern.ops import kd as kd_ops
+from memkern import kd_options
 
 _FKL, _RKL, _JSD = 0, 1, 2
 
@@ -195,7 +195,7 @@ def _block(vocab: int) -> int:
     return min(1024, max(16, triton.next_power_of_2(max(vocab, 1))))
 
 
-def _scalars(opts: "kd_ops.KDOptions") -> dict:
+def _scalars(opts: "kd_options.KDOptions") -> dict:
     jsd = opts.divergence == "jsd"
     return dict(
         inv_t=1.0 / opts.temperature, alpha=opts.alpha, c_kd=(1.0 - opts.alpha) * opts.kd_scale,
@@ -565,9 +565,9 @@ def _linear_kd_kept(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale,
 
 
 def linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
-    """The fused-linear form on the rows that count (kd_ops.kept_rows); ignored rows get loss
+    """The fused-linear form on the rows that count (kd_options.kept_rows); ignored rows get loss
     0 and a zero grad_h row without entering a kernel."""
-    kept = kd_ops.kept_rows(labels, opts)
+    kept = kd_options.kept_rows(labels, opts)
     if kept is None:
         return _linear_kd_kept(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad)
 

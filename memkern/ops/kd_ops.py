@@ -1,0 +1,314 @@
+"""The distillation operators: the per-row kernel table (cpp | cuda | triton | torch), the
+``memkern::kd_loss`` op (schema, fake, autograd), the fused-linear table and the
+``memkern::linear_kd_loss`` ops. The public functions, with their argument checks, are in
+memkern.ops.kd; the options in memkern.kd_options; the chunk loop in memkern.kernels.kd_chunks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from memkern import _autocast, _validate, backends, reference
+from memkern.kd_options import (
+    KD_DTYPES,
+    KDOptions,
+    acc_dtype,
+    check_label_range,
+    mean_scale,
+)
+from memkern.kernels.kd_chunks import linear_chunks
+from memkern.ops._autograd import refuse_double_backward
+
+
+# -- per-row kernel: loss of each row, gradient written into `grad` -------------------------
+# Signature of every implementation:
+#   (student (R, V), teacher (R, V), labels (R,) int64 | None, row_scale (R,) | None,
+#    grad (R, V) or 1-D "none", opts, grad_scale) -> loss (R,) in the compute dtype
+# grad may be the student tensor itself (the fused-linear path overwrites its logits chunk).
+# On CUDA, Triton goes first: its arithmetic is proven in CI under TRITON_INTERPRET=1, while
+# the .cu kernel is only compile-checked there (no GPU). Both are bandwidth-bound per row.
+_rows = backends.op_table("kd_loss_rows", preference=backends.TRITON_FIRST)
+
+
+@_rows.register("torch")
+def _rows_torch(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
+    options = opts.reference_options()
+    loss = reference.kd_loss_rows(s, t, labels, **options)
+    if grad.dim() == 2:  # grad may be s itself: the loss above has already read it
+        grad.copy_(reference.kd_loss_rows_grad(s, t, labels, _row_weights(loss, row_scale, grad_scale), **options))
+    return loss.to(acc_dtype(s.dtype))
+
+
+def _row_weights(loss: torch.Tensor, row_scale: Optional[torch.Tensor], grad_scale: float) -> torch.Tensor:
+    """w_i of the gradient of sum_i w_i l_i."""
+    return torch.full_like(loss, grad_scale) if row_scale is None else row_scale.to(loss.dtype) * grad_scale
+
+
+@_rows.register("cpp", dtypes=KD_DTYPES)
+@_rows.register("cuda", dtypes=_validate.FLOAT_DTYPES)
+def _rows_compiled(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
+    return torch.ops.memkern.kd_loss_rows(s, t, labels, row_scale, grad, opts.alpha, opts.temperature,
+                                          opts.divergence_id, opts.beta, opts.ignore_index,
+                                          opts.kd_scale, grad_scale)
+
+
+@_rows.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _rows_triton(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
+    from memkern.kernels.kd import kd_loss_rows as launch
+
+    return launch(s, t, labels, row_scale, grad, opts, grad_scale)
+
+
+def _rows_2d(x: torch.Tensor, vocab: int) -> torch.Tensor:
+    x = x.reshape(-1, vocab)
+    return x if x.stride(-1) == 1 or vocab <= 1 else x.contiguous()
+
+
+def _reduce(loss_rows: torch.Tensor, reduction: str, lead: tuple[int, ...], n_valid: int) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows.reshape(lead)
+    total = loss_rows.sum()
+    return total if reduction == "sum" else total / max(n_valid, 1)
+
+
+# -- operator: logits form -------------------------------------------------------------------
+def kd_loss_body(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                alpha: float, temperature: float, divergence: str, beta: float, ignore_index: int,
+                reduction: str, kd_scale: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss, d loss / d student) where the gradient is for a unit upstream
+    gradient (per row for reduction='none'); an empty tensor when compute_grad is False."""
+    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
+    vocab, lead = student.shape[-1], tuple(student.shape[:-1])
+    s, t = _rows_2d(student, vocab), _rows_2d(teacher, vocab)
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    check_label_range("kd_loss", y, vocab, ignore_index)
+    n_valid, inv_n = mean_scale(y, s.shape[0], opts)
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if compute_grad else s.new_empty(0)
+    loss_rows = _rows(s, t, y, None, grad, opts, inv_n if reduction == "mean" else 1.0)
+    return _reduce(loss_rows, reduction, lead, n_valid), grad.view(student.shape) if compute_grad else grad
+
+
+kd_loss_op = torch.library.custom_op("memkern::kd_loss", mutates_args=())(kd_loss_body)
+
+
+@kd_loss_op.register_fake
+def _kd_loss_fake(student, teacher, labels, alpha, temperature, divergence, beta, ignore_index,
+                  reduction, kd_scale, compute_grad):
+    shape = student.shape[:-1] if reduction == "none" else ()
+    loss = student.new_empty(shape, dtype=acc_dtype(student.dtype))
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+    return loss, grad
+
+
+def _no_zero_gradients(ctx, gradient_outputs) -> None:
+    """The gradient outputs are not differentiable, and autograd must not build a zero
+    "gradient" of their size for backward (with materialised grads it does: +1x memory)."""
+    ctx.mark_non_differentiable(*gradient_outputs)
+    ctx.set_materialize_grads(False)
+
+
+def _kd_setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[8]
+    ctx.compute_grad = inputs[10]
+    ctx.save_for_backward(output[1])
+    _no_zero_gradients(ctx, output[1:])
+
+
+def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, per_row: bool
+                          ) -> list[torch.Tensor]:
+    """The gradients computed in forward (for a unit upstream gradient) times ``upstream``.
+
+    Memory is the point of these ops, so the saved buffers are handed on as they are when
+    the upstream gradient is exactly 1 (``loss.backward()``), and scaled in place for any
+    other scalar, so no second gradient-sized buffer ever exists. The price of the in-place
+    case: a second backward through the same graph (retain_graph=True) is refused by
+    autograd's saved-tensor version check. Per-row upstream gradients (reduction="none")
+    and traced graphs (torch.compile, which cannot read values) get an out-of-place product.
+    """
+    if type(upstream) is not torch.Tensor:  # FakeTensor / FunctionalTensor while tracing
+        return [g * upstream.to(g.dtype) for g in grads]
+    if bool((upstream == 1).all()):
+        return grads
+    if per_row:
+        return [g * upstream.to(g.dtype) for g in grads]
+    for g in grads:
+        g.mul_(upstream.to(g.dtype))
+    return grads
+
+
+# Double backward would need the second derivative of the loss, i.e. the logits (or hidden
+# states and weights) kept until backward: the memory these ops exist to save.
+_NOT_TWICE = "its gradient is computed by a fused kernel, which keeps no inputs for a second derivative"
+
+
+def _kd_backward(ctx, grad_loss, _grad_of_grad):
+    (g,) = ctx.saved_tensors
+    if not ctx.compute_grad or grad_loss is None:
+        return (None,) * 11
+    per_row = ctx.reduction == "none"
+    (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
+    (g,) = refuse_double_backward("kd_loss", _NOT_TWICE, g)
+    return (g,) + (None,) * 10
+
+
+backends.register_autograd(kd_loss_op, _kd_backward, setup_context=_kd_setup_context)
+# Autocast: the logits go in as they are (the kernels read any float dtype and keep their
+# statistics in float32; a float32 copy would double the largest tensor of a step).
+_autocast.register("kd_loss")
+
+
+# Implementations: (hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad)
+#   -> (loss per row, grad_h | None, grad_w (fp32, or the weight's dtype once complete) | None,
+#       grad_b (fp32) | None)
+# On CUDA, Triton's fused kernels go first: no rows x vocab tensor and a weight-gradient
+# accumulator of one vocabulary slab; the CUDA backend's chunks keep a chunk of logits and
+# an fp32 V x H accumulator.
+_linear = backends.op_table("linear_kd_loss", preference=backends.TRITON_FIRST)
+
+
+def _linear_chunked(backend: str):
+    def impl(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
+        return linear_chunks(_rows.impls[backend].fn, hs, ws, bs, ht, wt, bt, labels, opts,
+                             row_scale=row_scale, grad_scale=grad_scale, want_grad=want_grad)
+
+    return impl
+
+
+# The torch backend runs the same chunk loop over the reference's rows: ignored rows stay
+# out of every product there too (a NaN hidden state in one must not reach the weight
+# gradient), and without memkern._C or Triton no rows x V tensor exists either.
+_linear.register("torch")(_linear_chunked("torch"))
+_linear.register("cpp", dtypes=KD_DTYPES)(_linear_chunked("cpp"))
+_linear.register("cuda", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("cuda"))
+
+
+@_linear.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _linear_triton(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
+    from memkern.kernels import kd as kernels
+
+    return kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad)
+
+
+# -- operators: fused-linear form ---------------------------------------------------------------
+def _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale) -> KDOptions:
+    return KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
+
+
+def _grads_out(hs, ws, bs, gh, gw, gb):
+    """Gradients in the parameters' dtypes (accumulated in fp32 or fp64 before)."""
+    gb_out = gb.to(bs.dtype) if gb is not None else hs.new_empty(0)
+    return gh, gw.to(ws.dtype), gb_out
+
+
+def linear_kd_loss_body(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                       student_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
+                       teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+                       labels: Optional[torch.Tensor], alpha: float, temperature: float,
+                       divergence: str, beta: float, ignore_index: int, reduction: str,
+                       kd_scale: float, compute_grad: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, grad_hidden, grad_weight, grad_bias). With compute_grad and reduction
+    'mean' or 'sum' the gradients (for a unit upstream gradient) are computed here, in the
+    same pass; otherwise they are empty and backward recomputes."""
+    opts = _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale)
+    hidden, vocab = student_hidden.shape[-1], student_weight.shape[0]
+    lead = tuple(student_hidden.shape[:-1])
+    hs = student_hidden.reshape(-1, hidden)
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    check_label_range("linear_kd_loss", y, vocab, ignore_index)
+    n_valid, inv_n = mean_scale(y, hs.shape[0], opts)
+    want_grad = compute_grad and reduction != "none"
+    loss_rows, gh, gw, gb = _linear(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y,
+                                    opts, None, inv_n if reduction == "mean" else 1.0, want_grad)
+    loss = _reduce(loss_rows, reduction, lead, n_valid)
+    empty = hs.new_empty(0)
+    if not want_grad:
+        return loss, empty, empty.clone(), empty.clone()
+    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    return loss, gh.view(student_hidden.shape), gw, gb
+
+
+linear_kd_loss_op = torch.library.custom_op("memkern::linear_kd_loss", mutates_args=())(linear_kd_loss_body)
+
+
+@linear_kd_loss_op.register_fake
+def _linear_kd_loss_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                         teacher_bias, labels, alpha, temperature, divergence, beta, ignore_index,
+                         reduction, kd_scale, compute_grad):
+    lead = student_hidden.shape[:-1]
+    loss = student_hidden.new_empty(lead if reduction == "none" else (), dtype=acc_dtype(student_hidden.dtype))
+    empty = student_hidden.new_empty(0)
+    if not (compute_grad and reduction != "none"):
+        return loss, empty, empty.clone(), empty.clone()
+    gb = student_bias.new_empty(student_bias.shape) if student_bias is not None else empty.clone()
+    return loss, student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(student_weight.shape), gb
+
+
+@torch.library.custom_op("memkern::linear_kd_loss_backward", mutates_args=())
+def linear_kd_loss_backward_op(grad_rows: torch.Tensor, student_hidden: torch.Tensor,
+                                student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+                                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                                teacher_bias: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                                alpha: float, temperature: float, divergence: str, beta: float,
+                                ignore_index: int, kd_scale: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_rows[i] * l_i, recomputing the logits chunk by chunk
+    (reduction='none', whose upstream gradient differs per row)."""
+    opts = _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale)
+    hidden = student_hidden.shape[-1]
+    hs = student_hidden.reshape(-1, hidden)
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
+    _, gh, gw, gb = _linear(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y,
+                            opts, row_scale, 1.0, True)
+    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    return gh.view(student_hidden.shape), gw, gb
+
+
+@linear_kd_loss_backward_op.register_fake
+def _linear_kd_loss_backward_fake(grad_rows, student_hidden, student_weight, student_bias, *rest):
+    gb = student_bias.new_empty(student_bias.shape) if student_bias is not None else student_hidden.new_empty(0)
+    return student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(student_weight.shape), gb
+
+
+_LINEAR_OPT_NAMES = ("alpha", "temperature", "divergence", "beta", "ignore_index", "reduction", "kd_scale",
+                     "compute_grad")
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hs, ws, bs, ht, wt, bt, labels = inputs[:7]
+    ctx.opts = dict(zip(_LINEAR_OPT_NAMES, inputs[7:]))
+    ctx.has_bias = bs is not None
+    _no_zero_gradients(ctx, output[1:])
+    if not ctx.opts["compute_grad"]:
+        return
+    if ctx.opts["reduction"] == "none":
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _linear_backward(ctx, grad_loss, *_grads_of_grads):
+    o = ctx.opts
+    if not o["compute_grad"] or grad_loss is None:
+        return (None,) * 15
+    if o["reduction"] == "none":
+        hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
+        gh, gw, gb = linear_kd_loss_backward_op(grad_loss, hs, ws, bs, ht, wt, bt, labels, o["alpha"],
+                                                 o["temperature"], o["divergence"], o["beta"],
+                                                 o["ignore_index"], o["kd_scale"])
+    else:
+        gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
+    gh, gw, gb = refuse_double_backward("linear_kd_loss", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
+    return (gh, gw, gb) + (None,) * 12
+
+
+backends.register_autograd(linear_kd_loss_op, _linear_backward, setup_context=_linear_setup_context)
+# Autocast: the lm_head products run in the autocast dtype, as torch.nn.functional.linear's
+# would (the usual loop: bf16 hidden states, float32 lm_head weights); statistics in float32.
+_autocast.register("linear_kd_loss", cast=("student_hidden", "student_weight", "student_bias",
+                                           "teacher_hidden", "teacher_weight", "teacher_bias"))
+_autocast.register("linear_kd_loss_backward")
