@@ -201,7 +201,8 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                                                            divergence=divergence, beta=beta)
     if labels is not None and alpha != 0:
         safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
-        rows = rows + alpha * (torch.logsumexp(s, dim=-1) - s.gather(1, safe[:, None]).squeeze(1))
+        # -log softmax(s)[y]: shifted by the max first, like lse(s) - s_y but exact for huge logits
+        rows = rows - alpha * torch.log_softmax(s, dim=-1).gather(1, safe[:, None]).squeeze(1)
     return _defined_and_counted(rows, s, t, labels, ignore_index)
 
 
