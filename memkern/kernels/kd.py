@@ -321,23 +321,24 @@ def _linear_kd_stats_kernel(
         t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
                          HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
-        s = tl.where(mask_v[None, :], s, neg_inf)
-        t = tl.where(mask_v[None, :], t, neg_inf)
-        ms_new = tl.maximum(ms, tl.max(s, axis=1))
-        mt_new = tl.maximum(mt, tl.max(t, axis=1))
-        # A row may have seen nothing but -inf so far (masks, padding): -inf - (-inf) must
-        # give the weight 0 and the shift 0, not NaN.
-        shift_s = tl.where(ms == ms_new, 0.0, (ms_new - ms) * inv_t)
-        shift_t = tl.where(mt == mt_new, 0.0, (mt_new - mt) * inv_t)
-        a = tl.where(s == neg_inf, neg_inf, (s - ms_new[:, None]) * inv_t)
-        b = tl.where(t == neg_inf, neg_inf, (t - mt_new[:, None]) * inv_t)
-        es = tl.exp(a)
-        et = tl.exp(b)
+        ms_new = tl.maximum(ms, tl.max(tl.where(mask_v[None, :], s, neg_inf), axis=1))
+        mt_new = tl.maximum(mt, tl.max(tl.where(mask_v[None, :], t, neg_inf), axis=1))
+        # Weight 0 for padding columns and -inf logits (where a row that has seen only -inf
+        # gives -inf - (-inf)); padding's a and b are 0, so plain inputs meet no NaN. The
+        # shift from a maximum of -inf is taken as 0: what it would move is 0 or +inf.
+        live_s = mask_v[None, :] & (s != neg_inf)
+        live_t = mask_v[None, :] & (t != neg_inf)
+        a = tl.where(mask_v[None, :], (s - ms_new[:, None]) * inv_t, 0.0)
+        b = tl.where(mask_v[None, :], (t - mt_new[:, None]) * inv_t, 0.0)
+        es = tl.where(live_s, tl.exp(a), 0.0)
+        et = tl.where(live_t, tl.exp(b), 0.0)
+        shift_s = tl.where((ms == ms_new) | (ms == neg_inf), 0.0, (ms_new - ms) * inv_t)
+        shift_t = tl.where((mt == mt_new) | (mt == neg_inf), 0.0, (mt_new - mt) * inv_t)
         rs = tl.exp(-shift_s)
         rt = tl.exp(-shift_t)
         if CE:
-            r1 = tl.where(ms == ms_new, 1.0, tl.exp(ms - ms_new))
-            z1 = z1 * r1 + tl.sum(tl.where(s == neg_inf, 0.0, tl.exp(s - ms_new[:, None])), axis=1)
+            r1 = tl.where((ms == ms_new) | (ms == neg_inf), 1.0, tl.exp(ms - ms_new))
+            z1 = z1 * r1 + tl.sum(tl.where(live_s, tl.exp(s - ms_new[:, None]), 0.0), axis=1)
             s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
         # Old terms whose weights the new maximum makes underflow (r == 0) add 0, as the
         # row kernel's final weights would; with nothing seen yet (z == 0) there are none.
