@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import memkern
-from conftest import CPU_BACKENDS, REL_TOL, assert_rel_close, require_backend
+from conftest import CPU_BACKENDS, assert_rel_close, require_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf/NaN
 
@@ -103,14 +103,20 @@ def run_kd(backend, s, t, labels, **opts):
     return loss.detach(), student.grad
 
 
-def run_linear(backend, hs, ws, bs, ht, wt, bt, labels, **opts):
-    """(per-row loss, grad_h, grad_w, grad_b) from linear_kd_loss on ``backend``."""
+def run_linear(backend, hs, ws, bs, ht, wt, bt, labels, reduction="none", **opts):
+    """(per-row loss, grad_h, grad_w, grad_b) from linear_kd_loss on ``backend``; the
+    gradients of the sum of the rows, through ``reduction``: "none" (backward recomputes
+    the logits) or "sum" (the gradients come from the forward pass)."""
     require_backend("linear_kd_loss", backend, hs, ws)
     h, w, b = (x.clone().requires_grad_() for x in (hs, ws, bs))
     with memkern.use_backend(backend):
-        loss = memkern.ops.linear_kd_loss(h, w, ht, wt, labels, student_bias=b, teacher_bias=bt,
-                                          reduction="none", **opts)
-    loss.sum().backward()
+        call = lambda reduction: memkern.ops.linear_kd_loss(  # noqa: E731
+            h, w, ht, wt, labels, student_bias=b, teacher_bias=bt, reduction=reduction, **opts)
+        loss = call(reduction)
+        loss.sum().backward()
+        if reduction != "none":
+            with torch.no_grad():
+                loss = call("none")
     return loss.detach(), h.grad, w.grad, b.grad
 
 
@@ -385,23 +391,23 @@ def _linear_cases():
     for relation in RELATIONS:
         for pair_id in ("-inf/-inf", "finfo.min/finfo.min"):
             s_mask, t_mask = MASK_PAIRS[pair_id]
-            for temperature in (0.5, 2.0):
+            for temperature, reduction in ((0.5, "sum"), (2.0, "none")):
                 for divergence in DIVERGENCES:
                     if not _finite_mask_under_mass(relation, divergence, s_mask, t_mask, temperature):
-                        yield pytest.param(relation, s_mask, t_mask, temperature, divergence,
-                                           id=f"{relation}-{pair_id}-T{temperature}-{divergence}")
+                        yield pytest.param(relation, s_mask, t_mask, temperature, reduction, divergence,
+                                           id=f"{relation}-{pair_id}-T{temperature}-{reduction}-{divergence}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("relation, s_mask, t_mask, temperature, divergence", list(_linear_cases()))
+@pytest.mark.parametrize("relation, s_mask, t_mask, temperature, reduction, divergence", list(_linear_cases()))
 def test_linear_kd_loss_masked_through_bias_matches_float64_truth(backend, relation, s_mask, t_mask,
-                                                                  temperature, divergence):
+                                                                  temperature, reduction, divergence):
     (hs, ws, bs, ht, wt, bt), col_s, col_t = _linear_inputs(relation, s_mask, t_mask)
     live = (~col_s).nonzero().squeeze(1)
     labels = live[torch.randint(0, live.numel(), (hs.shape[0],))]
     labels[1] = -100
     opts = dict(alpha=0.3, temperature=temperature, divergence=divergence)
-    loss, gh, gw, gb = run_linear(backend, hs, ws, bs, ht, wt, bt, labels, **opts)
+    loss, gh, gw, gb = run_linear(backend, hs, ws, bs, ht, wt, bt, labels, reduction, **opts)
     ref, ref_gh, ref_gw, ref_gb = truth_linear(hs, ws, bs, ht, wt, bt, labels, **opts)
     assert_rows_match(loss, ref)
     if (relation, divergence) == ("teacher", "reverse_kl"):
@@ -457,3 +463,18 @@ def test_linear_huge_finite_logits_match_float64_truth(backend, divergence):
     assert_rel_close(loss, ref, torch.float32)
     for out, want in ((gh, ref_gh), (gw, ref_gw), (gb, ref_gb)):
         assert_rel_close(out, want, torch.float32, factor=10)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])  # the float64 backends
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradcheck_float64_with_masks_on_both_sides(backend, divergence):
+    s = torch.randn(3, 7, dtype=torch.float64)
+    t = torch.randn(3, 7, dtype=torch.float64)
+    s[:, 2], t[:, 2] = -INF, torch.finfo(torch.float64).min
+    s[:, 4], t[:, 4] = FMIN, -INF
+    labels = torch.tensor([0, -100, 6])
+    require_backend("kd_loss_rows", backend, s)
+    with memkern.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda x: memkern.ops.kd_loss(x, t, labels, alpha=0.3, temperature=0.5, divergence=divergence,
+                                          reduction="sum"), (s.requires_grad_(),))

@@ -49,16 +49,17 @@ inline int32_t float_to_bits(float f) {
   return i;
 }
 
-// e^x for x <= 88, exact down to the subnormals and exactly 0 below them (and at -inf):
+// e^x for x <= 88, and exactly 0 below the normal range (e^-87.34 = FLT_MIN) and at -inf:
 // a masked entry's probability must be 0, not a tiny number that a log-probability of
-// -3.4e38 (a finfo.min mask) turns back into O(1). 2^n below the normal range is built as
-// 2^(n+64) * 2^-64, so the result is rounded once. NaN gives 0 (no undefined int
-// conversion), and so does -inf - (-inf) in log_mix: both only ever meet products that
-// are selected away (rows holding NaN are flagged in pass 1).
+// -3.4e38 (a finfo.min mask) turns back into O(1) (clamping at e^-87 gave 5.6 for 0).
+// The subnormal range is flushed too, as CUDA's fast exp does: weights below 1.2e-38 move
+// no sum, and building exact subnormals (2^n as 2^(n+64) * 2^-64) made a vectorised loop
+// of 32000 exps 30% slower than this (0.19 vs 0.145 ms; 0.13 ms for the old clamp). NaN
+// gives 0 (no undefined int conversion), and so does -inf - (-inf) in log_mix: both only
+// ever meet products that are selected away (rows holding NaN are flagged in pass 1).
 inline float vexp(float x) {
-  const float lowest = -104.0f;  // e^-104 < 2^-150: rounds to 0
-  const bool zero = !(x >= lowest);
-  x = zero ? lowest : x;
+  const bool zero = !(x >= -87.33f);
+  x = zero ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -70,10 +71,7 @@ inline float vexp(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  const bool subnormal = n < -126.0f;
-  const float scale = bits_to_float((static_cast<int32_t>(n) + (subnormal ? 64 : 0) + 127) << 23);
-  const float result = y * scale * (subnormal ? 5.42101086242752217e-20f /* 2^-64 */ : 1.0f);
-  return zero ? 0.0f : result;
+  return zero ? 0.0f : y * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
 }
 inline double vexp(double x) { return std::exp(x); }
 
