@@ -478,3 +478,34 @@ def test_gradcheck_float64_with_masks_on_both_sides(backend, divergence):
         assert torch.autograd.gradcheck(
             lambda x: memkern.ops.kd_loss(x, t, labels, alpha=0.3, temperature=0.5, divergence=divergence,
                                           reduction="sum"), (s.requires_grad_(),))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_backends_agree_row_by_row(divergence, temperature):
+    """One batch holding every kind of row: all backends give the same loss and gradient,
+    the same +inf and NaN entries included."""
+    vocab = 12
+    s = torch.randn(9, vocab) * 2
+    t = torch.randn(9, vocab) * 2
+    t[0, 3:6] = FMIN  # teacher masked
+    t[1, 3:6] = -INF
+    s[2, 3:6], t[2, 3:6] = FMIN, -INF  # both masked
+    s[3, 7] = -INF  # student masked under teacher mass: forward_kl +inf
+    t[4, 7] = -INF  # teacher masked under student mass: reverse_kl +inf
+    s[5] = -INF  # no distribution
+    t[6, 2] = float("nan")
+    s[7], t[7] = -INF, -INF  # ignored
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, -100, 8])
+    opts = dict(alpha=0.25, temperature=temperature, divergence=divergence)
+    results = {b: run_kd(b, s, t, labels, **opts) for b in CPU_BACKENDS}
+    ref_loss, ref_grad = results["torch"]
+    for backend, (loss, grad) in results.items():
+        for out, ref in ((loss, ref_loss), (grad, ref_grad)):
+            assert torch.equal(torch.isnan(out), torch.isnan(ref)), backend
+            assert torch.equal(out == INF, ref == INF), backend
+            fin = torch.isfinite(ref)
+            assert_rel_close(out[fin], ref[fin], torch.float32, factor=10)
+    assert torch.isnan(ref_loss[[5, 6]]).all() and ref_loss[7].item() == 0.0
+    assert (ref_loss[3].item() == INF) == (divergence == "forward_kl")
+    assert (ref_loss[4].item() == INF) == (divergence == "reverse_kl")
