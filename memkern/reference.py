@@ -110,6 +110,63 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 KD_REDUCTIONS = ("mean", "sum", "none")
 
+# Masked and non-finite logits: the semantics every kernel mirrors (the functions below
+# are their statement). Per row, p = softmax(t / T) (teacher), q = softmax(s / T) (student).
+#
+# * Probabilities come from max-shifted logits, (z - max z) / T, so huge finite logits
+#   (+-1e30) are exact. An entry whose logit is -inf, or whose shifted value passes the
+#   float range (finfo.min at T < 1), or whose exponential underflows, has probability
+#   exactly 0. Log-probabilities of entries with finite shifted logits stay finite,
+#   however small the probability: a student logit of -1e4 under teacher mass gives a
+#   large finite forward KL, not +inf.
+# * Every term a * log(a / b) with a = 0 is 0, also where b = 0 (0 log 0 = 0, 0 log 0/0 = 0).
+#   So an entry masked in the distribution that weights it adds nothing, and a teacher
+#   masked with finfo.min or -inf gives the same loss as dropping the entry.
+# * forward_kl = KL(p || q) is +inf where p > 0 and log q = -inf (the student's logit is
+#   -inf); reverse_kl = KL(q || p) is +inf where q > 0 and log p = -inf; jsd is finite.
+#   A finite mask value is a logit like any other: under the other side's mass it gives a
+#   term of order mass * |mask| / T (use -inf to mark an entry as impossible).
+# * The cross entropy is +inf when the label's student logit is -inf.
+# * A term whose weight is 0 adds 0 even where it is +inf (alpha = 1 ignores the teacher,
+#   alpha = 0 the labels).
+# * Gradients (d loss / d student logits) are finite wherever the loss is finite, and 0 at
+#   entries whose student probability is 0. Where forward_kl or the cross entropy is +inf
+#   the gradient is still the finite closed form (q - p, softmax(s) - onehot(y)): the
+#   limit of the gradient as the masked logits go to -inf. Where reverse_kl is +inf that
+#   limit does not exist, and the row's gradient is NaN.
+# * A row is undefined when its student or teacher logits hold a NaN or +inf, or are all
+#   -inf (no distribution): its loss and gradient are NaN (0 when its label is ignored).
+
+
+def kd_rows_defined(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per row of 2-D logits: whether student and teacher each define a distribution (no
+    NaN, no +inf, some entry above -inf). amax propagates NaN, so one test covers all."""
+    return torch.isfinite(student_logits.amax(-1)) & torch.isfinite(teacher_logits.amax(-1))
+
+
+def kd_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) per row, from the max-shifted logits as in every kernel
+    (the max is a constant shift: detached, it leaves the gradient exact)."""
+    shifted = logits - logits.detach().amax(-1, keepdim=True)
+    return torch.log_softmax(shifted / temperature, dim=-1)
+
+
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a * (log a - log b) per entry with a = e^log_a, and 0 wherever a is 0. The ratio is
+    zeroed before the product, so autograd sees no 0 * inf either."""
+    a = log_a.exp()
+    return a * torch.where(a == 0, torch.zeros_like(log_a), log_a - log_b)
+
+
+def _kd_log_mix(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m = log(beta p + (1 - beta) q); -inf where p and q are both 0 (logaddexp's
+    gradient at (-inf, -inf) is NaN, so those entries never enter it)."""
+    a, b = log_p + math.log(beta), log_q + math.log1p(-beta)
+    both_zero = (a == -math.inf) & (b == -math.inf)
+    zero = torch.zeros_like(a)
+    mixed = torch.logaddexp(torch.where(both_zero, zero, a), torch.where(both_zero, zero, b))
+    return torch.where(both_zero, torch.full_like(a, -math.inf), mixed)
+
 
 def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                        temperature: float, divergence: str, beta: float) -> torch.Tensor:
@@ -117,37 +174,47 @@ def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
     forward_kl = KL(p || q); reverse_kl = KL(q || p); jsd = beta * KL(p || m) +
     (1 - beta) * KL(q || m) with m = beta * p + (1 - beta) * q; p is the teacher's
-    distribution and q the student's.
+    distribution and q the student's. Masked entries: see the notes above.
     """
-    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    log_q = kd_log_probs(student_logits, temperature)
+    log_p = kd_log_probs(teacher_logits, temperature)
     if divergence == "forward_kl":
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        return _kl_terms(log_p, log_q).sum(-1)
     if divergence == "reverse_kl":
-        return (log_q.exp() * (log_q - log_p)).sum(-1)
+        return _kl_terms(log_q, log_p).sum(-1)
     if divergence == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        return (beta * (log_p.exp() * (log_p - log_m)).sum(-1)
-                + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1))
+        log_m = _kd_log_mix(log_p, log_q, beta)
+        return beta * _kl_terms(log_p, log_m).sum(-1) + (1 - beta) * _kl_terms(log_q, log_m).sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
 def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  labels: torch.Tensor | None, *, alpha: float, temperature: float, divergence: str,
                  beta: float, ignore_index: int, kd_scale: float) -> torch.Tensor:
-    """Per-row loss l_i of 2-D (rows, V) logits (see :func:`kd_loss`); 0 for ignored rows."""
+    """Per-row loss l_i of 2-D (rows, V) logits (see :func:`kd_loss`); 0 for ignored rows,
+    NaN for rows that are not (kd_rows_defined)."""
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
-    rows = (1 - alpha) * kd_scale * kd_divergence_rows(s, t, temperature=temperature,
-                                                       divergence=divergence, beta=beta)
+    rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
+    if alpha != 1:  # with weight 0 the soft term adds 0, even where it is +inf
+        rows = (1 - alpha) * kd_scale * kd_divergence_rows(s, t, temperature=temperature,
+                                                           divergence=divergence, beta=beta)
+    if labels is not None and alpha != 0:
+        safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
+        # -log softmax(s)[y]: shifted by the max first, like lse(s) - s_y but exact for huge logits
+        rows = rows - alpha * torch.log_softmax(s, dim=-1).gather(1, safe[:, None]).squeeze(1)
+    return _defined_and_counted(rows, s, t, labels, ignore_index)
+
+
+def _defined_and_counted(per_row: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                         labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """``per_row`` (rows or rows x V) with NaN in undefined rows, then 0 in ignored ones."""
+    defined = kd_rows_defined(s, t).reshape(-1, *([1] * (per_row.dim() - 1)))
+    per_row = torch.where(defined, per_row, torch.full_like(per_row, math.nan))
     if labels is None:
-        return rows
-    valid = labels != ignore_index
-    if alpha != 0:
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        ce = torch.logsumexp(s, dim=-1) - s.gather(1, safe[:, None]).squeeze(1)
-        rows = rows + alpha * ce
-    return torch.where(valid, rows, torch.zeros_like(rows))
+        return per_row
+    counted = (labels != ignore_index).reshape(defined.shape)
+    return torch.where(counted, per_row, torch.zeros_like(per_row))
 
 
 def kd_loss_rows_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -163,37 +230,39 @@ def kd_loss_rows_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     * reverse_kl and jsd: c * q * (g - sum(q * g)), the softmax chain rule for a loss f(q)
       with g = df/dq: g = log q - log p for reverse_kl, g = (1 - beta) * (log q - log m) for
       jsd (in both, the remaining terms of df/dq are constant over the row and cancel);
+      q * g is 0 where q is 0, and sum(q * g) is reverse_kl itself: where that is +inf the
+      row's gradient is NaN;
     * cross entropy: alpha * (softmax(s) - onehot(y)).
 
-    Rows whose label is ignore_index get zeros.
+    Rows whose label is ignore_index get zeros, undefined rows NaN.
     """
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
-    log_q = torch.log_softmax(s / temperature, dim=-1)
-    log_p = torch.log_softmax(t / temperature, dim=-1)
-    q = log_q.exp()
+    grad = torch.zeros_like(s)
     c = (1 - alpha) * kd_scale / temperature
-    if divergence == "forward_kl":
-        grad = c * (q - log_p.exp())
-    elif divergence in ("reverse_kl", "jsd"):
-        if divergence == "reverse_kl":
-            g = log_q - log_p
+    if c != 0:  # with weight 0 the soft term adds 0, even where it is +inf
+        log_q = kd_log_probs(s, temperature)
+        log_p = kd_log_probs(t, temperature)
+        q = log_q.exp()
+        if divergence == "forward_kl":
+            grad = c * (q - log_p.exp())
+        elif divergence in ("reverse_kl", "jsd"):
+            if divergence == "reverse_kl":
+                g = log_q - log_p
+            else:
+                g = (1 - beta) * (log_q - _kd_log_mix(log_p, log_q, beta))
+            qg = torch.where(q == 0, torch.zeros_like(q), q * g)
+            total = qg.sum(-1, keepdim=True)
+            grad = c * (qg - q * total)
+            grad = torch.where(total == math.inf, torch.full_like(grad, math.nan), grad)
         else:
-            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-            g = (1 - beta) * (log_q - log_m)
-        qg = torch.where(q > 0, q * g, torch.zeros_like(q))  # q log q -> 0 as q -> 0
-        grad = c * (qg - q * qg.sum(-1, keepdim=True))
-    else:
-        raise ValueError(f"unknown divergence {divergence!r}")
-    if labels is not None:
-        valid = labels != ignore_index
-        if alpha != 0:
-            safe = torch.where(valid, labels, torch.zeros_like(labels))
-            ce = torch.softmax(s, dim=-1)
-            ce.scatter_add_(1, safe[:, None], -torch.ones_like(ce[:, :1]))
-            grad = grad + alpha * ce
-        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
-    return grad * row_weight.to(dtype)[:, None]
+            raise ValueError(f"unknown divergence {divergence!r}")
+    if labels is not None and alpha != 0:
+        safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
+        ce = torch.softmax(s, dim=-1)
+        ce.scatter_add_(1, safe[:, None], -torch.ones_like(ce[:, :1]))
+        grad = grad + alpha * ce
+    return _defined_and_counted(grad, s, t, labels, ignore_index) * row_weight.to(dtype)[:, None]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

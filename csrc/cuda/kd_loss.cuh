@@ -4,6 +4,11 @@
 // KL numerators relative to the maxima; the JSD sums; the gradient), each a strided sweep
 // of the row by the block followed by a block reduction. Rows are read up to four times,
 // from L2 for rows up to a few MB; the gradient is written once.
+//
+// Masked logits follow memkern/reference.py (its notes on masked and non-finite logits),
+// as the CPU kernel does: an entry of probability 0 adds nothing to a KL sum even where
+// the other side's log-probability is -inf (kl_term); reverse_kl of +inf leaves a NaN
+// gradient; rows holding NaN or +inf, or all -inf, are NaN.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -36,6 +41,10 @@ __device__ __forceinline__ float block_reduce(float v, float* smem) {
   return v;
 }
 
+// a * log_ratio, 0 where a == 0 (0 log 0 = 0, also against a -inf log-probability)
+__device__ __forceinline__ float kl_term(float a, float log_ratio) { return a == 0.0f ? 0.0f : a * log_ratio; }
+
+// NaN where lp and lq are both -inf: it only meets kl_term with a == 0 there
 __device__ __forceinline__ float log_mix(float lp, float lq, float log_beta, float log_1mb) {
   const float a = lp + log_beta, b = lq + log_1mb;
   const float hi = fmaxf(a, b), lo = fminf(a, b);
@@ -72,23 +81,26 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(
   ms = block_reduce<kThreads, true>(ms, smem);
   mt = block_reduce<kThreads, true>(mt, smem);
   nan = block_reduce<kThreads, false>(nan, smem);
-  if (nan > 0.0f || V == 0) {
+  // NaN or +inf anywhere, or all -inf (V == 0 too): no distribution, NaN
+  if (nan > 0.0f || !(isfinite(ms) && isfinite(mt))) {
     if (threadIdx.x == 0) loss[row] = NAN;
     if (g)
       for (int64_t j = threadIdx.x; j < V; j += kThreads) store_f(g + j, NAN);
     return;
   }
 
-  // pass 2: normalisers and the KL numerator relative to the maxima
+  // pass 2: normalisers and the KL numerator relative to the maxima; a = (s-ms)/T and
+  // b = (t-mt)/T are scaled before they are subtracted (finfo.min at T < 1 is -inf)
   const float inv_t = p.inv_t;
   float z1 = 0.0f, zs = 0.0f, zt = 0.0f, num = 0.0f;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float ds = load_f(s + j) - ms, dt = load_f(t + j) - mt;
-    const float es = expf(ds * inv_t), et = expf(dt * inv_t);
+    const float ds = load_f(s + j) - ms;
+    const float a = ds * inv_t, b = (load_f(t + j) - mt) * inv_t;
+    const float es = expf(a), et = expf(b);
     if (p.ce) z1 += expf(ds);
     zs += es;
     zt += et;
-    num += p.divergence == 1 ? es * (ds - dt) : et * (dt - ds);
+    num += p.divergence == 1 ? kl_term(es, a - b) : kl_term(et, b - a);
   }
   z1 = block_reduce<kThreads, false>(z1, smem);
   zs = block_reduce<kThreads, false>(zs, smem);
@@ -96,41 +108,51 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(
   num = block_reduce<kThreads, false>(num, smem);
   const float log_zs = logf(zs), log_zt = logf(zt);
   const float ce = p.ce ? logf(z1) - (load_f(s + y) - ms) : 0.0f;
-  float d = 0.0f, kq = 0.0f;
+  // mean_ab: reverse_kl's E_q[a - b]; its gradient takes log q - log p - d as
+  // (a - b) - mean_ab, exactly 0 where q is one-hot however huge the logits
+  float d = 0.0f, kq = 0.0f, mean_ab = 0.0f;
   if (p.divergence == 0) {
-    d = num * inv_t / zt - log_zt + log_zs;
+    d = num / zt - log_zt + log_zs;
   } else if (p.divergence == 1) {
-    d = num * inv_t / zs - log_zs + log_zt;
+    mean_ab = num / zs;
+    d = mean_ab - log_zs + log_zt;
   } else {
     float dp = 0.0f, dq = 0.0f;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) {
       const float lq = (load_f(s + j) - ms) * inv_t - log_zs, lp = (load_f(t + j) - mt) * inv_t - log_zt;
       const float lm = log_mix(lp, lq, p.log_beta, p.log_1mb);
-      dp += expf(lp) * (lp - lm);
-      dq += expf(lq) * (lq - lm);
+      dp += kl_term(expf(lp), lp - lm);
+      dq += kl_term(expf(lq), lq - lm);
     }
     dp = block_reduce<kThreads, false>(dp, smem);
     kq = block_reduce<kThreads, false>(dq, smem);
     d = p.beta * dp + (1.0f - p.beta) * kq;
   }
-  if (threadIdx.x == 0) loss[row] = p.alpha * ce + p.c_kd * d;
+  const bool kd = p.c_kd != 0.0f;  // a soft term of weight 0 (alpha = 1) adds 0, even if +inf
+  if (threadIdx.x == 0) loss[row] = p.alpha * ce + (kd ? p.c_kd * d : 0.0f);
   if (!g) return;
+  if (p.divergence == 1 && kd && d == INFINITY) {  // reverse_kl of +inf: the gradient has no limit
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) store_f(g + j, NAN);
+    return;
+  }
 
   // pass 4: the gradient
   const float w = p.grad_scale * (row_scale ? row_scale[row] : 1.0f);
   const float w_ce = p.ce ? p.alpha * w / z1 : 0.0f;
-  const float w_kd = p.c_kd * inv_t * w;
+  const float w_kd = kd ? p.c_kd * inv_t * w : 0.0f;
   const float inv_zs = 1.0f / zs, inv_zt = 1.0f / zt;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float ds = load_f(s + j) - ms, dt = load_f(t + j) - mt;
+    const float ds = load_f(s + j) - ms;
+    const float a = ds * inv_t, b = (load_f(t + j) - mt) * inv_t;
     float gj;
     if (p.divergence == 0) {
-      gj = w_kd * (expf(ds * inv_t) * inv_zs - expf(dt * inv_t) * inv_zt);
+      gj = w_kd * (expf(a) * inv_zs - expf(b) * inv_zt);
     } else {
-      const float lq = ds * inv_t - log_zs, lp = dt * inv_t - log_zt;
-      gj = p.divergence == 1 ? w_kd * expf(lq) * (lq - lp - d)
-                             : w_kd * (1.0f - p.beta) * expf(lq) *
-                                   (lq - log_mix(lp, lq, p.log_beta, p.log_1mb) - kq);
+      const float lq = a - log_zs;
+      const float ratio = p.divergence == 1 ? (a - b) - mean_ab
+                                            : lq - log_mix(b - log_zt, lq, p.log_beta, p.log_1mb) - kq;
+      const float w_q = p.divergence == 1 ? w_kd : w_kd * (1.0f - p.beta);
+      gj = w_q == 0.0f ? 0.0f : w_q * kl_term(expf(lq), ratio);
     }
     if (p.ce) gj += w_ce * expf(ds) - (j == y ? p.alpha * w : 0.0f);
     store_f(g + j, gj);

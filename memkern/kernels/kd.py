@@ -54,20 +54,45 @@ _FKL, _RKL, _JSD = 0, 1, 2
 # Columns of the per-row statistics (rows x _N_STATS float32) that the fused-linear forward
 # leaves for the gradient kernel: the maxima of the student and teacher logits, the logs of
 # the temperature-T normalisers and the temperature-1 normaliser of the cross entropy
-# (all relative to the maxima), the divergence d (reverse KL's gradient needs it), JSD's
-# KL(q || m) term kq, and the NaN flag.
-_ST_MS, _ST_MT, _ST_LOG_ZS, _ST_LOG_ZT, _ST_Z1, _ST_D, _ST_KQ, _ST_NAN = (tl.constexpr(i) for i in range(8))
+# (all relative to the maxima), reverse KL's E_q[a - b] (its gradient needs it), JSD's
+# KL(q || m) term kq, and whether the row is undefined (NaN, +inf or all -inf: _undefined).
+_ST_MS, _ST_MT, _ST_LOG_ZS, _ST_LOG_ZT, _ST_Z1, _ST_MEAN_AB, _ST_KQ, _ST_UNDEFINED = (
+    tl.constexpr(i) for i in range(8))
 _N_STATS = tl.constexpr(8)
 
 
 @triton.jit
 def _log_mix(lp, lq, log_beta, log_1mb):
-    # log(beta * e^lp + (1 - beta) * e^lq) without overflow
+    # log(beta * e^lp + (1 - beta) * e^lq) without overflow (NaN where both are -inf: it
+    # only meets _kl_term with a == 0 there)
     a = lp + log_beta
     b = lq + log_1mb
     hi = tl.maximum(a, b)
     lo = tl.minimum(a, b)
     return hi + tl.log(1.0 + tl.exp(lo - hi))
+
+
+# Masked logits follow memkern/reference.py (its notes on masked and non-finite logits):
+# an entry of probability 0 adds nothing to a KL sum, even where the other side's
+# log-probability is -inf; reverse_kl of +inf leaves a NaN gradient; rows holding NaN or
+# +inf, or all -inf, are NaN. These three helpers are those rules for every kernel here.
+@triton.jit
+def _kl_term(a, log_ratio):
+    """a * log_ratio, 0 where a == 0 (0 log 0 = 0, also against a -inf log-probability)."""
+    return tl.where(a == 0.0, 0.0, a * log_ratio)
+
+
+@triton.jit
+def _undefined(has_nan, ms, mt):
+    """A row is no distribution: NaN or +inf in it (NaN-free maxima ms, mt), or all -inf."""
+    inf = float("inf")
+    return has_nan | (ms == inf) | (ms == -inf) | (mt == inf) | (mt == -inf)
+
+
+@triton.jit
+def _soft_weight(c_kd, d):
+    """c_kd * d, with 0 for a switched-off soft term (alpha = 1) even where d is +inf."""
+    return tl.where(c_kd == 0.0, 0.0, c_kd * d)
 
 
 @triton.jit
@@ -103,7 +128,7 @@ def _kd_rows_kernel(
         mt_v = tl.maximum(mt_v, tl.where(t == t, t, float("-inf")))
     ms = tl.max(ms_v, axis=0)
     mt = tl.max(mt_v, axis=0)
-    has_nan = tl.max(nan_v, axis=0) > 0
+    undefined = _undefined(tl.max(nan_v, axis=0) > 0, ms, mt)
 
     # pass 2: normalisers and the KL numerator, relative to the maxima
     z1_v = tl.zeros([BLOCK], tl.float32)
@@ -114,17 +139,20 @@ def _kd_rows_kernel(
         cols = start + offs
         mask = cols < V
         ds = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) - ms
-        dt = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt
-        es = tl.where(mask, tl.exp(ds * inv_t), 0.0)
-        et = tl.where(mask, tl.exp(dt * inv_t), 0.0)
+        # scaled before they are subtracted: a shifted logit past the float range
+        # (finfo.min at T < 1) is -inf in the log-ratio as in the weight
+        a = ds * inv_t
+        b = (tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt) * inv_t
+        es = tl.where(mask, tl.exp(a), 0.0)
+        et = tl.where(mask, tl.exp(b), 0.0)
         if CE:
             z1_v += tl.where(mask, tl.exp(ds), 0.0)
         zs_v += es
         zt_v += et
         if DIV == 0:
-            num_v += et * (dt - ds)
+            num_v += _kl_term(et, b - a)
         if DIV == 1:
-            num_v += es * (ds - dt)
+            num_v += _kl_term(es, a - b)
     zs = tl.sum(zs_v, axis=0)
     zt = tl.sum(zt_v, axis=0)
     log_zs = tl.log(zs)
@@ -136,10 +164,14 @@ def _kd_rows_kernel(
         s_y = tl.load(s_row + y).to(tl.float32)
         ce = tl.log(z1) - (s_y - ms)
     kq = 0.0
+    # reverse_kl's E_q[a - b]: its gradient takes log q - log p - d as (a - b) - E_q[a - b],
+    # without the normalisers, which is exactly 0 where q is one-hot however huge the logits
+    mean_ab = 0.0
     if DIV == 0:
-        d = tl.sum(num_v, axis=0) * inv_t / zt - log_zt + log_zs
+        d = tl.sum(num_v, axis=0) / zt - log_zt + log_zs
     elif DIV == 1:
-        d = tl.sum(num_v, axis=0) * inv_t / zs - log_zs + log_zt
+        mean_ab = tl.sum(num_v, axis=0) / zs
+        d = mean_ab - log_zs + log_zt
     else:
         # pass 3 (jsd)
         dp_v = tl.zeros([BLOCK], tl.float32)
@@ -150,13 +182,13 @@ def _kd_rows_kernel(
             lq = (tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) - ms) * inv_t - log_zs
             lp = (tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt) * inv_t - log_zt
             lm = _log_mix(lp, lq, log_beta, log_1mb)
-            dp_v += tl.where(mask, tl.exp(lp) * (lp - lm), 0.0)
-            dq_v += tl.where(mask, tl.exp(lq) * (lq - lm), 0.0)
+            dp_v += tl.where(mask, _kl_term(tl.exp(lp), lp - lm), 0.0)
+            dq_v += tl.where(mask, _kl_term(tl.exp(lq), lq - lm), 0.0)
         kq = tl.sum(dq_v, axis=0)
         d = beta * tl.sum(dp_v, axis=0) + (1.0 - beta) * kq
-    loss = alpha * ce + c_kd * d
+    loss = alpha * ce + _soft_weight(c_kd, d)
     loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(has_nan & valid, float("nan"), loss)
+    loss = tl.where(undefined & valid, float("nan"), loss)
     tl.store(loss_ptr + row, loss)
 
     if WRITE_GRAD:
@@ -168,25 +200,29 @@ def _kd_rows_kernel(
         w = tl.where(valid, w, 0.0)
         w_ce = alpha * w / z1
         w_kd = c_kd * inv_t * w
+        # reverse_kl of +inf: the gradient has no limit
+        no_grad = undefined | ((DIV == 1) & (c_kd != 0.0) & (mean_ab == float("inf")))
         g_row = g_ptr + row * stride_g
         for start in range(0, V, BLOCK):
             cols = start + offs
             mask = cols < V
             ds = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) - ms
-            dt = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt
-            lq = ds * inv_t - log_zs
-            lp = dt * inv_t - log_zt
+            a = ds * inv_t
+            b = (tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - mt) * inv_t
+            lq = a - log_zs
+            lp = b - log_zt
             q = tl.exp(lq)
             if DIV == 0:
-                g = w_kd * (q - tl.exp(lp))
+                g = q - tl.exp(lp)
             elif DIV == 1:
-                g = w_kd * q * (lq - lp - d)
+                g = _kl_term(q, (a - b) - mean_ab)  # = log q - log p - d
             else:
-                g = w_kd * (1.0 - beta) * q * (lq - _log_mix(lp, lq, log_beta, log_1mb) - kq)
+                g = (1.0 - beta) * _kl_term(q, lq - _log_mix(lp, lq, log_beta, log_1mb) - kq)
+            g = tl.where(w_kd == 0.0, 0.0, w_kd * g)  # no soft term (alpha = 1), even if +inf
             if CE:
                 g += w_ce * tl.exp(ds) - tl.where(cols == y, alpha * w, 0.0)
             g = tl.where(valid, g, 0.0)  # NaN logits of an ignored row give 0, not NaN
-            g = tl.where(has_nan & valid, float("nan"), g)
+            g = tl.where(no_grad & valid, float("nan"), g)
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -265,8 +301,10 @@ def _linear_kd_stats_kernel(
 
     neg_inf = float("-inf")
     # Online statistics per row: running maxima of s and t, normalisers relative to them,
-    # the label logit, and the KL numerator sum e^(t'-mt') (t - s) (raw difference, which
-    # does not depend on the maxima, so a new maximum only rescales it).
+    # the label logit, and the KL numerator sum e^b (b - a) (reverse: e^a (a - b)) with
+    # a = (s - ms) / T and b = (t - mt) / T relative to the running maxima, as in the row
+    # kernel (scaled before they are subtracted). A new maximum rescales the normaliser by
+    # r = e^-shift and moves every old a - b by the difference of the scaled shifts.
     ms = tl.full([BLOCK_M], neg_inf, tl.float32)
     mt = tl.full([BLOCK_M], neg_inf, tl.float32)
     z1 = tl.zeros([BLOCK_M], tl.float32)
@@ -283,26 +321,35 @@ def _linear_kd_stats_kernel(
         t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
                          HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
-        diff = tl.where(mask_v[None, :], t - s, 0.0)  # before padding columns become -inf
-        s = tl.where(mask_v[None, :], s, neg_inf)
-        t = tl.where(mask_v[None, :], t, neg_inf)
-        ms_new = tl.maximum(ms, tl.max(s, axis=1))
-        mt_new = tl.maximum(mt, tl.max(t, axis=1))
-        ds = s - ms_new[:, None]
-        dt = t - mt_new[:, None]
-        es = tl.exp(ds * inv_t)
-        et = tl.exp(dt * inv_t)
-        rs = tl.exp((ms - ms_new) * inv_t)
-        rt = tl.exp((mt - mt_new) * inv_t)
+        ms_new = tl.maximum(ms, tl.max(tl.where(mask_v[None, :], s, neg_inf), axis=1))
+        mt_new = tl.maximum(mt, tl.max(tl.where(mask_v[None, :], t, neg_inf), axis=1))
+        # Weight 0 for padding columns and -inf logits (where a row that has seen only -inf
+        # gives -inf - (-inf)); padding's a and b are 0, so plain inputs meet no NaN. The
+        # shift from a maximum of -inf is taken as 0: what it would move is 0 or +inf.
+        live_s = mask_v[None, :] & (s != neg_inf)
+        live_t = mask_v[None, :] & (t != neg_inf)
+        a = tl.where(mask_v[None, :], (s - ms_new[:, None]) * inv_t, 0.0)
+        b = tl.where(mask_v[None, :], (t - mt_new[:, None]) * inv_t, 0.0)
+        es = tl.where(live_s, tl.exp(a), 0.0)
+        et = tl.where(live_t, tl.exp(b), 0.0)
+        shift_s = tl.where((ms == ms_new) | (ms == neg_inf), 0.0, (ms_new - ms) * inv_t)
+        shift_t = tl.where((mt == mt_new) | (mt == neg_inf), 0.0, (mt_new - mt) * inv_t)
+        rs = tl.exp(-shift_s)
+        rt = tl.exp(-shift_t)
         if CE:
-            z1 = z1 * tl.exp(ms - ms_new) + tl.sum(tl.exp(ds), axis=1)
+            r1 = tl.where((ms == ms_new) | (ms == neg_inf), 1.0, tl.exp(ms - ms_new))
+            z1 = z1 * r1 + tl.sum(tl.where(live_s, tl.exp(s - ms_new[:, None]), 0.0), axis=1)
             s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+        # Old terms whose weights the new maximum makes underflow (r == 0) add 0, as the
+        # row kernel's final weights would; with nothing seen yet (z == 0) there are none.
+        if DIV == 0:
+            moved = tl.where(zt == 0.0, 0.0, num - zt * (shift_t - shift_s))
+            num = _kl_term(rt, moved) + tl.sum(_kl_term(et, b - a), axis=1)
+        if DIV == 1:
+            moved = tl.where(zs == 0.0, 0.0, num - zs * (shift_s - shift_t))
+            num = _kl_term(rs, moved) + tl.sum(_kl_term(es, a - b), axis=1)
         zs = zs * rs + tl.sum(es, axis=1)
         zt = zt * rt + tl.sum(et, axis=1)
-        if DIV == 0:
-            num = num * rt + tl.sum(et * diff, axis=1)
-        if DIV == 1:
-            num = num * rs - tl.sum(es * diff, axis=1)
         ms = ms_new
         mt = mt_new
     log_zs = tl.log(zs)
@@ -311,10 +358,12 @@ def _linear_kd_stats_kernel(
     if CE:
         ce = tl.log(z1) + ms - s_y
     kq = tl.zeros([BLOCK_M], tl.float32)
+    mean_ab = tl.zeros([BLOCK_M], tl.float32)  # reverse_kl's E_q[a - b], as in _kd_rows_kernel
     if DIV == 0:
-        d = num * inv_t / zt - (mt - ms) * inv_t - log_zt + log_zs
+        d = num / zt - log_zt + log_zs
     elif DIV == 1:
-        d = num * inv_t / zs - (ms - mt) * inv_t - log_zs + log_zt
+        mean_ab = num / zs
+        d = mean_ab - log_zs + log_zt
     else:
         # second sweep: the JSD needs the normalised distributions
         dp = tl.zeros([BLOCK_M], tl.float32)
@@ -329,13 +378,14 @@ def _linear_kd_stats_kernel(
             lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
             lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
             lm = _log_mix(lp, lq, log_beta, log_1mb)
-            dp += tl.sum(tl.where(mask_v[None, :], tl.exp(lp) * (lp - lm), 0.0), axis=1)
-            dq += tl.sum(tl.where(mask_v[None, :], tl.exp(lq) * (lq - lm), 0.0), axis=1)
+            dp += tl.sum(tl.where(mask_v[None, :], _kl_term(tl.exp(lp), lp - lm), 0.0), axis=1)
+            dq += tl.sum(tl.where(mask_v[None, :], _kl_term(tl.exp(lq), lq - lm), 0.0), axis=1)
         kq = dq
         d = beta * dp + (1.0 - beta) * dq
-    loss = alpha * ce + c_kd * d
+    undefined = _undefined(nan > 0, ms, mt)
+    loss = alpha * ce + _soft_weight(c_kd, d)
     loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(valid & (nan > 0), float("nan"), loss)
+    loss = tl.where(valid & undefined, float("nan"), loss)
     tl.store(loss_ptr + rows_m, loss, mask=mask_m)
     if WRITE_STATS:
         # what the gradient kernel needs to rebuild d loss / d logits from recomputed tiles
@@ -345,9 +395,9 @@ def _linear_kd_stats_kernel(
         tl.store(st + _ST_LOG_ZS, log_zs, mask=mask_m)
         tl.store(st + _ST_LOG_ZT, log_zt, mask=mask_m)
         tl.store(st + _ST_Z1, z1, mask=mask_m)
-        tl.store(st + _ST_D, d, mask=mask_m)
+        tl.store(st + _ST_MEAN_AB, mean_ab, mask=mask_m)
         tl.store(st + _ST_KQ, kq, mask=mask_m)
-        tl.store(st + _ST_NAN, nan.to(tl.float32), mask=mask_m)
+        tl.store(st + _ST_UNDEFINED, undefined.to(tl.float32), mask=mask_m)
 
 
 @triton.jit
@@ -380,7 +430,7 @@ def _linear_kd_grad_kernel(
     mt = tl.load(st + _ST_MT, mask=mask_m, other=0.0)
     log_zs = tl.load(st + _ST_LOG_ZS, mask=mask_m, other=0.0)
     log_zt = tl.load(st + _ST_LOG_ZT, mask=mask_m, other=0.0)
-    has_nan = tl.load(st + _ST_NAN, mask=mask_m, other=0.0) > 0
+    no_grad = tl.load(st + _ST_UNDEFINED, mask=mask_m, other=0.0) > 0
     w = tl.zeros([BLOCK_M], tl.float32) + grad_scale
     if HAS_ROW_SCALE:
         w = w * tl.load(rs_ptr + rows_m, mask=mask_m, other=0.0).to(tl.float32)
@@ -391,25 +441,29 @@ def _linear_kd_grad_kernel(
     t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
                      HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
     ds = s - ms[:, None]
-    lq = ds * inv_t - log_zs[:, None]
-    lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
+    a = ds * inv_t
+    b = (t - mt[:, None]) * inv_t
+    lq = a - log_zs[:, None]
+    lp = b - log_zt[:, None]
     q = tl.exp(lq)
     w_kd = (c_kd * inv_t * w)[:, None]
     if DIV == 0:
-        g = w_kd * (q - tl.exp(lp))
+        g = q - tl.exp(lp)
     elif DIV == 1:
-        d = tl.load(st + _ST_D, mask=mask_m, other=0.0)
-        g = w_kd * q * (lq - lp - d[:, None])
+        mean_ab = tl.load(st + _ST_MEAN_AB, mask=mask_m, other=0.0)
+        no_grad = no_grad | ((c_kd != 0.0) & (mean_ab == float("inf")))  # reverse_kl of +inf: no limit
+        g = _kl_term(q, (a - b) - mean_ab[:, None])  # = log q - log p - d
     else:
         kq = tl.load(st + _ST_KQ, mask=mask_m, other=0.0)
-        g = w_kd * (1.0 - beta) * q * (lq - _log_mix(lp, lq, log_beta, log_1mb) - kq[:, None])
+        g = (1.0 - beta) * _kl_term(q, lq - _log_mix(lp, lq, log_beta, log_1mb) - kq[:, None])
+    g = tl.where(w_kd == 0.0, 0.0, w_kd * g)  # no soft term (alpha = 1), even if +inf
     if CE:
         z1 = tl.load(st + _ST_Z1, mask=mask_m, other=1.0)
         w_ce = alpha * w / z1
         g += w_ce[:, None] * tl.exp(ds) - tl.where(cols[None, :] == y[:, None], (alpha * w)[:, None], 0.0)
     live = valid[:, None] & mask_v[None, :]
     g = tl.where(live, g, 0.0)  # NaN logits of an ignored row give 0, not NaN
-    g = tl.where(live & has_nan[:, None], float("nan"), g)
+    g = tl.where(live & no_grad[:, None], float("nan"), g)
     if HAS_BS:
         tl.atomic_add(gb_ptr + cols, tl.sum(g, axis=0), mask=mask_v, sem="relaxed")
 
