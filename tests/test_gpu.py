@@ -149,7 +149,7 @@ def test_linear_kd_loss_forward_and_gradients(device, backend, dtype, mode, monk
 
 @pytest.mark.parametrize("device, dtype", cases(None, cpu=[(BF16,)], cuda=[(BF16,), (F16,)]))
 def test_weight_gradient_across_vocabulary_slabs(device, dtype, monkeypatch):
-    from memkern.kernels import kd as kd_kernels
+    from memkern.kernels import kd_linear as kd_kernels
 
     vocab = 300 if device == "cuda" else 100  # three tile widths and a partial slab either way
     hidden_s = 24
@@ -582,7 +582,7 @@ def test_linear_kd_loss_at_full_size(device, backend, shape, monkeypatch):
         extra = _peak_above(base)
         gradients = ws.numel() * ws.element_size() + hs.numel() * hs.element_size()
         if backend == "triton":
-            from memkern.kernels import kd as kd_kernels
+            from memkern.kernels import kd_linear as kd_kernels
 
             # a vocabulary slab of float32 sums (two while the next one is allocated before
             # the last is released) and the float32 grad_h accumulator

@@ -1,4 +1,4 @@
-"""The Triton fused-linear distillation loss with gradients (memkern/kernels/kd.py): the
+"""The Triton fused-linear distillation loss with gradients (memkern/kernels/kd_linear.py): the
 stats kernel writing per-row statistics and the gradient kernel that recomputes logit tiles
 and adds into the hidden, weight and bias gradients with atomics. Run in Triton's
 interpreter on the CPU at shapes that cross every tile boundary, against the closed-form
@@ -25,11 +25,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 @pytest.fixture(autouse=True)
 def kernels(request):
-    """memkern.kernels.kd, once the triton backend is known to run here (else skip, or fail
+    """memkern.kernels.kd_linear, once the triton backend is known to run here (else skip, or fail
     under MEMKERN_REQUIRE_BACKENDS=triton)."""
     device = "cuda" if request.node.get_closest_marker("gpu") is not None else "cpu"
     require_backend("linear_kd_loss", "triton", torch.zeros(1, 1, device=device))
-    from memkern.kernels import kd
+    from memkern.kernels import kd_linear as kd
 
     return kd
 
@@ -37,7 +37,7 @@ def kernels(request):
 def _tiles() -> dict:
     """The gradient kernel's tile sizes on this machine (the shapes below are built around
     them, so they cross row, column and hidden-dimension tile boundaries)."""
-    from memkern.kernels import kd
+    from memkern.kernels import kd_linear as kd
 
     return kd._grad_launch_config(torch.float32, torch.float32)
 

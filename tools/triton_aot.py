@@ -55,7 +55,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 # tensors and NVIDIA backend directly, whose internals change between releases.
 SUPPORTED_TRITON = ((3, 6), (3, 9))
 CAPABILITIES = (80, 90)
-KERNEL_MODULES = ("memkern.kernels.kd", "memkern.kernels.int8", "memkern.kernels.quantize",
+KERNEL_MODULES = ("memkern.kernels.kd", "memkern.kernels.kd_linear", "memkern.kernels.int8", "memkern.kernels.quantize",
                   "memkern.kernels.sparse")
 
 
@@ -225,7 +225,7 @@ def _kd_options(divergence: str, labels: bool):
 
 
 def _kd_cases():
-    from memkern.kernels import kd
+    from memkern.kernels import kd, kd_linear
 
     # every divergence once and every dtype once, with labels (the cross entropy) and gradients
     rows, vocab = 8, 32000  # vocab > 1024: the launcher's widest tile, as for a real vocabulary
@@ -251,15 +251,15 @@ def _kd_cases():
             ws, wt = fake((vocab, h_s), dtype), fake((vocab, h_t), dtype)
             bs, bt = (fake((vocab,), dtype) if bias else None for _ in range(2))
             labels, row_scale = fake((n,), torch.int64), fake((n,)) if scaled else None
-            return lambda: kd.linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, _kd_options(div, True), row_scale,
-                                             1.0 / n)
+            return lambda: kd_linear.linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, _kd_options(div, True), row_scale,
+                                                    1.0 / n)
 
     @_case("linear_kd_stats-bf16-fkl-forward")
     def _(fake):
         hs, ht = fake((n, h_s), torch.bfloat16), fake((n, h_t), torch.bfloat16)
         ws, wt = fake((vocab, h_s), torch.bfloat16), fake((vocab, h_t), torch.bfloat16)
         labels = fake((n,), torch.int64)
-        return lambda: kd.linear_kd_stats(hs, ws, None, ht, wt, None, labels, _kd_options("fkl", True))
+        return lambda: kd_linear.linear_kd_stats(hs, ws, None, ht, wt, None, labels, _kd_options("fkl", True))
 
 
 def _lowp_cases():

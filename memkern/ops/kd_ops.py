@@ -185,7 +185,7 @@ _linear.register("cuda", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("cuda"))
 
 @_linear.register("triton", dtypes=_validate.FLOAT_DTYPES)
 def _linear_triton(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
-    from memkern.kernels import kd as kernels
+    from memkern.kernels import kd_linear as kernels
 
     return kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad)
 
