@@ -33,6 +33,8 @@
 #include <limits>
 #include <vector>
 
+#include "kd_checks.h"
+
 namespace memkern {
 namespace {
 
@@ -305,46 +307,24 @@ void kd_rows(const s_t* s_base, int64_t s_stride, const t_t* t_base, int64_t t_s
   }
 }
 
-void check_rows_arg(const at::Tensor& x, const char* name, int64_t rows, int64_t V) {
-  TORCH_CHECK(x.device().is_cpu(), "kd_loss_rows: ", name, " must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == rows && x.size(1) == V, "kd_loss_rows: ", name,
-              " must have shape (", rows, ", ", V, "), got ", x.sizes());
-  TORCH_CHECK(x.stride(1) == 1 || V <= 1, "kd_loss_rows: ", name, " must be contiguous along the vocabulary");
-}
-
 // Writes grad (when it has s's shape; it may be s itself) and returns the per-row loss.
 at::Tensor kd_loss_rows_cpu(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
                             const std::optional<at::Tensor>& row_scale, at::Tensor grad, double alpha,
                             double temperature, int64_t divergence, double beta, int64_t ignore_index,
                             double kd_scale, double grad_scale) {
-  const int64_t rows = s.size(0), V = s.dim() == 2 ? s.size(1) : -1;
-  check_rows_arg(s, "student", rows, V);
-  check_rows_arg(t, "teacher", rows, V);
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, "kd_loss_rows: unknown divergence ", divergence);
-  TORCH_CHECK(temperature > 0, "kd_loss_rows: temperature must be > 0, got ", temperature);
-  const bool write_grad = grad.dim() == 2;  // a 1-D (0,) tensor stands for "no gradient"
-  if (write_grad) {
-    check_rows_arg(grad, "grad", rows, V);
-    TORCH_CHECK(grad.scalar_type() == s.scalar_type() || grad.scalar_type() == at::kFloat,
-                "kd_loss_rows: grad must have the student's dtype or float32");
-  }
-  const int64_t* lab = nullptr;
-  at::Tensor lab_c;
-  if (labels.has_value()) {
-    lab_c = labels->contiguous();
-    TORCH_CHECK(lab_c.scalar_type() == at::kLong && lab_c.numel() == rows,
-                "kd_loss_rows: labels must be int64 with one entry per row");
-    lab = lab_c.const_data_ptr<int64_t>();
-  }
   // The loss and row_scale are in the compute type: float64 for float64 students
   // (gradcheck), float32 otherwise.
   const auto acc_type = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor rs_c;
-  if (row_scale.has_value()) {
-    rs_c = row_scale->contiguous();
-    TORCH_CHECK(rs_c.scalar_type() == acc_type && rs_c.numel() == rows,
-                "kd_loss_rows: row_scale must be ", acc_type, " with one entry per row");
+  const bool write_grad =
+      kd::check_rows_args(s, t, labels, row_scale, grad, divergence, temperature, c10::DeviceType::CPU, acc_type);
+  const int64_t rows = s.size(0), V = s.size(1);
+  at::Tensor lab_c, rs_c;
+  const int64_t* lab = nullptr;
+  if (labels.has_value()) {
+    lab_c = labels->contiguous();
+    lab = lab_c.const_data_ptr<int64_t>();
   }
+  if (row_scale.has_value()) rs_c = row_scale->contiguous();
   auto loss = at::empty({rows}, s.options().dtype(acc_type));
   const Params P{alpha, temperature, divergence, beta, ignore_index, kd_scale, grad_scale};
 

@@ -6,46 +6,23 @@
 #include <cmath>
 
 #include "cuda/kd_launchers.h"
+#include "kd_checks.h"
 #include "cuda/torch_utils.h"
 
 namespace memkern {
 namespace {
 
-void check_rows_arg(const at::Tensor& x, const char* name, int64_t rows, int64_t V) {
-  TORCH_CHECK(x.is_cuda(), "kd_loss_rows: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == rows && x.size(1) == V, "kd_loss_rows: ", name,
-              " must have shape (", rows, ", ", V, "), got ", x.sizes());
-  TORCH_CHECK(x.stride(1) == 1 || V <= 1, "kd_loss_rows: ", name, " must be contiguous along the vocabulary");
-}
-
 at::Tensor kd_loss_rows_cuda(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
                              const std::optional<at::Tensor>& row_scale, at::Tensor grad, double alpha,
                              double temperature, int64_t divergence, double beta, int64_t ignore_index,
                              double kd_scale, double grad_scale) {
-  TORCH_CHECK(s.dim() == 2, "kd_loss_rows: student must be 2-D, got ", s.dim(), "-D");
+  const bool write_grad =
+      kd::check_rows_args(s, t, labels, row_scale, grad, divergence, temperature, c10::DeviceType::CUDA, at::kFloat);
   const int64_t rows = s.size(0), V = s.size(1);
-  check_rows_arg(s, "student", rows, V);
-  check_rows_arg(t, "teacher", rows, V);
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, "kd_loss_rows: unknown divergence ", divergence);
-  TORCH_CHECK(temperature > 0, "kd_loss_rows: temperature must be > 0, got ", temperature);
   const c10::cuda::CUDAGuard guard(s.device());
-  const bool write_grad = grad.dim() == 2;  // a 1-D (0,) tensor stands for "no gradient"
-  if (write_grad) {
-    check_rows_arg(grad, "grad", rows, V);
-    TORCH_CHECK(grad.scalar_type() == s.scalar_type() || grad.scalar_type() == at::kFloat,
-                "kd_loss_rows: grad must have the student's dtype or float32");
-  }
   at::Tensor lab, rs;
-  if (labels.has_value()) {
-    lab = labels->contiguous();
-    TORCH_CHECK(lab.scalar_type() == at::kLong && lab.numel() == rows,
-                "kd_loss_rows: labels must be int64 with one entry per row");
-  }
-  if (row_scale.has_value()) {
-    rs = row_scale->contiguous();
-    TORCH_CHECK(rs.scalar_type() == at::kFloat && rs.numel() == rows,
-                "kd_loss_rows: row_scale must be float32 with one entry per row");
-  }
+  if (labels.has_value()) lab = labels->contiguous();
+  if (row_scale.has_value()) rs = row_scale->contiguous();
   auto loss = at::empty({rows}, s.options().dtype(at::kFloat));
   cuda::KDParams p;
   p.inv_t = static_cast<float>(1.0 / temperature);

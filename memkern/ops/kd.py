@@ -60,6 +60,10 @@ _SEMANTICS = """
       with max-subtracted logsumexp, so logits of +-1e4 in fp16/bf16 give finite results;
       a NaN in a row that counts makes the loss NaN (it is not hidden).
     * The loss is float32 (float64 for a float64 student).
+    * Masked logits (-inf, or torch.finfo(dtype).min): 0 * log 0 = 0; forward_kl is +inf
+      where the teacher has mass on an entry the student masks with -inf, reverse_kl the
+      other way round; jsd is always finite (docs/numerics.md, "Masked logits").
+    * ``temperature`` must be in [1e-4, 100] (memkern.kd_options.TEMPERATURE_RANGE).
 """
 
 
