@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import memkern
+from memkern.ops import kd_ops as kd_op_tables
 from memkern import kd_options
 from memkern import reference
 from memkern.ops import kd as kd_ops
@@ -134,7 +135,7 @@ def test_training_path_is_fused_and_never_holds_rows_by_vocab(reduction, monkeyp
     rows, hidden_t, vocab = 40, 6, 150
     hs, ws, bs, ht, wt, bt, y = _inputs(rows, 8, hidden_t, vocab)
     require_backend("linear_kd_loss", "triton", hs)
-    monkeypatch.setattr(kd_ops, "linear_chunks", _forbid)
+    monkeypatch.setattr(kd_op_tables, "linear_chunks", _forbid)
     monkeypatch.setattr(kernels, "kd_loss_rows", _forbid)
     spy = _Spy(kernels._linear_kd_grad_kernel)
     monkeypatch.setattr(kernels, "_linear_kd_grad_kernel", spy)
@@ -391,7 +392,7 @@ def test_gpu_fused_linear_gradients(dtype, divergence, reduction, monkeypatch):
     inputs = [x.cuda() if x is not None else None
               for x in _inputs(rows, hidden_s, hidden_t, vocab, dtype=dtype)]
     hs, ws, bs, ht, wt, bt, y = inputs
-    monkeypatch.setattr(kd_ops, "linear_chunks", _forbid)
+    monkeypatch.setattr(kd_op_tables, "linear_chunks", _forbid)
     opts = _options(divergence=divergence, reduction=reduction)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
