@@ -353,8 +353,9 @@ def _grad_launch_config(hs_dtype: torch.dtype, ht_dtype: torch.dtype) -> dict:
         # at 64 x 128 x 64 ptxas spilled 0.8 KB a thread on sm_90 and 2.5 KB on sm_80;
         # 64 x 64 x 16 takes 196 / 254 registers and spills nothing (bench/NOTES.md).
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=2)
-    # Chosen for sm_80/sm_90 from the compiler's report (tools/triton_aot.py): bf16/fp16 tensor-core products; 198-255
-    # registers, no spill on sm_90 (80-124 bytes on sm_80); 72-112 KiB of shared memory.
+    # Chosen for sm_80/sm_90 from the compiler's report (tools/triton_aot.py): bf16/fp16
+    # tensor-core products; 198-255 registers, no spill on sm_90 (80-124 bytes on sm_80);
+    # 72-112 KiB of shared memory.
     return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2)
 
 
