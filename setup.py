@@ -1,5 +1,6 @@
 """Build memkern._C: the C++ CPU kernels always, the CUDA kernels when a CUDA build of
 torch and nvcc are both present (MEMKERN_BUILD_CUDA=0|1 overrides the detection)."""
+
 import glob
 import os
 import shutil
@@ -31,8 +32,9 @@ def _cuda_toolkit() -> str | None:
         return None
     import torch
 
-    if forced is None and (torch.version.cuda is None or shutil.which("nvcc") is None
-                           and not os.environ.get("CUDA_HOME")):
+    if forced is None and (
+        torch.version.cuda is None or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME")
+    ):
         return None
     finder = _load_cuda_toolkit_finder()
     try:

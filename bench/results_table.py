@@ -8,6 +8,7 @@ the rates of the case's least work at that time (TFLOP/s, GB/s; "-" where the ca
 no such work or the rows predate the rates). The baseline is the first provider a case
 lists; when a case was measured more than once, the last rows in the file win.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ def main() -> None:
             if case not in values:
                 order.append(case)
             values[case][r["provider"]][r["metric"]] = float(r["median"])
-    print("| op | mode | shape | dtype | provider | time ms | baseline | baseline ms | speedup | peak MiB "
-          "| baseline MiB | TFLOP/s | GB/s |")
+    print(
+        "| op | mode | shape | dtype | provider | time ms | baseline | baseline ms | speedup | peak MiB "
+        "| baseline MiB | TFLOP/s | GB/s |"
+    )
     print("| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for case in order:
         providers = values[case]
@@ -40,10 +43,12 @@ def main() -> None:
         for name in others:
             m = providers[name]
             speed = b["time_ms"] / m["time_ms"] if "time_ms" in m and "time_ms" in b else float("nan")
-            print(f"| {case[0]} | {case[1]} | {case[2]} | {case[3]} | {name} | {m.get('time_ms', float('nan')):.2f} "
-                  f"| {base} | {b.get('time_ms', float('nan')):.2f} | {speed:.2f}x "
-                  f"| {m.get('peak_mib', float('nan')):.1f} | {b.get('peak_mib', float('nan')):.1f} "
-                  f"| {_rate(m, 'tflop_per_s')} | {_rate(m, 'gb_per_s')} |")
+            print(
+                f"| {case[0]} | {case[1]} | {case[2]} | {case[3]} | {name} | {m.get('time_ms', float('nan')):.2f} "
+                f"| {base} | {b.get('time_ms', float('nan')):.2f} | {speed:.2f}x "
+                f"| {m.get('peak_mib', float('nan')):.1f} | {b.get('peak_mib', float('nan')):.1f} "
+                f"| {_rate(m, 'tflop_per_s')} | {_rate(m, 'gb_per_s')} |"
+            )
 
 
 def _rate(metrics: dict[str, float], name: str) -> str:

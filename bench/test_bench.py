@@ -6,6 +6,7 @@
 Time only; peak memory comes from `memkern bench`, which measures each provider in a fresh
 process.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,6 +35,7 @@ def test_case(benchmark, case, provider):
     benchmark.group = case.id
     benchmark.extra_info.update(op=case.op, mode=case.mode, shape=case.shape, provider=provider.name)
     if DEVICE == "cuda":
+
         def timed():
             fn()
             torch.cuda.synchronize()

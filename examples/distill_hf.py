@@ -6,6 +6,7 @@ memkern's DistillationTrainer, on synthetic data, and print the loss of each ste
 The data is a fixed set of sequences the teacher has first been trained to predict a
 little, so the student has something to learn. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,15 @@ def synthetic_data(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def tiny_llama(hidden: int, layers: int) -> AutoModelForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=SEQ)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -76,13 +83,27 @@ def main(argv: list[str] | None = None) -> list[float]:
     student = tiny_llama(hidden=32, layers=1)
     record = RecordLoss()
     with tempfile.TemporaryDirectory() as out:
-        training = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=4,
-                                     gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1,
-                                     use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-                                     seed=0)
-        trainer = DistillationTrainer(model=student, teacher=teacher, args=training, train_dataset=data,
-                                      kd_options=dict(alpha=args.alpha, temperature=args.temperature),
-                                      callbacks=[record])
+        training = TrainingArguments(
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            learning_rate=3e-3,
+            logging_steps=1,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher=teacher,
+            args=training,
+            train_dataset=data,
+            kd_options=dict(alpha=args.alpha, temperature=args.temperature),
+            callbacks=[record],
+        )
         trainer.train()
     return record.losses
 

@@ -6,6 +6,7 @@ memkern's fused ``distillation_loss`` against the plain loss from full logits.
 Each way runs in a fresh subprocess, warms up once, then reports the rise of its peak
 resident set during one more step (memkern.measure.PeakMemory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,17 @@ def build(args):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     def model(hidden):
-        return AutoModelForCausalLM.from_config(LlamaConfig(
-            vocab_size=args.vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq))
+        return AutoModelForCausalLM.from_config(
+            LlamaConfig(
+                vocab_size=args.vocab,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=args.seq,
+            )
+        )
 
     torch.manual_seed(0)
     student, teacher = model(args.hidden), model(2 * args.hidden).eval()
@@ -42,9 +51,13 @@ def full_logits_step(student, teacher, ids, mask):
     targets = ids[:, 1:].reshape(-1)
     logits, teacher_logits = logits.reshape(targets.numel(), -1), teacher_logits.reshape(targets.numel(), -1)
     ce = F.cross_entropy(logits, targets)
-    kl = F.kl_div(F.log_softmax(logits / TEMPERATURE, -1), F.log_softmax(teacher_logits / TEMPERATURE, -1),
-                  log_target=True, reduction="batchmean")  # sum / rows: the mean over tokens
-    loss = ALPHA * ce + (1 - ALPHA) * TEMPERATURE ** 2 * kl
+    kl = F.kl_div(
+        F.log_softmax(logits / TEMPERATURE, -1),
+        F.log_softmax(teacher_logits / TEMPERATURE, -1),
+        log_target=True,
+        reduction="batchmean",
+    )  # sum / rows: the mean over tokens
+    loss = ALPHA * ce + (1 - ALPHA) * TEMPERATURE**2 * kl
     loss.backward()
 
 
@@ -79,16 +92,21 @@ def main() -> None:
         measure(args)
         return
     shape = f"batch {args.batch}, seq {args.seq}, vocab {args.vocab}, hidden {args.hidden}/{2 * args.hidden}"
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; {shape}")
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; {shape}"
+    )
     logits_mib = args.batch * (args.seq - 1) * args.vocab * 4 / 2**20
     print(f"one float32 logits tensor: {logits_mib:.0f} MiB")
     for way in ("full", "fused"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure", way], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--measure", way], capture_output=True, text=True, check=True
+        )
         peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
-        print(f"{'full logits (eager PyTorch)' if way == 'full' else 'memkern distillation_loss':30s} "
-              f"peak {peak:8.1f} MiB")
+        print(
+            f"{'full logits (eager PyTorch)' if way == 'full' else 'memkern distillation_loss':30s} "
+            f"peak {peak:8.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """memkern: memory-saving fused kernels for distilling, pruning and quantising LLMs."""
+
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 
 from memkern import _library  # noqa: F401  (loads memkern._C, warns once if it is missing)

@@ -1,4 +1,5 @@
 """`python -m memkern ...`: the `memkern` command."""
+
 import sys
 
 from memkern.cli import main

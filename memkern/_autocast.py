@@ -18,9 +18,10 @@ public functions check dtypes as the op will see them (:func:`dtype_seen`). Need
 ``torch.get_autocast_dtype`` (torch >= 2.4); without it nothing is registered and autocast
 passes the ops by, as it does any op without an autocast rule.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -64,6 +65,7 @@ def register(name: str, *, cast: Iterable[str] = ()) -> None:
     positions = frozenset(names.index(n) for n in cast)
 
     for device_type in DEVICE_TYPES:
+
         def kernel(*args, _device_type=device_type):
             args = tuple(_cast(a) if i in positions else a for i, a in enumerate(args))
             with torch.autocast(_device_type, enabled=False):

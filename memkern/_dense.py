@@ -7,10 +7,10 @@ KD loss on the 2-core AVX-512 EPYC of bench/NOTES.md, against 195-210 GFLOP/s fo
 (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU backend emits for linear
 layers) on the same shapes, with no copy of the weight (it reads a transposed view as it is).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -26,7 +26,7 @@ def _onednn_linear():
         return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for 2-D ``x`` (M, K) and ``weight`` (N, K); ``weight`` may be
     any strided view (``w.t()`` for a product with ``w`` itself)."""
     op = _onednn_linear()

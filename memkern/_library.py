@@ -3,6 +3,7 @@
 Nothing here initialises CUDA: the checks look at the build and at installed packages,
 never at devices.
 """
+
 from __future__ import annotations
 
 import functools

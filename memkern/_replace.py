@@ -1,10 +1,11 @@
 """Replacing layers of a model, as ``convert`` and ``prune_model`` do: a layer shared under
 several names (``share_layers``, tied weights) is replaced once and stays shared, and a
 layer that cannot be replaced leaves the whole model as it was."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -28,8 +29,11 @@ class Layer:
         return repr(self.name) + (f" (also {', '.join(map(repr, others))})" if others else "")
 
 
-def find_layers(model: nn.Module, is_candidate: Callable[[nn.Module], bool],
-                descend: Callable[[nn.Module], bool] = lambda module: True) -> list[Layer]:
+def find_layers(
+    model: nn.Module,
+    is_candidate: Callable[[nn.Module], bool],
+    descend: Callable[[nn.Module], bool] = lambda module: True,
+) -> list[Layer]:
     """The submodules of ``model`` for which ``is_candidate`` holds, each once, under all
     its names. The search does not enter candidates, nor modules for which ``descend``
     is false."""
@@ -65,9 +69,11 @@ def chosen_layers(op: str, layers: list[Layer], chosen: Callable[[nn.Module, str
             picked.append(layer)
         elif any(votes):
             left_out = [name for name, vote in zip(layer.names, votes) if not vote]
-            raise ValueError(f"{op}: layer {layer.describe()} is one module under several names, and skip or "
-                             f"filter_fn leave out {', '.join(map(repr, left_out))}; choose every name of a "
-                             f"shared layer or none")
+            raise ValueError(
+                f"{op}: layer {layer.describe()} is one module under several names, and skip or "
+                f"filter_fn leave out {', '.join(map(repr, left_out))}; choose every name of a "
+                f"shared layer or none"
+            )
     return picked
 
 

@@ -1,8 +1,9 @@
 """Argument checks shared by every op: clear errors naming the argument, the expected and
 the actual value, raised before any kernel runs."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -14,13 +14,15 @@ call never fails for lack of a backend. A backend is forced with ``MEMKERN_BACKE
 or ``with memkern.use_backend(name):`` (the context manager wins); forcing one that
 cannot run raises :class:`BackendUnavailable` listing every backend's reasons.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -113,7 +115,7 @@ def register_autograd(op, backward: Callable[..., Any], *, setup_context: Callab
     op.register_autograd(run_backward, setup_context=setup)
 
 
-def call(op, table: "OpTable", *args: Any) -> Any:
+def call(op, table: OpTable, *args: Any) -> Any:
     """Run the custom op ``op`` on ``args`` or, in a plain eager call that autograd does not
     record, its implementation table directly: the same implementation either way. Every
     public op calls its operator through here (docs/architecture.md).
@@ -208,9 +210,7 @@ class OpTable:
         _check_name(backend, f"{self.name}.register")
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.impls[backend] = Implementation(
-                backend, fn, frozenset(dtypes) if dtypes is not None else None, check
-            )
+            self.impls[backend] = Implementation(backend, fn, frozenset(dtypes) if dtypes is not None else None, check)
             self._choices.clear()
             return fn
 
@@ -261,9 +261,7 @@ class OpTable:
         if forced is not None:
             reason = self.reason(forced, *args, **kwargs)
             if reason is not None:
-                details = "\n".join(
-                    f"  {b}: {r or 'available'}" for b, r in self.reasons(*args, **kwargs).items()
-                )
+                details = "\n".join(f"  {b}: {r or 'available'}" for b, r in self.reasons(*args, **kwargs).items())
                 raise BackendUnavailable(
                     f"memkern.{self.name}: backend {forced!r} was forced but cannot run these "
                     f"inputs: {reason}\nbackends for these inputs:\n{details}"

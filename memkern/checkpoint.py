@@ -15,6 +15,7 @@ leaves the model as it was.
 
 Only safetensors is needed, and only inside the two functions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,18 @@ MANIFEST_FORMAT = "memkern-checkpoint"
 MANIFEST_VERSION = 1
 
 # safetensors header dtype codes -> torch dtype names, for checking a header without loading it.
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                       "BOOL": "bool"}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -62,8 +72,11 @@ def _layer_types() -> dict[str, type[nn.Module]]:
 def _layer_entry(name: str, layer: nn.Module, tied: list[str]) -> dict[str, Any]:
     from memkern.nn import Fp16Linear, SparseLinear
 
-    config: dict[str, Any] = {"in_features": layer.in_features, "out_features": layer.out_features,
-                              "bias": layer.bias is not None}
+    config: dict[str, Any] = {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+    }
     if isinstance(layer, SparseLinear):
         scheme, fmt = "sparse", layer.format
         config.update(format=layer.format, block=list(layer.block), dtype=_dtype_name(layer.values.dtype))
@@ -73,8 +86,15 @@ def _layer_entry(name: str, layer: nn.Module, tied: list[str]) -> dict[str, Any]
         if isinstance(layer, Fp16Linear):
             config["weight_dtype"] = _dtype_name(layer.weight.dtype)
     tensors = {k: _spec(v) for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {"name": name, "class": type(layer).__name__, "scheme": scheme, "format": fmt, "config": config,
-            "tensors": tensors, "tied": tied}
+    return {
+        "name": name,
+        "class": type(layer).__name__,
+        "scheme": scheme,
+        "format": fmt,
+        "config": config,
+        "tensors": tensors,
+        "tied": tied,
+    }
 
 
 def _build_layer(entry: dict[str, Any], device: torch.device) -> nn.Module:
@@ -130,17 +150,26 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
             extra_states[key] = value
             continue
         if value.device.type == "meta":
-            raise ValueError(f"memkern.save: tensor {key!r} is on the meta device (it holds no data); "
-                             "load or initialise the model before saving it")
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                 value.stride(), value.dtype)
+            raise ValueError(
+                f"memkern.save: tensor {key!r} is on the meta device (it holds no data); "
+                "load or initialise the model before saving it"
+            )
+        ident = (
+            value.untyped_storage().data_ptr(),
+            value.storage_offset(),
+            tuple(value.shape),
+            value.stride(),
+            value.dtype,
+        )
         if ident in first_by_storage:
             aliases[key] = first_by_storage[ident]
             continue
         storage = (value.device, value.untyped_storage().data_ptr())
         if value.numel() and storage in storages:
-            raise ValueError(f"memkern.save: tensor {key!r} shares memory with {storages[storage]!r} without "
-                             "being the same tensor (a view); store them as separate tensors")
+            raise ValueError(
+                f"memkern.save: tensor {key!r} shares memory with {storages[storage]!r} without "
+                "being the same tensor (a view); store them as separate tensors"
+            )
         first_by_storage[ident] = key
         if value.numel():
             storages[storage] = key
@@ -154,19 +183,26 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     layers = []
     for name, module in model.named_modules():
         if type(module) in types:
-            tied = [dup + name[len(owner):] for dup, owner in ties.items()
-                    if name == owner or name.startswith(owner + ".")]
+            tied = [
+                dup + name[len(owner) :] for dup, owner in ties.items() if name == owner or name.startswith(owner + ".")
+            ]
             layers.append(_layer_entry(name, module, tied))
     manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "tensors_file": TENSORS_FILE,
-        "layers": layers, "tied_modules": list(groups.values()), "aliases": aliases,
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "tensors_file": TENSORS_FILE,
+        "layers": layers,
+        "tied_modules": list(groups.values()),
+        "aliases": aliases,
         "extra_states": extra_states,
         "tensors": {k: {**_spec(t), "sha256": _sha256(t)} for k, t in tensors.items()},
     }
     os.makedirs(directory, exist_ok=True)
     # Write beside, then rename: an interrupted save never leaves a half-written file under the real name.
-    for file, write in ((TENSORS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (MANIFEST_FILE, lambda p: _write_json(p, manifest))):
+    for file, write in (
+        (TENSORS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+        (MANIFEST_FILE, lambda p: _write_json(p, manifest)),
+    ):
         path = os.path.join(directory, file)
         write(path + ".partial")
         os.replace(path + ".partial", path)
@@ -181,20 +217,26 @@ def _write_json(path: str, data: dict) -> None:
 def _read_manifest(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"memkern.load: {path} is missing (directories written by memkern.save hold "
-                         f"{MANIFEST_FILE} and {TENSORS_FILE})")
+        raise ValueError(
+            f"memkern.load: {path} is missing (directories written by memkern.save hold "
+            f"{MANIFEST_FILE} and {TENSORS_FILE})"
+        )
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"memkern.load: {path} is not valid JSON (truncated or corrupted?): {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"memkern.load: {path} is not a memkern manifest (format "
-                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                         f"expected {MANIFEST_FORMAT!r})")
+        raise ValueError(
+            f"memkern.load: {path} is not a memkern manifest (format "
+            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+            f"expected {MANIFEST_FORMAT!r})"
+        )
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"memkern.load: {path} has manifest version {manifest.get('version')!r}; this memkern "
-                         f"reads version {MANIFEST_VERSION}")
+        raise ValueError(
+            f"memkern.load: {path} has manifest version {manifest.get('version')!r}; this memkern "
+            f"reads version {MANIFEST_VERSION}"
+        )
     return manifest
 
 
@@ -208,8 +250,10 @@ def _check_file(path: str, expected: dict[str, dict]) -> None:
         prefix = f.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if header_len < 2 or 8 + header_len > size:
-            raise ValueError(f"memkern.load: {path} is truncated or not a safetensors file "
-                             f"({size} bytes, header length {header_len})")
+            raise ValueError(
+                f"memkern.load: {path} is truncated or not a safetensors file "
+                f"({size} bytes, header length {header_len})"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -221,12 +265,15 @@ def _check_file(path: str, expected: dict[str, dict]) -> None:
         found = header[name]
         dtype = _SAFETENSORS_DTYPES.get(found.get("dtype"), found.get("dtype"))
         if dtype != spec["dtype"] or list(found.get("shape", ())) != spec["shape"]:
-            raise ValueError(f"memkern.load: tensor {name!r} in {path} has shape {found.get('shape')} dtype "
-                             f"{dtype}; the manifest says shape {spec['shape']} dtype {spec['dtype']}")
+            raise ValueError(
+                f"memkern.load: tensor {name!r} in {path} has shape {found.get('shape')} dtype "
+                f"{dtype}; the manifest says shape {spec['shape']} dtype {spec['dtype']}"
+            )
         end = 8 + header_len + found["data_offsets"][1]
         if end > size:
-            raise ValueError(f"memkern.load: tensor {name!r} is truncated: {path} ends at byte {size}, "
-                             f"the tensor at byte {end}")
+            raise ValueError(
+                f"memkern.load: tensor {name!r} is truncated: {path} ends at byte {size}, the tensor at byte {end}"
+            )
     extra = sorted(set(header) - set(expected))
     if extra:
         raise ValueError(f"memkern.load: {path} holds tensors the manifest does not name: {', '.join(extra[:5])}")
@@ -241,8 +288,9 @@ def _read_tensors(path: str, expected: dict[str, dict]) -> dict[str, torch.Tenso
         for name, spec in expected.items():
             t = f.get_tensor(name)
             if _sha256(t) != spec["sha256"]:
-                raise ValueError(f"memkern.load: tensor {name!r} in {path} is corrupted (its SHA-256 differs "
-                                 "from the manifest's)")
+                raise ValueError(
+                    f"memkern.load: tensor {name!r} in {path} is corrupted (its SHA-256 differs from the manifest's)"
+                )
             tensors[name] = t
     return tensors
 
@@ -258,18 +306,20 @@ def _compare(model: nn.Module, state: dict[str, Any]) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise ValueError("memkern.load: the checkpoint does not fit the model: "
-                         + (f"tensors the model has and the checkpoint lacks: {', '.join(missing[:5])}; "
-                            if missing else "")
-                         + (f"tensors the checkpoint has and the model lacks: {', '.join(unexpected[:5])}"
-                            if unexpected else "")
-                         + " (is it the model the checkpoint was saved from, built from the same config?)")
+        raise ValueError(
+            "memkern.load: the checkpoint does not fit the model: "
+            + (f"tensors the model has and the checkpoint lacks: {', '.join(missing[:5])}; " if missing else "")
+            + (f"tensors the checkpoint has and the model lacks: {', '.join(unexpected[:5])}" if unexpected else "")
+            + " (is it the model the checkpoint was saved from, built from the same config?)"
+        )
     for key, value in own.items():
         incoming = state[key]
         if isinstance(value, torch.Tensor) and (value.shape != incoming.shape or value.dtype != incoming.dtype):
-            raise ValueError(f"memkern.load: tensor {key!r} has shape {tuple(incoming.shape)} dtype "
-                             f"{_dtype_name(incoming.dtype)} in the checkpoint but shape {tuple(value.shape)} "
-                             f"dtype {_dtype_name(value.dtype)} in the model")
+            raise ValueError(
+                f"memkern.load: tensor {key!r} has shape {tuple(incoming.shape)} dtype "
+                f"{_dtype_name(incoming.dtype)} in the checkpoint but shape {tuple(value.shape)} "
+                f"dtype {_dtype_name(value.dtype)} in the model"
+            )
 
 
 def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
@@ -299,9 +349,11 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
         saved = model.state_dict().keys()
         unsaved = [n for n, b in model.named_buffers() if b.device.type == "meta" and n not in saved]
         if unsaved:
-            raise ValueError(f"memkern.load: the model is on the meta device and its non-persistent buffers "
-                             f"{', '.join(unsaved[:3])} are in no checkpoint, so they would stay without data; "
-                             "build the model on a real device (e.g. from_config on the CPU) or fill them first")
+            raise ValueError(
+                f"memkern.load: the model is on the meta device and its non-persistent buffers "
+                f"{', '.join(unsaved[:3])} are in no checkpoint, so they would stay without data; "
+                "build the model on a real device (e.g. from_config on the CPU) or fill them first"
+            )
     device = torch.device("cpu") if on_meta or not own else own[0].device
     modules = dict(model.named_modules())
     types = _layer_types()
@@ -313,14 +365,18 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
         current = modules.get(name)
         config = entry["config"]
         if not isinstance(current, (nn.Linear, types[cls_name])):
-            raise ValueError(f"memkern.load: the checkpoint has a {cls_name} at {name!r}, but the model has "
-                             f"{type(current).__name__ if current is not None else 'no module'} there")
+            raise ValueError(
+                f"memkern.load: the checkpoint has a {cls_name} at {name!r}, but the model has "
+                f"{type(current).__name__ if current is not None else 'no module'} there"
+            )
         if (current.in_features, current.out_features) != (config["in_features"], config["out_features"]):
-            raise ValueError(f"memkern.load: layer {name!r} is {config['in_features']} -> {config['out_features']} "
-                             f"in the checkpoint but {current.in_features} -> {current.out_features} in the model")
+            raise ValueError(
+                f"memkern.load: layer {name!r} is {config['in_features']} -> {config['out_features']} "
+                f"in the checkpoint but {current.in_features} -> {current.out_features} in the model"
+            )
         layer = _build_layer(entry, device)
         prefix = name + "."
-        layer_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        layer_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         try:
             layer.load_state_dict(layer_state, strict=True)
         except RuntimeError as e:

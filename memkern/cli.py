@@ -1,4 +1,5 @@
 """`memkern info | bench | demo` (also `python -m memkern ...`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def _info(_: argparse.Namespace) -> int:
     print(f"python    {platform.python_version()}")
     print(f"torch     {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"triton    {_library.triton_version() or 'not available: ' + str(_library.triton_error())}")
-    print(f"cpu       {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"vector unit {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"cpu       {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"vector unit {torch.backends.cpu.get_cpu_capability()}"
+    )
     if cuda_ok:
         name = torch.cuda.get_device_name()
         cap = torch.cuda.get_device_capability()
@@ -111,8 +114,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     try:
-        results = harness.run(cases, args.device, quick=args.quick, memory=not args.no_memory,
-                              progress=sys.stderr.isatty(), on_result=write_rows if args.csv else None)
+        results = harness.run(
+            cases,
+            args.device,
+            quick=args.quick,
+            memory=not args.no_memory,
+            progress=sys.stderr.isatty(),
+            on_result=write_rows if args.csv else None,
+        )
     except OSError as exc:
         print(f"memkern bench: writing --csv {args.csv!r} failed: {exc}", file=sys.stderr)
         return 2
@@ -139,9 +148,21 @@ def _demo(args: argparse.Namespace) -> int:
     if reason:
         print(f"memkern demo: error: --out {args.out!r} cannot be written: {reason}", file=sys.stderr)
         return 2
-    overrides = {k: getattr(args, k) for k in ("corpus", "teacher_steps", "student_steps", "finetune_steps",
-                                               "share_layers", "prune_pattern", "sparsity", "device", "seed")
-                 if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "corpus",
+            "teacher_steps",
+            "student_steps",
+            "finetune_steps",
+            "share_layers",
+            "prune_pattern",
+            "sparsity",
+            "device",
+            "seed",
+        )
+        if getattr(args, k) is not None
+    }
     overrides["progress"] = sys.stderr.isatty()
     cfg = DemoConfig.quick(**overrides) if args.quick else replace(DemoConfig(), **overrides)
     try:
@@ -167,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--quick", action="store_true", help="small shapes, short runs")
     bench.add_argument("--ops", action="append", help="only these ops (comma separated, repeatable)")
-    bench.add_argument("--match", action="append",
-                       help="only cases whose id (op/mode/shape/dtype) contains this text (repeatable)")
+    bench.add_argument(
+        "--match", action="append", help="only cases whose id (op/mode/shape/dtype) contains this text (repeatable)"
+    )
     bench.add_argument("--csv", help="append tidy result rows to this CSV file, each as it is measured")
     bench.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     bench.set_defaults(func=_bench)
@@ -178,8 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--teacher-steps", type=int)
     demo.add_argument("--student-steps", type=int)
     demo.add_argument("--finetune-steps", type=int)
-    demo.add_argument("--share-layers", nargs="?", const="pairs", metavar="GROUPS",
-                      help="tie the student's blocks: 'pairs' (the default) or block indices like '0,1;2,3'")
+    demo.add_argument(
+        "--share-layers",
+        nargs="?",
+        const="pairs",
+        metavar="GROUPS",
+        help="tie the student's blocks: 'pairs' (the default) or block indices like '0,1;2,3'",
+    )
     demo.add_argument("--prune-pattern", choices=("2:4", "block"))
     demo.add_argument("--sparsity", type=float)
     demo.add_argument("--device", choices=("cpu", "cuda"))

@@ -1,5 +1,6 @@
 """Model-level tools: the memory footprint report (and, with the low-precision ops,
 ``convert``)."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -65,8 +66,12 @@ def _schemes() -> dict[str, type]:
     from memkern.nn.int4 import Int4WeightOnlyLinear
     from memkern.nn.quantized import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
 
-    return {"int8": Int8Linear, "int8_weight_only": Int8WeightOnlyLinear, "fp16": Fp16Linear,
-            "int4_weight_only": Int4WeightOnlyLinear}
+    return {
+        "int8": Int8Linear,
+        "int8_weight_only": Int8WeightOnlyLinear,
+        "fp16": Fp16Linear,
+        "int4_weight_only": Int4WeightOnlyLinear,
+    }
 
 
 # Modules that read their linear children's weights directly: converting those children
@@ -82,20 +87,33 @@ def _skipped(fqn: str, skip) -> bool:
 
 def _check_options(scheme: str, group_size, smooth, calibration) -> None:
     if group_size is not None and scheme != "int4_weight_only":
-        raise ValueError(f"convert: group_size applies to scheme 'int4_weight_only' only; got group_size="
-                         f"{group_size!r} with scheme {scheme!r}")
+        raise ValueError(
+            f"convert: group_size applies to scheme 'int4_weight_only' only; got group_size="
+            f"{group_size!r} with scheme {scheme!r}"
+        )
     if (smooth is None) != (calibration is None):
-        raise ValueError("convert: smooth (the SmoothQuant migration strength) and calibration (batches of model "
-                         f"inputs) go together; got smooth={smooth!r} and calibration "
-                         f"{'given' if calibration is not None else 'None'}")
+        raise ValueError(
+            "convert: smooth (the SmoothQuant migration strength) and calibration (batches of model "
+            f"inputs) go together; got smooth={smooth!r} and calibration "
+            f"{'given' if calibration is not None else 'None'}"
+        )
     if smooth is not None and scheme != "int8":
-        raise ValueError(f"convert: smooth applies to scheme 'int8' (W8A8, whose activations are quantised); "
-                         f"got scheme {scheme!r}")
+        raise ValueError(
+            f"convert: smooth applies to scheme 'int8' (W8A8, whose activations are quantised); got scheme {scheme!r}"
+        )
 
 
-def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm_head",),
-            inplace: bool = True, group_size: int | None = None, smooth: float | None = None,
-            calibration=None) -> nn.Module:
+def convert(
+    model: nn.Module,
+    scheme: str = "int8",
+    *,
+    filter_fn=None,
+    skip=("lm_head",),
+    inplace: bool = True,
+    group_size: int | None = None,
+    smooth: float | None = None,
+    calibration=None,
+) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` with memkern's low-precision layers.
 
     Args:
@@ -161,9 +179,11 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
         if filter_fn is not None and not filter_fn(module, fqn):
             return False
         if isinstance(module, converted_types):
-            raise ValueError(f"convert: layer {fqn or '<model>'!r} is already converted "
-                             f"({type(module).__name__}, scheme {module.scheme.split()[0]}); "
-                             f"convert the original nn.Linear instead, or exclude it with skip or filter_fn")
+            raise ValueError(
+                f"convert: layer {fqn or '<model>'!r} is already converted "
+                f"({type(module).__name__}, scheme {module.scheme.split()[0]}); "
+                f"convert the original nn.Linear instead, or exclude it with skip or filter_fn"
+            )
         return True
 
     def build(fqn: str, linear: nn.Linear, pending: dict) -> nn.Module:
@@ -185,15 +205,21 @@ def convert(model: nn.Module, scheme: str = "int8", *, filter_fn=None, skip=("lm
     if chosen(model, ""):
         return build("", model, smoothing({"": model}))
 
-    candidates = find_layers(model, lambda m: isinstance(m, (nn.Linear, *converted_types)),
-                             descend=lambda m: not isinstance(m, _READ_BY_PARENT))
+    candidates = find_layers(
+        model,
+        lambda m: isinstance(m, (nn.Linear, *converted_types)),
+        descend=lambda m: not isinstance(m, _READ_BY_PARENT),
+    )
     layers = chosen_layers("convert", candidates, chosen)
     pending = smoothing({layer.name: layer.module for layer in layers})
     replace_layers("convert", layers, lambda layer: build(layer.name, layer.module, pending))
     if not layers:
         import warnings
 
-        warnings.warn(f"convert: no layer was replaced (scheme {scheme!r}, skip={tuple(skip)}, "
-                      f"filter_fn={'given' if filter_fn is not None else 'none'}); the model is unchanged",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"convert: no layer was replaced (scheme {scheme!r}, skip={tuple(skip)}, "
+            f"filter_fn={'given' if filter_fn is not None else 'none'}); the model is unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
     return model

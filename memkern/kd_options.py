@@ -1,10 +1,10 @@
 """The scalar options of the distillation losses and their checks: a leaf module, imported by
 the ops (memkern.ops.kd, memkern.ops.kd_ops), the kernels (memkern.kernels.kd,
 memkern.kernels.kd_chunks) and the modules alike."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -40,12 +40,28 @@ class KDOptions:
 
     def reference_options(self) -> dict:
         """The keyword arguments of reference.kd_loss_rows and kd_loss_rows_grad."""
-        return dict(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence, beta=self.beta,
-                    ignore_index=self.ignore_index, kd_scale=self.kd_scale)
+        return dict(
+            alpha=self.alpha,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            kd_scale=self.kd_scale,
+        )
 
 
-def check_options(op: str, *, has_labels: bool, alpha: float, temperature: float, divergence: str,
-                  beta: float, ignore_index: int, reduction: str, soft_loss_scale: str) -> KDOptions:
+def check_options(
+    op: str,
+    *,
+    has_labels: bool,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    soft_loss_scale: str,
+) -> KDOptions:
     for name, value in (("alpha", alpha), ("temperature", temperature), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
@@ -53,13 +69,17 @@ def check_options(op: str, *, has_labels: bool, alpha: float, temperature: float
         raise ValueError(f"{op}: alpha must be in [0, 1], got {alpha}")
     low, high = TEMPERATURE_RANGE
     if not (low <= temperature <= high):  # comparisons only: NaN fails, and a SymFloat traces
-        raise ValueError(f"{op}: temperature must be in [{low:g}, {high:g}] (where float32 statistics "
-                         f"stay meaningful), got {temperature}")
+        raise ValueError(
+            f"{op}: temperature must be in [{low:g}, {high:g}] (where float32 statistics "
+            f"stay meaningful), got {temperature}"
+        )
     if divergence not in DIVERGENCES:
         raise ValueError(f"{op}: divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
     if divergence == "jsd" and not (0.0 < beta < 1.0):
-        raise ValueError(f"{op}: beta must be in (0, 1) for divergence='jsd' (at 0 and 1 the "
-                         f"generalised JSD is identically 0), got {beta}")
+        raise ValueError(
+            f"{op}: beta must be in (0, 1) for divergence='jsd' (at 0 and 1 the "
+            f"generalised JSD is identically 0), got {beta}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
     if soft_loss_scale not in SOFT_LOSS_SCALES:
@@ -72,8 +92,9 @@ def check_options(op: str, *, has_labels: bool, alpha: float, temperature: float
     return KDOptions(float(alpha), float(temperature), divergence, float(beta), ignore_index, kd_scale)
 
 
-def check_labels(op: str, labels: Optional[torch.Tensor], lead: tuple[int, ...], device: torch.device
-                  ) -> Optional[torch.Tensor]:
+def check_labels(
+    op: str, labels: torch.Tensor | None, lead: tuple[int, ...], device: torch.device
+) -> torch.Tensor | None:
     if labels is None:
         return None
     _validate.check_tensor(op, "labels", labels)
@@ -86,7 +107,7 @@ def check_labels(op: str, labels: Optional[torch.Tensor], lead: tuple[int, ...],
     return labels.long()
 
 
-def check_label_range(op: str, labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
+def check_label_range(op: str, labels: torch.Tensor | None, vocab: int, ignore_index: int) -> None:
     """Labels must be ignore_index or in [0, vocab). Runs inside the operator (it reads
     values, which torch.compile cannot trace), before any kernel."""
     if labels is None or labels.numel() == 0:
@@ -94,21 +115,23 @@ def check_label_range(op: str, labels: Optional[torch.Tensor], vocab: int, ignor
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         first = labels[bad][0].item()
-        raise ValueError(f"{op}: labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"found {first} ({int(bad.sum())} such labels)")
+        raise ValueError(
+            f"{op}: labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"found {first} ({int(bad.sum())} such labels)"
+        )
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def mean_scale(labels: Optional[torch.Tensor], rows: int, opts: KDOptions) -> tuple[int, float]:
+def mean_scale(labels: torch.Tensor | None, rows: int, opts: KDOptions) -> tuple[int, float]:
     """(N, 1 / max(N, 1)) with N the rows that count (a host sync on GPUs, once a call)."""
     n = rows if labels is None else int((labels != opts.ignore_index).sum())
     return n, 1.0 / max(n, 1)
 
 
-def kept_rows(labels: Optional[torch.Tensor], opts: KDOptions) -> Optional[torch.Tensor]:
+def kept_rows(labels: torch.Tensor | None, opts: KDOptions) -> torch.Tensor | None:
     """Indices of the rows whose label counts, or None when every row counts. The fused-linear
     paths run only these rows: padding is often a large share of a batch, and an ignored row
     contributes nothing (at 10% padding this saves 10% of the matmuls)."""

@@ -9,13 +9,15 @@ serve large blocks with mmap so freed memory leaves the process and cannot hide 
 (pin_malloc_thresholds). On CUDA, ``torch.cuda.max_memory_allocated`` above what was
 allocated at the start.
 """
+
 from __future__ import annotations
 
 import functools
 import gc
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,8 +31,9 @@ def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(samples), q[1], q[7]
 
 
-def time_cpu(fn: Callable[[], Any], *, warmup: int = 2, min_reps: int = 5,
-             min_seconds: float = 0.3, max_reps: int = 200) -> tuple[float, float, float]:
+def time_cpu(
+    fn: Callable[[], Any], *, warmup: int = 2, min_reps: int = 5, min_seconds: float = 0.3, max_reps: int = 200
+) -> tuple[float, float, float]:
     for _ in range(warmup):
         fn()
     samples: list[float] = []
@@ -101,7 +104,7 @@ class PeakMemory:
         self.device = device
         self.peak_bytes = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         release_freed_memory()
         if self.device == "cuda":
             torch.cuda.synchronize()

@@ -1,11 +1,13 @@
 """Pruning masks (magnitude, Wanda; unstructured, n:m, block) and ``prune_model``, which
 replaces ``nn.Linear`` layers by :class:`memkern.nn.SparseLinear` so pruning saves memory
 and time instead of multiplying by zeros."""
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -33,9 +35,17 @@ def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return pruned
 
 
-def masks(weight: torch.Tensor, sparsity: float, pattern: str = "unstructured", method: str = "magnitude", *,
-          block: tuple[int, int] = (64, 64), n: int = 2, m: int = 4,
-          activation_norms: torch.Tensor | None = None) -> torch.Tensor:
+def masks(
+    weight: torch.Tensor,
+    sparsity: float,
+    pattern: str = "unstructured",
+    method: str = "magnitude",
+    *,
+    block: tuple[int, int] = (64, 64),
+    n: int = 2,
+    m: int = 4,
+    activation_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The bool keep-mask (True = kept) of ``weight`` at the requested sparsity.
 
     Args:
@@ -82,7 +92,9 @@ def masks(weight: torch.Tensor, sparsity: float, pattern: str = "unstructured", 
         if in_f % m:
             raise ValueError(f"{op}: n:m with m={m} needs in_features divisible by {m}, got {in_f}")
         if not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
-            raise ValueError(f"{op}: pattern {n}:{m} prunes exactly {1 - n / m:g} of the weights; got sparsity {sparsity:g}")
+            raise ValueError(
+                f"{op}: pattern {n}:{m} prunes exactly {1 - n / m:g} of the weights; got sparsity {sparsity:g}"
+            )
         pruned = _lowest(score.reshape(out_f, in_f // m, m), m - n)
         return ~pruned.reshape(out_f, in_f)
     if pattern == "block":
@@ -122,8 +134,10 @@ class PruneReport:
     """Bytes of all parameters and buffers of the model before and after."""
 
     def __str__(self) -> str:
-        return (f"pruned {len(self.layers)} layers to {self.sparsity:.1%} sparsity: "
-                f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB")
+        return (
+            f"pruned {len(self.layers)} layers to {self.sparsity:.1%} sparsity: "
+            f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"
+        )
 
 
 def _call(model: nn.Module, batch: Any) -> None:
@@ -164,11 +178,19 @@ def activation_norms(model: nn.Module, names: Iterable[str], calibration: Iterab
     return {name: s.sqrt() for name, s in sums.items()}
 
 
-def prune_model(model: nn.Module, sparsity: float, pattern: str = "unstructured", method: str = "magnitude",
-                calibration: Iterable[Any] | None = None,
-                filter_fn: Callable[[str, nn.Linear], bool] | None = None,
-                skip: Iterable[str] = ("lm_head",), *, block: tuple[int, int] = (64, 64), n: int = 2,
-                m: int = 4) -> PruneReport:
+def prune_model(
+    model: nn.Module,
+    sparsity: float,
+    pattern: str = "unstructured",
+    method: str = "magnitude",
+    calibration: Iterable[Any] | None = None,
+    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    skip: Iterable[str] = ("lm_head",),
+    *,
+    block: tuple[int, int] = (64, 64),
+    n: int = 2,
+    m: int = 4,
+) -> PruneReport:
     """Prune every selected ``nn.Linear`` of ``model`` in place into a ``SparseLinear``.
 
     A layer is selected when its name has no component in ``skip`` and
@@ -208,8 +230,16 @@ def prune_model(model: nn.Module, sparsity: float, pattern: str = "unstructured"
 
     def sparse(layer: Layer) -> nn.Module:
         nonlocal pruned, total
-        mask = masks(layer.module.weight, sparsity, pattern, method, block=block, n=n, m=m,
-                     activation_norms=norms.get(layer.name))
+        mask = masks(
+            layer.module.weight,
+            sparsity,
+            pattern,
+            method,
+            block=block,
+            n=n,
+            m=m,
+            activation_norms=norms.get(layer.name),
+        )
         pruned += int((~mask).sum())
         total += mask.numel()
         return SparseLinear.from_dense(layer.module, mask, format=fmt, block=block)

@@ -4,6 +4,7 @@ Each function here states the op's semantics in the most direct PyTorch; kernels
 it (bit-exactly for integer outputs, within the dtype tolerances of tests/conftest.py for
 floating outputs).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- sparse: block-sparse and 2:4 weights (memkern/ops/sparse.py) ------------------------
-def block_sparse_to_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n_out: int,
-                          n_in: int) -> torch.Tensor:
+def block_sparse_to_dense(
+    values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n_out: int, n_in: int
+) -> torch.Tensor:
     """The dense (n_out, n_in) weight held by kept blocks ``values`` (nnzb, BN, BK) at
     block rows given by ``crow`` (BSR row pointer) and block columns ``col``; blocks not
     listed are zero and the padding of edge blocks is cut off."""
@@ -48,8 +50,14 @@ def block_sparse_to_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.T
     return grid.permute(0, 2, 1, 3).reshape(n_block_rows * bn, n_block_cols * bk)[:n_out, :n_in]
 
 
-def block_sparse_matmul(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                        n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def block_sparse_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    n_out: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x @ W^T + bias`` with W the dense weight of the kept blocks (x: (M, K)), computed
     in float32 (float64 stays float64) and returned in x's dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -96,8 +104,9 @@ def sparse24_decompress(values: torch.Tensor, meta: torch.Tensor, cols: int) -> 
     return w.reshape(rows, cols)
 
 
-def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def sparse24_matmul(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ W^T + bias`` with W the dense weight of a 2:4 compressed one, computed in
     float32 (float64 stays float64) and returned in x's dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -106,6 +115,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
+
+
 # -- knowledge distillation ---------------------------------------------------------------
 KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 KD_REDUCTIONS = ("mean", "sum", "none")
@@ -168,8 +179,9 @@ def _kd_log_mix(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.
     return torch.where(both_zero, torch.full_like(a, -math.inf), mixed)
 
 
-def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                       temperature: float, divergence: str, beta: float) -> torch.Tensor:
+def kd_divergence_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float, divergence: str, beta: float
+) -> torch.Tensor:
     """D(softmax(t/T), softmax(s/T)) per row of 2-D logits, computed in their dtype.
 
     forward_kl = KL(p || q); reverse_kl = KL(q || p); jsd = beta * KL(p || m) +
@@ -188,17 +200,27 @@ def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 labels: torch.Tensor | None, *, alpha: float, temperature: float, divergence: str,
-                 beta: float, ignore_index: int, kd_scale: float) -> torch.Tensor:
+def kd_loss_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    kd_scale: float,
+) -> torch.Tensor:
     """Per-row loss l_i of 2-D (rows, V) logits (see :func:`kd_loss`); 0 for ignored rows,
     NaN for rows that are not (kd_rows_defined)."""
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
     rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
     if alpha != 1:  # with weight 0 the soft term adds 0, even where it is +inf
-        rows = (1 - alpha) * kd_scale * kd_divergence_rows(s, t, temperature=temperature,
-                                                           divergence=divergence, beta=beta)
+        rows = (
+            (1 - alpha) * kd_scale * kd_divergence_rows(s, t, temperature=temperature, divergence=divergence, beta=beta)
+        )
     if labels is not None and alpha != 0:
         safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
         # -log softmax(s)[y]: shifted by the max first, like lse(s) - s_y but exact for huge logits
@@ -206,8 +228,9 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return _defined_and_counted(rows, s, t, labels, ignore_index)
 
 
-def _defined_and_counted(per_row: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                         labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+def _defined_and_counted(
+    per_row: torch.Tensor, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
     """``per_row`` (rows or rows x V) with NaN in undefined rows, then 0 in ignored ones."""
     defined = kd_rows_defined(s, t).reshape(-1, *([1] * (per_row.dim() - 1)))
     per_row = torch.where(defined, per_row, torch.full_like(per_row, math.nan))
@@ -217,10 +240,19 @@ def _defined_and_counted(per_row: torch.Tensor, s: torch.Tensor, t: torch.Tensor
     return torch.where(counted, per_row, torch.zeros_like(per_row))
 
 
-def kd_loss_rows_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor | None, row_weight: torch.Tensor, *, alpha: float,
-                      temperature: float, divergence: str, beta: float, ignore_index: int,
-                      kd_scale: float) -> torch.Tensor:
+def kd_loss_rows_grad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    row_weight: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    kd_scale: float,
+) -> torch.Tensor:
     """d(sum_i row_weight[i] * l_i) / d student_logits for :func:`kd_loss_rows`, in closed form
     (the formulas the compiled kernels use), in the compute dtype of kd_loss_rows.
 
@@ -265,10 +297,19 @@ def kd_loss_rows_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return _defined_and_counted(grad, s, t, labels, ignore_index) * row_weight.to(dtype)[:, None]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            labels: torch.Tensor | None = None, *, alpha: float = 0.5, temperature: float = 1.0,
-            divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
-            reduction: str = "mean", soft_loss_scale: str = "t2") -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    soft_loss_scale: str = "t2",
+) -> torch.Tensor:
     """Distillation loss on logits of shape (..., V), differentiable in plain PyTorch.
 
     Per row i with label y_i that is not ``ignore_index`` (every row when labels is None):
@@ -283,10 +324,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     vocab = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     y = labels.reshape(-1) if labels is not None else None
-    rows = kd_loss_rows(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), y,
-                        alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
-                        ignore_index=ignore_index,
-                        kd_scale=temperature**2 if soft_loss_scale == "t2" else 1.0)
+    rows = kd_loss_rows(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.reshape(-1, vocab),
+        y,
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        kd_scale=temperature**2 if soft_loss_scale == "t2" else 1.0,
+    )
     if reduction == "none":
         return rows.reshape(lead)
     if reduction == "sum":
@@ -295,17 +343,27 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return rows.sum() / max(n_valid, 1)
 
 
-def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                   teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
-                   labels: torch.Tensor | None = None, *, student_bias: torch.Tensor | None = None,
-                   teacher_bias: torch.Tensor | None = None, **options) -> torch.Tensor:
+def linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
     """:func:`kd_loss` of the logits ``hidden @ weight.T + bias`` of student and teacher."""
     s = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
     t = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
     return kd_loss(s, t, labels, **options)
+
+
 # -- low-precision linear layers (memkern/ops/lowp.py) ------------------------------------
-def _linear_epilogue(acc: torch.Tensor, col_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                     compute_dtype: torch.dtype) -> torch.Tensor:
+def _linear_epilogue(
+    acc: torch.Tensor, col_scale: torch.Tensor | None, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> torch.Tensor:
     out = acc.to(compute_dtype)
     if col_scale is not None:
         out = out * col_scale.to(compute_dtype)
@@ -314,8 +372,14 @@ def _linear_epilogue(acc: torch.Tensor, col_scale: torch.Tensor | None, bias: to
     return out
 
 
-def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """W8A8 dynamic linear layer: ``x`` (M, K) float, ``w_q`` (N, K) int8, ``w_scale`` (N,).
 
     x is quantised per row exactly as :func:`quantize_rowwise`; the integer product
@@ -336,9 +400,13 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     return out.to(out_dtype or x.dtype)
 
 
-def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None,
-                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def int8_weight_only_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """W8A16 linear layer: ``(x @ w_q.T) * w_scale[col] + bias[col]``, accumulated in
     ``compute_dtype`` (float32 in every kernel), returned in x's dtype. The scale applies
     after the accumulation (the int8 weight widens exactly to any float type), so
@@ -347,8 +415,9 @@ def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.T
     return _linear_epilogue(acc, w_scale, bias, compute_dtype).to(x.dtype)
 
 
-def fp16_linear(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None = None,
-                compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fp16_linear(
+    x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Linear layer with half-precision weights: ``x @ w_half.T + bias`` accumulated in
     ``compute_dtype`` (float32 in every kernel), returned in x's dtype."""
     acc = x.to(compute_dtype) @ w_half.to(compute_dtype).t()

@@ -23,6 +23,7 @@ a float, not rounded to an integer code, so the range's ends are exact levels (t
 special case of the same formula. Scales and zero points are float32 (0.5 byte a group
 more than float16, 1/256 byte a weight at group 128), so no weight range is out of reach.
 """
+
 from __future__ import annotations
 
 import torch
@@ -95,15 +96,25 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
             best = (error, q, scale, zero)
             continue
         better = error < best[0]
-        best = (torch.where(better, error, best[0]), torch.where(better[:, :, None], q, best[1]),
-                torch.where(better, scale, best[2]), torch.where(better, zero, best[3]))
+        best = (
+            torch.where(better, error, best[0]),
+            torch.where(better[:, :, None], q, best[1]),
+            torch.where(better, scale, best[2]),
+            torch.where(better, zero, best[3]),
+        )
     _, q, scale, zero = best
     q = torch.where(pad, torch.zeros_like(q), q).view(n, -1)[:, :k]
     return pack_int4(q), scale.contiguous(), zero.contiguous()
 
 
-def dequantize_int4(w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    w_int4: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The ``(N, in_features)`` weight in ``dtype``: ``(q - zero) * scale`` per group,
     computed in float32 (float64 stays float64, for the tests' oracle)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -112,9 +123,15 @@ def dequantize_int4(w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return ((q - expand(zeros)) * expand(scales)).to(dtype)
 
 
-def int4_weight_only_linear(x: torch.Tensor, w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                            group_size: int, bias: torch.Tensor | None = None,
-                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def int4_weight_only_linear(
+    x: torch.Tensor,
+    w_int4: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """``x @ W.T + bias`` with W dequantised as :func:`dequantize_int4`, accumulated in
     ``compute_dtype`` (float32 in every kernel), returned in x's dtype."""
     w = dequantize_int4(w_int4, scales, zeros, group_size, x.shape[-1], compute_dtype)

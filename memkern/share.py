@@ -1,8 +1,9 @@
 """Parameter sharing: tie repeated blocks of a model so they hold one set of weights."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -21,15 +22,19 @@ class ShareReport:
         return self.bytes_before - self.bytes_after
 
     def __str__(self) -> str:
-        return (f"tied {sum(len(g) - 1 for g in self.groups)} block(s) in {len(self.groups)} group(s): "
-                f"{self.bytes_before / 2**20:.2f} -> {self.bytes_after / 2**20:.2f} MiB "
-                f"({self.bytes_saved / 2**20:.2f} MiB saved)")
+        return (
+            f"tied {sum(len(g) - 1 for g in self.groups)} block(s) in {len(self.groups)} group(s): "
+            f"{self.bytes_before / 2**20:.2f} -> {self.bytes_after / 2**20:.2f} MiB "
+            f"({self.bytes_saved / 2**20:.2f} MiB saved)"
+        )
 
 
 def _signature(module: nn.Module) -> list[tuple]:
     # Extra states (e.g. a SparseLinear's format and shape) are plain data: compared as they are.
-    return [(n, tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else (n, t)
-            for n, t in module.state_dict().items()]
+    return [
+        (n, tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else (n, t)
+        for n, t in module.state_dict().items()
+    ]
 
 
 def share_layers(model: nn.Module, groups: Sequence[Sequence[str]]) -> ShareReport:
@@ -57,8 +62,10 @@ def share_layers(model: nn.Module, groups: Sequence[Sequence[str]]) -> ShareRepo
         for name in group:
             if name not in modules or name == "":
                 near = [n for n in modules if n and n.split(".")[0] == name.split(".")[0]][:6]
-                raise ValueError(f"share_layers: group {g} names {name!r}, which is not a module of the model"
-                                 + (f" (modules nearby: {', '.join(near)})" if near else ""))
+                raise ValueError(
+                    f"share_layers: group {g} names {name!r}, which is not a module of the model"
+                    + (f" (modules nearby: {', '.join(near)})" if near else "")
+                )
             if name in seen:
                 raise ValueError(f"share_layers: module {name!r} appears in more than one group")
             seen.add(name)
@@ -66,11 +73,15 @@ def share_layers(model: nn.Module, groups: Sequence[Sequence[str]]) -> ShareRepo
         for name in group[1:]:
             other = modules[name]
             if type(other) is not type(first):
-                raise ValueError(f"share_layers: group {g} mixes {type(first).__name__} ({group[0]}) "
-                                 f"and {type(other).__name__} ({name})")
+                raise ValueError(
+                    f"share_layers: group {g} mixes {type(first).__name__} ({group[0]}) "
+                    f"and {type(other).__name__} ({name})"
+                )
             if _signature(other) != _signature(first):
-                raise ValueError(f"share_layers: {name} and {group[0]} differ in parameter names, shapes "
-                                 "or dtypes, so they cannot share weights")
+                raise ValueError(
+                    f"share_layers: {name} and {group[0]} differ in parameter names, shapes "
+                    "or dtypes, so they cannot share weights"
+                )
     before = memory_footprint(model).total_bytes
     for group in groups:
         first = modules[group[0]]

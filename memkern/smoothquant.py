@@ -29,11 +29,13 @@ linear layer's input, or a producer whose output the model returns, leaves that 
 alone. Producers and consumers whose parameters are shared with another module (tied
 weights) are never folded into, since scaling them would change the other user.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -56,7 +58,8 @@ class SmoothReport:
 def _is_rms_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return isinstance(module, getattr(nn, "RMSNorm", ())) or (
-        type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1)
+        type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    )
 
 
 def _foldable_producer(module: nn.Module) -> bool:
@@ -143,8 +146,9 @@ def _fold(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> N
         linear.weight.mul_(s.to(linear.weight.dtype))
 
 
-def smooth(model: nn.Module, calibration: Iterable[Any], alpha: float = 0.5, *,
-           layers: dict[str, nn.Linear] | None = None) -> SmoothReport:
+def smooth(
+    model: nn.Module, calibration: Iterable[Any], alpha: float = 0.5, *, layers: dict[str, nn.Linear] | None = None
+) -> SmoothReport:
     """SmoothQuant ``model`` in place from ``calibration`` batches (module docstring).
 
     Args:
@@ -176,6 +180,7 @@ def smooth(model: nn.Module, calibration: Iterable[Any], alpha: float = 0.5, *,
             seen = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             x_max[name] = seen if name not in x_max else torch.maximum(x_max[name], seen)
             trace.paused = False
+
         return hook
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
@@ -213,8 +218,11 @@ def smooth(model: nn.Module, calibration: Iterable[Any], alpha: float = 0.5, *,
             continue
         consumers = sorted(users)
         params = [p for p in producer.parameters(recurse=False)] + [linears[c].weight for c in consumers]
-        if (any(trace.origins[c] != {pname} for c in consumers) or any(id(p) in shared for p in params)
-                or any(c not in x_max for c in consumers)):
+        if (
+            any(trace.origins[c] != {pname} for c in consumers)
+            or any(id(p) in shared for p in params)
+            or any(c not in x_max for c in consumers)
+        ):
             continue
         group = [linears[c] for c in consumers]
         xm = torch.stack([x_max[c] for c in consumers]).amax(dim=0)

@@ -1,4 +1,5 @@
 """Shared test machinery: seeding, the tolerance table, backend availability."""
+
 from __future__ import annotations
 
 import math
@@ -117,8 +118,10 @@ def assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     if not torch.equal(got, want):
         diff = (got.double() - want.double()).abs()
         idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
-        raise AssertionError(f"{int((diff != 0).sum())} of {got.numel()} elements differ; worst at {idx}: "
-                             f"got {got[idx].item()!r}, want {want[idx].item()!r}")
+        raise AssertionError(
+            f"{int((diff != 0).sum())} of {got.numel()} elements differ; worst at {idx}: "
+            f"got {got[idx].item()!r}, want {want[idx].item()!r}"
+        )
 
 
 def expected_packed_shape(n: int, k: int) -> tuple[int, int, int, int]:

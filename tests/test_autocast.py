@@ -3,6 +3,7 @@ every backend that runs here: the dtypes memkern/_autocast.py documents, and val
 gradients against float64 computed from the inputs as the op sees them (rounded to the
 autocast dtype where its rule casts them).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,23 +41,39 @@ def test_linear_kd_loss_in_a_mixed_precision_loop(backend, amp, use_module):
     labels = torch.tensor([3, -100, 0, 69, 5, 5, -100, 1, 2])
     require_backend("linear_kd_loss", backend, torch.randn(9, hidden, dtype=amp))
     opts = dict(alpha=0.4, temperature=2.0, divergence="jsd")
-    loss_fn = memkern.nn.LinearKDLoss(**opts) if use_module else (
-        lambda *a, **k: memkern.ops.linear_kd_loss(*a, **k, **opts))
+    loss_fn = (
+        memkern.nn.LinearKDLoss(**opts) if use_module else (lambda *a, **k: memkern.ops.linear_kd_loss(*a, **k, **opts))
+    )
     with memkern.use_backend(backend):
         with torch.autocast("cpu", dtype=amp):
             hs = body(x)
             with torch.no_grad():
                 ht = teacher_body(x)
             hs.retain_grad()
-            loss = loss_fn(hs, lm_head.weight, ht, teacher_head.weight, labels, student_bias=lm_head.bias,
-                           teacher_bias=teacher_head.bias)
+            loss = loss_fn(
+                hs,
+                lm_head.weight,
+                ht,
+                teacher_head.weight,
+                labels,
+                student_bias=lm_head.bias,
+                teacher_bias=teacher_head.bias,
+            )
         loss.backward()
     assert hs.dtype == ht.dtype == amp and loss.dtype == torch.float32
     assert lm_head.weight.grad.dtype == lm_head.bias.grad.dtype == torch.float32 and hs.grad.dtype == amp
     ws64, bs64 = _leaf64(lm_head.weight, amp), _leaf64(lm_head.bias, amp)
     hs64 = hs.detach().double().requires_grad_()
-    ref = reference.linear_kd_loss(hs64, ws64, ht.double(), _as_seen(teacher_head.weight, amp), labels,
-                                   student_bias=bs64, teacher_bias=_as_seen(teacher_head.bias, amp), **opts)
+    ref = reference.linear_kd_loss(
+        hs64,
+        ws64,
+        ht.double(),
+        _as_seen(teacher_head.weight, amp),
+        labels,
+        student_bias=bs64,
+        teacher_bias=_as_seen(teacher_head.bias, amp),
+        **opts,
+    )
     ref.backward()
     # the logits are products in the autocast dtype, as in the eager composition under autocast
     assert_rel_close(loss, ref, amp)
@@ -91,8 +108,13 @@ def test_kd_loss_keeps_the_logits_as_they_come(backend, amp, use_module):
 
 def test_mismatched_dtypes_outside_autocast_are_still_refused():
     with pytest.raises(TypeError, match="student_hidden .bfloat16. and student_weight .float32."):
-        memkern.ops.linear_kd_loss(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(10, 8), torch.randn(4, 5),
-                                   torch.randn(10, 5), torch.arange(4))
+        memkern.ops.linear_kd_loss(
+            torch.randn(4, 8, dtype=torch.bfloat16),
+            torch.randn(10, 8),
+            torch.randn(4, 5),
+            torch.randn(10, 5),
+            torch.arange(4),
+        )
 
 
 # -- low-precision linear layers ------------------------------------------------------------------------
@@ -119,8 +141,9 @@ def _lowp_call(name, w_q, w_scale, w_half):
 def _lowp_reference(name, x64, b64, w_q, w_scale, w_half):
     if name.startswith("int8_linear"):
         # the activations are quantised from the autocast dtype, as the op sees them
-        out = reference.int8_linear(x64.reshape(-1, x64.shape[-1]), w_q, w_scale, b64, torch.float64,
-                                    compute_dtype=torch.float64)
+        out = reference.int8_linear(
+            x64.reshape(-1, x64.shape[-1]), w_q, w_scale, b64, torch.float64, compute_dtype=torch.float64
+        )
         return out.reshape(*x64.shape[:-1], -1)
     w = w_half.double() if name == "fp16_linear" else w_q.double() * w_scale.double()[:, None]
     return x64 @ w.t() + b64
@@ -154,8 +177,9 @@ def test_lowp_ops_run_like_linear_under_autocast(backend, amp, name):
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES)
-@pytest.mark.parametrize("kind", ["Int8Linear", "Int8WeightOnlyLinear", "Fp16Linear", "SparseLinear-block",
-                                  "SparseLinear-2:4"])
+@pytest.mark.parametrize(
+    "kind", ["Int8Linear", "Int8WeightOnlyLinear", "Fp16Linear", "SparseLinear-block", "SparseLinear-2:4"]
+)
 def test_layers_under_autocast_give_linear_dtype(amp, kind):
     linear = nn.Linear(32, 24)
     if kind.startswith("SparseLinear"):
@@ -177,8 +201,14 @@ def test_layers_under_autocast_give_linear_dtype(amp, kind):
     assert trained and all(p.grad is not None and p.grad.dtype == p.dtype for p in trained)
     x64 = _as_seen(x0, amp)
     if kind == "Int8Linear":
-        ref = reference.int8_linear(x64, layer.int8_weight(), layer.weight_scale, _as_seen(linear.bias, amp),
-                                    torch.float64, compute_dtype=torch.float64)
+        ref = reference.int8_linear(
+            x64,
+            layer.int8_weight(),
+            layer.weight_scale,
+            _as_seen(linear.bias, amp),
+            torch.float64,
+            compute_dtype=torch.float64,
+        )
     else:
         ref = x64 @ _as_seen(dense, amp).t() + _as_seen(linear.bias, amp)
     assert_rel_close(out, ref, amp, factor=2)

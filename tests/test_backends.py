@@ -1,4 +1,5 @@
 """backends.py: the one dispatch point picks, forces and explains."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,11 @@ def toy_op():
     """A private op table whose implementations record which one ran."""
     table = backends.OpTable("toy_op")
     for name in backends.BACKENDS:
-        table.register(name, dtypes=(torch.float32,) if name != "torch" else None,
-                       check=(lambda x: "rows must be even" if x.shape[0] % 2 else None) if name == "cpp" else None)(
-            lambda x, name=name: name
-        )
+        table.register(
+            name,
+            dtypes=(torch.float32,) if name != "torch" else None,
+            check=(lambda x: "rows must be even" if x.shape[0] % 2 else None) if name == "cpp" else None,
+        )(lambda x, name=name: name)
     return table
 
 
@@ -111,30 +113,35 @@ def _int8_layer_loss():
 
 def _linear_kd_none_loss():
     hs = torch.randn(6, 8, requires_grad=True)
-    loss = memkern.ops.linear_kd_loss(hs, torch.randn(40, 8), torch.randn(6, 4), torch.randn(40, 4),
-                                      torch.randint(0, 40, (6,)), reduction="none")
+    loss = memkern.ops.linear_kd_loss(
+        hs, torch.randn(40, 8), torch.randn(6, 4), torch.randn(40, 4), torch.randint(0, 40, (6,)), reduction="none"
+    )
     return loss.sum(), hs
 
 
 def _masked_matmul_loss():
     w = torch.randn(32, 32)
-    weight = memkern.ops.BlockSparseWeight.from_dense(w, memkern.prune.masks(w, 0.5, "block", block=(16, 16)),
-                                                      (16, 16))
+    weight = memkern.ops.BlockSparseWeight.from_dense(w, memkern.prune.masks(w, 0.5, "block", block=(16, 16)), (16, 16))
     x = torch.randn(8, 32, requires_grad=True)
     return memkern.ops.masked_matmul(x, weight).sum(), x
 
 
-@pytest.mark.parametrize("make, backward_op", [(_int8_layer_loss, "int8_weight_only_linear"),
-                                                (_linear_kd_none_loss, "linear_kd_loss"),
-                                                (_masked_matmul_loss, "block_sparse_matmul_backward")],
-                         ids=["int8_linear", "linear_kd_loss-none", "masked_matmul"])
+@pytest.mark.parametrize(
+    "make, backward_op",
+    [
+        (_int8_layer_loss, "int8_weight_only_linear"),
+        (_linear_kd_none_loss, "linear_kd_loss"),
+        (_masked_matmul_loss, "block_sparse_matmul_backward"),
+    ],
+    ids=["int8_linear", "linear_kd_loss-none", "masked_matmul"],
+)
 def test_backward_runs_on_the_backend_its_forward_was_forced_onto(make, backward_op, dispatches):
     with memkern.use_backend("torch"):
         loss, leaf = make()
     forward = list(dispatches)
     assert forward and all(forced == "torch" for _, forced in forward)
     loss.backward()  # after the block, as training loops do
-    backward = dispatches[len(forward):]
+    backward = dispatches[len(forward) :]
     assert (backward_op, "torch") in backward, backward
     assert all(forced == "torch" for _, forced in backward), backward
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
@@ -152,8 +159,12 @@ def _custom_ops_entered(fn) -> set[str]:
     """The memkern custom ops (not kernels) that the dispatcher ran during fn()."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    public = {"memkern::int8_linear", "memkern::int8_linear_packed", "memkern::int8_weight_only_linear",
-              "memkern::fp16_linear"}
+    public = {
+        "memkern::int8_linear",
+        "memkern::int8_linear_packed",
+        "memkern::int8_weight_only_linear",
+        "memkern::fp16_linear",
+    }
     return {e.key for e in prof.key_averages()} & public
 
 

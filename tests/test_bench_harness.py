@@ -1,4 +1,5 @@
 """The benchmark harness measures what it says: memory probe, CSV schema, CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -80,8 +81,11 @@ def test_rates_are_the_work_over_each_time_in_the_csv(tmp_path):
         assert flops["p20"] == pytest.approx(2 * 64**3 / (p80 * 1e-3) / 1e12)
         assert flops["p20"] <= flops["median"] <= flops["p80"]
     # a case without work reports no rates
-    assert not [r for r in report.rows(harness.run([_tiny_case()], "cpu", quick=True, memory=False,
-                                                    progress=False), "9.9") if r["metric"] != "time_ms"]
+    assert not [
+        r
+        for r in report.rows(harness.run([_tiny_case()], "cpu", quick=True, memory=False, progress=False), "9.9")
+        if r["metric"] != "time_ms"
+    ]
 
 
 def test_every_case_has_one_baseline_and_a_memkern_provider():
@@ -102,14 +106,22 @@ def test_each_measurement_reaches_on_result_before_the_next_is_taken():
         def call():
             calls["n"] += 1
             return inp["x"] * 2
+
         return call
 
-    case = dataclasses.replace(_tiny_case(), providers=(
-        Provider("baseline", counting, baseline=True), Provider("candidate", counting)))
+    case = dataclasses.replace(
+        _tiny_case(), providers=(Provider("baseline", counting, baseline=True), Provider("candidate", counting))
+    )
     # on_result runs before the next provider is measured: it sees the call count of the
     # providers measured so far, not of the whole run.
-    results = harness.run([case], "cpu", quick=True, memory=False, progress=False,
-                          on_result=lambda m: seen.append((m.provider, calls["n"])))
+    results = harness.run(
+        [case],
+        "cpu",
+        quick=True,
+        memory=False,
+        progress=False,
+        on_result=lambda m: seen.append((m.provider, calls["n"])),
+    )
     assert [p for p, _ in seen] == ["baseline", "candidate"]
     assert 0 < seen[0][1] < seen[1][1]
     assert [m.provider for m in results] == ["baseline", "candidate"]
@@ -139,8 +151,9 @@ def test_cli_bench_match_selects_cases_and_streams_csv(tmp_path, capsys):
     from memkern import cli
 
     path = tmp_path / "r.csv"
-    rc = cli.main(["bench", "--quick", "--no-memory", "--ops", "quantize_rowwise", "--match", "float32",
-                   "--csv", str(path)])
+    rc = cli.main(
+        ["bench", "--quick", "--no-memory", "--ops", "quantize_rowwise", "--match", "float32", "--csv", str(path)]
+    )
     assert rc == 0
     with open(path) as f:
         table = list(csv.DictReader(f))

@@ -6,6 +6,7 @@ out_features cut inside a block, empty block rows, low-precision and strided inp
 The micro-kernel takes every float32 call on AVX-512 builds (float64 goes to the BLAS
 path). Most cases here use LEAD_ROWS + a few rows, which puts the interesting row counts in
 the last, partial row tile after whole ones."""
+
 from __future__ import annotations
 
 import pytest
@@ -69,8 +70,16 @@ def test_matches_reference(block, shape, sparsity, with_bias, poisoned_outputs):
 def test_rows_around_micro_tile_and_row_tile(block, rows, poisoned_outputs):
     # 1 .. MR+1 rows alone, and the same counts in the last row tile after whole ones.
     mr = micro_tile_rows(block[0])
-    m = {"1": 1, "MR-1": mr - 1, "MR": mr, "MR+1": mr + 1, "TILE-1": ROW_TILE - 1, "TILE": ROW_TILE,
-         "TILE+1": ROW_TILE + 1, "TILE+MR+1": ROW_TILE + mr + 1}[rows]
+    m = {
+        "1": 1,
+        "MR-1": mr - 1,
+        "MR": mr,
+        "MR+1": mr + 1,
+        "TILE-1": ROW_TILE - 1,
+        "TILE": ROW_TILE,
+        "TILE+1": ROW_TILE + 1,
+        "TILE+MR+1": ROW_TILE + mr + 1,
+    }[rows]
     w, mask, weight = _weight((150, 200), block, 0.5)
     bias = torch.randn(150)
     for rows_of_x in {m, LEAD_ROWS + m}:

@@ -1,5 +1,6 @@
 """memkern.save / memkern.load: converted, pruned and tied models round-trip bit for bit;
 bad files are refused before the model changes."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,11 @@ def _state(model: nn.Module) -> dict:
 
 
 def _assert_untouched(model: nn.Module, before: dict) -> None:
-    assert all(type(m) is not SparseLinear and type(m).__module__ == "torch.nn.modules.linear"
-               for m in model.modules() if hasattr(m, "in_features"))
+    assert all(
+        type(m) is not SparseLinear and type(m).__module__ == "torch.nn.modules.linear"
+        for m in model.modules()
+        if hasattr(m, "in_features")
+    )
     assert model.blocks[0] is not model.blocks[2]
     after = model.state_dict()
     assert after.keys() == before.keys()
@@ -83,8 +87,14 @@ def test_manifest_names_every_layer(tmp_path):
     assert sorted(layers) == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
     first = layers["blocks.0.0"]
     assert first["class"] == "SparseLinear" and first["scheme"] == "sparse" and first["format"] == "block"
-    assert first["config"] == {"in_features": 32, "out_features": 64, "bias": True, "format": "block",
-                               "block": [16, 16], "dtype": "float32"}
+    assert first["config"] == {
+        "in_features": 32,
+        "out_features": 64,
+        "bias": True,
+        "format": "block",
+        "block": [16, 16],
+        "dtype": "float32",
+    }
     assert first["tied"] == ["blocks.2.0"]
     kept = model.blocks[0][0].values
     assert first["tensors"]["values"] == {"shape": list(kept.shape), "dtype": "float32"}
@@ -102,14 +112,14 @@ def test_manifest_names_every_layer(tmp_path):
 def _flip_byte_inside(path, tensor: str) -> None:
     raw = bytearray(path.read_bytes())
     header_len = int.from_bytes(raw[:8], "little")
-    start, end = json.loads(raw[8:8 + header_len])[tensor]["data_offsets"]
+    start, end = json.loads(raw[8 : 8 + header_len])[tensor]["data_offsets"]
     raw[8 + header_len + (start + end) // 2] ^= 0x10
     path.write_bytes(bytes(raw))
 
 
 def _cut_last_tensor(path) -> str:
     raw = path.read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     header.pop("__metadata__", None)
     path.write_bytes(raw[:-100])
     return f"tensor {max(header, key=lambda name: header[name]['data_offsets'][1])!r} is truncated"
@@ -125,13 +135,20 @@ BAD_FILES = {
     "no-tensors-file": (lambda d: os.remove(d / "model.safetensors"), ["model.safetensors", "missing"]),
     "no-manifest": (lambda d: os.remove(d / "memkern.json"), ["memkern.json", "missing"]),
     "truncated": (lambda d: _cut_last_tensor(d / "model.safetensors"), ["truncated"]),
-    "corrupted": (lambda d: _flip_byte_inside(d / "model.safetensors", "blocks.1.0.weight"),
-                  ["'blocks.1.0.weight'", "corrupted"]),
-    "manifest-shape": (lambda d: _edit_manifest(d / "memkern.json",
-                                                lambda m: m["tensors"]["blocks.1.0.weight_scale"].update(shape=[65])),
-                       ["'blocks.1.0.weight_scale'", "[65]"]),
-    "manifest-json": (lambda d: (d / "memkern.json").write_text((d / "memkern.json").read_text()[:50]),
-                      ["memkern.json", "not valid JSON"]),
+    "corrupted": (
+        lambda d: _flip_byte_inside(d / "model.safetensors", "blocks.1.0.weight"),
+        ["'blocks.1.0.weight'", "corrupted"],
+    ),
+    "manifest-shape": (
+        lambda d: _edit_manifest(
+            d / "memkern.json", lambda m: m["tensors"]["blocks.1.0.weight_scale"].update(shape=[65])
+        ),
+        ["'blocks.1.0.weight_scale'", "[65]"],
+    ),
+    "manifest-json": (
+        lambda d: (d / "memkern.json").write_text((d / "memkern.json").read_text()[:50]),
+        ["memkern.json", "not valid JSON"],
+    ),
 }
 
 
@@ -166,9 +183,11 @@ class Narrower(Net):
         self.blocks[1][2] = nn.Linear(48, 32)
 
 
-@pytest.mark.parametrize("model_cls, words", [(Wider, ["'head.weight'", "(16, 32)", "(24, 32)"]),
-                                              (Narrower, ["'blocks.1.0'", "32 -> 64", "32 -> 48"])],
-                         ids=["plain-tensor", "memkern-layer"])
+@pytest.mark.parametrize(
+    "model_cls, words",
+    [(Wider, ["'head.weight'", "(16, 32)", "(24, 32)"]), (Narrower, ["'blocks.1.0'", "32 -> 64", "32 -> 48"])],
+    ids=["plain-tensor", "memkern-layer"],
+)
 def test_a_model_that_does_not_fit_is_refused_untouched(tmp_path, model_cls, words):
     memkern.save(_saved_model("int8"), tmp_path)
     _assert_load_refused_untouched(tmp_path, model_cls(), words)
@@ -190,8 +209,15 @@ def test_hugging_face_model_round_trips_beside_its_config(tmp_path):
     transformers = pytest.importorskip("transformers")
     from memkern.integrations import hf
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     memkern.prune.prune_model(model, 0.5, "n:m", filter_fn=lambda name, _: ".mlp." in name)

@@ -1,4 +1,5 @@
 """`memkern info` and `memkern bench` answer truthfully; bad settings end in one line."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,13 @@ from memkern.benchmarks import harness
 
 
 def _memkern(*args: str, module: str = "memkern.cli", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                          env=None if env is None else {**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=None if env is None else {**os.environ, **env},
+    )
 
 
 def test_info_lists_builds_and_backends():
@@ -25,8 +31,8 @@ def test_info_lists_builds_and_backends():
     assert "torch" in text and "triton" in text
     assert ("C++ ext   built" in text) == _library.has_cpp()
     assert "CUDA ext  not built" in text or _library.has_cuda_ext()
-    line = next(l for l in text.splitlines() if l.startswith("quantize_rowwise"))
-    assert line.split()[1] == ("cpp" if _library.has_cpp() else "torch")
+    row = next(line for line in text.splitlines() if line.startswith("quantize_rowwise"))
+    assert row.split()[1] == ("cpp" if _library.has_cpp() else "torch")
 
 
 def test_bench_quick_writes_rows_for_each_provider(tmp_path):
@@ -55,7 +61,7 @@ def test_python_dash_m_memkern_is_the_memkern_command():
     out = _memkern("info", module="memkern")
     assert out.returncode == 0, out.stderr
     assert ("C++ ext   built" in out.stdout) == _library.has_cpp()
-    assert next(l for l in out.stdout.splitlines() if l.startswith("quantize_rowwise"))
+    assert next(line for line in out.stdout.splitlines() if line.startswith("quantize_rowwise"))
     usage = _memkern("--help", module="memkern")
     assert usage.returncode == 0 and usage.stdout.startswith("usage: memkern ")
 
@@ -117,8 +123,9 @@ def test_demo_without_its_extra_stops_before_any_work(monkeypatch, capsys):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    )
     monkeypatch.setattr(memkern.demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
     assert cli.main(["demo", "--quick"]) == 2
     err = capsys.readouterr().err
@@ -127,10 +134,12 @@ def test_demo_without_its_extra_stops_before_any_work(monkeypatch, capsys):
 
 def test_import_memkern_needs_none_of_the_demo_packages():
     # Every op imports and runs with the demo's packages blocked.
-    code = ("import sys\n"
-            "for name in ('rich', 'matplotlib', 'tokenizers'): sys.modules[name] = None\n"
-            "import torch, memkern\n"
-            "q, s = memkern.ops.quantize_rowwise(torch.randn(4, 8))\n"
-            "print(q.dtype)\n")
+    code = (
+        "import sys\n"
+        "for name in ('rich', 'matplotlib', 'tokenizers'): sys.modules[name] = None\n"
+        "import torch, memkern\n"
+        "q, s = memkern.ops.quantize_rowwise(torch.randn(4, 8))\n"
+        "print(q.dtype)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "torch.int8", out.stderr

@@ -1,5 +1,6 @@
 """Int8Linear, Int8WeightOnlyLinear, Fp16Linear and memkern.convert: accuracy of a converted
 model, state_dict and meta-device round trips, filter/skip behaviour, memory footprint."""
+
 from __future__ import annotations
 
 import copy
@@ -184,10 +185,13 @@ def test_multihead_attention_projections_are_left_alone():
         assert sqnr_db(out, ref) >= 30.0  # the int8 head, as test_converted_transformer_stays_close
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    ({"scheme": "int4"}, ValueError, ["scheme", "'int8'", "'int4'"]),
-    ({"scheme": "int8", "filter_fn": 3}, TypeError, ["filter_fn", "int"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"scheme": "int4"}, ValueError, ["scheme", "'int8'", "'int4'"]),
+        ({"scheme": "int8", "filter_fn": 3}, TypeError, ["filter_fn", "int"]),
+    ],
+)
 def test_convert_bad_arguments(kwargs, error, words):
     with pytest.raises(error) as info:
         memkern.convert(TinyLM(), **kwargs)
@@ -260,8 +264,9 @@ def _tied_pair() -> nn.Sequential:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("scheme, weight_bytes, min_db", [("int8", 1, 30.0), ("int8_weight_only", 1, 30.0),
-                                                          ("fp16", 2, 50.0)])
+@pytest.mark.parametrize(
+    "scheme, weight_bytes, min_db", [("int8", 1, 30.0), ("int8_weight_only", 1, 30.0), ("fp16", 2, 50.0)]
+)
 def test_a_shared_layer_is_converted_once_and_stays_shared(backend, scheme, weight_bytes, min_db):
     model = _tied_pair()
     assert memkern.memory_footprint(model).total_bytes == (64 * 64 + 64) * 4  # one layer: 16,640 bytes

@@ -4,6 +4,7 @@ Every csrc/cuda/*.cu is torch-free and is compiled for sm_80 and sm_90; every
 csrc/cuda/*.cpp (the torch-facing registrations) is syntax-checked against the installed
 torch headers plus a stand-in for the one header only CUDA builds of torch ship.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,17 @@ def _cuda_include_dir() -> str:
 @needs_nvcc
 @pytest.mark.parametrize("source", sorted(p.name for p in CUDA_DIR.glob("*.cu")))
 def test_cu_compiles_for_sm80_and_sm90(source, tmp_path):
-    cmd = [NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc'}", "-c",
-           str(CUDA_DIR / source), "-o", str(tmp_path / "out.o")]
+    cmd = [
+        NVCC,
+        "-std=c++17",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        f"-I{ROOT / 'csrc'}",
+        "-c",
+        str(CUDA_DIR / source),
+        "-o",
+        str(tmp_path / "out.o"),
+    ]
     for arch in ARCHS:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -49,7 +59,13 @@ def test_cuda_registration_parses_against_torch_headers(source, tmp_path):
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("// stand-in: only CUDA builds of torch ship this header\n")
     includes = [str(ROOT / "csrc"), str(tmp_path), _cuda_include_dir(), *cpp_extension.include_paths()]
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-DMEMKERN_WITH_CUDA", *(f"-I{i}" for i in includes),
-           str(CUDA_DIR / source)]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-DMEMKERN_WITH_CUDA",
+        *(f"-I{i}" for i in includes),
+        str(CUDA_DIR / source),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]

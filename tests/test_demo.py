@@ -1,5 +1,6 @@
 """`memkern demo --quick`: the report's structure, and each stage's figures checked
 against what memkern's own tools compute for that stage's model."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,14 @@ from memkern.demo import DemoConfig, run_demo
 from memkern.demo.corpus import load_corpus
 from memkern.demo.report import COLUMNS, write_all
 
-STAGES = ["teacher", "student (labels only)", "student (distilled)", "pruned (2:4 wanda)",
-          "int8 (from pruned)", "fp16 (from pruned)"]
+STAGES = [
+    "teacher",
+    "student (labels only)",
+    "student (distilled)",
+    "pruned (2:4 wanda)",
+    "int8 (from pruned)",
+    "fp16 (from pruned)",
+]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +85,9 @@ def test_csv_and_png_are_written(result, tmp_path):
 
 
 def _demo_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "memkern.cli", "demo", "--quick", *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "memkern.cli", "demo", "--quick", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize(
@@ -108,8 +116,9 @@ def test_empty_corpus_is_refused(tmp_path):
 
 
 def test_shared_student_ties_its_blocks():
-    cfg = DemoConfig.quick(progress=False, share_layers="pairs", teacher_steps=2, student_steps=2, finetune_steps=1,
-                           eval_windows=2)
+    cfg = DemoConfig.quick(
+        progress=False, share_layers="pairs", teacher_steps=2, student_steps=2, finetune_steps=1, eval_windows=2
+    )
     res = run_demo(cfg, log=lambda _: None)
     student = res.stage("student (distilled)").model
     assert student.blocks[0] is student.blocks[1]
@@ -121,7 +130,9 @@ def test_shared_student_ties_its_blocks():
 
 # -- the corpus split ---------------------------------------------------------------------------
 def _text(chars: int, seed: int = 0) -> str:
-    lines = "".join(f"line {i} of text {seed}: the quick brown fox jumps over the lazy dog\n" for i in range(chars // 40))
+    lines = "".join(
+        f"line {i} of text {seed}: the quick brown fox jumps over the lazy dog\n" for i in range(chars // 40)
+    )
     return lines[:chars]
 
 

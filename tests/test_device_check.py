@@ -2,6 +2,7 @@
 
 On this CPU-only machine its GPU stages skip themselves; the deadline logic is what is
 checked: with too little time left every stage is skipped, none is started."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,13 @@ def test_no_stage_starts_past_the_deadline(tmp_path):
     proc, took = _run(tmp_path, deadline_s=1)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("build", "linear_kd_loss 8192x4096x128256", "int8_linear vs cuBLAS fp16", "gpu tests",
-                  "kd_loss and quantize_rowwise"):
+    for stage in (
+        "build",
+        "linear_kd_loss 8192x4096x128256",
+        "int8_linear vs cuBLAS fp16",
+        "gpu tests",
+        "kd_loss and quantize_rowwise",
+    ):
         assert f"{stage}: skipped" in summary, summary
     assert "gpu tests: ok" not in summary
     assert took < 60

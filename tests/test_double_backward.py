@@ -2,6 +2,7 @@
 either exact, checked against the eager float64 composition, or a clear error at the
 moment the gradient is differentiated. Never a silently missing term.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,14 +30,16 @@ def _linear_call(reduction):
     w = torch.randn(31, 6, requires_grad=True)
     b = torch.randn(31, requires_grad=True)
     ht, wt, y = torch.randn(7, 4), torch.randn(31, 4), torch.tensor([1, -100, 4, 30, 0, 7, 7])
-    return [h, w, b], lambda h, w, b: memkern.ops.linear_kd_loss(h, w, ht, wt, y, student_bias=b, alpha=0.3,
-                                                                 temperature=2.0, reduction=reduction)
+    return [h, w, b], lambda h, w, b: memkern.ops.linear_kd_loss(
+        h, w, ht, wt, y, student_bias=b, alpha=0.3, temperature=2.0, reduction=reduction
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("op, make", [("kd_loss", _kd_call), ("linear_kd_loss", _linear_call)],
-                         ids=["kd_loss", "linear_kd_loss"])
+@pytest.mark.parametrize(
+    "op, make", [("kd_loss", _kd_call), ("linear_kd_loss", _linear_call)], ids=["kd_loss", "linear_kd_loss"]
+)
 def test_kd_double_backward_is_a_clear_error(backend, reduction, op, make):
     leaves, f = make(reduction)
     table = "kd_loss_rows" if op == "kd_loss" else "linear_kd_loss"
@@ -101,10 +104,18 @@ def _lowp_cases():
     packed = memkern.ops.pack_int8_weight(w_q)
     return [
         ("int8_linear", "int8_linear", lambda x, b: memkern.ops.int8_linear(x, w_q, w_scale, b), dequantised),
-        ("int8_linear_packed", "int8_linear_packed",
-         lambda x, b: memkern.ops.int8_linear_packed(x, packed, w_scale, b), dequantised),
-        ("int8_weight_only_linear", "int8_weight_only_linear",
-         lambda x, b: memkern.ops.int8_weight_only_linear(x, w_q, w_scale, b), dequantised),
+        (
+            "int8_linear_packed",
+            "int8_linear_packed",
+            lambda x, b: memkern.ops.int8_linear_packed(x, packed, w_scale, b),
+            dequantised,
+        ),
+        (
+            "int8_weight_only_linear",
+            "int8_weight_only_linear",
+            lambda x, b: memkern.ops.int8_weight_only_linear(x, w_q, w_scale, b),
+            dequantised,
+        ),
         ("fp16_linear", "fp16_linear", lambda x, b: memkern.ops.fp16_linear(x, w_half, b), w_half.double()),
     ]
 
@@ -132,8 +143,10 @@ def _sparse_weights():
     mask = torch.zeros(24, 32, dtype=torch.bool)
     mask[:, 0::4] = mask[:, 2::4] = True  # 2:4, and whole 16 x 16 blocks kept by the block format
     mask[:16, :16] = False
-    return (memkern.ops.BlockSparseWeight.from_dense(w, mask, block=(16, 16)),
-            memkern.ops.Sparse24Weight.from_dense(w, mask))
+    return (
+        memkern.ops.BlockSparseWeight.from_dense(w, mask, block=(16, 16)),
+        memkern.ops.Sparse24Weight.from_dense(w, mask),
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

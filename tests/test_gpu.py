@@ -8,6 +8,7 @@ a CUDA device) and run the same body on the GPU, at full size where the test say
 Expected values come from float64 (or, at full size, float32) computations written here or
 from the plain-PyTorch reference; integer products are bit-exact.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,6 @@ import memkern
 from memkern.kernels import kd_chunks
 from memkern import backends, prune, reference
 from memkern.ops import BlockSparseWeight
-from memkern.ops import lowp as lowp_ops
 from conftest import CPU_BACKENDS, assert_rel_close, require_backend, sqnr_db
 from test_demo import STAGES
 
@@ -58,9 +58,9 @@ def cases(op: str | None, cpu: list[tuple], cuda: list[tuple]) -> list:
     def keep(case):
         return impls is None or case[0] in impls
 
-    return ([pytest.param("cpu", *c, id="-".join(map(_id, ("cpu", *c)))) for c in cpu if keep(c)]
-            + [pytest.param("cuda", *c, id="-".join(map(_id, ("cuda", *c))), marks=pytest.mark.gpu)
-               for c in cuda if keep(c)])
+    return [pytest.param("cpu", *c, id="-".join(map(_id, ("cpu", *c)))) for c in cpu if keep(c)] + [
+        pytest.param("cuda", *c, id="-".join(map(_id, ("cuda", *c))), marks=pytest.mark.gpu) for c in cuda if keep(c)
+    ]
 
 
 def grid(*axes) -> list[tuple]:
@@ -86,8 +86,16 @@ def _kd_reference(s, t, labels, opts, upstream):
 def _linear_kd_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream):
     """float64 linear_kd_loss of CPU copies and its gradients in hs, ws, bs."""
     leaves = [None if x is None else _cpu64(x).requires_grad_() for x in (hs, ws, bs)]
-    ref = reference.linear_kd_loss(leaves[0], leaves[1], _cpu64(ht), _cpu64(wt), labels.cpu(),
-                                   student_bias=leaves[2], teacher_bias=_cpu64(bt), **opts)
+    ref = reference.linear_kd_loss(
+        leaves[0],
+        leaves[1],
+        _cpu64(ht),
+        _cpu64(wt),
+        labels.cpu(),
+        student_bias=leaves[2],
+        teacher_bias=_cpu64(bt),
+        **opts,
+    )
     ref.backward(_cpu64(upstream))
     return ref.detach(), [None if x is None else x.grad for x in leaves]
 
@@ -108,11 +116,20 @@ def _linear_kd_inputs(lead, hidden_s, hidden_t, vocab, dtype, device, bias=True)
 LINEAR_KD_MODES = (("mean", "forward_kl"), ("none", "jsd"))
 
 
-@pytest.mark.parametrize("device, backend, dtype, mode", cases(
-    "linear_kd_loss",
-    cpu=[("cpp", BF16, LINEAR_KD_MODES[0]), ("cpp", F16, LINEAR_KD_MODES[1]), ("triton", F32, LINEAR_KD_MODES[1]),
-         ("triton", BF16, LINEAR_KD_MODES[0]), ("torch", F16, LINEAR_KD_MODES[0])],
-    cuda=grid(CUDA_BACKENDS, (F32, F16, BF16), LINEAR_KD_MODES)))
+@pytest.mark.parametrize(
+    "device, backend, dtype, mode",
+    cases(
+        "linear_kd_loss",
+        cpu=[
+            ("cpp", BF16, LINEAR_KD_MODES[0]),
+            ("cpp", F16, LINEAR_KD_MODES[1]),
+            ("triton", F32, LINEAR_KD_MODES[1]),
+            ("triton", BF16, LINEAR_KD_MODES[0]),
+            ("torch", F16, LINEAR_KD_MODES[0]),
+        ],
+        cuda=grid(CUDA_BACKENDS, (F32, F16, BF16), LINEAR_KD_MODES),
+    ),
+)
 def test_linear_kd_loss_forward_and_gradients(device, backend, dtype, mode, monkeypatch):
     reduction, divergence = mode
     vocab, lead = 131, (2, 13)
@@ -123,15 +140,17 @@ def test_linear_kd_loss_forward_and_gradients(device, backend, dtype, mode, monk
         monkeypatch.setitem(kd_chunks.CHUNK_ELEMENTS, device_type, 1000)
     accumulated = []
     accumulate = kd_chunks.accumulate_fp32
-    monkeypatch.setattr(kd_chunks, "accumulate_fp32",
-                        lambda acc, a, b: (accumulated.append(a.dtype), accumulate(acc, a, b))[1])
+    monkeypatch.setattr(
+        kd_chunks, "accumulate_fp32", lambda acc, a, b: (accumulated.append(a.dtype), accumulate(acc, a, b))[1]
+    )
     hs, ws, bs, ht, wt, bt, labels = _linear_kd_inputs(lead, 24, 16, vocab, dtype, device)
     require_backend("linear_kd_loss", backend, hs.reshape(-1, 24))
     opts = dict(alpha=0.4, temperature=2.0, divergence=divergence, beta=0.3, reduction=reduction)
     leaves = _leaves(hs, ws, bs)
     with memkern.use_backend(backend):
-        loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
-                                          teacher_bias=bt, **opts)
+        loss = memkern.ops.linear_kd_loss(
+            leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2], teacher_bias=bt, **opts
+        )
     upstream = torch.tensor(0.7) if reduction == "mean" else torch.rand(lead) + 0.5
     loss.backward(upstream.to(device))  # backward on the forced backend too (register_autograd)
     ref, ref_grads = _linear_kd_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)
@@ -161,8 +180,9 @@ def test_weight_gradient_across_vocabulary_slabs(device, dtype, monkeypatch):
     def gradients():
         leaves = _leaves(hs, ws, bs)
         with memkern.use_backend("triton"):
-            memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
-                                       teacher_bias=bt, **opts).backward()
+            memkern.ops.linear_kd_loss(
+                leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2], teacher_bias=bt, **opts
+            ).backward()
         return [x.grad.cpu() for x in leaves]
 
     block_v = kd_kernels._grad_launch_config(dtype, dtype)["BLOCK_V"]
@@ -196,11 +216,19 @@ def _lowp_weights(op, n, k, half_dtype, device):
     return (w_q.to(device), w_scale.to(device)), w_q.double() * w_scale.double()[:, None]
 
 
-@pytest.mark.parametrize("device, backend, op, dtypes, rows", [
-    case for op in LOWP_OPS for case in cases(
-        op, cpu=[(b, op, d, r) for b, d, r in covering(CPU_BACKENDS, LOWP_DTYPES, (5, 37))],
-        # CUDA: Triton's GEMV kernel (<= 8 rows), then its GEMM
-        cuda=grid(CUDA_BACKENDS, (op,), LOWP_DTYPES, (5, 37)))])
+@pytest.mark.parametrize(
+    "device, backend, op, dtypes, rows",
+    [
+        case
+        for op in LOWP_OPS
+        for case in cases(
+            op,
+            cpu=[(b, op, d, r) for b, d, r in covering(CPU_BACKENDS, LOWP_DTYPES, (5, 37))],
+            # CUDA: Triton's GEMV kernel (<= 8 rows), then its GEMM
+            cuda=grid(CUDA_BACKENDS, (op,), LOWP_DTYPES, (5, 37)),
+        )
+    ],
+)
 def test_lowp_forward_and_gradients(device, backend, op, dtypes, rows):
     x_dtype, bias_dtype, half_dtype = dtypes
     k, n = 40, 33
@@ -231,8 +259,9 @@ def test_mismatched_dtypes_are_refused_on_every_device(device):
     """Where the ops do not accept mixed dtypes, the same clear error on CUDA as on the CPU."""
     x = torch.randn(6, 64, device=device, dtype=BF16)
     w = torch.randn(32, 64)
-    block = BlockSparseWeight.from_dense(w.to(device, F16), prune.masks(w, 0.5, "block", block=(16, 16)).to(device),
-                                         (16, 16))
+    block = BlockSparseWeight.from_dense(
+        w.to(device, F16), prune.masks(w, 0.5, "block", block=(16, 16)).to(device), (16, 16)
+    )
     with pytest.raises(TypeError, match="x must have the weight's dtype torch.float16; got torch.bfloat16"):
         memkern.ops.masked_matmul(x, block)
     with pytest.raises(TypeError, match=r"student_hidden \(bfloat16\) and student_weight \(float16\) must have"):
@@ -244,8 +273,10 @@ def test_mismatched_dtypes_are_refused_on_every_device(device):
         memkern.ops.fp16_linear(x, w.to(device))
 
 
-@pytest.mark.parametrize("device, backend, dtype", cases(
-    "int8_linear_packed", cpu=covering(CPU_BACKENDS, (F32, BF16)), cuda=grid(CUDA_BACKENDS, (F32, BF16))))
+@pytest.mark.parametrize(
+    "device, backend, dtype",
+    cases("int8_linear_packed", cpu=covering(CPU_BACKENDS, (F32, BF16)), cuda=grid(CUDA_BACKENDS, (F32, BF16))),
+)
 def test_int8_linear_packed_is_int8_linear_bit_for_bit(device, backend, dtype):
     m, k, n = 37, 45, 21  # K and N not multiples of the packed blocks (4, 16)
     w_q, w_scale = reference.quantize_rowwise(torch.randn(n, k))
@@ -275,8 +306,7 @@ def test_int8_linear_packed_is_int8_linear_bit_for_bit(device, backend, dtype):
     x_int = torch.randint(-127, 128, (m, k)).float()
     x_int[:, 0] = 127.0
     with memkern.use_backend(backend):
-        exact = memkern.ops.int8_linear_packed(x_int.to(device), packed, torch.ones(n, device=device),
-                                               out_dtype=F32)
+        exact = memkern.ops.int8_linear_packed(x_int.to(device), packed, torch.ones(n, device=device), out_dtype=F32)
     assert torch.equal(exact.cpu().long(), x_int.long() @ w_q.cpu().long().t())
 
 
@@ -284,9 +314,14 @@ def test_int8_linear_packed_is_int8_linear_bit_for_bit(device, backend, dtype):
 BLOCKS = ((128, 128), (64, 128), (32, 64), (128, 32), (16, 128))
 
 
-@pytest.mark.parametrize("device, backend, block, dtype", cases(
-    "block_sparse_matmul", cpu=covering(CPU_BACKENDS, BLOCKS, (F32, F16, BF16)),
-    cuda=grid(CUDA_BACKENDS, BLOCKS, (F32, F16, BF16))))
+@pytest.mark.parametrize(
+    "device, backend, block, dtype",
+    cases(
+        "block_sparse_matmul",
+        cpu=covering(CPU_BACKENDS, BLOCKS, (F32, F16, BF16)),
+        cuda=grid(CUDA_BACKENDS, BLOCKS, (F32, F16, BF16)),
+    ),
+)
 def test_block_sparse_large_and_rectangular_blocks(device, backend, block, dtype):
     n_out, n_in, lead = 300, 270, (3, 26)  # 78 rows: two row tiles; edge blocks hang over
     w = torch.randn(n_out, n_in)
@@ -308,16 +343,22 @@ def test_block_sparse_large_and_rectangular_blocks(device, backend, block, dtype
     assert y.dtype == dtype
     assert_rel_close(y.cpu(), (x64 @ w_kept.t() + bias.double()).reshape(*lead, n_out), dtype)
     assert_rel_close(x_dev.grad.cpu(), (g64 @ w_kept).reshape(x.shape), dtype)
-    dw = reference.block_sparse_to_dense(weight.values.grad.cpu().double(), weight.crow.cpu(), weight.col.cpu(),
-                                         n_out, n_in)
+    dw = reference.block_sparse_to_dense(
+        weight.values.grad.cpu().double(), weight.crow.cpu(), weight.col.cpu(), n_out, n_in
+    )
     assert_rel_close(dw * mask, (g64.t() @ x64) * mask, dtype)
     assert_rel_close(b_dev.grad.cpu(), g64.sum(0), dtype)
 
 
 # -- kd_loss: half precision and every divergence on the row kernel --------------------------
-@pytest.mark.parametrize("device, backend, divergence, dtype", cases(
-    "kd_loss_rows", cpu=[(b, d, t) for b, (d, t) in zip(CPU_BACKENDS * 2, grid(reference.KD_DIVERGENCES, (F16, F32)))],
-    cuda=grid(CUDA_BACKENDS, reference.KD_DIVERGENCES, (F16, F32))))
+@pytest.mark.parametrize(
+    "device, backend, divergence, dtype",
+    cases(
+        "kd_loss_rows",
+        cpu=[(b, d, t) for b, (d, t) in zip(CPU_BACKENDS * 2, grid(reference.KD_DIVERGENCES, (F16, F32)))],
+        cuda=grid(CUDA_BACKENDS, reference.KD_DIVERGENCES, (F16, F32)),
+    ),
+)
 def test_kd_loss_divergences_on_the_row_kernel(device, backend, divergence, dtype):
     # Vocabularies past one 1024-wide tile; the CUDA case at GPT-2's 50257.
     shape = (3, 37, 50257) if device == "cuda" else (2, 3, 1100)
@@ -339,8 +380,16 @@ def test_kd_loss_divergences_on_the_row_kernel(device, backend, divergence, dtyp
 
 
 # -- every module on the device against the same module on the CPU --------------------------
-MODULES = ("KDLoss", "LinearKDLoss", "SparseLinear-block", "SparseLinear-2:4", "Int8Linear",
-           "Int8WeightOnlyLinear", "Fp16Linear", "Fp16Linear-bf16")
+MODULES = (
+    "KDLoss",
+    "LinearKDLoss",
+    "SparseLinear-block",
+    "SparseLinear-2:4",
+    "Int8Linear",
+    "Int8WeightOnlyLinear",
+    "Fp16Linear",
+    "Fp16Linear-bf16",
+)
 
 
 def _module_case(name: str, dtype: torch.dtype):
@@ -360,8 +409,9 @@ def _module_case(name: str, dtype: torch.dtype):
     if name.startswith("SparseLinear"):
         pattern = "n:m" if name.endswith("2:4") else "block"
         mask = prune.masks(linear.weight.detach(), 0.5, pattern, block=(16, 32))
-        module = memkern.nn.SparseLinear.from_dense(linear, mask, format="2:4" if pattern == "n:m" else "block",
-                                                    block=(16, 32))
+        module = memkern.nn.SparseLinear.from_dense(
+            linear, mask, format="2:4" if pattern == "n:m" else "block", block=(16, 32)
+        )
         return module.to(dtype), (x,), (0,)
     if name == "Fp16Linear-bf16":
         return memkern.nn.Fp16Linear.from_linear(linear, weight_dtype=BF16), (x,), (0,)
@@ -379,8 +429,9 @@ def _module_run(module, inputs, grad_indices, upstream):
     return [out, *grads, inference]
 
 
-@pytest.mark.parametrize("device, name, dtype", cases(
-    None, cpu=covering(MODULES, (F32, F16, BF16)), cuda=grid(MODULES, (F32, F16, BF16))))
+@pytest.mark.parametrize(
+    "device, name, dtype", cases(None, cpu=covering(MODULES, (F32, F16, BF16)), cuda=grid(MODULES, (F32, F16, BF16)))
+)
 def test_module_on_device_matches_the_cpu_reference(device, name, dtype):
     module, inputs, grad_indices = _module_case(name, dtype)
     on_device = copy.deepcopy(module).to(device)
@@ -400,14 +451,20 @@ def test_module_on_device_matches_the_cpu_reference(device, name, dtype):
 # -- convert and memory_footprint on the device ---------------------------------------------
 def _small_model() -> nn.Sequential:
     # N multiples of 16 and K of 4: the CPU's packed int8 layout then holds N x K bytes too.
-    return nn.Sequential(OrderedDict(fc1=nn.Linear(64, 96), act=nn.ReLU(), fc2=nn.Linear(96, 64),
-                                     lm_head=nn.Linear(64, 48, bias=False)))
+    return nn.Sequential(
+        OrderedDict(fc1=nn.Linear(64, 96), act=nn.ReLU(), fc2=nn.Linear(96, 64), lm_head=nn.Linear(64, 48, bias=False))
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scheme, layer_type, weight_dtype, min_sqnr_db",
-                         [("int8", "Int8Linear", "int8", 30), ("int8_weight_only", "Int8WeightOnlyLinear", "int8", 35),
-                          ("fp16", "Fp16Linear", "float16", 55)])
+@pytest.mark.parametrize(
+    "scheme, layer_type, weight_dtype, min_sqnr_db",
+    [
+        ("int8", "Int8Linear", "int8", 30),
+        ("int8_weight_only", "Int8WeightOnlyLinear", "int8", 35),
+        ("fp16", "Fp16Linear", "float16", 55),
+    ],
+)
 def test_convert_and_memory_footprint_on_device(device, scheme, layer_type, weight_dtype, min_sqnr_db):
     model = _small_model()
     x = torch.randn(5, 64)
@@ -512,8 +569,10 @@ def _reset_peak() -> int:
     return torch.cuda.memory_allocated()
 
 
-@pytest.mark.parametrize("device, backend, shape", cases(
-    "kd_loss_rows", cpu=grid(CPU_BACKENDS, [(16, 1100)]), cuda=grid(("cuda", "triton"), [(8192, 128256)])))
+@pytest.mark.parametrize(
+    "device, backend, shape",
+    cases("kd_loss_rows", cpu=grid(CPU_BACKENDS, [(16, 1100)]), cuda=grid(("cuda", "triton"), [(8192, 128256)])),
+)
 def test_kd_loss_at_full_vocabulary(device, backend, shape):
     rows, vocab = shape  # 8191 x 128256 + 128255 = 1.05e9: element offsets near 2^30, bytes past 2^31
     s = torch.randn(rows, vocab, device=device, dtype=BF16).mul_(3)
@@ -541,8 +600,14 @@ def test_kd_loss_at_full_vocabulary(device, backend, shape):
 def _chunked_float32_reference(hs, ws, ht, wt, labels, opts, chunk):
     """Per-row losses and the gradients in hs and ws of the mean loss, logits in float32
     chunk by chunk (a float64 rows x vocab reference would not fit)."""
-    ref_opts = dict(alpha=opts["alpha"], temperature=opts["temperature"], divergence=opts["divergence"],
-                    beta=0.5, ignore_index=-100, kd_scale=opts["temperature"] ** 2)
+    ref_opts = dict(
+        alpha=opts["alpha"],
+        temperature=opts["temperature"],
+        divergence=opts["divergence"],
+        beta=0.5,
+        ignore_index=-100,
+        kd_scale=opts["temperature"] ** 2,
+    )
     wsf, wtf = ws.float(), wt.float()
     rows = hs.shape[0]
     loss = torch.empty(rows, device=hs.device)
@@ -553,15 +618,20 @@ def _chunked_float32_reference(hs, ws, ht, wt, labels, opts, chunk):
         hsf = hs[sel].float()
         s, t = hsf @ wsf.t(), ht[sel].float() @ wtf.t()
         loss[sel] = reference.kd_loss_rows(s, t, labels[sel], **ref_opts)
-        g = reference.kd_loss_rows_grad(s, t, labels[sel], torch.full((s.shape[0],), 1 / rows, device=s.device),
-                                        **ref_opts)
+        g = reference.kd_loss_rows_grad(
+            s, t, labels[sel], torch.full((s.shape[0],), 1 / rows, device=s.device), **ref_opts
+        )
         grad_h[sel] = g @ wsf
         grad_w.addmm_(g.t(), hsf)
     return loss, grad_h, grad_w
 
 
-@pytest.mark.parametrize("device, backend, shape", cases(
-    "linear_kd_loss", cpu=grid(CPU_BACKENDS, [(12, 16, 100)]), cuda=grid(("triton", "cuda"), [(8192, 4096, 128256)])))
+@pytest.mark.parametrize(
+    "device, backend, shape",
+    cases(
+        "linear_kd_loss", cpu=grid(CPU_BACKENDS, [(12, 16, 100)]), cuda=grid(("triton", "cuda"), [(8192, 4096, 128256)])
+    ),
+)
 def test_linear_kd_loss_at_full_size(device, backend, shape, monkeypatch):
     rows, hidden, vocab = shape
     monkeypatch.setitem(kd_chunks.CHUNK_ELEMENTS, "cpu", 500)  # the CPU case crosses chunks too
@@ -591,8 +661,9 @@ def test_linear_kd_loss_at_full_size(device, backend, shape, monkeypatch):
         else:  # the float32 V x H accumulator and two chunks of bf16 logits
             workspace = vocab * hidden * 4 + 2 * kd_chunks.CHUNK_ELEMENTS["cuda"] * 2
         assert extra < rows * vocab * 4, f"{extra / 2**30:.2f} GiB: as much as one float32 rows x vocab tensor"
-        assert extra <= gradients + workspace + (256 << 20), \
+        assert extra <= gradients + workspace + (256 << 20), (
             f"{extra / 2**30:.2f} GiB above the inputs, expected at most {(gradients + workspace) / 2**30:.2f} + 0.25"
+        )
     loss.backward()
 
     ref_rows, ref_gh, ref_gw = _chunked_float32_reference(hs, ws, ht, wt, labels, opts, chunk=256 if rows > 256 else 8)

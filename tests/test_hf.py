@@ -1,4 +1,5 @@
 """memkern.integrations.hf: the fused distillation loss on transformers causal LMs, and the Trainer."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,20 +9,41 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import (AutoModelForCausalLM, GPT2Config, GraniteConfig, LlamaConfig, Qwen2Config,  # noqa: E402
-                          TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GraniteConfig,
+    LlamaConfig,
+    Qwen2Config,  # noqa: E402
+    TrainingArguments,
+)
 
 from conftest import CPU_BACKENDS, assert_rel_close  # noqa: E402
 from memkern.integrations.hf import DistillationTrainer, distillation_loss  # noqa: E402
 
 VOCAB = 160
 CONFIGS = {
-    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                               bos_token_id=0, eos_token_id=0),
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    ),
 }
 
 
@@ -57,7 +79,7 @@ def full_logits_loss(student, teacher, ids, mask, labels=None, *, alpha, tempera
     ce = -torch.log_softmax(s, -1).gather(1, y[:, None]).sum()
     log_pt, log_ps = torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum()
-    total = alpha * ce + (1 - alpha) * temperature ** 2 * kl
+    total = alpha * ce + (1 - alpha) * temperature**2 * kl
     return total / (kept.sum() if divisor is None else divisor)
 
 
@@ -68,8 +90,9 @@ def _student_grads(student, loss):
 
 
 # Every CPU backend on one architecture; the other architectures on the default backend.
-@pytest.mark.parametrize("arch, backend", [*(("llama", b) for b in CPU_BACKENDS), ("qwen2", "cpp"), ("gpt2", "cpp")],
-                         indirect=["backend"])
+@pytest.mark.parametrize(
+    "arch, backend", [*(("llama", b) for b in CPU_BACKENDS), ("qwen2", "cpp"), ("gpt2", "cpp")], indirect=["backend"]
+)
 def test_loss_and_student_gradients_equal_the_full_logits_formula(model_pairs, arch, backend):
     if arch not in model_pairs:
         model_pairs[arch] = _pair(CONFIGS[arch]())
@@ -106,9 +129,17 @@ def test_padding_and_ignored_labels_count_in_neither_term():
 
 
 def test_scaled_logits_are_followed_and_soft_capped_logits_refused():
-    student, teacher = _pair(GraniteConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           logits_scaling=4.0))
+    student, teacher = _pair(
+        GraniteConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            logits_scaling=4.0,
+        )
+    )
     ids, mask = _batch()
     loss = distillation_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5)
     assert_rel_close(loss, full_logits_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5), torch.float32)
@@ -136,14 +167,28 @@ def _dataset():
 def _train_one_step(tmp_path, batch_size, accumulation):
     student, teacher = _pair(CONFIGS["llama"]())
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
-    args = TrainingArguments(output_dir=str(tmp_path / f"run{batch_size}"), per_device_train_batch_size=batch_size,
-                             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5,
-                             optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-                             train_sampling_strategy="sequential", use_cpu=True, report_to="none",
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
-                             dataloader_num_workers=0)
-    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=_dataset(),
-                                  kd_options=dict(alpha=0.4, temperature=2.0))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"run{batch_size}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, args=args, train_dataset=_dataset(), kd_options=dict(alpha=0.4, temperature=2.0)
+    )
     trainer.train()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))

@@ -1,5 +1,6 @@
 """`import memkern` works without the compiled extension and without Triton, warns once,
 and never initialises CUDA (checked in fresh interpreters)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ def _run(code: str) -> dict:
 
 
 def test_import_without_extension_or_triton_warns_once_and_falls_back():
-    code = "BLOCKED = ('memkern._C', 'triton')\n" + BLOCKER + textwrap.dedent(
-        """
+    code = (
+        "BLOCKED = ('memkern._C', 'triton')\n"
+        + BLOCKER
+        + textwrap.dedent(
+            """
         import json, warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -47,6 +51,7 @@ def test_import_without_extension_or_triton_warns_once_and_falls_back():
             "cuda_initialized": torch.cuda.is_initialized(),
         }))
         """
+        )
     )
     result = _run(code)
     assert len(result["warnings"]) == 1, result["warnings"]

@@ -2,6 +2,7 @@
 float64 reference, group sizes and ragged last groups, SQNR against torchao's scheme, edge
 cases, autograd, bad input, opcheck, torch.compile, and the module's state_dict, meta,
 casts, pickling and footprint."""
+
 from __future__ import annotations
 
 import io
@@ -30,9 +31,15 @@ def _random_format(n: int, k: int, group_size: int, device="cpu"):
 
 
 def _reference64(x, w_int4, scales, zeros, group_size, bias=None):
-    return reference_int4.int4_weight_only_linear(x.double(), w_int4, scales, zeros, group_size,
-                                                  None if bias is None else bias.double(),
-                                                  compute_dtype=torch.float64)
+    return reference_int4.int4_weight_only_linear(
+        x.double(),
+        w_int4,
+        scales,
+        zeros,
+        group_size,
+        None if bias is None else bias.double(),
+        compute_dtype=torch.float64,
+    )
 
 
 def _run(backend, x, w_int4, scales, zeros, group_size, bias=None):
@@ -88,7 +95,7 @@ def test_each_group_uses_its_own_scale_and_zero(backend, group_size):
     scales = (torch.arange(n * groups, dtype=torch.float32).reshape(n, groups) + 1) / 8
     zeros = torch.zeros(n, groups)
     out = _run(backend, x, w_int4, scales, zeros, group_size)
-    group_sums = torch.stack([x.double()[:, g * group_size:(g + 1) * group_size].sum(1) for g in range(groups)], 1)
+    group_sums = torch.stack([x.double()[:, g * group_size : (g + 1) * group_size].sum(1) for g in range(groups)], 1)
     expected = 15 * group_sums @ scales.double().t()
     assert_rel_close(out, expected, F32)
 
@@ -124,11 +131,11 @@ def test_quantize_beats_the_plain_min_max_grid_in_every_group(group_size):
     deq = memkern.ops.dequantize_int4(w_int4, scales, zeros, group_size, k).double()
     shrunk = 0
     for g in range(3):
-        block = w[:, g * group_size:min(k, (g + 1) * group_size)].double()
+        block = w[:, g * group_size : min(k, (g + 1) * group_size)].double()
         lo, hi = block.amin(1, keepdim=True), block.amax(1, keepdim=True)
         scale = (hi - lo) / 15
         plain = (torch.round(block / scale - lo / scale).clamp(0, 15) * scale + lo - block).square().sum(1)
-        ours = (deq[:, g * group_size:g * group_size + block.shape[1]] - block).square().sum(1)
+        ours = (deq[:, g * group_size : g * group_size + block.shape[1]] - block).square().sum(1)
         assert (ours <= plain * (1 + 1e-4)).all()
         assert (scales[:, g].double() <= scale.squeeze(1) * (1 + 1e-6)).all()
         shrunk += int((scales[:, g].double() < scale.squeeze(1) * (1 - 1e-3)).sum())
@@ -339,8 +346,11 @@ def test_from_linear_buffers_forward_and_dequantize():
     linear, layer = _layer()
     sd = layer.state_dict()
     assert {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()} == {
-        "weight": (torch.uint8, (9, 35)), "weight_scale": (F32, (9, 3)), "weight_zero": (F32, (9, 3)),
-        "bias": (F32, (9,))}
+        "weight": (torch.uint8, (9, 35)),
+        "weight_scale": (F32, (9, 3)),
+        "weight_zero": (F32, (9, 3)),
+        "bias": (F32, (9,)),
+    }
     assert "group_size=32" in repr(layer) and "int4_weight_only" in repr(layer)
     x = torch.randn(4, 70)
     w_deq = layer.dequantized_weight()
@@ -433,5 +443,4 @@ def test_convert_on_the_meta_device_then_load():
     skeleton.load_state_dict(converted.state_dict(), assign=True)
     x = torch.randn(3, 64)
     assert torch.equal(skeleton(x), converted(x))
-    assert math.isclose(memkern.memory_footprint(skeleton).total_bytes,
-                        memkern.memory_footprint(converted).total_bytes)
+    assert math.isclose(memkern.memory_footprint(skeleton).total_bytes, memkern.memory_footprint(converted).total_bytes)

@@ -2,6 +2,7 @@
 independent loop, int8_linear_packed bit for bit against int8_linear (every backend),
 integer exactness, NaN rows, autograd, bad input, opcheck and torch.compile, and
 memkern.nn.Int8Linear keeping its weight packed (state_dict, meta device, .to(), repr)."""
+
 from __future__ import annotations
 
 import re
@@ -97,24 +98,59 @@ def test_pack_and_unpack_on_the_meta_device():
     assert back.is_meta and back.shape == (33, 4095) and back.dtype == torch.int8
 
 
-@pytest.mark.parametrize("fn, args, error, message", [
-    ("pack_int8_weight", (torch.randn(4, 8),), TypeError,
-     "pack_int8_weight: w_q must have dtype int8; got float32"),
-    ("pack_int8_weight", (torch.zeros(8, dtype=torch.int8),), ValueError,
-     "pack_int8_weight: w_q must be 2-D, got 1-D"),
-    ("pack_int8_weight", (torch.zeros(2, 4, 8, dtype=torch.int8),), ValueError,
-     "pack_int8_weight: w_q must be 2-D, got 3-D"),
-    ("pack_int8_weight", ([[1, 2]],), TypeError, "pack_int8_weight: w_q must be a torch.Tensor, got list"),
-    ("unpack_int8_weight", (torch.zeros(1, 2, 16, 4, dtype=torch.int8), 6, 9), ValueError,
-     "unpack_int8_weight: w_packed must have shape (1, 3, 16, 4)"),
-    ("unpack_int8_weight", (torch.zeros(1, 2, 16, 4, dtype=torch.int8), 17, 8), ValueError,
-     "unpack_int8_weight: w_packed must have shape (2, 2, 16, 4)"),
-    ("unpack_int8_weight", (torch.zeros(6, 8, dtype=torch.int8), 6, 8), ValueError,
-     "got (6, 8)"),
-    ("unpack_int8_weight", (torch.zeros(1, 2, 16, 4), 6, 8), TypeError,
-     "unpack_int8_weight: w_packed must have dtype int8; got float32"),
-], ids=["pack-float", "pack-1d", "pack-3d", "pack-list", "unpack-other-k", "unpack-other-n",
-        "unpack-plain", "unpack-float"])
+@pytest.mark.parametrize(
+    "fn, args, error, message",
+    [
+        (
+            "pack_int8_weight",
+            (torch.randn(4, 8),),
+            TypeError,
+            "pack_int8_weight: w_q must have dtype int8; got float32",
+        ),
+        (
+            "pack_int8_weight",
+            (torch.zeros(8, dtype=torch.int8),),
+            ValueError,
+            "pack_int8_weight: w_q must be 2-D, got 1-D",
+        ),
+        (
+            "pack_int8_weight",
+            (torch.zeros(2, 4, 8, dtype=torch.int8),),
+            ValueError,
+            "pack_int8_weight: w_q must be 2-D, got 3-D",
+        ),
+        ("pack_int8_weight", ([[1, 2]],), TypeError, "pack_int8_weight: w_q must be a torch.Tensor, got list"),
+        (
+            "unpack_int8_weight",
+            (torch.zeros(1, 2, 16, 4, dtype=torch.int8), 6, 9),
+            ValueError,
+            "unpack_int8_weight: w_packed must have shape (1, 3, 16, 4)",
+        ),
+        (
+            "unpack_int8_weight",
+            (torch.zeros(1, 2, 16, 4, dtype=torch.int8), 17, 8),
+            ValueError,
+            "unpack_int8_weight: w_packed must have shape (2, 2, 16, 4)",
+        ),
+        ("unpack_int8_weight", (torch.zeros(6, 8, dtype=torch.int8), 6, 8), ValueError, "got (6, 8)"),
+        (
+            "unpack_int8_weight",
+            (torch.zeros(1, 2, 16, 4), 6, 8),
+            TypeError,
+            "unpack_int8_weight: w_packed must have dtype int8; got float32",
+        ),
+    ],
+    ids=[
+        "pack-float",
+        "pack-1d",
+        "pack-3d",
+        "pack-list",
+        "unpack-other-k",
+        "unpack-other-n",
+        "unpack-plain",
+        "unpack-float",
+    ],
+)
 def test_pack_unpack_bad_input(fn, args, error, message):
     with pytest.raises(error, match=re.escape(message)):
         getattr(memkern.ops, fn)(*args)
@@ -207,8 +243,12 @@ def test_cpp_edge_cases_equal_int8_linear(name, poisoned_outputs):
 
 def test_meta_x_gives_the_output_shape():
     w = torch.empty(6, 8, dtype=torch.int8, device="meta")
-    out = memkern.ops.int8_linear_packed(torch.empty(2, 4, 8, device="meta"), memkern.ops.pack_int8_weight(w),
-                                         torch.empty(6, device="meta"), out_dtype=BF16)
+    out = memkern.ops.int8_linear_packed(
+        torch.empty(2, 4, 8, device="meta"),
+        memkern.ops.pack_int8_weight(w),
+        torch.empty(6, device="meta"),
+        out_dtype=BF16,
+    )
     assert out.is_meta and out.shape == (2, 4, 6) and out.dtype == BF16
 
 
@@ -362,9 +402,16 @@ def test_non_finite_row_gives_a_nan_row(backend, bad):
 
 # -- every backend ------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("m, k, n, dtype, out_dtype", [
-    (7, 31, 17, F32, None), (3, 5, 20, BF16, F32), (17, 9, 33, F16, BF16), (0, 8, 5, F32, None),
-], ids=["7x31x17-f32", "3x5x20-bf16-out_f32", "17x9x33-f16-out_bf16", "0x8x5"])
+@pytest.mark.parametrize(
+    "m, k, n, dtype, out_dtype",
+    [
+        (7, 31, 17, F32, None),
+        (3, 5, 20, BF16, F32),
+        (17, 9, 33, F16, BF16),
+        (0, 8, 5, F32, None),
+    ],
+    ids=["7x31x17-f32", "3x5x20-bf16-out_f32", "17x9x33-f16-out_bf16", "0x8x5"],
+)
 def test_backends_agree_with_int8_linear(backend, m, k, n, dtype, out_dtype):
     x = torch.randn(m, k).to(dtype)
     w_q, w_scale = _weights(n, k)
@@ -401,7 +448,10 @@ def test_gradients_equal_int8_linear(backend, dtype):
     b0 = torch.randn(n, dtype=dtype)
     require_backend(OP, backend, x0, packed, w_scale, b0)
     grads = {}
-    for name, fn, weight in (("plain", memkern.ops.int8_linear, w_q), ("packed", memkern.ops.int8_linear_packed, packed)):
+    for name, fn, weight in (
+        ("plain", memkern.ops.int8_linear, w_q),
+        ("packed", memkern.ops.int8_linear_packed, packed),
+    ):
         x = x0.clone().requires_grad_()
         bias = b0.clone().requires_grad_()
         with memkern.use_backend(backend):
@@ -463,8 +513,9 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("args, kwargs, error, words", [c[1:] for c in _bad_inputs()],
-                         ids=[c[0] for c in _bad_inputs()])
+@pytest.mark.parametrize(
+    "args, kwargs, error, words", [c[1:] for c in _bad_inputs()], ids=[c[0] for c in _bad_inputs()]
+)
 def test_bad_input_is_a_clear_error(args, kwargs, error, words):
     with pytest.raises(error, match=r"^int8_linear_packed: ") as info:
         memkern.ops.int8_linear_packed(*args, **kwargs)

@@ -5,6 +5,7 @@ The option grid is not a cartesian product: each case below combines several opt
 that every value of every option appears at least once (alpha, T, divergence, reduction,
 soft_loss_scale, labels mode, shape).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,16 +34,24 @@ class Case:
     small_for_triton: tuple[int, ...] | None = None  # the interpreter runs one program per row
 
     def options(self) -> dict:
-        opts = dict(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
-                    beta=self.beta, reduction=self.reduction, soft_loss_scale=self.soft_loss_scale)
+        opts = dict(
+            alpha=self.alpha,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            beta=self.beta,
+            reduction=self.reduction,
+            soft_loss_scale=self.soft_loss_scale,
+        )
         if self.labels == "custom-ignore":
             opts["ignore_index"] = 3  # a valid class index used as the ignore marker
         return opts
 
     @property
     def id(self) -> str:
-        return (f"{'x'.join(map(str, self.shape))}-a{self.alpha}-T{self.temperature}-{self.divergence}"
-                f"-{self.reduction}-{self.soft_loss_scale}-{self.labels}")
+        return (
+            f"{'x'.join(map(str, self.shape))}-a{self.alpha}-T{self.temperature}-{self.divergence}"
+            f"-{self.reduction}-{self.soft_loss_scale}-{self.labels}"
+        )
 
 
 CASES = [
@@ -97,8 +106,12 @@ def test_kd_loss_matches_float64_reference(backend, case, poisoned_outputs):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "s_dtype, t_dtype",
-    [(torch.float16, torch.float32), (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),
-     (torch.bfloat16, torch.bfloat16)],
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+    ],
     ids=["f16-f32", "bf16-f16", "f32-bf16", "bf16-bf16"],
 )
 def test_kd_loss_mixed_dtypes(backend, s_dtype, t_dtype):
@@ -193,9 +206,12 @@ def test_gradcheck_float64(backend, divergence):
     labels = torch.tensor([[1, -100], [4, 10], [0, 7]])
     require_backend("kd_loss_rows", backend, s.detach().reshape(-1, 11))
     for reduction in ("mean", "none"):
-        def f(x):
-            return memkern.ops.kd_loss(x, t, labels, alpha=0.3, temperature=2.0, divergence=divergence,
-                                       beta=0.3, reduction=reduction)
+
+        def f(x, reduction=reduction):
+            return memkern.ops.kd_loss(
+                x, t, labels, alpha=0.3, temperature=2.0, divergence=divergence, beta=0.3, reduction=reduction
+            )
+
         with memkern.use_backend(backend):
             assert torch.autograd.gradcheck(f, (s,))
 
@@ -222,8 +238,9 @@ def test_opcheck_kd_loss(backend):
     require_backend("kd_loss_rows", backend, s.detach().reshape(-1, 29))
     with memkern.use_backend(backend):
         for reduction, div in (("mean", "forward_kl"), ("none", "jsd")):
-            torch.library.opcheck(torch.ops.memkern.kd_loss.default,
-                                  (s, t, labels, 0.3, 2.0, div, 0.5, -100, reduction, 4.0, True))
+            torch.library.opcheck(
+                torch.ops.memkern.kd_loss.default, (s, t, labels, 0.3, 2.0, div, 0.5, -100, reduction, 4.0, True)
+            )
 
 
 def test_kd_loss_compiles_without_graph_breaks():
@@ -268,7 +285,11 @@ def _s():
 @pytest.mark.parametrize(
     "call, error, words",
     [
-        (lambda: memkern.ops.kd_loss(_s(), torch.randn(4, 12), torch.arange(4)), ValueError, ["10", "12", "vocabulary"]),
+        (
+            lambda: memkern.ops.kd_loss(_s(), torch.randn(4, 12), torch.arange(4)),
+            ValueError,
+            ["10", "12", "vocabulary"],
+        ),
         (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=0.0), ValueError, ["temperature", "0.0"]),
         (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=-1.0), ValueError, ["temperature"]),
         (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), alpha=1.5), ValueError, ["alpha", "[0, 1]", "1.5"]),
@@ -279,36 +300,103 @@ def _s():
         (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(3)), ValueError, ["labels", "(4,)", "(3,)"]),
         (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4.0)), TypeError, ["labels", "int64", "float32"]),
         (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), divergence="kl"), ValueError, ["divergence", "'kl'"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), divergence="jsd", beta=0.0), ValueError, ["beta", "(0, 1)"]),
+        (
+            lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), divergence="jsd", beta=0.0),
+            ValueError,
+            ["beta", "(0, 1)"],
+        ),
         (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), reduction="avg"), ValueError, ["reduction", "'avg'"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), soft_loss_scale="T2"), ValueError, ["soft_loss_scale"]),
+        (
+            lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), soft_loss_scale="T2"),
+            ValueError,
+            ["soft_loss_scale"],
+        ),
         (lambda: memkern.ops.kd_loss(_s().long(), _s(), torch.arange(4)), TypeError, ["student_logits", "int64"]),
         (lambda: memkern.ops.kd_loss(torch.randn(10), torch.randn(10)), ValueError, ["student_logits", "1-D"]),
         (lambda: memkern.ops.kd_loss(torch.randn(2, 2, 10), torch.randn(4, 10), alpha=0.0), ValueError, ["shape"]),
-        (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 6), torch.randn(4, 5),
-                                            torch.randn(10, 5), torch.arange(4)), ValueError,
-         ["student_hidden", "8", "student_weight", "6"]),
-        (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5),
-                                            torch.randn(12, 5), torch.arange(4)), ValueError, ["10", "12", "vocabulary"]),
-        (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(3, 5),
-                                            torch.randn(10, 5), torch.arange(4)), ValueError, ["teacher_hidden", "rows"]),
-        (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5),
-                                            torch.randn(10, 5), torch.arange(4), student_bias=torch.randn(9)),
-         ValueError, ["student_bias", "(10,)", "(9,)"]),
-        (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5),
-                                            torch.randn(10, 5), torch.tensor([0, 1, 2, 10])), ValueError,
-         ["labels", "[0, 10)"]),
-        (lambda: memkern.ops.kd_loss(torch.randn(4, 0), torch.randn(4, 0), None, alpha=0.0), ValueError,
-         ["vocabulary", "at least one", "(4, 0)"]),
-        (lambda: memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(0, 8), torch.randn(4, 5),
-                                            torch.randn(0, 5), None, alpha=0.0), ValueError,
-         ["vocabulary", "at least one", "student_weight", "(0, 8)"]),
+        (
+            lambda: memkern.ops.linear_kd_loss(
+                torch.randn(4, 8), torch.randn(10, 6), torch.randn(4, 5), torch.randn(10, 5), torch.arange(4)
+            ),
+            ValueError,
+            ["student_hidden", "8", "student_weight", "6"],
+        ),
+        (
+            lambda: memkern.ops.linear_kd_loss(
+                torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5), torch.randn(12, 5), torch.arange(4)
+            ),
+            ValueError,
+            ["10", "12", "vocabulary"],
+        ),
+        (
+            lambda: memkern.ops.linear_kd_loss(
+                torch.randn(4, 8), torch.randn(10, 8), torch.randn(3, 5), torch.randn(10, 5), torch.arange(4)
+            ),
+            ValueError,
+            ["teacher_hidden", "rows"],
+        ),
+        (
+            lambda: memkern.ops.linear_kd_loss(
+                torch.randn(4, 8),
+                torch.randn(10, 8),
+                torch.randn(4, 5),
+                torch.randn(10, 5),
+                torch.arange(4),
+                student_bias=torch.randn(9),
+            ),
+            ValueError,
+            ["student_bias", "(10,)", "(9,)"],
+        ),
+        (
+            lambda: memkern.ops.linear_kd_loss(
+                torch.randn(4, 8),
+                torch.randn(10, 8),
+                torch.randn(4, 5),
+                torch.randn(10, 5),
+                torch.tensor([0, 1, 2, 10]),
+            ),
+            ValueError,
+            ["labels", "[0, 10)"],
+        ),
+        (
+            lambda: memkern.ops.kd_loss(torch.randn(4, 0), torch.randn(4, 0), None, alpha=0.0),
+            ValueError,
+            ["vocabulary", "at least one", "(4, 0)"],
+        ),
+        (
+            lambda: memkern.ops.linear_kd_loss(
+                torch.randn(4, 8), torch.randn(0, 8), torch.randn(4, 5), torch.randn(0, 5), None, alpha=0.0
+            ),
+            ValueError,
+            ["vocabulary", "at least one", "student_weight", "(0, 8)"],
+        ),
     ],
-    ids=["vocab-mismatch", "T-zero", "T-negative", "alpha-above-1", "alpha-negative", "label-too-big",
-         "label-negative", "no-labels-with-alpha", "labels-shape", "labels-float", "divergence",
-         "jsd-beta", "reduction", "soft-loss-scale", "int-logits", "1-D", "shape-mismatch",
-         "hidden-weight-mismatch", "linear-vocab-mismatch", "linear-rows-mismatch", "bias-shape",
-         "linear-label-range", "empty-vocab", "linear-empty-vocab"],
+    ids=[
+        "vocab-mismatch",
+        "T-zero",
+        "T-negative",
+        "alpha-above-1",
+        "alpha-negative",
+        "label-too-big",
+        "label-negative",
+        "no-labels-with-alpha",
+        "labels-shape",
+        "labels-float",
+        "divergence",
+        "jsd-beta",
+        "reduction",
+        "soft-loss-scale",
+        "int-logits",
+        "1-D",
+        "shape-mismatch",
+        "hidden-weight-mismatch",
+        "linear-vocab-mismatch",
+        "linear-rows-mismatch",
+        "bias-shape",
+        "linear-label-range",
+        "empty-vocab",
+        "linear-empty-vocab",
+    ],
 )
 def test_bad_input_is_a_clear_error(call, error, words):
     with pytest.raises(error) as info:
@@ -330,7 +418,8 @@ class LinearCase:
 
     @property
     def id(self) -> str:
-        return f"{'x'.join(map(str, self.rows))}-h{self.hidden_s}/{self.hidden_t}-v{self.vocab}-bias{self.bias}-{self.case.id}"
+        rows = "x".join(map(str, self.rows))
+        return f"{rows}-h{self.hidden_s}/{self.hidden_t}-v{self.vocab}-bias{self.bias}-{self.case.id}"
 
 
 LINEAR_CASES = [
@@ -356,8 +445,9 @@ def _linear_inputs(lc: LinearCase, dtype=torch.float32, t_dtype=None):
 def _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream):
     leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (hs, ws, bs)]
     d = lambda x: x.detach().double() if x is not None else None  # noqa: E731
-    ref = reference.linear_kd_loss(leaves[0], leaves[1], d(ht), d(wt), labels, student_bias=leaves[2],
-                                   teacher_bias=d(bt), **opts)
+    ref = reference.linear_kd_loss(
+        leaves[0], leaves[1], d(ht), d(wt), labels, student_bias=leaves[2], teacher_bias=d(bt), **opts
+    )
     ref.backward(upstream.double())
     return ref.detach(), [x.grad if x is not None else None for x in leaves]
 
@@ -378,8 +468,9 @@ def test_linear_kd_loss_matches_float64_reference(backend, lc, small_chunks):
     opts = lc.case.options()
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (hs, ws, bs)]
     with memkern.use_backend(backend):  # backward too: reduction="none" recomputes there
-        loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
-                                          teacher_bias=bt, **opts)
+        loss = memkern.ops.linear_kd_loss(
+            leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2], teacher_bias=bt, **opts
+        )
         upstream = torch.randn(loss.shape)
         loss.backward(upstream)
     ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)
@@ -399,8 +490,9 @@ def test_linear_kd_loss_mixed_dtypes(backend, reduction, small_chunks):
     leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
     opts = lc.case.options()
     with memkern.use_backend(backend):
-        loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
-                                          teacher_bias=bt, **opts)
+        loss = memkern.ops.linear_kd_loss(
+            leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2], teacher_bias=bt, **opts
+        )
         upstream = torch.rand(loss.shape) + 0.5
         loss.backward(upstream)
     ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)
@@ -422,8 +514,9 @@ def test_linear_gradcheck_float64(backend, reduction, small_chunks):
     require_backend("linear_kd_loss", backend, hs.detach())
 
     def f(h, w, b):
-        return memkern.ops.linear_kd_loss(h, w, ht, wt, labels, student_bias=b, alpha=0.4, temperature=1.5,
-                                          divergence="jsd", reduction=reduction)
+        return memkern.ops.linear_kd_loss(
+            h, w, ht, wt, labels, student_bias=b, alpha=0.4, temperature=1.5, divergence="jsd", reduction=reduction
+        )
 
     with memkern.use_backend(backend):
         assert torch.autograd.gradcheck(f, (hs, ws, bs))
@@ -439,9 +532,10 @@ def test_opcheck_linear_kd_loss(backend):
     require_backend("linear_kd_loss", backend, hs.detach())
     with memkern.use_backend(backend):
         for reduction in ("mean", "none"):
-            torch.library.opcheck(torch.ops.memkern.linear_kd_loss.default,
-                                  (hs, ws, bs, ht, wt, None, labels, 0.3, 2.0, "forward_kl", 0.5, -100,
-                                   reduction, 4.0, True))
+            torch.library.opcheck(
+                torch.ops.memkern.linear_kd_loss.default,
+                (hs, ws, bs, ht, wt, None, labels, 0.3, 2.0, "forward_kl", 0.5, -100, reduction, 4.0, True),
+            )
 
 
 def test_linear_kd_loss_compiles_without_graph_breaks():
@@ -531,19 +625,26 @@ _LOW_T, _HIGH_T = kd_ops.TEMPERATURE_RANGE
 
 
 def _linear_with(**opts):
-    return memkern.ops.linear_kd_loss(torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5),
-                                      torch.randn(10, 5), torch.arange(4), **opts)
+    return memkern.ops.linear_kd_loss(
+        torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5), torch.randn(10, 5), torch.arange(4), **opts
+    )
 
 
-@pytest.mark.parametrize("temperature", [1e-40, 1e20, 1e200, 10**400, float("inf"), float("nan"),
-                                         _LOW_T / 2, _HIGH_T * 1.01],
-                         ids=["1e-40", "1e20", "1e200", "int-10^400", "inf", "nan", "below", "above"])
-@pytest.mark.parametrize("call", [
-    lambda T: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=T),
-    lambda T: _linear_with(temperature=T),
-    lambda T: memkern.nn.KDLoss(temperature=T),
-    lambda T: memkern.nn.LinearKDLoss(temperature=T),
-], ids=["kd_loss", "linear_kd_loss", "KDLoss", "LinearKDLoss"])
+@pytest.mark.parametrize(
+    "temperature",
+    [1e-40, 1e20, 1e200, 10**400, float("inf"), float("nan"), _LOW_T / 2, _HIGH_T * 1.01],
+    ids=["1e-40", "1e20", "1e200", "int-10^400", "inf", "nan", "below", "above"],
+)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda T: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=T),
+        lambda T: _linear_with(temperature=T),
+        lambda T: memkern.nn.KDLoss(temperature=T),
+        lambda T: memkern.nn.LinearKDLoss(temperature=T),
+    ],
+    ids=["kd_loss", "linear_kd_loss", "KDLoss", "LinearKDLoss"],
+)
 def test_temperature_outside_the_range_is_a_clear_error(call, temperature):
     with pytest.raises(ValueError) as info:
         call(temperature)
@@ -600,16 +701,22 @@ def test_linear_kdloss_module_compiles_with_dynamic_shapes(reduction):
     module = memkern.nn.LinearKDLoss(alpha=0.3, temperature=0.7, divergence="reverse_kl", reduction=reduction)
 
     def make_inputs(rows):
-        return [torch.randn(rows, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True),
-                torch.randn(rows, 6), torch.randn(30, 6), torch.randint(0, 30, (rows,))]
+        return [
+            torch.randn(rows, 8, requires_grad=True),
+            torch.randn(30, 8, requires_grad=True),
+            torch.randn(rows, 6),
+            torch.randn(30, 6),
+            torch.randint(0, 30, (rows,)),
+        ]
 
     _compiled_matches_eager(module, make_inputs, [0, 1])
 
 
 # -- the modules pass every option on -----------------------------------------------------------------
 # A value other than the default for every constructor option of both modules.
-_NON_DEFAULT_OPTIONS = dict(alpha=0.2, temperature=3.0, divergence="jsd", beta=0.3, ignore_index=3,
-                            reduction="sum", soft_loss_scale="none")
+_NON_DEFAULT_OPTIONS = dict(
+    alpha=0.2, temperature=3.0, divergence="jsd", beta=0.3, ignore_index=3, reduction="sum", soft_loss_scale="none"
+)
 
 
 def test_every_module_option_is_covered():
@@ -684,11 +791,22 @@ def test_linear_ignored_rows_holding_nan_and_inf_stay_out(backend, reduction, sm
     ignored = labels == -100
     require_backend("linear_kd_loss", backend, hs)
     opts = lc.case.options()
-    leaves = [_poison_ignored_rows(hs, ignored).requires_grad_(), ws.clone().requires_grad_(),
-              bs.clone().requires_grad_()]
+    leaves = [
+        _poison_ignored_rows(hs, ignored).requires_grad_(),
+        ws.clone().requires_grad_(),
+        bs.clone().requires_grad_(),
+    ]
     with memkern.use_backend(backend):
-        loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], _poison_ignored_rows(ht, ignored), wt, labels,
-                                          student_bias=leaves[2], teacher_bias=bt, **opts)
+        loss = memkern.ops.linear_kd_loss(
+            leaves[0],
+            leaves[1],
+            _poison_ignored_rows(ht, ignored),
+            wt,
+            labels,
+            student_bias=leaves[2],
+            teacher_bias=bt,
+            **opts,
+        )
         upstream = torch.rand(loss.shape) + 0.5
         loss.backward(upstream)
     ref, ref_grads = _linear_reference(hs, ws, bs, ht, wt, bt, labels, opts, upstream)  # clean copies

@@ -4,6 +4,7 @@ and adds into the hidden, weight and bias gradients with atomics. Run in Triton'
 interpreter on the CPU at shapes that cross every tile boundary, against the closed-form
 float64 reference (reference.kd_loss_rows and kd_loss_rows_grad).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,7 @@ def _shape():
     return c["BLOCK_M"] + 3, c["BLOCK_K"] + 7, 2 * c["BLOCK_K"] + 5, 3 * c["BLOCK_V"] + 11
 
 
-def _inputs(rows, hidden_s, hidden_t, vocab, *, bias=True, dtype=torch.float32, t_dtype=None,
-            labels="random-ignored"):
+def _inputs(rows, hidden_s, hidden_t, vocab, *, bias=True, dtype=torch.float32, t_dtype=None, labels="random-ignored"):
     t_dtype = t_dtype or dtype
     hs = torch.randn(rows, hidden_s).to(dtype)
     ws = (torch.randn(vocab, hidden_s) * 3 / math.sqrt(hidden_s)).to(dtype)
@@ -71,8 +71,14 @@ def _inputs(rows, hidden_s, hidden_t, vocab, *, bias=True, dtype=torch.float32, 
 
 
 def _options(alpha=0.3, temperature=2.0, divergence="forward_kl", beta=0.3, reduction="mean"):
-    return dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
-                soft_loss_scale="t2")
+    return dict(
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        soft_loss_scale="t2",
+    )
 
 
 def _kd_options(opts: dict, has_labels: bool) -> kd_options.KDOptions:
@@ -104,11 +110,15 @@ def _run(hs, ws, bs, ht, wt, bt, y, opts, upstream=None):
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (hs, ws, bs)]
     # backward inside the block too: with reduction="none" it recomputes through the op table
     with memkern.use_backend("triton"):
-        loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2],
-                                          teacher_bias=bt, **opts)
+        loss = memkern.ops.linear_kd_loss(
+            leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2], teacher_bias=bt, **opts
+        )
         if upstream is None:
-            upstream = torch.randn(loss.shape, device=loss.device) if opts["reduction"] == "none" \
+            upstream = (
+                torch.randn(loss.shape, device=loss.device)
+                if opts["reduction"] == "none"
                 else torch.tensor(1.0, device=loss.device)
+            )
         loss.backward(upstream)
     return loss, [x.grad if x is not None else None for x in leaves], upstream
 
@@ -142,8 +152,9 @@ def test_training_path_is_fused_and_never_holds_rows_by_vocab(reduction, monkeyp
     leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
     opts = _options(reduction=reduction)
     with LargestTensor() as mode, memkern.use_backend("triton"):
-        loss = memkern.ops.linear_kd_loss(leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2],
-                                          teacher_bias=bt, **opts)
+        loss = memkern.ops.linear_kd_loss(
+            leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2], teacher_bias=bt, **opts
+        )
         loss.sum().backward()
     assert spy.launches == 1
     # Largest allowed: the inputs and the weight gradient (vocab x hidden), all < rows x vocab.
@@ -201,8 +212,9 @@ def test_all_rows_ignored_give_zero_gradients(reduction):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
-@pytest.mark.parametrize("case", ["vocab-1", "vocab-tile-minus-1", "vocab-tile-plus-1", "one-row",
-                                  "tiny-hidden", "rows-two-tiles"])
+@pytest.mark.parametrize(
+    "case", ["vocab-1", "vocab-tile-minus-1", "vocab-tile-plus-1", "one-row", "tiny-hidden", "rows-two-tiles"]
+)
 def test_tile_edges(case):
     c = _tiles()
     rows, hidden_s, hidden_t, vocab = 5, 9, 3, 2 * c["BLOCK_V"] + 1
@@ -265,9 +277,16 @@ def test_nan_in_an_ignored_row_stays_out():
 
 
 # -- (c) 16-bit inputs --------------------------------------------------------------------------------
-@pytest.mark.parametrize("s_dtype, t_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                              (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16)],
-                         ids=["bf16-bf16", "bf16-f32", "f16-bf16", "f32-bf16"])
+@pytest.mark.parametrize(
+    "s_dtype, t_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+    ids=["bf16-bf16", "bf16-f32", "f16-bf16", "f32-bf16"],
+)
 def test_16_bit_inputs(s_dtype, t_dtype):
     rows, hidden_s, hidden_t, vocab = _shape()
     hs, ws, bs, ht, wt, bt, y = _inputs(rows, hidden_s, hidden_t, vocab, dtype=s_dtype, t_dtype=t_dtype)
@@ -286,8 +305,7 @@ def test_16_bit_inputs(s_dtype, t_dtype):
 # -- the launcher's contract ---------------------------------------------------------------------------
 def test_launcher_contract_and_strided_inputs(kernels):
     rows, hidden_s, hidden_t, vocab = _shape()
-    hs, ws, bs, ht, wt, bt, y = _inputs(rows, hidden_s, hidden_t, vocab, dtype=torch.bfloat16,
-                                        t_dtype=torch.float32)
+    hs, ws, bs, ht, wt, bt, y = _inputs(rows, hidden_s, hidden_t, vocab, dtype=torch.bfloat16, t_dtype=torch.float32)
     require_backend("linear_kd_loss", "triton", hs)
     opts = _kd_options(_options(divergence="jsd"), True)
     row_scale = torch.rand(rows) + 0.5
@@ -309,8 +327,9 @@ def test_launcher_contract_and_strided_inputs(kernels):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the forward without gradients reads them alike (a strided bias included)
     plain = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, False)[0]
-    torch.testing.assert_close(kernels.linear_kd_loss(*views, y, opts, None, 1.0, False)[0], plain,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        kernels.linear_kd_loss(*views, y, opts, None, 1.0, False)[0], plain, rtol=1e-5, atol=1e-6
+    )
     # no student bias: no bias gradient
     assert kernels.linear_kd_loss(hs, ws, None, ht, wt, None, y, opts, None, 1.0, True)[3] is None
 
@@ -319,11 +338,11 @@ def test_no_rows(kernels):
     hs, ws, bs, ht, wt, bt, _ = _inputs(0, 8, 5, 40)
     require_backend("linear_kd_loss", "triton", hs)
     opts = _kd_options(_options(), True)
-    loss, gh, gw, gb = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, torch.zeros(0, dtype=torch.long), opts,
-                                              None, 1.0, True)
+    loss, gh, gw, gb = kernels.linear_kd_loss(
+        hs, ws, bs, ht, wt, bt, torch.zeros(0, dtype=torch.long), opts, None, 1.0, True
+    )
     assert loss.shape == (0,) and gh.shape == (0, 8)
     assert torch.equal(gw, torch.zeros_like(ws)) and torch.equal(gb, torch.zeros_like(bs))
-
 
 
 # -- vocabulary slabs and rows that do not count ------------------------------------------------------
@@ -347,8 +366,9 @@ def test_half_weight_gradient_is_accumulated_one_vocabulary_slab_at_a_time(dtype
     assert torch.equal(gw, whole[2].to(dtype))
     for a, b in zip((loss, gh, gb), (whole[0], whole[1], whole[3])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    _, *ref_grads = _reference(hs, ws, bs, ht, wt, bt, y, _options(divergence="reverse_kl"),
-                               _row_weight(y, rows, "sum", torch.tensor(1.0)))
+    _, *ref_grads = _reference(
+        hs, ws, bs, ht, wt, bt, y, _options(divergence="reverse_kl"), _row_weight(y, rows, "sum", torch.tensor(1.0))
+    )
     assert_rel_close(gw, ref_grads[1], dtype, factor=2)
 
 
@@ -384,13 +404,13 @@ def test_ignored_rows_never_reach_the_kernels(kernels, monkeypatch):
 
 # -- on a GPU (compiled kernels, real atomics) ----------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, divergence, reduction", [(torch.float32, "jsd", "none"),
-                                                          (torch.bfloat16, "forward_kl", "mean"),
-                                                          (torch.bfloat16, "reverse_kl", "none")])
+@pytest.mark.parametrize(
+    "dtype, divergence, reduction",
+    [(torch.float32, "jsd", "none"), (torch.bfloat16, "forward_kl", "mean"), (torch.bfloat16, "reverse_kl", "none")],
+)
 def test_gpu_fused_linear_gradients(dtype, divergence, reduction, monkeypatch):
     rows, hidden_s, hidden_t, vocab = 2048, 256, 384, 32003
-    inputs = [x.cuda() if x is not None else None
-              for x in _inputs(rows, hidden_s, hidden_t, vocab, dtype=dtype)]
+    inputs = [x.cuda() if x is not None else None for x in _inputs(rows, hidden_s, hidden_t, vocab, dtype=dtype)]
     hs, ws, bs, ht, wt, bt, y = inputs
     monkeypatch.setattr(kd_op_tables, "linear_chunks", _forbid)
     opts = _options(divergence=divergence, reduction=reduction)

@@ -11,6 +11,7 @@ Expected values come from the float64 computation below (written from the defini
 not from memkern) and from closed forms such as log(1.5). The fused-linear form gets its
 masks through the biases, which is how an lm_head masks vocabulary entries.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,7 +112,8 @@ def run_linear(backend, hs, ws, bs, ht, wt, bt, labels, reduction="none", **opts
     h, w, b = (x.clone().requires_grad_() for x in (hs, ws, bs))
     with memkern.use_backend(backend):
         call = lambda reduction: memkern.ops.linear_kd_loss(  # noqa: E731
-            h, w, ht, wt, labels, student_bias=b, teacher_bias=bt, reduction=reduction, **opts)
+            h, w, ht, wt, labels, student_bias=b, teacher_bias=bt, reduction=reduction, **opts
+        )
         loss = call(reduction)
         loss.sum().backward()
         if reduction != "none":
@@ -142,8 +144,14 @@ def assert_rows_match(loss, ref):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_teacher_masked_with_finfo_min_where_student_is_tiny_gives_zero(backend, divergence):
     # student q = (1, e^-1e4), teacher p = (1, 0): every divergence is 0 and so is the gradient
-    loss, grad = run_kd(backend, torch.tensor([[0.0, -1e4]]), torch.tensor([[0.0, FMIN]]), torch.tensor([0]),
-                        alpha=0.0, divergence=divergence)
+    loss, grad = run_kd(
+        backend,
+        torch.tensor([[0.0, -1e4]]),
+        torch.tensor([[0.0, FMIN]]),
+        torch.tensor([0]),
+        alpha=0.0,
+        divergence=divergence,
+    )
     assert loss.abs().max().item() <= 1e-7, loss
     assert grad.abs().max().item() <= 1e-7, grad
 
@@ -175,11 +183,20 @@ def test_teacher_masked_at_one_entry_closed_forms(backend, mask):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("s_mask, t_mask", [(-INF, -INF), (FMIN, FMIN), (FMIN, -INF), (-INF, FMIN)],
-                         ids=["-inf/-inf", "finfo.min/finfo.min", "finfo.min/-inf", "-inf/finfo.min"])
+@pytest.mark.parametrize(
+    "s_mask, t_mask",
+    [(-INF, -INF), (FMIN, FMIN), (FMIN, -INF), (-INF, FMIN)],
+    ids=["-inf/-inf", "finfo.min/finfo.min", "finfo.min/-inf", "-inf/finfo.min"],
+)
 def test_masked_on_both_sides_at_the_same_entry_gives_the_unmasked_loss(backend, divergence, s_mask, t_mask):
-    loss, grad = run_kd(backend, torch.tensor([[0.0, 0.0, s_mask]]), torch.tensor([[0.0, 0.0, t_mask]]), None,
-                        alpha=0.0, divergence=divergence)
+    loss, grad = run_kd(
+        backend,
+        torch.tensor([[0.0, 0.0, s_mask]]),
+        torch.tensor([[0.0, 0.0, t_mask]]),
+        None,
+        alpha=0.0,
+        divergence=divergence,
+    )
     assert loss.item() == 0.0
     assert torch.equal(grad, torch.zeros_like(grad))
     # and a non-trivial pair over the two live entries
@@ -199,8 +216,12 @@ def test_masked_on_both_sides_at_the_same_entry_gives_the_unmasked_loss(backend,
 # A finite mask value under the other side's mass is a logit like any other (a huge,
 # finite term): that regime is left out, except at T < 1 where finfo.min / T is -inf.
 RELATIONS = ("same", "teacher", "student")
-MASK_PAIRS = {"-inf/-inf": (-INF, -INF), "finfo.min/finfo.min": (FMIN, FMIN), "finfo.min/-inf": (FMIN, -INF),
-              "-inf/finfo.min": (-INF, FMIN)}
+MASK_PAIRS = {
+    "-inf/-inf": (-INF, -INF),
+    "finfo.min/finfo.min": (FMIN, FMIN),
+    "finfo.min/-inf": (FMIN, -INF),
+    "-inf/finfo.min": (-INF, FMIN),
+}
 
 
 def _finite_mask_under_mass(relation, divergence, s_mask, t_mask, temperature):
@@ -217,8 +238,14 @@ def _masked_cases():
             for temperature in (0.5, 1.0, 2.0):
                 for divergence in DIVERGENCES:
                     if not _finite_mask_under_mass(relation, divergence, s_mask, t_mask, temperature):
-                        yield pytest.param(relation, s_mask, t_mask, temperature, divergence,
-                                           id=f"{relation}-{pair_id}-T{temperature}-{divergence}")
+                        yield pytest.param(
+                            relation,
+                            s_mask,
+                            t_mask,
+                            temperature,
+                            divergence,
+                            id=f"{relation}-{pair_id}-T{temperature}-{divergence}",
+                        )
 
 
 def _masks(relation, rows, vocab, fraction=0.3):
@@ -394,14 +421,22 @@ def _linear_cases():
             for temperature, reduction in ((0.5, "sum"), (2.0, "none")):
                 for divergence in DIVERGENCES:
                     if not _finite_mask_under_mass(relation, divergence, s_mask, t_mask, temperature):
-                        yield pytest.param(relation, s_mask, t_mask, temperature, reduction, divergence,
-                                           id=f"{relation}-{pair_id}-T{temperature}-{reduction}-{divergence}")
+                        yield pytest.param(
+                            relation,
+                            s_mask,
+                            t_mask,
+                            temperature,
+                            reduction,
+                            divergence,
+                            id=f"{relation}-{pair_id}-T{temperature}-{reduction}-{divergence}",
+                        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("relation, s_mask, t_mask, temperature, reduction, divergence", list(_linear_cases()))
-def test_linear_kd_loss_masked_through_bias_matches_float64_truth(backend, relation, s_mask, t_mask,
-                                                                  temperature, reduction, divergence):
+def test_linear_kd_loss_masked_through_bias_matches_float64_truth(
+    backend, relation, s_mask, t_mask, temperature, reduction, divergence
+):
     (hs, ws, bs, ht, wt, bt), col_s, col_t = _linear_inputs(relation, s_mask, t_mask)
     live = (~col_s).nonzero().squeeze(1)
     labels = live[torch.randint(0, live.numel(), (hs.shape[0],))]
@@ -427,8 +462,7 @@ def test_linear_teacher_masked_with_finfo_min_where_student_is_tiny_gives_zero(b
     # logits: student (0, -1e4), teacher (0, finfo.min), as in the logits-form test
     hs, ws, bs = torch.ones(1, 1), torch.tensor([[0.0], [-1e4]]), torch.zeros(2)
     ht, wt, bt = torch.ones(1, 1), torch.zeros(2, 1), torch.tensor([0.0, FMIN])
-    loss, gh, gw, gb = run_linear(backend, hs, ws, bs, ht, wt, bt, torch.tensor([0]), alpha=0.0,
-                                  divergence=divergence)
+    loss, gh, gw, gb = run_linear(backend, hs, ws, bs, ht, wt, bt, torch.tensor([0]), alpha=0.0, divergence=divergence)
     for x in (loss, gh, gw, gb):
         assert x.abs().max().item() <= 1e-7, x
 
@@ -438,8 +472,9 @@ def test_linear_teacher_masked_with_finfo_min_where_student_is_tiny_gives_zero(b
 def test_linear_teacher_without_distribution_is_nan(backend, divergence):
     hs, ws, bs = torch.randn(3, 4), torch.randn(10, 4), torch.zeros(10)
     ht, wt, bt = torch.randn(3, 4), torch.randn(10, 4), torch.full((10,), -INF)
-    loss, gh, gw, gb = run_linear(backend, hs, ws, bs, ht, wt, bt, torch.tensor([1, -100, 2]), alpha=0.5,
-                                  divergence=divergence)
+    loss, gh, gw, gb = run_linear(
+        backend, hs, ws, bs, ht, wt, bt, torch.tensor([1, -100, 2]), alpha=0.5, divergence=divergence
+    )
     assert torch.isnan(loss[[0, 2]]).all() and loss[1].item() == 0.0
     assert torch.isnan(gh[[0, 2]]).all() and torch.equal(gh[1], torch.zeros(4))
     assert torch.isnan(gw).all() and torch.isnan(gb).all()
@@ -476,8 +511,11 @@ def test_gradcheck_float64_with_masks_on_both_sides(backend, divergence):
     require_backend("kd_loss_rows", backend, s)
     with memkern.use_backend(backend):
         assert torch.autograd.gradcheck(
-            lambda x: memkern.ops.kd_loss(x, t, labels, alpha=0.3, temperature=0.5, divergence=divergence,
-                                          reduction="sum"), (s.requires_grad_(),))
+            lambda x: memkern.ops.kd_loss(
+                x, t, labels, alpha=0.3, temperature=0.5, divergence=divergence, reduction="sum"
+            ),
+            (s.requires_grad_(),),
+        )
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

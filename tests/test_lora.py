@@ -1,4 +1,5 @@
 """PEFT LoRA on memkern layers: frozen quantised/sparse base, trainable adapters, merge, save/load."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,13 @@ SCHEMES = ["int8", "int8_weight_only", "fp16", "block", "2:4"]
 # Relative error of a layer against float64 x @ (dense base + scale * B @ A)^T + b: the
 # exact-weight bases compute in float32; fp16 rounds activations to half; W8A8 quantises
 # each token's activations to int8 (about 1/127 of the row's absmax per element).
-UNMERGED_TOL = {"int8": 2e-2, "int8_weight_only": REL_TOL[torch.float32], "fp16": REL_TOL[torch.float16],
-                "block": REL_TOL[torch.float32], "2:4": REL_TOL[torch.float32]}
+UNMERGED_TOL = {
+    "int8": 2e-2,
+    "int8_weight_only": REL_TOL[torch.float32],
+    "fp16": REL_TOL[torch.float16],
+    "block": REL_TOL[torch.float32],
+    "2:4": REL_TOL[torch.float32],
+}
 # Merging stores the merged weight in the base's format again: one more int8 / fp16 rounding.
 MERGED_TOL = {"int8": 3e-2, "int8_weight_only": 2e-2, "fp16": REL_TOL[torch.float16]}
 
@@ -72,8 +78,12 @@ def test_adapters_train_on_a_frozen_base(scheme):
     x = torch.randn(8, 5, 32)
     for layer in (net.up, net.down):
         layer_in = x if layer is net.up else torch.relu(net.up(x))
-        assert_rel_close(layer(layer_in), _reference(layer, layer.get_base_layer(), layer_in),
-                         torch.float32, factor=UNMERGED_TOL[scheme] / REL_TOL[torch.float32])
+        assert_rel_close(
+            layer(layer_in),
+            _reference(layer, layer.get_base_layer(), layer_in),
+            torch.float32,
+            factor=UNMERGED_TOL[scheme] / REL_TOL[torch.float32],
+        )
 
     target = torch.randn(8, 5, 16)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)

@@ -1,6 +1,7 @@
 """memkern.nn's quantised layers: Int8Linear keeps its weight in the packed layout where the
 kernel reads it (state_dict, meta device, .to(), pickling, repr), and every layer keeps its
 quantised storage under module casts, runs float64 and checks its constructor arguments."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,11 @@ NATIVE = memkern.ops.int8_packed_kernel_native("cpu")
 
 
 # -- modules: dtype casts, float64 layers, constructor arguments ------------------------------------
-LAYERS = {"int8_linear": memkern.nn.Int8Linear, "int8_weight_only_linear": memkern.nn.Int8WeightOnlyLinear,
-          "fp16_linear": memkern.nn.Fp16Linear}
+LAYERS = {
+    "int8_linear": memkern.nn.Int8Linear,
+    "int8_weight_only_linear": memkern.nn.Int8WeightOnlyLinear,
+    "fp16_linear": memkern.nn.Fp16Linear,
+}
 CASTS = {
     "half": (lambda m: m.half(), F16),
     "bfloat16": (lambda m: m.bfloat16(), BF16),
@@ -136,8 +140,11 @@ def test_float64_layers_run(op):
     assert_rel_close(out.reshape(10, 11), ref, F32)
     out.sum().backward()
     assert x.grad.dtype == torch.float64 and layer.bias.grad.dtype == torch.float64
-    w_deq = storage["weight"].double() if op == "fp16_linear" else (
-        storage["int8_weight"].double() * storage["weight_scale"].double()[:, None])
+    w_deq = (
+        storage["weight"].double()
+        if op == "fp16_linear"
+        else (storage["int8_weight"].double() * storage["weight_scale"].double()[:, None])
+    )
     assert_rel_close(x.grad.reshape(10, 37), torch.ones(10, 11, dtype=torch.float64) @ w_deq, F32)
     with torch.no_grad():  # float32 input to the float64 layer: float32 output
         assert layer(x.detach().float()).dtype == F32
@@ -149,12 +156,16 @@ def test_float64_layers_run(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("args, error, words", [
-    ((-1, 4), ValueError, ["in_features", ">= 0", "-1"]),
-    ((4, -3), ValueError, ["out_features", ">= 0", "-3"]),
-    ((4.0, 3), TypeError, ["in_features", "int", "float"]),
-    ((4, None), TypeError, ["out_features", "int", "NoneType"]),
-], ids=["in-negative", "out-negative", "in-float", "out-none"])
+@pytest.mark.parametrize(
+    "args, error, words",
+    [
+        ((-1, 4), ValueError, ["in_features", ">= 0", "-1"]),
+        ((4, -3), ValueError, ["out_features", ">= 0", "-3"]),
+        ((4.0, 3), TypeError, ["in_features", "int", "float"]),
+        ((4, None), TypeError, ["out_features", "int", "NoneType"]),
+    ],
+    ids=["in-negative", "out-negative", "in-float", "out-none"],
+)
 def test_layer_constructor_checks_its_sizes(op, args, error, words):
     cls = LAYERS[op]
     with pytest.raises(error, match=f"^{cls.__name__}: ") as info:
@@ -367,7 +378,9 @@ def test_layout_survives_module_casts(monkeypatch, native, cast):
     assert layer.weight_scale.dtype == F32 and torch.equal(layer.weight_scale, w_scale)
     assert layer.bias.dtype == dtype
     sd = layer.state_dict()
-    assert sd["weight"].shape == (23, 37) and torch.equal(sd["weight"], w_q) and torch.equal(sd["weight_scale"], w_scale)
+    assert (
+        sd["weight"].shape == (23, 37) and torch.equal(sd["weight"], w_q) and torch.equal(sd["weight_scale"], w_scale)
+    )
     x = torch.randn(6, 37)
     kernel_bias = layer.bias.detach().float() if dtype == torch.float64 else layer.bias.detach()
     with torch.no_grad():
@@ -375,8 +388,9 @@ def test_layout_survives_module_casts(monkeypatch, native, cast):
         out = layer(x.to(dtype))
     assert out.dtype == dtype
     kernel_dtype = F32 if dtype == torch.float64 else dtype
-    ref = reference.int8_linear(x.to(dtype).to(kernel_dtype), w_q, w_scale, kernel_bias,
-                                out_dtype=torch.float64, compute_dtype=torch.float64)
+    ref = reference.int8_linear(
+        x.to(dtype).to(kernel_dtype), w_q, w_scale, kernel_bias, out_dtype=torch.float64, compute_dtype=torch.float64
+    )
     assert_rel_close(out, ref, kernel_dtype)
 
 
@@ -397,8 +411,10 @@ def test_converted_model_on_the_plain_layout_matches_float64(monkeypatch):
     x = torch.randn(2, 17, 67)
     for target in (converted, loaded):
         seen = {}
-        hooks = [target[i].register_forward_hook(lambda m, args, out, i=i: seen.update({i: (args[0], out)}))
-                 for i in (0, 2)]
+        hooks = [
+            target[i].register_forward_hook(lambda m, args, out, i=i, seen=seen: seen.update({i: (args[0], out)}))
+            for i in (0, 2)
+        ]
         with torch.no_grad(), memkern.use_backend("cpp"):
             target(x)
         for hook in hooks:
@@ -408,8 +424,14 @@ def test_converted_model_on_the_plain_layout_matches_float64(monkeypatch):
             _layout_ok(layer, native=False)
             w_q, w_scale = memkern.ops.quantize_rowwise(source[i].weight.detach())
             assert torch.equal(layer.weight, w_q) and torch.equal(layer.weight_scale, w_scale)
-            ref = reference.int8_linear(inp.reshape(-1, inp.shape[-1]), w_q, w_scale, source[i].bias.detach(),
-                                        out_dtype=torch.float64, compute_dtype=torch.float64)
+            ref = reference.int8_linear(
+                inp.reshape(-1, inp.shape[-1]),
+                w_q,
+                w_scale,
+                source[i].bias.detach(),
+                out_dtype=torch.float64,
+                compute_dtype=torch.float64,
+            )
             assert_rel_close(out.reshape(-1, out.shape[-1]), ref, F32)
         assert sorted(seen) == [0, 2]
 
@@ -425,8 +447,9 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.skipif(memkern.backends.OPS["int8_linear_packed"].static_reason("cpp", "cpu") is not None,
-                    reason="memkern._C is not built")
+@pytest.mark.skipif(
+    memkern.backends.OPS["int8_linear_packed"].static_reason("cpp", "cpu") is not None, reason="memkern._C is not built"
+)
 def test_native_where_the_build_machine_has_vnni():
     # The extension is built with -march=native (setup.py, MEMKERN_MARCH unset), so on a
     # CPU with AVX512-VNNI the packed kernel must be compiled in, and Int8Linear must use it.

@@ -1,4 +1,5 @@
 """Pruning masks (exact sparsity, hand-checked Wanda), prune_model and SparseLinear."""
+
 from __future__ import annotations
 
 import pytest
@@ -81,7 +82,7 @@ def test_block_masks_are_whole_blocks_at_the_closest_sparsity(sparsity, block):
     assert abs(int((~mask).sum()) - sparsity * w.numel()) <= bn * bk / 2
     score = torch.zeros(nbr * bn, nbc * bk, dtype=torch.float64)
     score[:100, :150] = w.double().abs()
-    mean = (score.reshape(nbr, bn, nbc, bk).sum((1, 3)) / inside_tiles.sum(-1))
+    mean = score.reshape(nbr, bn, nbc, bk).sum((1, 3)) / inside_tiles.sum(-1)
     if 0 < sparsity < 1:
         assert mean[~kept_any].max() <= mean[kept_any].min()
 
@@ -96,11 +97,22 @@ def test_block_masks_are_whole_blocks_at_the_closest_sparsity(sparsity, block):
         ({"sparsity": 0.5, "pattern": "block", "block": (48, 16)}, ValueError, ["power of two", "48"]),
         ({"sparsity": 0.5, "pattern": "diagonal"}, ValueError, ["pattern", "n:m", "diagonal"]),
         ({"sparsity": 0.5, "method": "wanda"}, ValueError, ["activation_norms", "(48,)", "None"]),
-        ({"sparsity": 0.5, "method": "wanda", "activation_norms": torch.ones(47)}, ValueError,
-         ["activation_norms", "(48,)", "(47,)"]),
+        (
+            {"sparsity": 0.5, "method": "wanda", "activation_norms": torch.ones(47)},
+            ValueError,
+            ["activation_norms", "(48,)", "(47,)"],
+        ),
     ],
-    ids=["sparsity-high", "sparsity-low", "n:m-divides", "n:m-sparsity", "block-pow2", "pattern", "wanda-none",
-         "wanda-shape"],
+    ids=[
+        "sparsity-high",
+        "sparsity-low",
+        "n:m-divides",
+        "n:m-sparsity",
+        "block-pow2",
+        "pattern",
+        "wanda-none",
+        "wanda-shape",
+    ],
 )
 def test_bad_mask_arguments(kwargs, error, words):
     with pytest.raises(error) as info:
@@ -124,8 +136,7 @@ def test_sparse_linear_computes_the_masked_linear(fmt, pattern):
 
 def test_sparse_linear_repr_shows_pattern_sparsity_and_block():
     linear = nn.Linear(64, 64, bias=False)
-    layer = SparseLinear.from_dense(linear, prune.masks(linear.weight, 0.75, "block", block=(16, 16)),
-                                    block=(16, 16))
+    layer = SparseLinear.from_dense(linear, prune.masks(linear.weight, 0.75, "block", block=(16, 16)), block=(16, 16))
     text = repr(layer)
     assert "pattern=block" in text and "block=16x16" in text and "sparsity=0.750" in text and "bias=False" in text
     layer24 = SparseLinear.from_dense(linear, prune.masks(linear.weight, 0.5, "n:m"), format="2:4")
@@ -256,9 +267,11 @@ def test_block_mask_by_hand_does_not_favour_edge_blocks():
     assert torch.equal(mask, expected)
 
 
-@pytest.mark.parametrize("make", [lambda: torch.randn(70, 50), lambda: torch.ones(70, 50),
-                                  lambda: torch.rand(70, 50) + torch.arange(50) / 10],
-                         ids=["random", "constant", "growing-columns"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: torch.randn(70, 50), lambda: torch.ones(70, 50), lambda: torch.rand(70, 50) + torch.arange(50) / 10],
+    ids=["random", "constant", "growing-columns"],
+)
 @pytest.mark.parametrize("sparsity", (0.25, 0.5, 0.75))
 def test_block_mask_with_edge_blocks_reaches_the_requested_sparsity(make, sparsity):
     mask = prune.masks(make(), sparsity, "block", block=(32, 16))

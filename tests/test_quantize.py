@@ -1,4 +1,5 @@
 """quantize_rowwise: every backend bit-identical to the reference, edge cases, bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,8 +67,10 @@ def test_ties_round_half_to_even(backend):
 # contiguous float32 rows (csrc/cpu/quantize_row.h). Both rows hold exact .5 ties of
 # x / scale: the first has absmax 127 (scale 1), the second absmax 254 (scale 2, so the
 # division makes the ties). Every value is exact in float16 and bfloat16.
-TIE_ROWS = [[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -125.5, 127.0],
-            [1.0, 3.0, 5.0, -1.0, -3.0, -5.0, 251.0, 253.0, -251.0, 254.0]]
+TIE_ROWS = [
+    [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -125.5, 127.0],
+    [1.0, 3.0, 5.0, -1.0, -3.0, -5.0, 251.0, 253.0, -251.0, 254.0],
+]
 TIE_HALF_EVEN = [0, 2, 2, 0, -2, -2, 126, 126, -126, 127]  # round half away from zero: 1, 2, 3, ...
 
 

@@ -1,10 +1,11 @@
 """The README's Python examples run as written and do what the README says they do; its
 int8 accuracy figure holds for the weights it names."""
+
 from __future__ import annotations
 
 import pathlib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -127,8 +128,11 @@ INT8_AIM = next(line for line in TEXT.splitlines() if line.startswith("| int8 ac
 
 @pytest.mark.parametrize("backend", ("cpp", "torch"))
 def test_int8_sqnr_figures_hold_for_the_weights_they_name(backend):
-    found = re.search(r"SQNR ([\d.]+) dB vs [\d.]+ dB at 512 x 4096 x 4096, Gaussian x, W as `nn.Linear` "
-                      r"initialises it .*; with Gaussian W ([\d.]+) dB", INT8_AIM)
+    found = re.search(
+        r"SQNR ([\d.]+) dB vs [\d.]+ dB at 512 x 4096 x 4096, Gaussian x, W as `nn.Linear` "
+        r"initialises it .*; with Gaussian W ([\d.]+) dB",
+        INT8_AIM,
+    )
     assert found, f"the int8 accuracy aim does not name both weight distributions: {INT8_AIM}"
     quoted = {"nn.Linear": float(found[1]), "gaussian": float(found[2])}
     x = torch.randn(32, 4096)

@@ -70,8 +70,9 @@ def test_shape_mismatch_is_refused():
 def test_pruned_blocks_tie_when_their_layouts_match():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.ReLU()) for _ in range(3)])
     memkern.prune.prune_model(model, 0.5, "n:m", skip=())
-    model[2][0] = memkern.nn.SparseLinear.from_dense(nn.Linear(32, 32), torch.ones(32, 32, dtype=torch.bool),
-                                                     block=(16, 16))
+    model[2][0] = memkern.nn.SparseLinear.from_dense(
+        nn.Linear(32, 32), torch.ones(32, 32, dtype=torch.bool), block=(16, 16)
+    )
     memkern.share_layers(model, [["0", "1"]])
     assert model[1] is model[0]
     with pytest.raises(ValueError, match="differ in parameter"):

@@ -1,6 +1,7 @@
 """SmoothQuant calibration (memkern/smoothquant.py) and convert(..., smooth=, calibration=):
 folding keeps the float model's function, the fold targets found by tracing, the layers
 that keep their scaling, and the SQNR it buys on outlier channels."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,8 +52,11 @@ def test_folding_keeps_the_float_function_and_finds_the_pairs():
     report = smooth(model, _batches(), alpha=0.5)
     assert report.folded == {"ln1": ["k", "q", "v"], "ln2": ["up"], "proj_a": ["proj_b"]}
     assert set(report.pending) == {"o", "down", "proj_a"}  # proj_a's input is the residual stream
-    assert all(s.shape == (m.in_features,) and (s > 0).all()
-               for name, s in report.pending.items() for m in [getattr(model, name)])
+    assert all(
+        s.shape == (m.in_features,) and (s > 0).all()
+        for name, s in report.pending.items()
+        for m in [getattr(model, name)]
+    )
     assert_rel_close(model(x), before, torch.float32)  # 1e-5 against the unsmoothed model
     # Something moved: the norm's outlier channels are divided down.
     assert model.ln1.weight.abs().max() < 20
@@ -112,8 +116,7 @@ def test_outlier_channels_gain_at_least_6_db_over_per_token_w8a8():
     x, linear = _outlier_case()
     exact = x.double() @ linear.weight.double().t() + linear.bias.double()
     plain = memkern.convert(linear, "int8", inplace=False, skip=())
-    smoothed = memkern.convert(linear, "int8", inplace=False, skip=(), smooth=0.5,
-                               calibration=[x[:64], x[64:128]])
+    smoothed = memkern.convert(linear, "int8", inplace=False, skip=(), smooth=0.5, calibration=[x[:64], x[64:128]])
     assert type(plain) is memkern.nn.Int8Linear and type(smoothed) is memkern.nn.SmoothedInt8Linear
     with torch.no_grad():
         gain = sqnr_db(smoothed(x), exact) - sqnr_db(plain(x), exact)
@@ -152,14 +155,19 @@ def test_smoothed_layer_state_dict_round_trip():
     assert "SmoothQuant" in repr(layer)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"smooth": 0.5}, ["smooth", "calibration", "go together"]),
-    ({"calibration": [torch.randn(2, 8)]}, ["go together"]),
-    ({"smooth": 0.5, "calibration": [torch.randn(2, 8)], "scheme": "int4_weight_only"},
-     ["smooth applies to scheme 'int8'", "int4_weight_only"]),
-    ({"smooth": 1.5, "calibration": [torch.randn(2, 8)]}, ["alpha", "[0, 1]", "1.5"]),
-    ({"smooth": 0.5, "calibration": []}, ["calibration gave no batch"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"smooth": 0.5}, ["smooth", "calibration", "go together"]),
+        ({"calibration": [torch.randn(2, 8)]}, ["go together"]),
+        (
+            {"smooth": 0.5, "calibration": [torch.randn(2, 8)], "scheme": "int4_weight_only"},
+            ["smooth applies to scheme 'int8'", "int4_weight_only"],
+        ),
+        ({"smooth": 1.5, "calibration": [torch.randn(2, 8)]}, ["alpha", "[0, 1]", "1.5"]),
+        ({"smooth": 0.5, "calibration": []}, ["calibration gave no batch"]),
+    ],
+)
 def test_bad_smoothing_arguments(kwargs, words):
     with pytest.raises(ValueError) as info:
         memkern.convert(nn.Sequential(nn.Linear(8, 4)), **{"scheme": "int8", **kwargs})

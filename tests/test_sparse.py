@@ -1,6 +1,7 @@
 """masked_matmul on block-sparse and 2:4 weights: every backend against the float64
 dense-masked reference (forward and both gradients), 2:4 round trips, training keeps pruned
 weights at zero, edge cases, bad input, opcheck and compile."""
+
 from __future__ import annotations
 
 import pytest
@@ -53,8 +54,11 @@ def _grad_as_dense(weight, dvalues) -> torch.Tensor:
 def _check_against_reference(backend, x, weight, mask, bias, dtype, dense_w):
     n_out = weight.shape[0]
     grad = torch.randn(*x.shape[:-1], n_out).to(dtype)
-    require_backend("block_sparse_matmul" if isinstance(weight, BlockSparseWeight) else "sparse24_matmul",
-                    backend, x.reshape(-1, x.shape[-1]))
+    require_backend(
+        "block_sparse_matmul" if isinstance(weight, BlockSparseWeight) else "sparse24_matmul",
+        backend,
+        x.reshape(-1, x.shape[-1]),
+    )
     y, dx, dv, db = _run(backend, x, weight, bias, grad)
     y_ref, dx_ref, dw_ref, db_ref = _reference(x, dense_w * mask, bias, grad)
     assert y.dtype == dtype and y.shape == y_ref.shape
@@ -138,8 +142,9 @@ def test_float64_gradcheck_of_the_op(backend):
     require_backend("block_sparse_matmul", backend, x)
 
     def f(x, values, bias):
-        return torch.ops.memkern.block_sparse_matmul(x, values, weight.crow, weight.col, weight.ccol,
-                                                     weight.csc_row, weight.csc_block, 20, bias)
+        return torch.ops.memkern.block_sparse_matmul(
+            x, values, weight.crow, weight.col, weight.ccol, weight.csc_row, weight.csc_block, 20, bias
+        )
 
     with memkern.use_backend(backend):
         assert torch.autograd.gradcheck(f, (x, values, bias))
@@ -223,8 +228,11 @@ def test_pruned_weights_stay_zero_through_adam(fmt, pattern):
 @pytest.mark.parametrize("kind", ("block", "2:4"))
 def test_empty_batch(backend, kind):
     w = torch.randn(OUT, 124)
-    weight = (BlockSparseWeight.from_dense(w, _block_mask(0.5, 16, OUT, 124), (16, 16)) if kind == "block"
-              else Sparse24Weight.from_dense(w, _mask24(OUT, 124)))
+    weight = (
+        BlockSparseWeight.from_dense(w, _block_mask(0.5, 16, OUT, 124), (16, 16))
+        if kind == "block"
+        else Sparse24Weight.from_dense(w, _mask24(OUT, 124))
+    )
     x = torch.randn(0, 124, requires_grad=True)
     weight.values.requires_grad_(True)
     require_backend("block_sparse_matmul" if kind == "block" else "sparse24_matmul", backend, x)
@@ -271,8 +279,12 @@ def test_huge_values_accumulate_in_fp32(backend, dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
-    "make", [lambda: torch.randn(IN, 9).t(), lambda: torch.randn(9, 2 * IN)[:, ::2],
-             lambda: torch.randn(4, 5, IN).transpose(0, 1)],
+    "make",
+    [
+        lambda: torch.randn(IN, 9).t(),
+        lambda: torch.randn(9, 2 * IN)[:, ::2],
+        lambda: torch.randn(4, 5, IN).transpose(0, 1),
+    ],
     ids=["transposed", "column-stride", "3-D-transposed"],
 )
 def test_non_contiguous_input(backend, make):
@@ -309,32 +321,63 @@ def _bsw():
 @pytest.mark.parametrize(
     "call, error, words",
     [
-        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), torch.ones(8, 9, dtype=torch.bool)), ValueError,
-         ["mask", "(8, 8)", "(8, 9)"]),
-        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), torch.ones(8, 8)), TypeError,
-         ["mask", "bool", "float32"]),
-        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), None, (24, 16)), ValueError,
-         ["block rows", "power of two", "24"]),
-        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), None, (16, 256)), ValueError,
-         ["block cols", "256"]),
+        (
+            lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), torch.ones(8, 9, dtype=torch.bool)),
+            ValueError,
+            ["mask", "(8, 8)", "(8, 9)"],
+        ),
+        (
+            lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), torch.ones(8, 8)),
+            TypeError,
+            ["mask", "bool", "float32"],
+        ),
+        (
+            lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), None, (24, 16)),
+            ValueError,
+            ["block rows", "power of two", "24"],
+        ),
+        (lambda: BlockSparseWeight.from_dense(torch.randn(8, 8), None, (16, 256)), ValueError, ["block cols", "256"]),
         (lambda: Sparse24Weight.from_dense(torch.randn(4, 6)), ValueError, ["divisible by 4", "(4, 6)"]),
         (lambda: Sparse24Weight.from_dense(torch.ones(2, 8)), ValueError, ["at most 2", "row 0", "keep 4"]),
         (lambda: masked_matmul(torch.randn(3, 47), _bsw()), ValueError, ["x", "in_features=48", "(3, 47)"]),
-        (lambda: masked_matmul(torch.randn(3, 48, dtype=torch.float16), _bsw()), TypeError,
-         ["x", "float32", "float16"]),
+        (
+            lambda: masked_matmul(torch.randn(3, 48, dtype=torch.float16), _bsw()),
+            TypeError,
+            ["x", "float32", "float16"],
+        ),
         (lambda: masked_matmul(torch.randn(3, 48), _bsw(), torch.randn(31)), ValueError, ["bias", "(32,)", "(31,)"]),
-        (lambda: masked_matmul(torch.randn(3, 48), torch.randn(32, 48)), TypeError,
-         ["weight", "BlockSparseWeight", "Tensor"]),
+        (
+            lambda: masked_matmul(torch.randn(3, 48), torch.randn(32, 48)),
+            TypeError,
+            ["weight", "BlockSparseWeight", "Tensor"],
+        ),
         (lambda: masked_matmul(torch.arange(48).reshape(1, 48), _bsw()), TypeError, ["x", "int64"]),
         (lambda: SparseLinear(-3, 4), ValueError, ["SparseLinear", "in_features", "non-negative", "-3"]),
         (lambda: SparseLinear(4, -1, format="2:4"), ValueError, ["out_features", "-1"]),
         (lambda: SparseLinear(4.0, 4), ValueError, ["in_features", "4.0"]),
-        (lambda: BlockSparseWeight.from_dense(torch.empty(8, 8, device="meta")), ValueError,
-         ["from_dense", "meta", "keeping_every_block"]),
+        (
+            lambda: BlockSparseWeight.from_dense(torch.empty(8, 8, device="meta")),
+            ValueError,
+            ["from_dense", "meta", "keeping_every_block"],
+        ),
     ],
-    ids=["mask-shape", "mask-dtype", "block-not-pow2", "block-too-big", "24-cols", "24-too-many",
-         "x-width", "x-dtype", "bias-shape", "dense-weight", "int-x", "in-negative", "out-negative",
-         "in-float", "meta-from-dense"],
+    ids=[
+        "mask-shape",
+        "mask-dtype",
+        "block-not-pow2",
+        "block-too-big",
+        "24-cols",
+        "24-too-many",
+        "x-width",
+        "x-dtype",
+        "bias-shape",
+        "dense-weight",
+        "int-x",
+        "in-negative",
+        "out-negative",
+        "in-float",
+        "meta-from-dense",
+    ],
 )
 def test_bad_input_is_a_clear_error(call, error, words):
     with pytest.raises(error) as info:
@@ -351,13 +394,23 @@ def test_opcheck_block_sparse(backend):
     x = torch.randn(9, 48, requires_grad=True)
     values = weight.values.clone().requires_grad_(True)
     require_backend("block_sparse_matmul", backend, x)
-    args = (x, values, weight.crow, weight.col, weight.ccol, weight.csc_row, weight.csc_block, 40,
-            torch.randn(40, requires_grad=True))
+    args = (
+        x,
+        values,
+        weight.crow,
+        weight.col,
+        weight.ccol,
+        weight.csc_row,
+        weight.csc_block,
+        40,
+        torch.randn(40, requires_grad=True),
+    )
     with memkern.use_backend(backend):
         torch.library.opcheck(torch.ops.memkern.block_sparse_matmul.default, args)
         grad = torch.randn(9, 40)
-        torch.library.opcheck(torch.ops.memkern.block_sparse_matmul_backward.default,
-                              (grad, x.detach(), values.detach(), *args[2:7]))
+        torch.library.opcheck(
+            torch.ops.memkern.block_sparse_matmul_backward.default, (grad, x.detach(), values.detach(), *args[2:7])
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -368,8 +421,9 @@ def test_opcheck_sparse24(backend):
     x = torch.randn(7, 32, requires_grad=True)
     require_backend("sparse24_matmul", backend, x)
     with memkern.use_backend(backend):
-        torch.library.opcheck(torch.ops.memkern.sparse24_matmul.default,
-                              (x, sw.values.clone().requires_grad_(True), sw.meta, None))
+        torch.library.opcheck(
+            torch.ops.memkern.sparse24_matmul.default, (x, sw.values.clone().requires_grad_(True), sw.meta, None)
+        )
         torch.library.opcheck(torch.ops.memkern.sparse24_decompress.default, (sw.values, sw.meta, 32))
         if backend != "triton":  # compression is a one-off conversion: no Triton kernel
             torch.library.opcheck(torch.ops.memkern.sparse24_compress.default, (w, mask))
@@ -428,17 +482,24 @@ def test_gpu_sparse24_matches_reference(backend, dtype):
 
 
 def _check_gpu(backend, x, weight, bias, dense_masked, dtype):
-    require_backend("block_sparse_matmul" if isinstance(weight, BlockSparseWeight) else "sparse24_matmul",
-                    backend, x.reshape(-1, x.shape[-1]))
+    require_backend(
+        "block_sparse_matmul" if isinstance(weight, BlockSparseWeight) else "sparse24_matmul",
+        backend,
+        x.reshape(-1, x.shape[-1]),
+    )
     grad = torch.randn(*x.shape[:-1], weight.shape[0]).to(dtype).cuda()
     y, dx, dv, db = _run(backend, x, weight, bias, grad)
     y_ref, dx_ref, dw_ref, db_ref = _reference(x.cpu(), dense_masked.to(dtype), bias.cpu(), grad.cpu())
     assert_rel_close(y.cpu(), y_ref, dtype)
     assert_rel_close(dx.cpu(), dx_ref, dtype)
     mask = dense_masked != 0
-    assert_rel_close(_grad_as_dense(weight, dv).cpu() if isinstance(weight, BlockSparseWeight)
-                     else reference.sparse24_decompress(dv.cpu(), weight.meta.cpu(), weight.shape[1]),
-                     dw_ref * mask, dtype)
+    assert_rel_close(
+        _grad_as_dense(weight, dv).cpu()
+        if isinstance(weight, BlockSparseWeight)
+        else reference.sparse24_decompress(dv.cpu(), weight.meta.cpu(), weight.shape[1]),
+        dw_ref * mask,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -482,8 +543,9 @@ def _corrupt(weight: BlockSparseWeight, kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("kind", ("col-far", "col-negative", "crow-backwards", "csc-block-far", "csc-row-wrong",
-                                  "duplicate-block"))
+@pytest.mark.parametrize(
+    "kind", ("col-far", "col-negative", "crow-backwards", "csc-block-far", "csc-row-wrong", "duplicate-block")
+)
 def test_index_changed_in_place_is_a_clear_error(backend, kind):
     # Every block of a 48 x 123 weight in 16 x 16 blocks: 3 x 8 blocks, 8 in each block row.
     weight = BlockSparseWeight.from_dense(torch.randn(48, IN), None, (16, 16))
@@ -520,8 +582,21 @@ def _raw(weight: BlockSparseWeight) -> dict:
         ({"shape": (64, -128)}, ValueError, ["in_features", "-128"]),
         ({"crow": torch.tensor([0, 2], device="meta")}, ValueError, ["one device", "crow on meta", "values on cpu"]),
     ],
-    ids=["col-range", "col-dtype", "col-length", "col-strided", "crow-start", "crow-length", "ccol-order",
-         "csc-twice", "block-size", "values-count", "mask-dtype", "shape", "device"],
+    ids=[
+        "col-range",
+        "col-dtype",
+        "col-length",
+        "col-strided",
+        "crow-start",
+        "crow-length",
+        "ccol-order",
+        "csc-twice",
+        "block-size",
+        "values-count",
+        "mask-dtype",
+        "shape",
+        "device",
+    ],
 )
 def test_block_sparse_constructor_checks_raw_tensors(change, error, words):
     raw = _raw(BlockSparseWeight.from_dense(torch.randn(64, 128), None, (64, 64)))
@@ -535,12 +610,14 @@ def test_sparse24_constructor_checks_raw_tensors():
     sw = Sparse24Weight.from_dense(torch.randn(4, 16), _mask24(4, 16))
     meta = sw.meta.clone()
     meta[2, 1] = (meta[2, 1] & 0x0F) | 0x30  # group 3 of row 2 (high half of byte 1): i0 = 3, i1 = 0
-    cases = [({"meta": meta}, ValueError, ["meta", "i0 < i1", "row 2, group 3", "i0=3, i1=0"]),
-             ({"meta": sw.meta[:, :1]}, ValueError, ["meta", "(4, 2)", "(4, 1)"]),
-             ({"meta": sw.meta.to(torch.int16)}, TypeError, ["meta", "uint8", "int16"]),
-             ({"values": sw.values[:, :6]}, ValueError, ["values", "(4, 8)", "(4, 6)"]),
-             ({"mask": torch.ones(4, 8)}, TypeError, ["mask", "bool"]),
-             ({"shape": (4, 18)}, ValueError, ["divisible by 4", "(4, 18)"])]
+    cases = [
+        ({"meta": meta}, ValueError, ["meta", "i0 < i1", "row 2, group 3", "i0=3, i1=0"]),
+        ({"meta": sw.meta[:, :1]}, ValueError, ["meta", "(4, 2)", "(4, 1)"]),
+        ({"meta": sw.meta.to(torch.int16)}, TypeError, ["meta", "uint8", "int16"]),
+        ({"values": sw.values[:, :6]}, ValueError, ["values", "(4, 8)", "(4, 6)"]),
+        ({"mask": torch.ones(4, 8)}, TypeError, ["mask", "bool"]),
+        ({"shape": (4, 18)}, ValueError, ["divisible by 4", "(4, 18)"]),
+    ]
     for change, error, words in cases:
         with pytest.raises(error) as info:
             Sparse24Weight(**{"values": sw.values, "meta": sw.meta, "shape": sw.shape, **change})
@@ -550,21 +627,30 @@ def test_sparse24_constructor_checks_raw_tensors():
 
 def _trained_layer(fmt: str, inp: int = 48, out: int = 40) -> tuple[SparseLinear, torch.Tensor]:
     linear = torch.nn.Linear(inp, out)
-    mask = (_mask24(out, inp, (0, 1, 2)) if fmt == "2:4"
-            else prune.masks(linear.weight, 0.5, "unstructured") & prune.masks(torch.randn(out, inp), 0.5, "block",
-                                                                               block=(16, 16)))
+    mask = (
+        _mask24(out, inp, (0, 1, 2))
+        if fmt == "2:4"
+        else prune.masks(linear.weight, 0.5, "unstructured")
+        & prune.masks(torch.randn(out, inp), 0.5, "block", block=(16, 16))
+    )
     return SparseLinear.from_dense(linear, mask, format=fmt, block=(16, 16)), mask
 
 
 @pytest.mark.parametrize(
     "key, value, words",
-    [("col", lambda sd: sd["col"].index_fill(0, torch.tensor([1]), 10**6), ["col", "1000000", "position 1"]),
-     ("crow", lambda sd: sd["crow"].flip(0), ["crow", "without decreasing"]),
-     ("crow", lambda sd: None, ["crow", "missing"]),
-     ("mask", lambda sd: sd["mask"].float(), ["mask", "bool"]),
-     ("_extra_state", lambda sd: {**sd["_extra_state"], "shape": [40, 64]}, ["size mismatch", "(40, 64)", "(40, 48)"]),
-     ("_extra_state", lambda sd: {**sd["_extra_state"], "block": [16, 32]}, ["values", "(16, 32)"]),
-     ("_extra_state", lambda sd: "block", ["_extra_state", "dict"])],
+    [
+        ("col", lambda sd: sd["col"].index_fill(0, torch.tensor([1]), 10**6), ["col", "1000000", "position 1"]),
+        ("crow", lambda sd: sd["crow"].flip(0), ["crow", "without decreasing"]),
+        ("crow", lambda sd: None, ["crow", "missing"]),
+        ("mask", lambda sd: sd["mask"].float(), ["mask", "bool"]),
+        (
+            "_extra_state",
+            lambda sd: {**sd["_extra_state"], "shape": [40, 64]},
+            ["size mismatch", "(40, 64)", "(40, 48)"],
+        ),
+        ("_extra_state", lambda sd: {**sd["_extra_state"], "block": [16, 32]}, ["values", "(16, 32)"]),
+        ("_extra_state", lambda sd: "block", ["_extra_state", "dict"]),
+    ],
     ids=["col-range", "crow-order", "crow-missing", "mask-dtype", "shape", "block", "extra-type"],
 )
 def test_corrupted_checkpoint_is_refused_and_leaves_the_layer(key, value, words):

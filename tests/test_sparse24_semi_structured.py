@@ -1,6 +1,7 @@
 """masked_matmul on 2:4 weights through PyTorch's semi-structured sparse kernels: when the
 path is taken (semi_structured_reason), that CPU calls never reach it, the cached copy and
 its invalidation, the product's gradients, and on a GPU the outputs against float64."""
+
 from __future__ import annotations
 
 import copy
@@ -194,8 +195,9 @@ def test_a_call_off_the_path_frees_the_copy_and_the_next_one_rebuilds(monkeypatc
     builder = _CountingBuilder()
     monkeypatch.setattr(sparse_mod, "_build_semi_structured", builder)
     allowed = {"now": True}
-    monkeypatch.setattr(sparse_mod, "semi_structured_reason",
-                        lambda x, weight: None if allowed["now"] else "training step")
+    monkeypatch.setattr(
+        sparse_mod, "semi_structured_reason", lambda x, weight: None if allowed["now"] else "training step"
+    )
     sw, dense = _weight(32, 64)
     x = torch.randn(5, 64)
     masked_matmul(x, sw)

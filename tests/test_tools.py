@@ -1,6 +1,7 @@
 """The development tools in tools/: the CUDA toolkit setup.py builds against is found
 through a wrapper nvcc; the Triton ahead-of-time compiler refuses releases it was not
 checked with."""
+
 from __future__ import annotations
 
 import os

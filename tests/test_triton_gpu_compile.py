@@ -8,6 +8,7 @@ ahead of time with Triton's NVIDIA backend and its bundled ptxas
 registers. No GPU is used or needed; the compiler runs in a separate process with the
 interpreter off, so the file also runs under the suite's TRITON_INTERPRET=1.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,24 +50,35 @@ SPILLS = {
 # (bf16 x, fp16 weight, widened to fp32) run on the FMA units; the row kernels have no
 # product. A kernel that falls back to mma.sync on sm_90 is on Hopper's slower path.
 WGMMA_ON_SM90 = {
-    "_int8_gemm_kernel(int8_linear-fp32-M64)", "_int8_gemm_kernel(int8_linear-fp16-M1)",
-    "_int8_gemm_kernel(int8_linear-bf16-M64-bias)", "_int8_gemm_kernel(int8_linear-fp16-M64-longK)",
-    "_scaled_gemm_kernel(scaled_linear-xfp16-wint8-M64-bias)", "_scaled_gemm_kernel(scaled_linear-xbf16-wint8-M64)",
+    "_int8_gemm_kernel(int8_linear-fp32-M64)",
+    "_int8_gemm_kernel(int8_linear-fp16-M1)",
+    "_int8_gemm_kernel(int8_linear-bf16-M64-bias)",
+    "_int8_gemm_kernel(int8_linear-fp16-M64-longK)",
+    "_scaled_gemm_kernel(scaled_linear-xfp16-wint8-M64-bias)",
+    "_scaled_gemm_kernel(scaled_linear-xbf16-wint8-M64)",
     "_scaled_gemm_kernel(scaled_linear-xbf16-wbf16-M64)",
-    "_linear_kd_stats_kernel(linear_kd_grad-fp16-rkl-bias)", "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)",
+    "_linear_kd_stats_kernel(linear_kd_grad-fp16-rkl-bias)",
+    "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)",
     "_linear_kd_stats_kernel(linear_kd_grad-bf16-jsd-row_scale)",
     "_linear_kd_grad_kernel(linear_kd_grad-bf16-jsd-row_scale)",
     "_linear_kd_stats_kernel(linear_kd_stats-bf16-fkl-forward)",
-    "_block_sparse_fwd_kernel(block_sparse-fp16-64x64-bias)", "_block_sparse_dx_kernel(block_sparse-fp16-64x64-bias)",
-    "_block_sparse_dw_kernel(block_sparse-fp16-64x64-bias)", "_block_sparse_fwd_kernel(block_sparse-bf16-128x128)",
-    "_block_sparse_dx_kernel(block_sparse-bf16-128x128)", "_block_sparse_dw_kernel(block_sparse-bf16-128x128)",
-    "_sparse24_fwd_kernel(sparse24-fp16)", "_sparse24_fwd_kernel(sparse24-bf16-bias)",
+    "_block_sparse_fwd_kernel(block_sparse-fp16-64x64-bias)",
+    "_block_sparse_dx_kernel(block_sparse-fp16-64x64-bias)",
+    "_block_sparse_dw_kernel(block_sparse-fp16-64x64-bias)",
+    "_block_sparse_fwd_kernel(block_sparse-bf16-128x128)",
+    "_block_sparse_dx_kernel(block_sparse-bf16-128x128)",
+    "_block_sparse_dw_kernel(block_sparse-bf16-128x128)",
+    "_sparse24_fwd_kernel(sparse24-fp16)",
+    "_sparse24_fwd_kernel(sparse24-bf16-bias)",
 }
 
 
 def _cases() -> list:
-    return [pytest.param(capability, v.id, id=f"sm_{capability}-{v.id}")
-            for v in VARIANTS for capability in _aot.CAPABILITIES]
+    return [
+        pytest.param(capability, v.id, id=f"sm_{capability}-{v.id}")
+        for v in VARIANTS
+        for capability in _aot.CAPABILITIES
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +109,9 @@ def test_spill_marks_name_captured_variants():
 def test_tensor_core_products_use_wgmma_on_sm90(compiled, variant_id):
     r = _result(compiled, 90, variant_id)
     want = "wgmma" if variant_id in WGMMA_ON_SM90 else ""
-    assert r["matrix_instruction"] == want, f"{variant_id} on sm_90: {r['matrix_instruction'] or 'no matrix instruction'}"
+    assert r["matrix_instruction"] == want, (
+        f"{variant_id} on sm_90: {r['matrix_instruction'] or 'no matrix instruction'}"
+    )
 
 
 def test_capture_restores_the_kernels():
@@ -121,4 +135,5 @@ def test_no_register_spills_beyond_the_recorded_budget(compiled, capability, var
     stores, loads = SPILLS.get((capability, variant_id), (0, 0))
     assert r["spill_stores"] <= stores and r["spill_loads"] <= loads, (
         f"sm_{capability}: {r['registers']} registers, {r['spill_stores']}/{r['spill_loads']} bytes of spill "
-        f"stores/loads per thread; at most {stores}/{loads} allowed")
+        f"stores/loads per thread; at most {stores}/{loads} allowed"
+    )

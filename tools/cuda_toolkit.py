@@ -7,6 +7,7 @@ Where that `nvcc` is a wrapper script (e.g. /usr/local/bin/nvcc running
 reports as TOP in `nvcc --dryrun`, which follows any wrapper. Loaded by path from setup.py
 (no package import at build time) and imported by the tests.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,14 +22,16 @@ class ToolkitNotFound(RuntimeError):
 
 def is_toolkit(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and os.access(
-        os.path.join(path, "bin", "nvcc"), os.X_OK)
+        os.path.join(path, "bin", "nvcc"), os.X_OK
+    )
 
 
 def nvcc_top(nvcc: str) -> str | None:
     """The toolkit folder an nvcc executable (or a wrapper of one) compiles with."""
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"^#\$ TOP=(.+?)\s*$", out.stdout + out.stderr, re.MULTILINE)
@@ -45,8 +48,9 @@ def find(environ: dict[str, str] | None = None) -> str:
         given = env.get(var)
         if given:
             if not is_toolkit(given):
-                raise ToolkitNotFound(f"{var}={given} is not a CUDA toolkit: it needs bin/nvcc and "
-                                      "include/cuda_runtime.h")
+                raise ToolkitNotFound(
+                    f"{var}={given} is not a CUDA toolkit: it needs bin/nvcc and include/cuda_runtime.h"
+                )
             return os.path.realpath(given)
     nvcc = shutil.which("nvcc", path=env.get("PATH"))
     tried = []

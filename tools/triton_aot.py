@@ -32,6 +32,7 @@ needs no compiler and works in either mode.
 Shapes are chosen so that every shape-dependent choice takes its large-problem value (a
 1024-wide vocabulary tile, 64-row blocks) and are multiples of 16, as LLM shapes are.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -55,8 +57,13 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 # tensors and NVIDIA backend directly, whose internals change between releases.
 SUPPORTED_TRITON = ((3, 6), (3, 9))
 CAPABILITIES = (80, 90)
-KERNEL_MODULES = ("memkern.kernels.kd", "memkern.kernels.kd_linear", "memkern.kernels.int8", "memkern.kernels.quantize",
-                  "memkern.kernels.sparse")
+KERNEL_MODULES = (
+    "memkern.kernels.kd",
+    "memkern.kernels.kd_linear",
+    "memkern.kernels.int8",
+    "memkern.kernels.quantize",
+    "memkern.kernels.sparse",
+)
 
 
 def unavailable() -> str | None:
@@ -68,8 +75,10 @@ def unavailable() -> str | None:
     version = tuple(int(p) for p in _library.triton_version().split(".")[:2])
     low, high = SUPPORTED_TRITON
     if not low <= version <= high:
-        return (f"Triton {_library.triton_version()} is outside the releases this compiler drives "
-                f"({low[0]}.{low[1]} to {high[0]}.{high[1]}); it uses Triton internals that change between releases")
+        return (
+            f"Triton {_library.triton_version()} is outside the releases this compiler drives "
+            f"({low[0]}.{low[1]} to {high[0]}.{high[1]}); it uses Triton internals that change between releases"
+        )
     try:
         from triton.backends.nvidia.compiler import get_ptxas
     except Exception as exc:  # no NVIDIA backend in this Triton build
@@ -102,8 +111,9 @@ class Variant:
         return f"{self.kernel}({self.case})"
 
     def key(self) -> str:
-        return json.dumps([self.module, self.kernel, self.signature, self.constexprs, self.attrs, self.options],
-                          sort_keys=True)
+        return json.dumps(
+            [self.module, self.kernel, self.signature, self.constexprs, self.attrs, self.options], sort_keys=True
+        )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,8 +138,11 @@ def kernel_names(module) -> list[str]:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    return sorted(n for n, v in vars(module).items()
-                  if n.endswith("_kernel") and isinstance(v, (JITFunction, InterpretedFunction)))
+    return sorted(
+        n
+        for n, v in vars(module).items()
+        if n.endswith("_kernel") and isinstance(v, (JITFunction, InterpretedFunction))
+    )
 
 
 def _jit_function(obj):
@@ -156,8 +169,11 @@ def _bind(jit_fn, backend, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]
     bound, specialization, options = binder(*map(_mock, args), **{k: _mock(v) for k, v in kwargs.items()})
     _, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
     names = jit_fn.arg_names
-    return (signature, {names[path[0]]: value for path, value in constexprs.items()},
-            {names[path[0]]: value for path, value in attrs.items()})
+    return (
+        signature,
+        {names[path[0]]: value for path, value in constexprs.items()},
+        {names[path[0]]: value for path, value in attrs.items()},
+    )
 
 
 @contextlib.contextmanager
@@ -219,9 +235,17 @@ _DIVERGENCES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd"}
 def _kd_options(divergence: str, labels: bool):
     from memkern.ops import kd as kd_ops
 
-    return kd_ops.check_options("aot", has_labels=labels, alpha=0.5 if labels else 0.0, temperature=2.0,
-                                divergence=_DIVERGENCES[divergence], beta=0.5, ignore_index=-100, reduction="mean",
-                                soft_loss_scale="t2")
+    return kd_ops.check_options(
+        "aot",
+        has_labels=labels,
+        alpha=0.5 if labels else 0.0,
+        temperature=2.0,
+        divergence=_DIVERGENCES[divergence],
+        beta=0.5,
+        ignore_index=-100,
+        reduction="mean",
+        soft_loss_scale="t2",
+    )
 
 
 def _kd_cases():
@@ -230,6 +254,7 @@ def _kd_cases():
     # every divergence once and every dtype once, with labels (the cross entropy) and gradients
     rows, vocab = 8, 32000  # vocab > 1024: the launcher's widest tile, as for a real vocabulary
     for name, div in (("fp32", "fkl"), ("fp16", "rkl"), ("bf16", "jsd")):
+
         @_case(f"kd_loss_rows-{name}-{div}-grad")
         def _(fake, dtype=DTYPES[name], div=div):
             s, t, grad = (fake((rows, vocab), dtype) for _ in range(3))
@@ -243,16 +268,21 @@ def _kd_cases():
         return lambda: kd.kd_loss_rows(s, t, None, row_scale, no_grad, _kd_options("fkl", False), 1.0)
 
     n, h_s, h_t, vocab = 256, 512, 768, 4096
-    for name, div, bias, scaled in (("fp32", "fkl", False, False), ("fp16", "rkl", True, False),
-                                    ("bf16", "jsd", False, True)):
+    for name, div, bias, scaled in (
+        ("fp32", "fkl", False, False),
+        ("fp16", "rkl", True, False),
+        ("bf16", "jsd", False, True),
+    ):
+
         @_case(f"linear_kd_grad-{name}-{div}{'-bias' if bias else ''}{'-row_scale' if scaled else ''}")
         def _(fake, dtype=DTYPES[name], div=div, bias=bias, scaled=scaled):
             hs, ht = fake((n, h_s), dtype), fake((n, h_t), dtype)
             ws, wt = fake((vocab, h_s), dtype), fake((vocab, h_t), dtype)
             bs, bt = (fake((vocab,), dtype) if bias else None for _ in range(2))
             labels, row_scale = fake((n,), torch.int64), fake((n,)) if scaled else None
-            return lambda: kd_linear.linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, _kd_options(div, True), row_scale,
-                                                    1.0 / n)
+            return lambda: kd_linear.linear_kd_grad(
+                hs, ws, bs, ht, wt, bt, labels, _kd_options(div, True), row_scale, 1.0 / n
+            )
 
     @_case("linear_kd_stats-bf16-fkl-forward")
     def _(fake):
@@ -267,6 +297,7 @@ def _lowp_cases():
 
     n, k = 4096, 4096
     for name in DTYPES:
+
         @_case(f"quantize_rowwise-{name}")
         def _(fake, dtype=DTYPES[name]):
             x = fake((64, k), dtype)
@@ -274,6 +305,7 @@ def _lowp_cases():
 
     # int8_linear always runs the GEMM; M = 1 makes M the constant 1
     for name, m, bias in (("fp32", 64, False), ("fp16", 1, False), ("bf16", 64, True)):
+
         @_case(f"int8_linear-{name}-M{m}{'-bias' if bias else ''}")
         def _(fake, dtype=DTYPES[name], m=m, bias=bias):
             x, w_q, w_scale = fake((m, k), dtype), fake((n, k), torch.int8), fake((n,))
@@ -283,12 +315,21 @@ def _lowp_cases():
     # scaled_linear: int8 weights with a scale (int8_weight_only_linear) and half weights of
     # the same or the other type (fp16_linear). M <= GEMV_MAX_ROWS runs the GEMV kernel; the
     # GEMM widens to fp32 products (DOT_FP32) for fp32 x or a weight of the other type.
-    for x_name, w_name, m, bias in (("fp32", "int8", 1, False), ("fp16", "int8", 1, True), ("bf16", "bf16", 1, False),
-                                    ("fp32", "int8", 64, False), ("fp16", "int8", 64, True),
-                                    ("bf16", "int8", 64, False), ("bf16", "bf16", 64, False),
-                                    ("bf16", "fp16", 64, False), ("fp32", "bf16", 64, False)):
+    for x_name, w_name, m, bias in (
+        ("fp32", "int8", 1, False),
+        ("fp16", "int8", 1, True),
+        ("bf16", "bf16", 1, False),
+        ("fp32", "int8", 64, False),
+        ("fp16", "int8", 64, True),
+        ("bf16", "int8", 64, False),
+        ("bf16", "bf16", 64, False),
+        ("bf16", "fp16", 64, False),
+        ("fp32", "bf16", 64, False),
+    ):
+        w_dtype = DTYPES.get(w_name, torch.int8)
+
         @_case(f"scaled_linear-x{x_name}-w{w_name}-M{m}{'-bias' if bias else ''}")
-        def _(fake, x_dtype=DTYPES[x_name], w_dtype=DTYPES.get(w_name, torch.int8), m=m, bias=bias):
+        def _(fake, x_dtype=DTYPES[x_name], w_dtype=w_dtype, m=m, bias=bias):
             x, w = fake((m, k), x_dtype), fake((n, k), w_dtype)
             scale = fake((n,)) if w_dtype == torch.int8 else None
             b = fake((n,), x_dtype) if bias else None
@@ -317,12 +358,14 @@ def _sparse_cases():
     m, n, k = 128, 512, 512  # m >= 64: the launchers' largest row block
     # the default 64 x 64 block in fp32 and fp16, the largest block (128 x 128) in bf16
     for name, block, bias in (("fp32", 64, False), ("fp16", 64, True), ("bf16", 128, False)):
+
         @_case(f"block_sparse-{name}-{block}x{block}{'-bias' if bias else ''}")
         def _(fake, dtype=DTYPES[name], block=(block, block), bias=bias):
             w = torch.randn(n, k)
             weight = BlockSparseWeight.from_dense(w.to(dtype), prune.masks(w, 0.5, "block", block=block), block)
             values, crow, col, ccol, csc_row, csc_block = (
-                fake(getattr(weight, f)) for f in ("values", "crow", "col", "ccol", "csc_row", "csc_block"))
+                fake(getattr(weight, f)) for f in ("values", "crow", "col", "ccol", "csc_row", "csc_block")
+            )
             x, grad = fake((m, k), dtype), fake((m, n), dtype)
             b = fake((n,), dtype) if bias else None
 
@@ -333,6 +376,7 @@ def _sparse_cases():
             return launch
 
     for name, bias, decompress in (("fp32", False, True), ("fp16", False, False), ("bf16", True, True)):
+
         @_case(f"sparse24-{name}{'-bias' if bias else ''}")
         def _(fake, dtype=DTYPES[name], bias=bias, decompress=decompress):
             w = torch.randn(n, k)
@@ -423,8 +467,16 @@ def ptxas_report(ptx: str, capability: int) -> tuple[int, int, int, int, str]:
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        cmd = [get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(capability)}", str(src), "-o", str(src.with_suffix(".cubin"))]
+        cmd = [
+            get_ptxas(capability).path,
+            "-lineinfo",
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={sm_arch_from_capability(capability)}",
+            str(src),
+            "-o",
+            str(src.with_suffix(".cubin")),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
     report = result.stderr + result.stdout
     if result.returncode != 0:
@@ -448,18 +500,25 @@ def compile_variant(variant: Variant | dict, capability: int):
     v = variant.to_json() if isinstance(variant, Variant) else variant
     fn = getattr(importlib.import_module(v["module"]), v["kernel"])
     if not isinstance(fn, JITFunction):
-        raise RuntimeError(f"{v['module']}.{v['kernel']} is a {type(fn).__name__}, not a JITFunction: the module was "
-                           "imported with TRITON_INTERPRET=1 (compile_isolated compiles in a fresh process)")
+        raise RuntimeError(
+            f"{v['module']}.{v['kernel']} is a {type(fn).__name__}, not a JITFunction: the module was "
+            "imported with TRITON_INTERPRET=1 (compile_isolated compiles in a fresh process)"
+        )
     names = fn.arg_names
-    src = ASTSource(fn, v["signature"], {(names.index(k),): c for k, c in v["constexprs"].items()},
-                    {(names.index(k),): a for k, a in v["attrs"].items()})
+    src = ASTSource(
+        fn,
+        v["signature"],
+        {(names.index(k),): c for k, c in v["constexprs"].items()},
+        {(names.index(k),): a for k, a in v["attrs"].items()},
+    )
     kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=dict(v["options"]))
     ptx = kernel.asm["ptx"]
     registers, stores, loads, stack, _ = ptxas_report(ptx, capability)
     meta = kernel.metadata
     matrix = next((op for op in ("wgmma", "mma.sync") if op in ptx), "")
-    return Resources(capability, meta.num_warps, meta.num_stages, meta.shared, registers, stores, loads, stack,
-                     matrix), kernel
+    return Resources(
+        capability, meta.num_warps, meta.num_stages, meta.shared, registers, stores, loads, stack, matrix
+    ), kernel
 
 
 def compile_isolated(variants: list[Variant], capabilities=CAPABILITIES, timeout: float = 900.0) -> list[dict]:
@@ -472,8 +531,15 @@ def compile_isolated(variants: list[Variant], capabilities=CAPABILITIES, timeout
     with tempfile.TemporaryDirectory() as tmp:
         # results go to a file: Triton prints the PTX to stdout when ptxas fails
         out = pathlib.Path(tmp) / "results.json"
-        result = subprocess.run([sys.executable, "-m", "tools.triton_aot", str(out)], input=request, cwd=ROOT,
-                                capture_output=True, text=True, env=env, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-m", "tools.triton_aot", str(out)],
+            input=request,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
         if result.returncode != 0 or not out.exists():
             raise RuntimeError(f"the compiling process failed ({result.returncode}):\n{result.stderr[-8000:]}")
         return json.loads(out.read_text())

@@ -9,6 +9,7 @@ thread from ptxas, and the matrix instruction its products compiled to (wgmma, H
 own, or mma.sync). This says whether a kernel compiles and fits, its register pressure and
 which tensor-core path it takes; it says nothing about speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,13 @@ from tools import triton_aot as _aot
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--target", type=int, action="append", choices=_aot.CAPABILITIES,
-                        help="compute capability (repeatable; default: all of %(choices)s)")
+    parser.add_argument(
+        "--target",
+        type=int,
+        action="append",
+        choices=_aot.CAPABILITIES,
+        help="compute capability (repeatable; default: all of %(choices)s)",
+    )
     args = parser.parse_args()
     reason = _aot.unavailable()
     if reason is not None:
@@ -41,9 +47,11 @@ def main() -> None:
                 print(f"| `{v.kernel}` | `{v.case}` | | | | | compile error: {r['error'].splitlines()[0]} | |")
                 continue
             spill = f"{r['spill_stores']} / {r['spill_loads']}"
-            print(f"| `{v.kernel}` | `{v.case}` | {r['num_warps']} | {r['num_stages']} | {r['shared']} "
-                  f"| {r['registers']} | {spill if r['spill_stores'] or r['spill_loads'] else '0'} "
-                  f"| {r['matrix_instruction'] or '-'} |")
+            print(
+                f"| `{v.kernel}` | `{v.case}` | {r['num_warps']} | {r['num_stages']} | {r['shared']} "
+                f"| {r['registers']} | {spill if r['spill_stores'] or r['spill_loads'] else '0'} "
+                f"| {r['matrix_instruction'] or '-'} |"
+            )
         print()
 
 

@@ -5,18 +5,21 @@ taken in a fresh subprocess (memkern.benchmarks.probe) that builds the inputs, w
 and measures one call, so no other provider's allocations can hide or inflate its peak;
 on CUDA it is taken in this process. Results are written by memkern.benchmarks.report.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import torch
 
 from memkern import measure as _measure
 from memkern._validate import dtype_name
+
 
 @dataclass(frozen=True)
 class Provider:
@@ -92,7 +95,7 @@ def on_backend(backend: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def rates(m: "Measurement") -> dict[str, tuple[float, float, float]]:
+def rates(m: Measurement) -> dict[str, tuple[float, float, float]]:
     """TFLOP/s and GB/s of the case's work at the median, p20 and p80 times (p20 of the
     time is the faster end: it gives the higher rate, listed as the rate's p80)."""
     work = m.case.work
@@ -133,8 +136,15 @@ def measure(case: Case, provider: Provider, device: str, *, quick: bool, memory:
     return Measurement(case, provider.name, device, t, peak)
 
 
-def run(cases: Iterable[Case], device: str, *, quick: bool, memory: bool = True,
-        progress: bool = True, on_result: Callable[[Measurement], None] | None = None) -> list[Measurement]:
+def run(
+    cases: Iterable[Case],
+    device: str,
+    *,
+    quick: bool,
+    memory: bool = True,
+    progress: bool = True,
+    on_result: Callable[[Measurement], None] | None = None,
+) -> list[Measurement]:
     """Measure every provider of every case. ``on_result`` sees each measurement as soon as
     it is taken (the CLI appends its CSV rows there), so a run cut short keeps what it measured."""
     jobs = [(c, p) for c in cases for p in c.providers]
@@ -167,5 +177,3 @@ def _progress_bar():
     except ImportError:
         return None
     return Progress(transient=True)
-
-

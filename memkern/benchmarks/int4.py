@@ -11,6 +11,7 @@ memkern's :class:`Int4WeightOnlyLinear`.
 float64 product and weight bytes against float32, for memkern and torchao's scheme
 (computed from its formula, so it needs no torchao).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -100,8 +101,18 @@ def _work(m: int, k: int, n: int) -> Work:
 
 def cases(quick: bool) -> list[Case]:
     k = n = 4096
-    return [Case("int4_weight_only_linear", f"{m}x{k}x{n}-g{GROUP}", torch.float32, _inputs(m, k, n), _providers(),
-                 devices=("cpu",), work=_work(m, k, n)) for m in ((1,) if quick else (1, 16))]
+    return [
+        Case(
+            "int4_weight_only_linear",
+            f"{m}x{k}x{n}-g{GROUP}",
+            torch.float32,
+            _inputs(m, k, n),
+            _providers(),
+            devices=("cpu",),
+            work=_work(m, k, n),
+        )
+        for m in ((1,) if quick else (1, 16))
+    ]
 
 
 def quality(k: int = 4096, n: int = 4096, m: int = 16, group_size: int = GROUP, seed: int = 0) -> dict[str, float]:

@@ -3,6 +3,7 @@ models' logits, kl_div, cross_entropy, a mask for ignored rows (each a rows x vo
 most of them kept for backward), and for the fused-linear form the lm_head matmuls before
 it. Every case is forward + backward; the measured call returns the student gradients.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,7 @@ def memkern_kd_loss(s, t, y):
 
 
 def memkern_linear_kd_loss(hs, ws, ht, wt, y):
-    return memkern.ops.linear_kd_loss(hs, ws, ht, wt, y, alpha=ALPHA, temperature=TEMPERATURE,
-                                      ignore_index=IGNORE)
+    return memkern.ops.linear_kd_loss(hs, ws, ht, wt, y, alpha=ALPHA, temperature=TEMPERATURE, ignore_index=IGNORE)
 
 
 def _fwd_bwd(loss_fn, inputs: dict, grad_names: tuple[str, ...]):
@@ -68,8 +68,10 @@ def _providers(eager, fused, grad_names, *also: tuple[str, str]) -> tuple[Provid
         Provider("torch eager", lambda inp: _fwd_bwd(eager, inp, grad_names), baseline=True),
         Provider("torch.compile", lambda inp: _fwd_bwd(_compiled(eager), inp, grad_names)),
         Provider("memkern", lambda inp: _fwd_bwd(fused, inp, grad_names)),
-        *(Provider(label, lambda inp, b=backend: _fwd_bwd(on_backend(b, fused), inp, grad_names))
-          for label, backend in also),
+        *(
+            Provider(label, lambda inp, b=backend: _fwd_bwd(on_backend(b, fused), inp, grad_names))
+            for label, backend in also
+        ),
     )
 
 
@@ -87,6 +89,7 @@ def kd_cases(quick: bool) -> list[Case]:
     shapes = [(512, 8000, torch.float32, ("cpu",))] if quick else [(4096, 32000, torch.float32, ("cpu",))]
     shapes += gpu
     for rows, vocab, dtype, devices in shapes:
+
         def make_inputs(device, rows=rows, vocab=vocab, dtype=dtype):
             s = (torch.randn(rows, vocab, device=device) * 2).to(dtype).requires_grad_()
             t = (torch.randn(rows, vocab, device=device) * 2).to(dtype)
@@ -94,36 +97,63 @@ def kd_cases(quick: bool) -> list[Case]:
 
         # student and teacher logits read, the student's gradient written
         work = Work(bytes=3 * rows * vocab * dtype.itemsize + 8 * rows)
-        out.append(Case("kd_loss", f"{rows}x{vocab}", dtype, make_inputs,
-                        _providers(eager_kd_loss, memkern_kd_loss, ("s",)), mode="fwd+bwd", devices=devices,
-                        work=work))
+        out.append(
+            Case(
+                "kd_loss",
+                f"{rows}x{vocab}",
+                dtype,
+                make_inputs,
+                _providers(eager_kd_loss, memkern_kd_loss, ("s",)),
+                mode="fwd+bwd",
+                devices=devices,
+                work=work,
+            )
+        )
     return out
 
 
 def linear_kd_cases(quick: bool) -> list[Case]:
     out = []
     # (rows, student hidden, teacher hidden, vocab, dtype, devices)
-    shapes = [(256, 256, 384, 4000, torch.float32, ("cpu",))] if quick else [
-        (2048, 1024, 1024, 32000, torch.float32, ("cpu",))]
+    shapes = (
+        [(256, 256, 384, 4000, torch.float32, ("cpu",))]
+        if quick
+        else [(2048, 1024, 1024, 32000, torch.float32, ("cpu",))]
+    )
     shapes += [(8192, 4096, 4096, 128256, torch.bfloat16, ("cuda",))]  # the aim's shape, quick or not
     for rows, hs_dim, ht_dim, vocab, dtype, devices in shapes:
+
         def make_inputs(device, rows=rows, hs_dim=hs_dim, ht_dim=ht_dim, vocab=vocab, dtype=dtype):
             def w(v, h):
                 return (torch.randn(v, h, device=device) / h**0.5 * 2).to(dtype)
 
-            return {"hs": torch.randn(rows, hs_dim, device=device).to(dtype).requires_grad_(),
-                    "ws": w(vocab, hs_dim).requires_grad_(),
-                    "ht": torch.randn(rows, ht_dim, device=device).to(dtype), "wt": w(vocab, ht_dim),
-                    "y": _labels(rows, vocab, device)}
+            return {
+                "hs": torch.randn(rows, hs_dim, device=device).to(dtype).requires_grad_(),
+                "ws": w(vocab, hs_dim).requires_grad_(),
+                "ht": torch.randn(rows, ht_dim, device=device).to(dtype),
+                "wt": w(vocab, ht_dim),
+                "y": _labels(rows, vocab, device),
+            }
 
         # On a GPU the default is the fused Triton kernels; the CUDA backend's chunked
         # matmuls are the other memkern path, faster or not is what the GPU run tells.
         also = (("memkern cuda chunks", "cuda"),) if devices == ("cuda",) else ()
         # The products eager must do: both models' logits, then d/dh and d/dW of the
         # student's; hidden states and weights read, their gradients written.
-        work = Work(flops=2 * rows * vocab * (hs_dim + ht_dim) + 4 * rows * vocab * hs_dim,
-                    bytes=dtype.itemsize * (2 * (rows + vocab) * hs_dim + (rows + vocab) * ht_dim) + 8 * rows)
-        out.append(Case("linear_kd_loss", f"{rows}x{hs_dim}x{vocab}", dtype, make_inputs,
-                        _providers(eager_linear_kd_loss, memkern_linear_kd_loss, ("hs", "ws"), *also),
-                        mode="fwd+bwd", devices=devices, work=work))
+        work = Work(
+            flops=2 * rows * vocab * (hs_dim + ht_dim) + 4 * rows * vocab * hs_dim,
+            bytes=dtype.itemsize * (2 * (rows + vocab) * hs_dim + (rows + vocab) * ht_dim) + 8 * rows,
+        )
+        out.append(
+            Case(
+                "linear_kd_loss",
+                f"{rows}x{hs_dim}x{vocab}",
+                dtype,
+                make_inputs,
+                _providers(eager_linear_kd_loss, memkern_linear_kd_loss, ("hs", "ws"), *also),
+                mode="fwd+bwd",
+                devices=devices,
+                work=work,
+            )
+        )
     return out

@@ -6,6 +6,7 @@ CUDA: FP16 ``nn.Linear`` (cuBLAS, the baseline) and, for W8A8, ``torch._int_mm``
 eager epilogue. Shapes K = N = 4096 (CPU) and 8192 (CUDA), M in {1, 16, 512} (M = 8192 too
 on CUDA for the compute-bound W8A8 case).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -34,6 +35,7 @@ def _dense(dtype: torch.dtype, label: str) -> Provider:
 
 def _memkern(layer_type: type[nn.Module], x_dtype: torch.dtype, backend: str | None = None) -> Provider:
     """memkern's layer on its default backend, or forced onto ``backend``."""
+
     def build(inp):
         call = _no_grad(layer_type.from_linear(inp["linear"]), inp["x"].to(x_dtype))
         return call if backend is None else on_backend(backend, call)
@@ -82,25 +84,47 @@ def _work(m: int, k: int, n: int, x_dtype: torch.dtype, weight_bytes: int) -> Wo
     return Work(flops=2 * m * k * n, bytes=m * k * e + n * k * weight_bytes + scales + 4 * n + m * n * e)
 
 
-def _weight_only_cases(rows: tuple[int, ...], k: int, n: int, dtype: torch.dtype, dense_label: str,
-                       device: str) -> list[Case]:
+def _weight_only_cases(
+    rows: tuple[int, ...], k: int, n: int, dtype: torch.dtype, dense_label: str, device: str
+) -> list[Case]:
     """W8A16 and fp16 weights beside the dense layer of x's dtype, at each of ``rows``."""
-    return [Case(op, f"{m}x{k}x{n}", dtype, _inputs(m, k, n), (_dense(dtype, dense_label), _memkern(layer, dtype)),
-                 devices=(device,), work=_work(m, k, n, dtype, _WEIGHT_BYTES[op]))
-            for m in rows
-            for op, layer in (("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
-                              ("fp16_linear", memkern.nn.Fp16Linear))]
+    return [
+        Case(
+            op,
+            f"{m}x{k}x{n}",
+            dtype,
+            _inputs(m, k, n),
+            (_dense(dtype, dense_label), _memkern(layer, dtype)),
+            devices=(device,),
+            work=_work(m, k, n, dtype, _WEIGHT_BYTES[op]),
+        )
+        for m in rows
+        for op, layer in (
+            ("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
+            ("fp16_linear", memkern.nn.Fp16Linear),
+        )
+    ]
 
 
 def _cpu_cases(quick: bool) -> list[Case]:
     k = n = 4096
     out = []
-    for m in ((16,) if quick else (1, 16, 512)):
-        out.append(Case("int8_linear", f"{m}x{k}x{n}", torch.float32, _inputs(m, k, n), (
-            _dense(torch.float32, "fp32 nn.Linear"),
-            Provider("quantize_dynamic", _quantize_dynamic),
-            _memkern(memkern.nn.Int8Linear, torch.float32),
-        ), devices=("cpu",), work=_work(m, k, n, torch.float32, 1)))
+    for m in (16,) if quick else (1, 16, 512):
+        out.append(
+            Case(
+                "int8_linear",
+                f"{m}x{k}x{n}",
+                torch.float32,
+                _inputs(m, k, n),
+                (
+                    _dense(torch.float32, "fp32 nn.Linear"),
+                    Provider("quantize_dynamic", _quantize_dynamic),
+                    _memkern(memkern.nn.Int8Linear, torch.float32),
+                ),
+                devices=("cpu",),
+                work=_work(m, k, n, torch.float32, 1),
+            )
+        )
     out += _weight_only_cases((1,) if quick else (1, 16, 512), k, n, torch.float32, "fp32 nn.Linear", "cpu")
     return out
 
@@ -108,18 +132,29 @@ def _cpu_cases(quick: bool) -> list[Case]:
 def _cuda_cases(quick: bool) -> list[Case]:
     k = n = 8192
     out = []
-    for m in ((16, 8192) if quick else (1, 16, 512, 8192)):
+    for m in (16, 8192) if quick else (1, 16, 512, 8192):
         # torch._int_mm takes only more than 16 rows on CUDA ("self.size(0) needs to be
         # greater than 16"), so it is no baseline for decode shapes.
         int_mm = (Provider("torch._int_mm eager", _int_mm_eager),) if m > 16 else ()
-        out.append(Case("int8_linear", f"{m}x{k}x{n}", torch.float16, _inputs(m, k, n), (
-            _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
-            *int_mm,
-            _memkern(memkern.nn.Int8Linear, torch.float16),  # Triton (wgmma on Hopper)
-            _memkern(memkern.nn.Int8Linear, torch.float16, backend="cuda"),  # the .cu kernel (mma.sync)
-        ), devices=("cuda",), work=_work(m, k, n, torch.float16, 1)))
-    out += _weight_only_cases((1, 16) if quick else (1, 16, 512), k, n, torch.float16, "fp16 nn.Linear (cuBLAS)",
-                              "cuda")
+        out.append(
+            Case(
+                "int8_linear",
+                f"{m}x{k}x{n}",
+                torch.float16,
+                _inputs(m, k, n),
+                (
+                    _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
+                    *int_mm,
+                    _memkern(memkern.nn.Int8Linear, torch.float16),  # Triton (wgmma on Hopper)
+                    _memkern(memkern.nn.Int8Linear, torch.float16, backend="cuda"),  # the .cu kernel (mma.sync)
+                ),
+                devices=("cuda",),
+                work=_work(m, k, n, torch.float16, 1),
+            )
+        )
+    out += _weight_only_cases(
+        (1, 16) if quick else (1, 16, 512), k, n, torch.float16, "fp16 nn.Linear (cuBLAS)", "cuda"
+    )
     return out
 
 

@@ -3,6 +3,7 @@ process, so no other provider's memory can hide or inflate its peak.
 
     python -m memkern.benchmarks.probe CASE_ID PROVIDER QUICK(0|1)   -> {"peak_bytes": N}
 """
+
 from __future__ import annotations
 
 import json

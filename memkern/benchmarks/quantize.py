@@ -1,5 +1,6 @@
 """quantize_rowwise against the eager composition users write: abs().amax + divide +
 round + clamp (four full passes over the tensor and three temporaries of its size)."""
+
 from __future__ import annotations
 
 import torch
@@ -27,6 +28,7 @@ def cases(quick: bool) -> list[Case]:
     out = []
     for rows, cols in shapes:
         for dtype in dtypes:
+
             def make_inputs(device, rows=rows, cols=cols, dtype=dtype):
                 return {"x": torch.randn(rows, cols, device=device).to(dtype)}
 

@@ -1,7 +1,8 @@
 """Every benchmark case, by op. A new op family adds its module's ``cases`` here."""
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from memkern.benchmarks import int4, kd, lowp, quantize, sparse
 from memkern.benchmarks.harness import Case

@@ -1,15 +1,16 @@
 """Results of `memkern bench`: tidy CSV rows and the printed table."""
+
 from __future__ import annotations
 
 import csv
 import datetime as _dt
 import os
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from memkern.benchmarks.harness import Measurement, dtype_name, rates
 
-CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "metric",
-              "median", "p20", "p80", "version", "date")
+CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "metric", "median", "p20", "p80", "version", "date")
 
 
 def rows(results: Iterable[Measurement], version: str, date: str | None = None) -> list[dict[str, Any]]:
@@ -18,8 +19,16 @@ def rows(results: Iterable[Measurement], version: str, date: str | None = None) 
     for m in results:
         if m.error is not None:
             continue
-        base = {"op": m.case.op, "provider": m.provider, "mode": m.case.mode, "shape": m.case.shape,
-                "dtype": dtype_name(m.case.dtype), "device": m.device, "version": version, "date": date}
+        base = {
+            "op": m.case.op,
+            "provider": m.provider,
+            "mode": m.case.mode,
+            "shape": m.case.shape,
+            "dtype": dtype_name(m.case.dtype),
+            "device": m.device,
+            "version": version,
+            "date": date,
+        }
         med, p20, p80 = m.time_ms
         out.append({**base, "metric": "time_ms", "median": med, "p20": p20, "p80": p80})
         if m.peak_mib is not None:
@@ -39,8 +48,19 @@ def append_csv(path: str, table_rows: list[dict[str, Any]]) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-TABLE_COLUMNS = ("op", "mode", "shape", "dtype", "provider", "time ms (p20-p80)", "speedup", "peak MiB",
-                 "memory ratio", "TFLOP/s", "GB/s")
+TABLE_COLUMNS = (
+    "op",
+    "mode",
+    "shape",
+    "dtype",
+    "provider",
+    "time ms (p20-p80)",
+    "speedup",
+    "peak MiB",
+    "memory ratio",
+    "TFLOP/s",
+    "GB/s",
+)
 
 
 def table_rows(results: list[Measurement]) -> list[list[list[str]]]:
@@ -73,8 +93,10 @@ def table_rows(results: list[Measurement]) -> list[list[list[str]]]:
 
 
 def print_table(results: list[Measurement], device: str, title: str | None = None) -> None:
-    title = title or (f"memkern bench on {device}: median time and peak memory, ratios against the case's "
-                      "dense baseline; TFLOP/s and GB/s: the case's least work over each provider's time")
+    title = title or (
+        f"memkern bench on {device}: median time and peak memory, ratios against the case's "
+        "dense baseline; TFLOP/s and GB/s: the case's least work over each provider's time"
+    )
     groups = table_rows(results)
     try:
         from rich.console import Console

@@ -1,6 +1,7 @@
 """masked_matmul against what users have for a pruned weight: the dense product with the
 masked weight materialised (the baseline), and ``torch.sparse`` CSR / BSR products; on
 CUDA also the 2:4 weights against dense and PyTorch's semi-structured sparse path."""
+
 from __future__ import annotations
 
 import warnings
@@ -84,8 +85,11 @@ def _s24_inputs(m: int, k: int, n: int, dtype: torch.dtype):
     def make_inputs(device):
         w = torch.randn(n, k, device=device).to(dtype)
         mask = prune.masks(w, 0.5, "n:m")
-        return {"x": torch.randn(m, k, device=device).to(dtype), "wm": w * mask,
-                "weight": Sparse24Weight.from_dense(w, mask)}
+        return {
+            "x": torch.randn(m, k, device=device).to(dtype),
+            "wm": w * mask,
+            "weight": Sparse24Weight.from_dense(w, mask),
+        }
 
     return make_inputs
 
@@ -128,15 +132,50 @@ def cases(quick: bool) -> list[Case]:
     for sparsity in (0.5, 0.9):
         shape = f"{m}x{k}@{n}x{k} block{BLOCK[0]} s{sparsity}"
         kept = 1 - sparsity  # the fraction of 64 x 64 blocks prune.masks keeps
-        out.append(Case("masked_matmul", shape, torch.float32, _block_inputs(m, k, n, sparsity, torch.float32, False),
-                        cpu_fwd, devices=("cpu",), work=_work(m, k, n, kept, torch.float32, False)))
+        out.append(
+            Case(
+                "masked_matmul",
+                shape,
+                torch.float32,
+                _block_inputs(m, k, n, sparsity, torch.float32, False),
+                cpu_fwd,
+                devices=("cpu",),
+                work=_work(m, k, n, kept, torch.float32, False),
+            )
+        )
         if not quick:
-            out.append(Case("masked_matmul", shape, torch.float32,
-                            _block_inputs(m, k, n, sparsity, torch.float32, True), _fwd_bwd_providers(),
-                            mode="fwd+bwd", devices=("cpu",), work=_work(m, k, n, kept, torch.float32, True)))
-        out.append(Case("masked_matmul", f"{gm}x{gk}@{gn}x{gk} block{BLOCK[0]} s{sparsity}", torch.bfloat16,
-                        _block_inputs(gm, gk, gn, sparsity, torch.bfloat16, False), _fwd_providers()[:2],
-                        devices=("cuda",), work=_work(gm, gk, gn, kept, torch.bfloat16, False)))
-    out.append(Case("masked_matmul", f"{gm}x{gk}@{gn}x{gk} 2:4", torch.bfloat16, _s24_inputs(gm, gk, gn, torch.bfloat16),
-                    _s24_providers(), devices=("cuda",), work=_work(gm, gk, gn, 0.5, torch.bfloat16, False)))
+            out.append(
+                Case(
+                    "masked_matmul",
+                    shape,
+                    torch.float32,
+                    _block_inputs(m, k, n, sparsity, torch.float32, True),
+                    _fwd_bwd_providers(),
+                    mode="fwd+bwd",
+                    devices=("cpu",),
+                    work=_work(m, k, n, kept, torch.float32, True),
+                )
+            )
+        out.append(
+            Case(
+                "masked_matmul",
+                f"{gm}x{gk}@{gn}x{gk} block{BLOCK[0]} s{sparsity}",
+                torch.bfloat16,
+                _block_inputs(gm, gk, gn, sparsity, torch.bfloat16, False),
+                _fwd_providers()[:2],
+                devices=("cuda",),
+                work=_work(gm, gk, gn, kept, torch.bfloat16, False),
+            )
+        )
+    out.append(
+        Case(
+            "masked_matmul",
+            f"{gm}x{gk}@{gn}x{gk} 2:4",
+            torch.bfloat16,
+            _s24_inputs(gm, gk, gn, torch.bfloat16),
+            _s24_providers(),
+            devices=("cuda",),
+            work=_work(gm, gk, gn, 0.5, torch.bfloat16, False),
+        )
+    )
     return out

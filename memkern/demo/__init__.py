@@ -2,6 +2,7 @@
 measuring the memory and quality of every stage. Needs the `demo` extra (tokenizers for the
 tokenizer trained on the fly, matplotlib for the plot, rich for the table):
 ``pip install 'memkern[demo]'``."""
+
 import importlib.util
 
 from memkern.demo.pipeline import DemoConfig, DemoError, DemoResult, Stage, run_demo

@@ -1,6 +1,7 @@
 """Text for the demo: the Python standard library's own sources by default (present
 wherever Python is, no download), or the user's files; a byte-level BPE tokenizer trained
 on the training split."""
+
 from __future__ import annotations
 
 import pathlib
@@ -82,8 +83,10 @@ def load_corpus(path: str | None, max_bytes: int, val_fraction: float = 0.1) -> 
         train, val = [text[:cut]], [text[cut:]]
     train_text, val_text = "\n".join(train), "\n".join(val)
     if len(val_text) < 1000 or len(train_text) < 10000:
-        raise CorpusError(f"corpus {source!r} is too small: {len(train_text)} training and "
-                          f"{len(val_text)} validation characters (need 10000 and 1000)")
+        raise CorpusError(
+            f"corpus {source!r} is too small: {len(train_text)} training and "
+            f"{len(val_text)} validation characters (need 10000 and 1000)"
+        )
     return Corpus(source, train_text, val_text)
 
 
@@ -96,10 +99,11 @@ class Tokenizer:
         self._tok = HFTokenizer(models.BPE())
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         chunk = 1 << 16
-        self._tok.train_from_iterator((text[i:i + chunk] for i in range(0, len(text), chunk)), trainer)
+        self._tok.train_from_iterator((text[i : i + chunk] for i in range(0, len(text), chunk)), trainer)
         self.vocab_size = self._tok.get_vocab_size()
 
     def token_bytes(self) -> torch.Tensor:
@@ -109,6 +113,6 @@ class Tokenizer:
     def encode(self, text: str) -> torch.Tensor:
         chunk = 1 << 16
         ids: list[int] = []
-        for enc in self._tok.encode_batch([text[i:i + chunk] for i in range(0, len(text), chunk)]):
+        for enc in self._tok.encode_batch([text[i : i + chunk] for i in range(0, len(text), chunk)]):
             ids.extend(enc.ids)
         return torch.tensor(ids, dtype=torch.long)

@@ -1,5 +1,6 @@
 """A small decoder-only transformer whose linear layers are plain nn.Linear, so memkern's
 pruning and conversion can replace them."""
+
 from __future__ import annotations
 
 import torch

@@ -4,13 +4,14 @@ Every stage is measured the same way: parameters, bytes of weights (memkern.memo
 peak memory of the stage's training (or, for the converted models, inference), validation
 perplexity and bits per byte, and inference tokens per second.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,20 @@ class DemoConfig:
     progress: bool = True
 
     @classmethod
-    def quick(cls, **overrides) -> "DemoConfig":
+    def quick(cls, **overrides) -> DemoConfig:
         """A sub-minute smoke run."""
-        base = cls(max_corpus_bytes=300_000, vocab_size=512, seq_len=32, batch_size=8,
-                   teacher_dims=(64, 2, 2), student_dims=(32, 2, 2), teacher_steps=25,
-                   student_steps=25, finetune_steps=8, eval_windows=16)
+        base = cls(
+            max_corpus_bytes=300_000,
+            vocab_size=512,
+            seq_len=32,
+            batch_size=8,
+            teacher_dims=(64, 2, 2),
+            student_dims=(32, 2, 2),
+            teacher_steps=25,
+            student_steps=25,
+            finetune_steps=8,
+            eval_windows=16,
+        )
         return replace(base, **overrides)
 
     def validate(self) -> None:
@@ -128,26 +138,42 @@ class DemoResult:
 class Batches:
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, device: str):
         if tokens.numel() <= seq_len + 1:
-            raise DemoError(f"the training text gives {tokens.numel()} tokens, fewer than one sequence of {seq_len + 1}")
+            raise DemoError(
+                f"the training text gives {tokens.numel()} tokens, fewer than one sequence of {seq_len + 1}"
+            )
         self.tokens, self.seq_len, self.batch_size, self.device = tokens, seq_len, batch_size, device
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (self.batch_size,), generator=self.gen)
-        window = torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()]).to(self.device)
+        window = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()]).to(self.device)
         return window[:, :-1], window[:, 1:]
 
 
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not enabled)
+    return Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+    )
 
 
 # -- training and evaluation -----------------------------------------------------------
-def _train(model: nn.Module, steps: int, batches: Batches, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-           lr: float, label: str, progress: bool, after_step: Callable[[], None] | None = None) -> float:
+def _train(
+    model: nn.Module,
+    steps: int,
+    batches: Batches,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    lr: float,
+    label: str,
+    progress: bool,
+    after_step: Callable[[], None] | None = None,
+) -> float:
     """AdamW with a cosine schedule; returns the last smoothed training loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -174,7 +200,9 @@ def _train(model: nn.Module, steps: int, batches: Batches, loss_fn: Callable[[to
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, val: torch.Tensor, token_bytes: torch.Tensor, cfg: DemoConfig) -> tuple[float, float, float, float]:
+def _evaluate(
+    model: nn.Module, val: torch.Tensor, token_bytes: torch.Tensor, cfg: DemoConfig
+) -> tuple[float, float, float, float]:
     """Validation loss per token, perplexity, bits per byte and tokens per second over
     non-overlapping windows of the validation text."""
     model.eval()
@@ -187,8 +215,8 @@ def _evaluate(model: nn.Module, val: torch.Tensor, token_bytes: torch.Tensor, cf
     nats = 0.0
     start = time.perf_counter()
     for i in range(0, n, cfg.batch_size):
-        logits = model(x[i:i + cfg.batch_size]).float()
-        nats += F.cross_entropy(logits.flatten(0, 1), y[i:i + cfg.batch_size].flatten(), reduction="sum").item()
+        logits = model(x[i : i + cfg.batch_size]).float()
+        nats += F.cross_entropy(logits.flatten(0, 1), y[i : i + cfg.batch_size].flatten(), reduction="sum").item()
     seconds = time.perf_counter() - start
     tokens = y.numel()
     loss = nats / tokens
@@ -222,8 +250,13 @@ def _sparse_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _dense_copy(sparse: nn.Module) -> nn.Linear:
-    dense = nn.Linear(sparse.in_features, sparse.out_features, bias=sparse.bias is not None,
-                      device=sparse.values.device, dtype=sparse.values.dtype)
+    dense = nn.Linear(
+        sparse.in_features,
+        sparse.out_features,
+        bias=sparse.bias is not None,
+        device=sparse.values.device,
+        dtype=sparse.values.dtype,
+    )
     with torch.no_grad():
         dense.weight.copy_(sparse.to_dense())
         if sparse.bias is not None:
@@ -257,12 +290,15 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         corpus = load_corpus(cfg.corpus, cfg.max_corpus_bytes)
     except CorpusError as exc:
         raise DemoError(str(exc)) from None
-    log(f"corpus: {corpus.source}: {len(corpus.train_text):,} training and {len(corpus.val_text):,} validation characters")
+    train_chars, val_chars = len(corpus.train_text), len(corpus.val_text)
+    log(f"corpus: {corpus.source}: {train_chars:,} training and {val_chars:,} validation characters")
     tokenizer = Tokenizer(corpus.train_text, cfg.vocab_size)
     train_tokens, val_tokens = tokenizer.encode(corpus.train_text), tokenizer.encode(corpus.val_text)
     token_bytes = tokenizer.token_bytes()
-    log(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens; {train_tokens.numel():,} training and "
-        f"{val_tokens.numel():,} validation tokens")
+    log(
+        f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens; {train_tokens.numel():,} training and "
+        f"{val_tokens.numel():,} validation tokens"
+    )
     vocab = tokenizer.vocab_size
     stages: list[Stage] = []
 
@@ -272,11 +308,25 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     def record(name: str, model: nn.Module, peak: PeakMemory, peak_of: str, note: str = "") -> Stage:
         fp = memkern.memory_footprint(model)
         loss, ppl, bpb, tps = _evaluate(model, val_tokens, token_bytes, cfg)
-        stage = Stage(name, model, fp.parameters, fp.total_bytes, fp.by_dtype, peak.peak_bytes / MIB,
-                      peak_of, loss, ppl, bpb, tps, note)
+        stage = Stage(
+            name,
+            model,
+            fp.parameters,
+            fp.total_bytes,
+            fp.by_dtype,
+            peak.peak_bytes / MIB,
+            peak_of,
+            loss,
+            ppl,
+            bpb,
+            tps,
+            note,
+        )
         stages.append(stage)
-        log(f"{name}: perplexity {ppl:.2f}, {bpb:.3f} bits/byte, weights {fp.total_bytes / MIB:.2f} MiB, "
-            f"peak {stage.peak_mib:.1f} MiB ({peak_of})")
+        log(
+            f"{name}: perplexity {ppl:.2f}, {bpb:.3f} bits/byte, weights {fp.total_bytes / MIB:.2f} MiB, "
+            f"peak {stage.peak_mib:.1f} MiB ({peak_of})"
+        )
         return stage
 
     def new_model(dims: tuple[int, int, int]) -> TinyLM:
@@ -322,13 +372,19 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     def distil_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher_hidden = teacher.hidden(x).flatten(0, 1)
-        return kd(student.hidden(x).flatten(0, 1), student.lm_head.weight, teacher_hidden,
-                  teacher.lm_head.weight, y.flatten())
+        return kd(
+            student.hidden(x).flatten(0, 1), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, y.flatten()
+        )
 
     with PeakMemory(cfg.device) as peak:
         _train(student, cfg.student_steps, batches(2), distil_loss, cfg.lr, "student (distilled)", cfg.progress)
-    record("student (distilled)", student, peak, "training",
-           (note + "; " if note else "") + f"LinearKDLoss alpha={cfg.alpha} T={cfg.temperature}")
+    record(
+        "student (distilled)",
+        student,
+        peak,
+        "training",
+        (note + "; " if note else "") + f"LinearKDLoss alpha={cfg.alpha} T={cfg.temperature}",
+    )
 
     # 3. prune the distilled student with Wanda, then fine-tune with the pruned weights held at 0
     calibration = [batches(3).next()[0] for _ in range(4)]
@@ -343,9 +399,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         raise RuntimeError(f"pruned weights became non-zero during fine-tuning in {', '.join(revived)}")
     zeros = sum(int(z.sum()) for z in zero_before.values())
     total = sum(z.numel() for z in zero_before.values())
-    record(f"pruned ({cfg.prune_pattern} wanda)", pruned, peak, "training",
-           f"{report}; {zeros / total:.1%} of the pruned layers' weights were zero before and "
-           f"are still zero after {cfg.finetune_steps} fine-tuning steps")
+    record(
+        f"pruned ({cfg.prune_pattern} wanda)",
+        pruned,
+        peak,
+        "training",
+        f"{report}; {zeros / total:.1%} of the pruned layers' weights were zero before and "
+        f"are still zero after {cfg.finetune_steps} fine-tuning steps",
+    )
 
     # 4. quantise the pruned model (its zeros survive as int8 zeros)
     for scheme in ("int8", "fp16"):
@@ -354,7 +415,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
             _evaluate(converted, val_tokens, token_bytes, cfg)
         record(f"{scheme} (from pruned)", converted, peak, "inference", f"memkern.convert scheme={scheme}")
 
-    return DemoResult(cfg, corpus.source, train_tokens.numel(), val_tokens.numel(), stages,
-                      time.perf_counter() - started)
-
-
+    return DemoResult(
+        cfg, corpus.source, train_tokens.numel(), val_tokens.numel(), stages, time.perf_counter() - started
+    )

@@ -6,10 +6,11 @@ and hands the last hidden states and the output-embedding weights to
 :func:`memkern.ops.linear_kd_loss`, so no batch x sequence x vocabulary logits tensor is
 ever built.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +34,11 @@ def _base_model(model: nn.Module, who: str) -> nn.Module:
     if base is None or base is model:
         base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(base, nn.Module) or base is model:
-        raise TypeError(f"distillation_loss: {who} ({type(model).__name__}) has no base model to run without its "
-                        "lm_head (neither get_decoder() nor its base_model_prefix attribute gives one); pass a "
-                        "transformers *ForCausalLM model")
+        raise TypeError(
+            f"distillation_loss: {who} ({type(model).__name__}) has no base model to run without its "
+            "lm_head (neither get_decoder() nor its base_model_prefix attribute gives one); pass a "
+            "transformers *ForCausalLM model"
+        )
     return base
 
 
@@ -44,10 +47,12 @@ def _logit_scale(model: nn.Module, who: str) -> float:
     config = getattr(model, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap is not None:
-        raise ValueError(f"distillation_loss: {who} ({type(model).__name__}) soft-caps its logits "
-                         f"(config.final_logit_softcapping={softcap}), which the fused loss does not compute; "
-                         "set it to None if the model tolerates that, or distil from full logits with "
-                         "memkern.ops.kd_loss")
+        raise ValueError(
+            f"distillation_loss: {who} ({type(model).__name__}) soft-caps its logits "
+            f"(config.final_logit_softcapping={softcap}), which the fused loss does not compute; "
+            "set it to None if the model tolerates that, or distil from full logits with "
+            "memkern.ops.kd_loss"
+        )
     scale = 1.0
     logit_scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
     if logit_scale is not None:
@@ -58,44 +63,61 @@ def _logit_scale(model: nn.Module, who: str) -> float:
     return scale
 
 
-def _head(model: nn.Module, who: str, hidden_dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _head(model: nn.Module, who: str, hidden_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise TypeError(f"distillation_loss: {who}'s output embeddings must be a dense linear layer with a 2-D "
-                        f"floating weight, got {type(head).__name__} (a converted or pruned lm_head cannot be fused; "
-                        "convert and prune_model skip lm_head by default)")
+        raise TypeError(
+            f"distillation_loss: {who}'s output embeddings must be a dense linear layer with a 2-D "
+            f"floating weight, got {type(head).__name__} (a converted or pruned lm_head cannot be fused; "
+            "convert and prune_model skip lm_head by default)"
+        )
     bias = getattr(head, "bias", None)
     # Under autocast the hidden states may be bf16 while the head is fp32: compute in the hidden dtype,
     # as the lm_head's own matmul would.
     return weight.to(hidden_dtype), (bias.to(hidden_dtype) if bias is not None else None)
 
 
-def _last_hidden(model: nn.Module, who: str, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
-                 ) -> torch.Tensor:
+def _last_hidden(
+    model: nn.Module, who: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     out = _base_model(model, who)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def shifted_targets(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                    labels: Optional[torch.Tensor] = None, ignore_index: int = -100) -> torch.Tensor:
+def shifted_targets(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """The ``(batch, seq - 1)`` next-token targets: ``labels`` (default ``input_ids``) with
     padding (``attention_mask == 0``) set to ``ignore_index``, shifted left by one."""
     targets = input_ids if labels is None else labels
     if tuple(targets.shape) != tuple(input_ids.shape):
-        raise ValueError(f"distillation_loss: labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"distillation_loss: labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"distillation_loss: attention_mask must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"distillation_loss: attention_mask must have the shape of input_ids "
+                f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
         targets = targets.masked_fill(attention_mask == 0, ignore_index)
     return targets[:, 1:]
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                      num_items_in_batch: int | torch.Tensor | None = None, **kd_options: Any) -> torch.Tensor:
+def distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    **kd_options: Any,
+) -> torch.Tensor:
     """``alpha * CE + (1 - alpha) * T^2 * KL`` of a causal LM student against a teacher,
     without logits.
 
@@ -119,8 +141,10 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
     soft-cap their logits (``config.final_logit_softcapping``) are refused.
     """
     if "reduction" in kd_options:
-        raise TypeError("distillation_loss: reduction is not an option here: pass num_items_in_batch for a sum "
-                        "divided by it, or nothing for the mean over counted targets")
+        raise TypeError(
+            "distillation_loss: reduction is not an option here: pass num_items_in_batch for a sum "
+            "divided by it, or nothing for the mean over counted targets"
+        )
     student, teacher = _unwrap(student), _unwrap(teacher)
     scales = _logit_scale(student, "student"), _logit_scale(teacher, "teacher")
     targets = shifted_targets(input_ids, attention_mask, labels, kd_options.get("ignore_index", -100))
@@ -137,8 +161,17 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
         teacher_hidden = teacher_hidden * scales[1]
         teacher_bias = teacher_bias * scales[1] if teacher_bias is not None else None
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
-                          student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction, **kd_options)
+    loss = linear_kd_loss(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        targets,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        reduction=reduction,
+        **kd_options,
+    )
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
@@ -161,8 +194,7 @@ class DistillationTrainer(Trainer):
     # compute_loss divides by the token count of the whole accumulated batch already.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, teacher: nn.Module, kd_options: Optional[dict[str, Any]] = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, teacher: nn.Module, kd_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kd_options = dict(kd_options or {})
         LinearKDLoss(**self.kd_options)  # checks the options now rather than at the first step
@@ -182,12 +214,23 @@ class DistillationTrainer(Trainer):
             count = self.accelerator.gather(count).sum()
         return batches, count
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: int | torch.Tensor | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ):
         count = num_items_in_batch if model.training else None
-        loss = distillation_loss(self.accelerator.unwrap_model(model), self.teacher, inputs["input_ids"],
-                                 inputs.get("attention_mask"), inputs.get("labels"), num_items_in_batch=count,
-                                 **self.kd_options)
+        loss = distillation_loss(
+            self.accelerator.unwrap_model(model),
+            self.teacher,
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            inputs.get("labels"),
+            num_items_in_batch=count,
+            **self.kd_options,
+        )
         if count is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # Data parallelism averages the ranks' gradients; each rank divided by the global count.
             loss = loss * self.accelerator.num_processes

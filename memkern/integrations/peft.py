@@ -17,10 +17,11 @@ the unmerged ones by that one rounding. The base before the first merge is kept,
 ``unmerge`` restores it bit for bit. A SparseLinear refuses to merge: its pruned weights
 have no storage, so a dense update would be dropped there or make the layer dense.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -43,11 +44,20 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 class LoraMemkernLinear(nn.Module, LoraLayer):
     """LoRA adapters around a memkern linear layer (see the module docstring)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
         if config.use_dora or config.lora_bias:
-            raise ValueError(f"{type(self).__name__}: use_dora and lora_bias are not supported on memkern layers, "
-                             f"got use_dora={config.use_dora}, lora_bias={config.lora_bias}")
+            raise ValueError(
+                f"{type(self).__name__}: use_dora and lora_bias are not supported on memkern layers, "
+                f"got use_dora={config.use_dora}, lora_bias={config.lora_bias}"
+            )
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
@@ -70,15 +80,17 @@ class LoraMemkernLinear(nn.Module, LoraLayer):
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         return (b.float() @ a.float()) * self.scaling[adapter]
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         if not adapter_names:
             return
         base = self.get_base_layer()
         if isinstance(base, SparseLinear):
-            raise ValueError("LoRA merge: a SparseLinear base cannot hold the dense update B @ A (its pruned weights "
-                             "have no storage); keep the adapters unmerged, or make a dense nn.Linear from "
-                             "base.to_dense() + get_delta_weight(adapter) yourself")
+            raise ValueError(
+                "LoRA merge: a SparseLinear base cannot hold the dense update B @ A (its pruned weights "
+                "have no storage); keep the adapters unmerged, or make a dense nn.Linear from "
+                "base.to_dense() + get_delta_weight(adapter) yourself"
+            )
         weight = dense_weight(base)
         for adapter in adapter_names:
             weight = weight + self.get_delta_weight(adapter)
@@ -97,7 +109,7 @@ class LoraMemkernLinear(nn.Module, LoraLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         device = dense_weight(self.base_layer).device
         self.base_layer = self.__dict__.pop("_unmerged_base").to(device)

@@ -9,6 +9,7 @@ group size, so one scale and one zero point per weight row serve a whole step. A
 kernel runs the decode case (few rows: the weight is streamed once), a tiled GEMM
 otherwise. Float32 accumulation; every index is computed in int64.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,10 +33,27 @@ def _dequantized_halves(w_ptr, s_ptr, z_ptr, rn, n_ok, kb, kb_ok, g, stride_wn, 
 
 @triton.jit
 def _int4_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GROUP,
-    stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    GROUP,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,8 +67,7 @@ def _int4_gemm_kernel(
         kb = k0 // 2 + rb  # byte index; inputs 2 kb (low nibble) and 2 kb + 1 (high)
         even_ok = 2 * kb < K
         odd_ok = 2 * kb + 1 < K
-        low, high = _dequantized_halves(w_ptr, s_ptr, z_ptr, rn, n_ok, kb, even_ok, k0 // GROUP,
-                                        stride_wn, stride_sn)
+        low, high = _dequantized_halves(w_ptr, s_ptr, z_ptr, rn, n_ok, kb, even_ok, k0 // GROUP, stride_wn, stride_sn)
         x_row = x_ptr + rm[:, None] * stride_xm
         x_even = tl.load(x_row + (2 * kb)[None, :] * stride_xk, mask=m_ok[:, None] & even_ok[None, :], other=0.0)
         x_odd = tl.load(x_row + (2 * kb + 1)[None, :] * stride_xk, mask=m_ok[:, None] & odd_ok[None, :], other=0.0)
@@ -64,15 +81,33 @@ def _int4_gemm_kernel(
             acc += tl.dot(x_odd, tl.trans(high).to(x_odd.dtype))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, GROUP,
-    stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    out_ptr,
+    N,
+    K,
+    GROUP,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # One program: one row of x against BLOCK_N weight rows, reduced along K in fp32.
     m = tl.program_id(0).to(tl.int64)
@@ -85,8 +120,7 @@ def _int4_gemv_kernel(
         kb = k0 // 2 + rb
         even_ok = 2 * kb < K
         odd_ok = 2 * kb + 1 < K
-        low, high = _dequantized_halves(w_ptr, s_ptr, z_ptr, rn, n_ok, kb, even_ok, k0 // GROUP,
-                                        stride_wn, stride_sn)
+        low, high = _dequantized_halves(w_ptr, s_ptr, z_ptr, rn, n_ok, kb, even_ok, k0 // GROUP, stride_wn, stride_sn)
         x_even = tl.load(x_ptr + m * stride_xm + 2 * kb * stride_xk, mask=even_ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptr + m * stride_xm + (2 * kb + 1) * stride_xk, mask=odd_ok, other=0.0).to(tl.float32)
         acc += tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)
@@ -104,8 +138,14 @@ def _block_k(group_size: int, largest: int) -> int:
     return block
 
 
-def int4_weight_only_linear(x: torch.Tensor, w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                            group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+def int4_weight_only_linear(
+    x: torch.Tensor,
+    w_int4: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     M, K = x.shape
     N = w_int4.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -119,7 +159,15 @@ def int4_weight_only_linear(x: torch.Tensor, w_int4: torch.Tensor, scales: torch
     if M <= GEMV_MAX_ROWS:
         bn, bk = (64, _block_k(group_size, 128)) if on_gpu else (32, _block_k(group_size, 64))
         _int4_gemv_kernel[(M, triton.cdiv(N, bn))](
-            *args, N, K, group_size, *strides, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+            *args,
+            N,
+            K,
+            group_size,
+            *strides,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=4,
         )
         return out
     # Triton's interpreter (CPU tensors) returns garbage from a bfloat16 tl.dot; float32
@@ -132,7 +180,17 @@ def int4_weight_only_linear(x: torch.Tensor, w_int4: torch.Tensor, scales: torch
     else:
         bm, bn, bk, warps = 32, 32, 32, 4  # the interpreter: few, larger tiles
     _int4_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        *args, M, N, K, group_size, *strides, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        *args,
+        M,
+        N,
+        K,
+        group_size,
+        *strides,
+        HAS_BIAS=bias is not None,
+        DOT_FP32=dot_fp32,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=warps,
     )
     return out

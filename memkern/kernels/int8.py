@@ -10,6 +10,7 @@
 
 Every index into a tensor is computed in int64, so tensors past 2^31 elements are safe.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,24 +32,40 @@ EXACT_CHUNK_K = 1 << 17
 
 
 @triton.jit
-def _int8_block_product(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                        BLOCK_K: tl.constexpr):
+def _int8_block_product(
+    xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K: tl.constexpr
+):
     # x_q[rm, k0:k0 + BLOCK_K] @ w[rn, k0:k0 + BLOCK_K].T in int32, zero past M, N and K.
     kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
     k_ok = kk < K
-    a = tl.load(xq_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                mask=m_ok[:, None] & k_ok[None, :], other=0)
-    b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                mask=n_ok[None, :] & k_ok[:, None], other=0)
+    a = tl.load(xq_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0)
+    b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0)
     return tl.dot(a, b, out_dtype=tl.int32)
 
 
 @triton.jit
 def _int8_gemm_kernel(
-    xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, LONG_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
+    xq_ptr,
+    xs_ptr,
+    w_ptr,
+    ws_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    LONG_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -61,8 +78,9 @@ def _int8_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            part += _int8_block_product(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk,
-                                        stride_wn, stride_wk, BLOCK_K)
+            part += _int8_block_product(
+                xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K
+            )
             if (k0 + BLOCK_K) % CHUNK_K == 0:
                 acc += part.to(tl.int64)
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -70,23 +88,43 @@ def _int8_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            acc += _int8_block_product(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk,
-                                       stride_wn, stride_wk, BLOCK_K)
+            acc += _int8_block_product(
+                xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K
+            )
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
     out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-             out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit
 def _scaled_gemm_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    ws_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -99,10 +137,12 @@ def _scaled_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                    mask=n_ok[None, :] & k_ok[:, None], other=0)
+        a = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        b = tl.load(
+            w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0
+        )
         if DOT_FP32:
             # float32 activations, or a half weight of the other half type: widen both
             # (IEEE fp32 products, no tf32 rounding of x).
@@ -117,15 +157,32 @@ def _scaled_gemm_kernel(
         out = out * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-             out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit
 def _scaled_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    ws_ptr,
+    b_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # One program: one row of x against BLOCK_N weight rows, reduced along K in fp32.
     m = tl.program_id(0).to(tl.int64)
@@ -138,8 +195,9 @@ def _scaled_gemv_kernel(
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :] * stride_wk,
-                    mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+        w = tl.load(
+            w_ptr + rn[:, None] * stride_wn + kk[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0
+        ).to(tl.float32)
         acc += tl.sum(w * a[None, :], axis=1)
     out = acc
     if HAS_SCALE:
@@ -149,8 +207,9 @@ def _scaled_gemv_kernel(
     tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _gemm_blocks(device: torch.device, k_block: int, fp32_x: bool = False,
-                 long_k: bool = False) -> tuple[int, int, int, int]:
+def _gemm_blocks(
+    device: torch.device, k_block: int, fp32_x: bool = False, long_k: bool = False
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     if device.type == "cuda":
         if fp32_x:
@@ -174,8 +233,9 @@ def _gemm_blocks(device: torch.device, k_block: int, fp32_x: bool = False,
     return (16, 16, 4096, 4) if long_k else (32, 32, 32, 4)
 
 
-def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                out_dtype: torch.dtype) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     M, K = x.shape
     N = w_q.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
@@ -189,16 +249,35 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     assert EXACT_CHUNK_K % bk == 0, "int32 partial sums must end on a block boundary"
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int8_gemm_kernel[grid](
-        x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, M, N, K,
-        x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, LONG_K=long_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CHUNK_K=EXACT_CHUNK_K,
+        x_q,
+        x_scale,
+        w_q,
+        w_scale,
+        bias if bias is not None else w_scale,
+        out,
+        M,
+        N,
+        K,
+        x_q.stride(0),
+        x_q.stride(1),
+        w_q.stride(0),
+        w_q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=bias is not None,
+        LONG_K=long_k,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        CHUNK_K=EXACT_CHUNK_K,
         num_warps=warps,
     )
     return out
 
 
-def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+def scaled_linear(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``x @ w.T (* w_scale) (+ bias)`` in float32, returned in x's dtype."""
     M, K = x.shape
     N = w.shape[0]
@@ -213,8 +292,19 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     if M <= GEMV_MAX_ROWS:
         bn, bk = (64, 128) if x.device.type == "cuda" else (32, 64)
         _scaled_gemv_kernel[(M, triton.cdiv(N, bn))](
-            *args, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-            **common, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+            *args,
+            N,
+            K,
+            x.stride(0),
+            x.stride(1),
+            w.stride(0),
+            w.stride(1),
+            out.stride(0),
+            out.stride(1),
+            **common,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=4,
         )
         return out
     dot_fp32 = x.dtype == torch.float32 or (w.dtype != torch.int8 and w.dtype != x.dtype)
@@ -223,7 +313,21 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     dot_fp32 = dot_fp32 or (x.device.type != "cuda" and x.dtype == torch.bfloat16)
     bm, bn, bk, warps = _gemm_blocks(x.device, 32 if dot_fp32 else 64, x.dtype == torch.float32)
     _scaled_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        *args, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        **common, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        *args,
+        M,
+        N,
+        K,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        out.stride(1),
+        **common,
+        DOT_FP32=dot_fp32,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=warps,
     )
     return out

@@ -8,6 +8,7 @@ the JSD pass, the gradient pass; each pass streams the row in BLOCK-wide tiles. 
 @triton.jit helpers below (log_mix, kl_term, undefined_row, soft_weight) and the columns
 of the per-row statistics (ST_*) are the fused-linear kernels' too.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,7 @@ FKL, RKL, JSD = 0, 1, 2
 # the temperature-T normalisers and the temperature-1 normaliser of the cross entropy
 # (all relative to the maxima), reverse KL's E_q[a - b] (its gradient needs it), JSD's
 # KL(q || m) term kq, and whether the row is undefined (NaN, +inf or all -inf: undefined_row).
-ST_MS, ST_MT, ST_LOG_ZS, ST_LOG_ZT, ST_Z1, ST_MEAN_AB, ST_KQ, ST_UNDEFINED = (
-    tl.constexpr(i) for i in range(8))
+ST_MS, ST_MT, ST_LOG_ZS, ST_LOG_ZT, ST_Z1, ST_MEAN_AB, ST_KQ, ST_UNDEFINED = (tl.constexpr(i) for i in range(8))
 N_STATS = tl.constexpr(8)
 
 
@@ -66,11 +66,30 @@ def soft_weight(c_kd, d):
 
 @triton.jit
 def _kd_rows_kernel(
-    s_ptr, t_ptr, y_ptr, rs_ptr, g_ptr, loss_ptr,
-    V, stride_s, stride_t, stride_g,
-    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index, grad_scale,
-    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    s_ptr,
+    t_ptr,
+    y_ptr,
+    rs_ptr,
+    g_ptr,
+    loss_ptr,
+    V,
+    stride_s,
+    stride_t,
+    stride_g,
+    inv_t,
+    alpha,
+    c_kd,
+    beta,
+    log_beta,
+    log_1mb,
+    ignore_index,
+    grad_scale,
+    HAS_LABELS: tl.constexpr,
+    CE: tl.constexpr,
+    DIV: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -200,12 +219,16 @@ def _block(vocab: int) -> int:
     return min(1024, max(16, triton.next_power_of_2(max(vocab, 1))))
 
 
-def kernel_scalars(opts: "kd_options.KDOptions") -> dict:
+def kernel_scalars(opts: kd_options.KDOptions) -> dict:
     jsd = opts.divergence == "jsd"
     return dict(
-        inv_t=1.0 / opts.temperature, alpha=opts.alpha, c_kd=(1.0 - opts.alpha) * opts.kd_scale,
-        beta=opts.beta, log_beta=math.log(opts.beta) if jsd else 0.0,
-        log_1mb=math.log1p(-opts.beta) if jsd else 0.0, ignore_index=opts.ignore_index,
+        inv_t=1.0 / opts.temperature,
+        alpha=opts.alpha,
+        c_kd=(1.0 - opts.alpha) * opts.kd_scale,
+        beta=opts.beta,
+        log_beta=math.log(opts.beta) if jsd else 0.0,
+        log_1mb=math.log1p(-opts.beta) if jsd else 0.0,
+        ignore_index=opts.ignore_index,
     )
 
 
@@ -217,11 +240,23 @@ def kd_loss_rows(s, t, labels, row_scale, grad, opts, grad_scale: float) -> torc
     write_grad = grad.dim() == 2
     dummy = loss  # stands in for absent pointers (never read: the constexpr flags say so)
     _kd_rows_kernel[(rows,)](
-        s, t, labels if labels is not None else dummy, row_scale if row_scale is not None else dummy,
-        grad if write_grad else dummy, loss, vocab, s.stride(0), t.stride(0),
-        grad.stride(0) if write_grad else 0, grad_scale=grad_scale, **kernel_scalars(opts),
-        HAS_LABELS=labels is not None, CE=labels is not None and opts.alpha != 0.0,
-        DIV=opts.divergence_id, HAS_ROW_SCALE=row_scale is not None, WRITE_GRAD=write_grad,
+        s,
+        t,
+        labels if labels is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        grad if write_grad else dummy,
+        loss,
+        vocab,
+        s.stride(0),
+        t.stride(0),
+        grad.stride(0) if write_grad else 0,
+        grad_scale=grad_scale,
+        **kernel_scalars(opts),
+        HAS_LABELS=labels is not None,
+        CE=labels is not None and opts.alpha != 0.0,
+        DIV=opts.divergence_id,
+        HAS_ROW_SCALE=row_scale is not None,
+        WRITE_GRAD=write_grad,
         BLOCK=_block(vocab),
     )
     return loss

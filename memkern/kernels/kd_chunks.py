@@ -2,9 +2,9 @@
 come from one matmul each, a per-row kernel turns the student's into its gradient in place,
 and two more matmuls give the hidden-state, weight and bias gradients. The cpp, cuda and torch
 backends of memkern.ops.linear_kd_loss run this loop; only one chunk of logits exists at a time."""
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -24,7 +24,7 @@ def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     return max(1, min(rows, budget // max(vocab, 1)))
 
 
-def chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return _dense.linear(h, w, b)
 
 
@@ -38,8 +38,21 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         acc.add_(a @ b)
 
 
-def linear_chunks(rows_impl, hs, ws, bs, ht, wt, bt, labels, opts: KDOptions, *,
-                  row_scale: Optional[torch.Tensor], grad_scale: float, want_grad: bool):
+def linear_chunks(
+    rows_impl,
+    hs,
+    ws,
+    bs,
+    ht,
+    wt,
+    bt,
+    labels,
+    opts: KDOptions,
+    *,
+    row_scale: torch.Tensor | None,
+    grad_scale: float,
+    want_grad: bool,
+):
     """Loss per row and, when ``want_grad``, the gradients of sum_i w_i l_i with respect to
     hs, ws and bs (w_i = grad_scale * row_scale[i]). ``rows_impl`` is a per-row kernel.
 
@@ -58,10 +71,10 @@ def linear_chunks(rows_impl, hs, ws, bs, ht, wt, bt, labels, opts: KDOptions, *,
     for start in range(0, n_kept, step):
         if kept is None:
             sel = slice(start, min(rows, start + step))
-            take = lambda x: x[sel] if x is not None else None  # noqa: E731
+            take = lambda x, sel=sel: x[sel] if x is not None else None
         else:
-            sel = kept[start:start + step]
-            take = lambda x: x.index_select(0, sel) if x is not None else None  # noqa: E731
+            sel = kept[start : start + step]
+            take = lambda x, sel=sel: x.index_select(0, sel) if x is not None else None
         h = take(hs)
         s = chunk_logits(h, ws, bs)
         t = chunk_logits(take(ht), wt, bt)

@@ -33,6 +33,7 @@ which programs run: on a GPU two runs differ by float32 rounding (the loss does 
 row's statistics are summed by one program in a fixed order). Under TRITON_INTERPRET=1
 programs run one at a time and runs repeat exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,9 +60,24 @@ from memkern.kernels.kd import (
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows_m, mask_m, cols_v, mask_v, H, stride_h, stride_w,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows_m,
+    mask_m,
+    cols_v,
+    mask_v,
+    H,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """(BLOCK_M x BLOCK_V) logits h[rows] @ w[cols].T (+ b[cols]) in fp32."""
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -81,13 +97,43 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows_m, mask_m, cols_v, mask_v, H, stride_
 
 @triton.jit
 def _linear_kd_stats_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, loss_ptr, stats_ptr,
-    N, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
-    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,
-    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr,
-    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, WRITE_STATS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hs_ptr,
+    ws_ptr,
+    bs_ptr,
+    ht_ptr,
+    wt_ptr,
+    bt_ptr,
+    y_ptr,
+    loss_ptr,
+    stats_ptr,
+    N,
+    V,
+    HS,
+    HT,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    inv_t,
+    alpha,
+    c_kd,
+    beta,
+    log_beta,
+    log_1mb,
+    ignore_index,
+    HAS_LABELS: tl.constexpr,
+    CE: tl.constexpr,
+    DIV: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    PREC_S: tl.constexpr,
+    PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr,
+    UPCAST_T: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -116,10 +162,42 @@ def _linear_kd_stats_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs_v
         mask_v = cols < V
-        s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
-                         HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
-        t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
-                         HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
+        s = _logits_tile(
+            hs_ptr,
+            ws_ptr,
+            bs_ptr,
+            rows_m,
+            mask_m,
+            cols,
+            mask_v,
+            HS,
+            stride_hs,
+            stride_ws,
+            HAS_BS,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+            PREC_S,
+            UPCAST_S,
+        )
+        t = _logits_tile(
+            ht_ptr,
+            wt_ptr,
+            bt_ptr,
+            rows_m,
+            mask_m,
+            cols,
+            mask_v,
+            HT,
+            stride_ht,
+            stride_wt,
+            HAS_BT,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+            PREC_T,
+            UPCAST_T,
+        )
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
         ms_new = tl.maximum(ms, tl.max(tl.where(mask_v[None, :], s, neg_inf), axis=1))
         mt_new = tl.maximum(mt, tl.max(tl.where(mask_v[None, :], t, neg_inf), axis=1))
@@ -171,10 +249,42 @@ def _linear_kd_stats_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs_v
             mask_v = cols < V
-            s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
-                             HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
-            t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
-                             HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
+            s = _logits_tile(
+                hs_ptr,
+                ws_ptr,
+                bs_ptr,
+                rows_m,
+                mask_m,
+                cols,
+                mask_v,
+                HS,
+                stride_hs,
+                stride_ws,
+                HAS_BS,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_K,
+                PREC_S,
+                UPCAST_S,
+            )
+            t = _logits_tile(
+                ht_ptr,
+                wt_ptr,
+                bt_ptr,
+                rows_m,
+                mask_m,
+                cols,
+                mask_v,
+                HT,
+                stride_ht,
+                stride_wt,
+                HAS_BT,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_K,
+                PREC_T,
+                UPCAST_T,
+            )
             lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
             lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
             lm = log_mix(lp, lq, log_beta, log_1mb)
@@ -202,13 +312,48 @@ def _linear_kd_stats_kernel(
 
 @triton.jit
 def _linear_kd_grad_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, rs_ptr, stats_ptr, gh_ptr, gw_ptr, gb_ptr,
-    N, V0, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
-    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index, grad_scale,
-    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hs_ptr,
+    ws_ptr,
+    bs_ptr,
+    ht_ptr,
+    wt_ptr,
+    bt_ptr,
+    y_ptr,
+    rs_ptr,
+    stats_ptr,
+    gh_ptr,
+    gw_ptr,
+    gb_ptr,
+    N,
+    V0,
+    V,
+    HS,
+    HT,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    inv_t,
+    alpha,
+    c_kd,
+    beta,
+    log_beta,
+    log_1mb,
+    ignore_index,
+    grad_scale,
+    HAS_LABELS: tl.constexpr,
+    CE: tl.constexpr,
+    DIV: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    PREC_S: tl.constexpr,
+    PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr,
+    UPCAST_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M rows x BLOCK_V columns) tile of g = w_i * d l_i / d s (pass 4 of
     ``_kd_rows_kernel``, from recomputed logits and the saved row statistics), added into
@@ -236,10 +381,42 @@ def _linear_kd_grad_kernel(
         w = w * tl.load(rs_ptr + rows_m, mask=mask_m, other=0.0).to(tl.float32)
     w = tl.where(valid, w, 0.0)
 
-    s = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws,
-                     HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S)
-    t = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt,
-                     HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T)
+    s = _logits_tile(
+        hs_ptr,
+        ws_ptr,
+        bs_ptr,
+        rows_m,
+        mask_m,
+        cols,
+        mask_v,
+        HS,
+        stride_hs,
+        stride_ws,
+        HAS_BS,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_K,
+        PREC_S,
+        UPCAST_S,
+    )
+    t = _logits_tile(
+        ht_ptr,
+        wt_ptr,
+        bt_ptr,
+        rows_m,
+        mask_m,
+        cols,
+        mask_v,
+        HT,
+        stride_ht,
+        stride_wt,
+        HAS_BT,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_K,
+        PREC_T,
+        UPCAST_T,
+    )
     ds = s - ms[:, None]
     a = ds * inv_t
     b = (t - mt[:, None]) * inv_t
@@ -275,20 +452,24 @@ def _linear_kd_grad_kernel(
     for k in range(0, HS, BLOCK_K):
         kk = k + offs_k
         mask_k = kk < HS
-        w_tile = tl.load(ws_ptr + cols[:, None] * stride_ws + kk[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                         other=0.0)
+        w_tile = tl.load(
+            ws_ptr + cols[:, None] * stride_ws + kk[None, :], mask=mask_v[:, None] & mask_k[None, :], other=0.0
+        )
         # rows that do not count are read as zeros: a NaN in their hidden state stays out of grad_w
-        h_tile = tl.load(hs_ptr + rows_m[:, None] * stride_hs + kk[None, :], mask=valid[:, None] & mask_k[None, :],
-                         other=0.0)
+        h_tile = tl.load(
+            hs_ptr + rows_m[:, None] * stride_hs + kk[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0
+        )
         if UPCAST_S:
             w_tile = w_tile.to(tl.float32)
             h_tile = h_tile.to(tl.float32)
         gh = tl.dot(gd, w_tile, input_precision=PREC_S)
-        tl.atomic_add(gh_ptr + rows_m[:, None] * HS + kk[None, :], gh, mask=valid[:, None] & mask_k[None, :],
-                      sem="relaxed")
+        tl.atomic_add(
+            gh_ptr + rows_m[:, None] * HS + kk[None, :], gh, mask=valid[:, None] & mask_k[None, :], sem="relaxed"
+        )
         gw = tl.dot(tl.trans(gd), h_tile, input_precision=PREC_S)
-        tl.atomic_add(gw_ptr + (cols - V0)[:, None] * HS + kk[None, :], gw, mask=mask_v[:, None] & mask_k[None, :],
-                      sem="relaxed")
+        tl.atomic_add(
+            gw_ptr + (cols - V0)[:, None] * HS + kk[None, :], gw, mask=mask_v[:, None] & mask_k[None, :], sem="relaxed"
+        )
 
 
 def _contiguous(*xs):
@@ -299,12 +480,16 @@ def _linear_flags(hs, bs, ht, bt, labels, opts) -> dict:
     """Compile-time flags shared by the fused-linear kernels."""
     interpret = _library.triton_interpret()
     return dict(
-        HAS_LABELS=labels is not None, CE=labels is not None and opts.alpha != 0.0,
-        DIV=opts.divergence_id, HAS_BS=bs is not None, HAS_BT=bt is not None,
+        HAS_LABELS=labels is not None,
+        CE=labels is not None and opts.alpha != 0.0,
+        DIV=opts.divergence_id,
+        HAS_BS=bs is not None,
+        HAS_BT=bt is not None,
         # fp32 products in full fp32 (tf32 would cost ~1e-3 relative on the logits)
         PREC_S="ieee" if hs.dtype == torch.float32 else None,
         PREC_T="ieee" if ht.dtype == torch.float32 else None,
-        UPCAST_S=interpret and hs.dtype == torch.bfloat16, UPCAST_T=interpret and ht.dtype == torch.bfloat16,
+        UPCAST_S=interpret and hs.dtype == torch.bfloat16,
+        UPCAST_T=interpret and ht.dtype == torch.bfloat16,
     )
 
 
@@ -319,10 +504,26 @@ def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats=None) -> torch.T
     config = _stats_launch_config(hs.dtype, ht.dtype)
     dummy = loss
     _linear_kd_stats_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
-        hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
-        labels if labels is not None else dummy, loss, stats if stats is not None else dummy,
-        rows, vocab, hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-        **kernel_scalars(opts), **_linear_flags(hs, bs, ht, bt, labels, opts), WRITE_STATS=stats is not None,
+        hs,
+        ws,
+        bs if bs is not None else dummy,
+        ht,
+        wt,
+        bt if bt is not None else dummy,
+        labels if labels is not None else dummy,
+        loss,
+        stats if stats is not None else dummy,
+        rows,
+        vocab,
+        hs.shape[1],
+        ht.shape[1],
+        hs.stride(0),
+        ws.stride(0),
+        ht.stride(0),
+        wt.stride(0),
+        **kernel_scalars(opts),
+        **_linear_flags(hs, bs, ht, bt, labels, opts),
+        WRITE_STATS=stats is not None,
         **config,
     )
     return loss
@@ -401,12 +602,32 @@ def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
         if rows > 0:
             grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(v1 - v0, config["BLOCK_V"]))
             _linear_kd_grad_kernel[grid](
-                hs, ws, bs if bs is not None else dummy, ht, wt, bt if bt is not None else dummy,
-                labels if labels is not None else dummy, row_scale if row_scale is not None else dummy, stats,
-                grad_h, acc, grad_b if grad_b is not None else dummy,
-                rows, v0, v1, hidden, ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-                grad_scale=grad_scale, **kernel_scalars(opts), **_linear_flags(hs, bs, ht, bt, labels, opts),
-                HAS_ROW_SCALE=row_scale is not None, **config,
+                hs,
+                ws,
+                bs if bs is not None else dummy,
+                ht,
+                wt,
+                bt if bt is not None else dummy,
+                labels if labels is not None else dummy,
+                row_scale if row_scale is not None else dummy,
+                stats,
+                grad_h,
+                acc,
+                grad_b if grad_b is not None else dummy,
+                rows,
+                v0,
+                v1,
+                hidden,
+                ht.shape[1],
+                hs.stride(0),
+                ws.stride(0),
+                ht.stride(0),
+                wt.stride(0),
+                grad_scale=grad_scale,
+                **kernel_scalars(opts),
+                **_linear_flags(hs, bs, ht, bt, labels, opts),
+                HAS_ROW_SCALE=row_scale is not None,
+                **config,
             )
         if acc is not grad_w:
             grad_w[v0:v1] = acc  # complete: cast into the weight's dtype
@@ -429,8 +650,9 @@ def linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, 
     def take(x):
         return x.index_select(0, kept) if x is not None else None
 
-    loss, grad_h, grad_w, grad_b = _linear_kd_kept(take(hs), ws, bs, take(ht), wt, bt, take(labels), opts,
-                                                   take(row_scale), grad_scale, want_grad)
+    loss, grad_h, grad_w, grad_b = _linear_kd_kept(
+        take(hs), ws, bs, take(ht), wt, bt, take(labels), opts, take(row_scale), grad_scale, want_grad
+    )
     loss = loss.new_zeros(hs.shape[0]).index_copy_(0, kept, loss)
     if grad_h is not None:
         grad_h = grad_h.new_zeros(hs.shape).index_copy_(0, kept, grad_h)

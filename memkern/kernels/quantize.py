@@ -1,4 +1,5 @@
 """Triton kernel for symmetric absmax int8 quantisation per row."""
+
 from __future__ import annotations
 
 import torch
@@ -22,9 +23,7 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize_rowwise_kernel(
-    x_ptr, q_ptr, scale_ptr, n_cols, stride_xr, stride_xc, BLOCK: tl.constexpr
-):
+def _quantize_rowwise_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_xr, stride_xc, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xr
     q_row = q_ptr + row * n_cols

@@ -1,5 +1,6 @@
 """Triton kernels for block-sparse and 2:4 weights: products that read only kept blocks
 (block-sparse) or expand compressed 2:4 weights in registers."""
+
 from __future__ import annotations
 
 import torch
@@ -32,10 +33,26 @@ def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    x_ptr, v_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr, M, N, K,
-    stride_xm, stride_xk, stride_ym, stride_vb, stride_vn,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    crow_ptr,
+    col_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    stride_vb,
+    stride_vn,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
@@ -48,22 +65,43 @@ def _block_sparse_fwd_kernel(
     end = tl.load(crow_ptr + r + 1)
     for j in range(start, end):  # kept blocks of block row r only
         kk = tl.load(col_ptr + j) * BK + offs_bk
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+            other=0.0,
+        )
         wt = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
         acc += _mma(xt, tl.trans(wt), IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+    )
 
 
 @triton.jit
 def _block_sparse_dx_kernel(
-    g_ptr, v_ptr, ccol_ptr, crow_of_ptr, cblock_ptr, dx_ptr, M, N, K,
-    stride_gm, stride_gn, stride_dxm, stride_vb, stride_vn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    g_ptr,
+    v_ptr,
+    ccol_ptr,
+    crow_of_ptr,
+    cblock_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    stride_gm,
+    stride_gn,
+    stride_dxm,
+    stride_vb,
+    stride_vn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     c = tl.program_id(1).to(tl.int64)
@@ -77,20 +115,41 @@ def _block_sparse_dx_kernel(
     for j in range(start, end):  # kept blocks of block column c only
         nn = tl.load(crow_of_ptr + j) * BN + offs_bn
         b = tl.load(cblock_ptr + j)
-        gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
-                     mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
+        gt = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
+            mask=(offs_m[:, None] < M) & (nn[None, :] < N),
+            other=0.0,
+        )
         wt = tl.load(v_ptr + b * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
         acc += _mma(gt, wt, IEEE, UPCAST)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+    )
 
 
 @triton.jit
 def _block_sparse_dw_kernel(
-    g_ptr, x_ptr, row_ptr, col_ptr, dv_ptr, M, N, K,
-    stride_gm, stride_gn, stride_xm, stride_xk, stride_vb, stride_vn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    g_ptr,
+    x_ptr,
+    row_ptr,
+    col_ptr,
+    dv_ptr,
+    M,
+    N,
+    K,
+    stride_gm,
+    stride_gn,
+    stride_xm,
+    stride_xk,
+    stride_vb,
+    stride_vn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64)  # one program per kept block
     offs_bn = tl.arange(0, BN)
@@ -100,10 +159,16 @@ def _block_sparse_dw_kernel(
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     for m0 in range(0, M, BM):
         offs_m = m0 + tl.arange(0, BM).to(tl.int64)
-        gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
-                     mask=(offs_m[:, None] < M) & (nn[None, :] < N), other=0.0)
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        gt = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
+            mask=(offs_m[:, None] < M) & (nn[None, :] < N),
+            other=0.0,
+        )
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+            other=0.0,
+        )
         acc += _mma(tl.trans(gt), xt, IEEE, UPCAST)
     # Rows/columns past the matrix edge saw only zeros, so the padding is written as 0.
     tl.store(dv_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :], acc.to(dv_ptr.dtype.element_ty))
@@ -127,9 +192,25 @@ def block_sparse_matmul(x, values, crow, col, n_out, bias):
     bm = _block_m(m)
     grid = (triton.cdiv(m, bm), crow.numel() - 1)
     _block_sparse_fwd_kernel[grid](
-        x, values, crow, col, bias if bias is not None else y, y, m, n_out, k,
-        x.stride(0), x.stride(1), y.stride(0), values.stride(0), values.stride(1),
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **_precision(x.dtype),
+        x,
+        values,
+        crow,
+        col,
+        bias if bias is not None else y,
+        y,
+        m,
+        n_out,
+        k,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        values.stride(0),
+        values.stride(1),
+        HAS_BIAS=bias is not None,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        **_precision(x.dtype),
     )
     return y
 
@@ -146,24 +227,71 @@ def block_sparse_matmul_backward(grad, x, values, crow, col, ccol, csc_row, csc_
     prec = _precision(x.dtype)
     if m > 0 and k > 0:
         _block_sparse_dx_kernel[(triton.cdiv(m, bm), ccol.numel() - 1)](
-            grad, values, ccol, csc_row, csc_block, dx, m, n_out, k,
-            grad.stride(0), grad.stride(1), dx.stride(0), values.stride(0), values.stride(1), BM=bm, BN=bn, BK=bk, **prec,
+            grad,
+            values,
+            ccol,
+            csc_row,
+            csc_block,
+            dx,
+            m,
+            n_out,
+            k,
+            grad.stride(0),
+            grad.stride(1),
+            dx.stride(0),
+            values.stride(0),
+            values.stride(1),
+            BM=bm,
+            BN=bn,
+            BK=bk,
+            **prec,
         )
     if nnzb > 0:
         block_row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
         _block_sparse_dw_kernel[(nnzb,)](
-            grad, x, block_row, col, dv, m, n_out, k,
-            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), dv.stride(0), dv.stride(1), BM=bm, BN=bn, BK=bk, **prec,
+            grad,
+            x,
+            block_row,
+            col,
+            dv,
+            m,
+            n_out,
+            k,
+            grad.stride(0),
+            grad.stride(1),
+            x.stride(0),
+            x.stride(1),
+            dv.stride(0),
+            dv.stride(1),
+            BM=bm,
+            BN=bn,
+            BK=bk,
+            **prec,
         )
     return dx, dv
 
 
 @triton.jit
 def _sparse24_fwd_kernel(
-    x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K,
-    stride_xm, stride_xk, stride_vn, stride_metan, stride_ym,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    meta_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_vn,
+    stride_metan,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
@@ -172,8 +300,11 @@ def _sparse24_fwd_kernel(
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK).to(tl.int64)
         k_ok = offs_k[None, :] < K
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=(offs_m[:, None] < M) & k_ok, other=0.0)
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & k_ok,
+            other=0.0,
+        )
         # Expand the compressed tile in registers: dense column k is group g = k // 4 at
         # position p = k % 4; it takes kept value 2g if p == i0 and 2g + 1 if p == i1.
         g = offs_k // 4
@@ -188,8 +319,11 @@ def _sparse24_fwd_kernel(
         acc += _mma(xt, tl.trans(w), IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+    )
 
 
 def _sparse24_blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -209,16 +343,32 @@ def sparse24_matmul(x, values, meta, bias):
         return y
     bm, bn, bk = _sparse24_blocks(m, x.dtype)
     _sparse24_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x, values, meta, bias if bias is not None else y, y, m, n, k,
-        x.stride(0), x.stride(1), values.stride(0), meta.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, **_precision(x.dtype),
+        x,
+        values,
+        meta,
+        bias if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        x.stride(1),
+        values.stride(0),
+        meta.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        **_precision(x.dtype),
     )
     return y
 
 
 @triton.jit
-def _sparse24_decompress_kernel(v_ptr, meta_ptr, w_ptr, N, K, stride_vn, stride_metan,
-                                BN: tl.constexpr, BK: tl.constexpr):
+def _sparse24_decompress_kernel(
+    v_ptr, meta_ptr, w_ptr, N, K, stride_vn, stride_metan, BN: tl.constexpr, BK: tl.constexpr
+):
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
@@ -239,5 +389,6 @@ def sparse24_decompress(values, meta, cols):
     w = torch.empty((n, cols), dtype=values.dtype, device=values.device)
     if n and cols:
         _sparse24_decompress_kernel[(triton.cdiv(n, 32), triton.cdiv(cols, 64))](
-            values, meta, w, n, cols, values.stride(0), meta.stride(0), BN=32, BK=64)
+            values, meta, w, n, cols, values.stride(0), meta.stride(0), BN=32, BK=64
+        )
     return w

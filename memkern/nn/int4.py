@@ -1,5 +1,6 @@
 """Drop-in replacement for ``nn.Linear`` with 4-bit group-wise weights (W4A16):
 :class:`Int4WeightOnlyLinear`, :func:`memkern.ops.int4_weight_only_linear`."""
+
 from __future__ import annotations
 
 import torch
@@ -32,42 +33,58 @@ class Int4WeightOnlyLinear(LowPrecisionLinear):
     Casts: the storage dtypes are part of the format, so ``.half()``, ``.bfloat16()``,
     ``.double()`` and ``.to(dtype)`` leave ``weight`` uint8 and the scales and zero points
     float32 (reference_int4.py says why); they cast the bias, which stays a parameter.
-    Device moves apply to everything. Input ``(..., in_features)`` float32/float16/bfloat16; output in the input's dtype.
+    Device moves apply to everything. Input ``(..., in_features)`` float32/float16/bfloat16;
+    output in the input's dtype.
     """
 
     scheme = "int4_weight_only (W4A16: 4-bit group-wise asymmetric weights, activations unquantised)"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 128,
-                 device=None, bias_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group_size: int = 128,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
         group_size = check_group_size(type(self).__name__, group_size)
         super().__init__(in_features, out_features, bias, device, bias_dtype)
         self.group_size = group_size
         groups = -(-in_features // group_size)
-        self.register_buffer("weight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8,
-                                                   device=device))
+        self.register_buffer(
+            "weight", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "Int4WeightOnlyLinear":
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4WeightOnlyLinear:
         """Quantise ``linear``'s weight per group of ``group_size`` inputs
         (:func:`memkern.ops.quantize_int4`), keep its bias. Works on the meta device."""
         linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
         bias_dtype = linear.bias.dtype if linear.bias is not None else None
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group_size,
-                    device=weight.device, bias_dtype=bias_dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group_size=group_size,
+            device=weight.device,
+            bias_dtype=bias_dtype,
+        )
         layer.weight, layer.weight_scale, layer.weight_zero = ops.quantize_int4(weight, layer.group_size)
         layer._set_bias(linear)
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
-        return ops.dequantize_int4(self.weight, self.weight_scale, self.weight_zero, self.group_size,
-                                   self.in_features)
+        return ops.dequantize_int4(self.weight, self.weight_scale, self.weight_zero, self.group_size, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int4_weight_only_linear(x, self.weight, self.weight_scale, self.weight_zero, self.group_size,
-                                           self.bias)
+        return ops.int4_weight_only_linear(
+            x, self.weight, self.weight_scale, self.weight_zero, self.group_size, self.bias
+        )
 
     def _apply(self, fn, recurse=True):
         # A cast reaches every floating-point buffer; put the format's buffers back in their

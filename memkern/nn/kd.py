@@ -1,7 +1,7 @@
 """Loss modules over :func:`memkern.ops.kd_loss` and :func:`memkern.ops.linear_kd_loss`."""
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -12,16 +12,38 @@ from memkern.ops import kd as _kd
 class _KDLossBase(nn.Module):
     """Holds the options of a distillation loss, checked once at construction."""
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl",
-                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-                 soft_loss_scale: str = "t2") -> None:
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        soft_loss_scale: str = "t2",
+    ) -> None:
         super().__init__()
         # Whether labels come is only known per call; the op checks alpha == 0 without them.
-        _kd.check_options(type(self).__name__, has_labels=True, alpha=alpha, temperature=temperature,
-                          divergence=divergence, beta=beta, ignore_index=ignore_index,
-                          reduction=reduction, soft_loss_scale=soft_loss_scale)
-        self.options = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
-                            ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale)
+        _kd.check_options(
+            type(self).__name__,
+            has_labels=True,
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            soft_loss_scale=soft_loss_scale,
+        )
+        self.options = dict(
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            soft_loss_scale=soft_loss_scale,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -31,8 +53,9 @@ class KDLoss(_KDLossBase):
     """``alpha * CE + (1 - alpha) * k * D`` on student and teacher logits; see
     :func:`memkern.ops.kd_loss` for the semantics and every argument."""
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return _kd.kd_loss(student_logits, teacher_logits, labels, **self.options)
 
 
@@ -41,9 +64,24 @@ class LinearKDLoss(_KDLossBase):
     tensor); see :func:`memkern.ops.linear_kd_loss`. Holds no parameters: pass the heads'
     weights (and biases) to ``forward``, e.g. ``student.lm_head.weight``."""
 
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
-                labels: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
-                teacher_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _kd.linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                  student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return _kd.linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            **self.options,
+        )

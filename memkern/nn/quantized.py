@@ -18,6 +18,7 @@ with it the dtype the caller feeds: the output has the input's dtype. float64 in
 float64 bias, from ``.double()`` or a float64 ``nn.Linear``) is computed in float32, the
 kernels' accumulation dtype, and returned as float64.
 """
+
 from __future__ import annotations
 
 import torch
@@ -100,8 +101,9 @@ class LowPrecisionLinear(nn.Module):
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
         weight = self.dequantized_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:
@@ -109,15 +111,24 @@ class LowPrecisionLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scheme={self.scheme}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scheme={self.scheme}"
+        )
 
 
 class _Int8WeightLinear(LowPrecisionLinear):
     _storage_buffers = ("weight", "weight_scale")
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
-                 bias_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device, bias_dtype)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -129,8 +140,13 @@ class _Int8WeightLinear(LowPrecisionLinear):
         linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
         bias_dtype = linear.bias.dtype if linear.bias is not None else None
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=weight.device, bias_dtype=bias_dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=weight.device,
+            bias_dtype=bias_dtype,
+        )
         w = weight if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else weight.float()
         layer.weight, layer.weight_scale = ops.quantize_rowwise(w)
         layer._set_bias(linear)
@@ -163,8 +179,15 @@ class Int8Linear(_Int8WeightLinear):
 
     scheme = "int8 (W8A8 dynamic: per-token int8 activations, per-channel int8 weights)"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
-                 bias_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
         self.register_state_dict_post_hook(_plain_weight_in_state_dict)
         self.register_load_state_dict_pre_hook(_state_dict_weight_in_module_layout)
@@ -173,7 +196,7 @@ class Int8Linear(_Int8WeightLinear):
             self.weight = self.weight.new_zeros(ops.int8_packing.packed_shape(out_features, in_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         layer = super().from_linear(linear)
         layer._settle_layout()
         return layer
@@ -222,14 +245,20 @@ def _settle_layout_after_load(module: Int8Linear, incompatible_keys) -> None:
     module._settle_layout()
 
 
-def _state_dict_weight_in_module_layout(module: Int8Linear, state_dict, prefix: str, local_metadata, strict,
-                                        missing_keys, unexpected_keys, error_msgs) -> None:
+def _state_dict_weight_in_module_layout(
+    module: Int8Linear, state_dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     # A checkpoint holds the plain (N, K) weight; a module holding the packed layout takes
     # it packed (load_state_dict copies into, or with assign=True replaces, the buffer).
     key = prefix + "weight"
     incoming = state_dict.get(key)
-    if (module.weight_packed and isinstance(incoming, torch.Tensor) and incoming.dim() == 2
-            and incoming.dtype == torch.int8 and tuple(incoming.shape) == (module.out_features, module.in_features)):
+    if (
+        module.weight_packed
+        and isinstance(incoming, torch.Tensor)
+        and incoming.dim() == 2
+        and incoming.dtype == torch.int8
+        and tuple(incoming.shape) == (module.out_features, module.in_features)
+    ):
         state_dict[key] = ops.pack_int8_weight(incoming.to(module.weight.device))
 
 
@@ -255,21 +284,35 @@ class Fp16Linear(LowPrecisionLinear):
 
     scheme = "fp16 (half-precision weights, float32 accumulation)"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
-                 bias_dtype: torch.dtype | None = None, weight_dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+        weight_dtype: torch.dtype = torch.float16,
+    ) -> None:
         if weight_dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"Fp16Linear: weight_dtype must be float16 or bfloat16, got {weight_dtype}")
         super().__init__(in_features, out_features, bias, device, bias_dtype)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_dtype: torch.dtype = torch.float16) -> "Fp16Linear":
+    def from_linear(cls, linear: nn.Linear, weight_dtype: torch.dtype = torch.float16) -> Fp16Linear:
         """Round ``linear``'s weight to ``weight_dtype`` (float16 or bfloat16), keep its bias."""
         linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
         bias_dtype = linear.bias.dtype if linear.bias is not None else None
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=weight.device, bias_dtype=bias_dtype, weight_dtype=weight_dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=weight.device,
+            bias_dtype=bias_dtype,
+            weight_dtype=weight_dtype,
+        )
         layer.weight = weight.to(weight_dtype).contiguous()
         layer._set_bias(linear)
         return layer

@@ -2,6 +2,7 @@
 what ``memkern.convert(model, "int8", smooth=..., calibration=...)`` builds for a layer
 whose smoothing factors could not be folded into the module before it
 (memkern/smoothquant.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -23,13 +24,20 @@ class SmoothedInt8Linear(Int8Linear):
 
     scheme = "int8 (W8A8 dynamic with SmoothQuant input scaling)"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
-                 bias_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, smooth_scale: torch.Tensor | None = None) -> "SmoothedInt8Linear":
+    def from_linear(cls, linear: nn.Linear, smooth_scale: torch.Tensor | None = None) -> SmoothedInt8Linear:
         """Quantise ``linear`` with its input channels scaled by ``smooth_scale`` ``s``
         (``(in_features,)``, positive; default all ones): weight ``W * s``, input
         ``x / s``."""
@@ -37,10 +45,11 @@ class SmoothedInt8Linear(Int8Linear):
             return super().from_linear(linear)
         s = smooth_scale.detach().float().to(linear.weight.device)
         if tuple(s.shape) != (linear.in_features,):
-            raise ValueError(f"{cls.__name__}.from_linear: smooth_scale must have shape ({linear.in_features},) "
-                             f"(linear.in_features), got {tuple(s.shape)}")
-        scaled = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           device="meta")
+            raise ValueError(
+                f"{cls.__name__}.from_linear: smooth_scale must have shape ({linear.in_features},) "
+                f"(linear.in_features), got {tuple(s.shape)}"
+            )
+        scaled = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         scaled.weight = nn.Parameter(linear.weight.detach().float() * s, requires_grad=False)
         scaled.bias = linear.bias
         layer = super().from_linear(scaled)

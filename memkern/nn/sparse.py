@@ -1,4 +1,5 @@
 """SparseLinear: an ``nn.Linear`` whose pruned weights take neither memory nor time."""
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,17 @@ class SparseLinear(nn.Module):
     optimiser only ever sees kept weights, and masked ones get no gradient.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, format: str = "block",
-                 block: tuple[int, int] = (64, 64), device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        format: str = "block",
+        block: tuple[int, int] = (64, 64),
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         op = "SparseLinear"
         in_features = sparse_format.check_features(op, "in_features", in_features)
@@ -57,7 +67,9 @@ class SparseLinear(nn.Module):
             self._adopt(BlockSparseWeight.keeping_every_block(dense, self.block))
         if bias:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-            self.bias = nn.Parameter(torch.empty(out_features, device=dense.device, dtype=dense.dtype).uniform_(-bound, bound))
+            self.bias = nn.Parameter(
+                torch.empty(out_features, device=dense.device, dtype=dense.dtype).uniform_(-bound, bound)
+            )
         else:
             self.register_parameter("bias", None)
 
@@ -97,8 +109,9 @@ class SparseLinear(nn.Module):
         return BlockSparseWeight(self.values, *(getattr(self, n) for n in _BLOCK_INDEX), self.mask, shape)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor, *, format: str = "block",
-                   block: tuple[int, int] = (64, 64)) -> "SparseLinear":
+    def from_dense(
+        cls, linear: nn.Linear, mask: torch.Tensor, *, format: str = "block", block: tuple[int, int] = (64, 64)
+    ) -> SparseLinear:
         """A SparseLinear computing ``linear`` with weights where ``mask`` is False pruned."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: linear must be an nn.Linear, got {type(linear).__name__}")
@@ -138,7 +151,9 @@ class SparseLinear(nn.Module):
             kept = int(self.mask.sum())
         else:
             bn, bk = self.block
-            rows = torch.repeat_interleave(torch.arange(self.crow.numel() - 1, device=self.crow.device), self.crow.diff())
+            rows = torch.repeat_interleave(
+                torch.arange(self.crow.numel() - 1, device=self.crow.device), self.crow.diff()
+            )
             h = (self.out_features - rows * bn).clamp(max=bn)
             w = (self.in_features - self.col * bk).clamp(max=bk)
             kept = int((h * w).sum())
@@ -146,8 +161,10 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         layout = "2:4" if self.format == "2:4" else f"block, block={self.block[0]}x{self.block[1]}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, pattern={layout}, sparsity={self.sparsity:.3f}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, pattern={layout}, sparsity={self.sparsity:.3f}"
+        )
 
     # -- state -----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -157,8 +174,9 @@ class SparseLinear(nn.Module):
         self.format, self.block = state["format"], tuple(state["block"])
         self.out_features, self.in_features = state["shape"]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A checkpoint is untrusted input: its layout is checked, and its shape compared with
         # this layer's (refused on mismatch, as nn.Linear does), before anything changes here.
         # The stored layout (number of kept blocks, element mask or not, format) belongs to
@@ -179,10 +197,12 @@ class SparseLinear(nn.Module):
                 src = state_dict.get(prefix + name)
                 self.register_buffer(name, None if src is None else torch.empty_like(src, device=dev))
             src = state_dict[prefix + "values"]
-            self.values = nn.Parameter(torch.empty_like(src, device=dev, dtype=self.values.dtype),
-                                       requires_grad=self.values.requires_grad)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+            self.values = nn.Parameter(
+                torch.empty_like(src, device=dev, dtype=self.values.dtype), requires_grad=self.values.requires_grad
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _check_state(self, state_dict, prefix: str, extra: object) -> None:
         """Raise a clear error unless ``state_dict`` holds a valid SparseLinear state of this
@@ -198,12 +218,16 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"{op}: {prefix}_extra_state must be a dict of format, block and shape, got {extra!r}")
             fmt = extra["format"]
             if fmt not in FORMATS:
-                raise ValueError(f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+                raise ValueError(
+                    f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}"
+                )
             block = sparse_format.check_block(f"{op}: {prefix}_extra_state", extra["block"])
             stored = sparse_format.check_shape(f"{op}: {prefix}_extra_state", extra["shape"])
             if stored != shape:
-                raise ValueError(f"size mismatch for {prefix}values: copying a SparseLinear of (out_features, "
-                                 f"in_features) {stored} from checkpoint, the shape in current model is {shape}")
+                raise ValueError(
+                    f"size mismatch for {prefix}values: copying a SparseLinear of (out_features, "
+                    f"in_features) {stored} from checkpoint, the shape in current model is {shape}"
+                )
             tensors = {n: state_dict.get(prefix + n) for n in ("values", *_BUFFERS[fmt])}
             for name in ("values", *_BUFFERS[fmt][:-1]):  # all but the optional mask
                 if tensors[name] is None:
@@ -214,5 +238,7 @@ class SparseLinear(nn.Module):
         index = [tensors[n] for n in _BLOCK_INDEX]
         sparse_format.check_block_sparse(op, tensors["values"], *index, tensors["mask"], shape, prefix)
         if tuple(tensors["values"].shape[1:]) != block:
-            raise ValueError(f"{op}: {prefix}values must hold blocks of {block} ({prefix}_extra_state's block), "
-                             f"got shape {tuple(tensors['values'].shape)}")
+            raise ValueError(
+                f"{op}: {prefix}values must hold blocks of {block} ({prefix}_extra_state's block), "
+                f"got shape {tuple(tensors['values'].shape)}"
+            )

@@ -1,5 +1,6 @@
 """memkern's operators. Each is a ``torch.library`` op (``torch.ops.memkern.<name>``) with
 a fake implementation, so it works under ``torch.compile(fullgraph=True)``."""
+
 from memkern.ops.int4 import dequantize_int4, int4_cpu_kernel_simd, int4_weight_only_linear, quantize_int4
 from memkern.ops.kd import kd_loss, linear_kd_loss
 from memkern.ops.int8_packing import int8_packed_kernel_native, pack_int8_weight, unpack_int8_weight

@@ -7,9 +7,9 @@ contribute nothing to the next backward. Instead, the gradient comes back attach
 that raises a clear error if anything differentiates through it; first-order use under
 ``create_graph=True`` (where nothing does) still works.
 """
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -32,8 +32,7 @@ class _NoDoubleBackward(torch.autograd.Function):
         )
 
 
-def refuse_double_backward(op: str, reason: str, *grads: Optional[torch.Tensor]
-                           ) -> tuple[Optional[torch.Tensor], ...]:
+def refuse_double_backward(op: str, reason: str, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """``grads`` as they are, or, when backward builds a graph (create_graph=True, which
     runs backward with grad mode on), attached to a node that raises if differentiated."""
     if not torch.is_grad_enabled():

@@ -10,10 +10,10 @@ float32 accumulation, y in x's dtype. Backward gives the gradient with respect t
 (and ``bias``) through the dequantised weight, so a frozen 4-bit base model can be
 fine-tuned through adapters; the packed weight, scales and zero points get none.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 
@@ -45,8 +45,14 @@ def _int4_triton(x, w_int4, scales, zeros, group_size, bias):
 
 # -- operator ----------------------------------------------------------------------------
 @torch.library.custom_op("memkern::int4_weight_only_linear", mutates_args=())
-def _int4_op(x: torch.Tensor, w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-             bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _int4_op(
+    x: torch.Tensor,
+    w_int4: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     return _int4_table(x, w_int4, scales, zeros, group_size, bias)
 
 
@@ -98,8 +104,9 @@ def check_group_size(op: str, group_size) -> int:
     except TypeError:
         size = None
     if size is None or isinstance(group_size, bool) or size <= 0 or size % GROUP_MULTIPLE:
-        raise ValueError(f"{op}: group_size must be a positive multiple of {GROUP_MULTIPLE} (32, 64, 128, ...), "
-                         f"got {group_size!r}")
+        raise ValueError(
+            f"{op}: group_size must be a positive multiple of {GROUP_MULTIPLE} (32, 64, 128, ...), got {group_size!r}"
+        )
     return size
 
 
@@ -114,21 +121,31 @@ def _check_packed(op: str, w_int4, scales, zeros, k: int, group_size: int, k_sou
     _validate.check_dtype(op, "w_int4", w_int4, (torch.uint8,))
     n = w_int4.shape[0]
     if w_int4.shape[1] != -(-k // 2):
-        raise ValueError(f"{op}: w_int4 must have shape (N, ceil(K / 2)) = ({n}, {-(-k // 2)}) for {k_source} "
-                         f"K = {k} (two 4-bit codes a byte), got {tuple(w_int4.shape)}")
+        raise ValueError(
+            f"{op}: w_int4 must have shape (N, ceil(K / 2)) = ({n}, {-(-k // 2)}) for {k_source} "
+            f"K = {k} (two 4-bit codes a byte), got {tuple(w_int4.shape)}"
+        )
     expected = (n, _groups(k, group_size))
     for name, t in (("scales", scales), ("zeros", zeros)):
         _validate.check_tensor(op, name, t)
         _validate.check_dtype(op, name, t, (torch.float32,))
         if tuple(t.shape) != expected:
-            raise ValueError(f"{op}: {name} must have shape (N, ceil(K / group_size)) = {expected} for K = {k} and "
-                             f"group_size = {group_size}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: {name} must have shape (N, ceil(K / group_size)) = {expected} for K = {k} and "
+                f"group_size = {group_size}, got {tuple(t.shape)}"
+            )
     return n
 
 
 # -- public functions --------------------------------------------------------------------
-def int4_weight_only_linear(x: torch.Tensor, w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                            group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_weight_only_linear(
+    x: torch.Tensor,
+    w_int4: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """W4A16 linear layer: ``x @ W.T + bias`` with ``W[n, k] = (q[n, k] - zeros[n, g]) *
     scales[n, g]``, ``g = k // group_size``, dequantised inside the kernel, float32
     accumulation. :func:`quantize_int4` makes the weight arguments from a float weight.
@@ -154,7 +171,9 @@ def int4_weight_only_linear(x: torch.Tensor, w_int4: torch.Tensor, scales: torch
     n = _check_packed(op, w_int4, scales, zeros, k, group_size, "x's last dimension")
     check_bias(op, bias, n, "w_int4.shape[0]")
     _validate.check_same_device(op, x=x, w_int4=w_int4, scales=scales, zeros=zeros, bias=bias)
-    return restore_leading_dims(backends.call(_int4_op, _int4_table, as_2d(x), w_int4, scales, zeros, group_size, bias), x)
+    return restore_leading_dims(
+        backends.call(_int4_op, _int4_table, as_2d(x), w_int4, scales, zeros, group_size, bias), x
+    )
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,8 +192,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Te
     return reference_int4.quantize_int4(weight, check_group_size(op, group_size))
 
 
-def dequantize_int4(w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    in_features: int) -> torch.Tensor:
+def dequantize_int4(
+    w_int4: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, in_features: int
+) -> torch.Tensor:
     """The float32 ``(N, in_features)`` weight that :func:`int4_weight_only_linear`
     multiplies with."""
     op = "dequantize_int4"

@@ -1,6 +1,7 @@
 """The packed int8 weight layout that memkern's CPU int8 kernel reads (AVX512-VNNI):
 pack, unpack, its shape and its checks. int8_linear_packed (memkern.ops.lowp) takes it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,5 +63,7 @@ def check_packed(op: str, w_packed, out_features: int, in_features: int) -> None
     _validate.check_dtype(op, "w_packed", w_packed, (torch.int8,))
     expected = packed_shape(out_features, in_features)
     if tuple(w_packed.shape) != expected:
-        raise ValueError(f"{op}: w_packed must have shape {expected} (pack_int8_weight of an "
-                         f"({out_features}, {in_features}) weight), got {tuple(w_packed.shape)}")
+        raise ValueError(
+            f"{op}: w_packed must have shape {expected} (pack_int8_weight of an "
+            f"({out_features}, {in_features}) weight), got {tuple(w_packed.shape)}"
+        )

@@ -22,9 +22,9 @@ How memory is saved:
   online softmax together, keep eight statistics per row and recompute logit tiles for the
   gradient (memkern/kernels/kd.py), so its extra memory is O(rows) besides the gradients.
 """
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -69,8 +69,9 @@ _SEMANTICS = """
 
 def _check_vocab(op: str, vocab: int, what: str) -> None:
     if vocab < 1:
-        raise ValueError(f"{op}: the vocabulary must hold at least one entry (a softmax over none is "
-                         f"undefined), got {what}")
+        raise ValueError(
+            f"{op}: the vocabulary must hold at least one entry (a softmax over none is undefined), got {what}"
+        )
 
 
 def _check_logits(op: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -80,34 +81,68 @@ def _check_logits(op: str, student: torch.Tensor, teacher: torch.Tensor) -> None
     _validate.check_dtype(op, "student_logits", student, KD_DTYPES)
     _validate.check_dtype(op, "teacher_logits", teacher, KD_DTYPES)
     if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(f"{op}: student vocabulary size {student.shape[-1]} != teacher vocabulary size "
-                         f"{teacher.shape[-1]} (student_logits {tuple(student.shape)}, teacher_logits "
-                         f"{tuple(teacher.shape)}); memkern does not pad or truncate vocabularies")
+        raise ValueError(
+            f"{op}: student vocabulary size {student.shape[-1]} != teacher vocabulary size "
+            f"{teacher.shape[-1]} (student_logits {tuple(student.shape)}, teacher_logits "
+            f"{tuple(teacher.shape)}); memkern does not pad or truncate vocabularies"
+        )
     if student.shape != teacher.shape:
-        raise ValueError(f"{op}: student_logits and teacher_logits must have the same shape, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        raise ValueError(
+            f"{op}: student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     _check_vocab(op, student.shape[-1], f"student_logits of shape {tuple(student.shape)}")
     _validate.check_same_device(op, student_logits=student, teacher_logits=teacher)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            labels: Optional[torch.Tensor] = None, *, alpha: float = 0.5, temperature: float = 1.0,
-            divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
-            reduction: str = "mean", soft_loss_scale: str = "t2") -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    soft_loss_scale: str = "t2",
+) -> torch.Tensor:
     op = "kd_loss"
     _check_logits(op, student_logits, teacher_logits)
-    opts = check_options(op, has_labels=labels is not None, alpha=alpha, temperature=temperature,
-                         divergence=divergence, beta=beta, ignore_index=ignore_index,
-                         reduction=reduction, soft_loss_scale=soft_loss_scale)
+    opts = check_options(
+        op,
+        has_labels=labels is not None,
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        soft_loss_scale=soft_loss_scale,
+    )
     labels = check_labels(op, labels, tuple(student_logits.shape[:-1]), student_logits.device)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = backends.call(kd_ops.kd_loss_op, kd_ops.kd_loss_body, student_logits, teacher_logits.detach(), labels,
-                            opts.alpha, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, reduction,
-                            opts.kd_scale, compute_grad)
+    loss, _ = backends.call(
+        kd_ops.kd_loss_op,
+        kd_ops.kd_loss_body,
+        student_logits,
+        teacher_logits.detach(),
+        labels,
+        opts.alpha,
+        opts.temperature,
+        opts.divergence,
+        opts.beta,
+        opts.ignore_index,
+        reduction,
+        opts.kd_scale,
+        compute_grad,
+    )
     return loss
 
 
-kd_loss.__doc__ = """Distillation loss ``alpha * CE + (1 - alpha) * k * D`` on logits, fused.
+kd_loss.__doc__ = (
+    """Distillation loss ``alpha * CE + (1 - alpha) * k * D`` on logits, fused.
 
     Args:
         student_logits: ``(N, V)`` or ``(B, T, V)``; float32, float16, bfloat16 (or float64).
@@ -124,25 +159,42 @@ kd_loss.__doc__ = """Distillation loss ``alpha * CE + (1 - alpha) * k * D`` on l
         soft_loss_scale: ``"t2"`` (multiply the soft term by T^2) or ``"none"``.
 
     Returns: a scalar, or per-row losses of shape ``(N,)`` / ``(B, T)`` for ``"none"``.
-""" + _SEMANTICS + """
+"""
+    + _SEMANTICS
+    + """
     Memory: besides its inputs, a call keeps one buffer the size of the student logits
     (the gradient, written during forward) and O(rows) statistics. Backward hands that
     buffer on as it is for an upstream gradient of 1 and scales it in place for any other
     scalar (so a second backward through the same graph is then refused); a per-row
     upstream gradient (reduction="none") is applied out of place.
 """
+)
 
 
-def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                   teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
-                   labels: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
-                   teacher_bias: Optional[torch.Tensor] = None, alpha: float = 0.5,
-                   temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
-                   ignore_index: int = -100, reduction: str = "mean", soft_loss_scale: str = "t2"
-                   ) -> torch.Tensor:
+def linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    soft_loss_scale: str = "t2",
+) -> torch.Tensor:
     op = "linear_kd_loss"
-    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+    for name, x in (
+        ("student_hidden", student_hidden),
+        ("student_weight", student_weight),
+        ("teacher_hidden", teacher_hidden),
+        ("teacher_weight", teacher_weight),
+    ):
         _validate.check_tensor(op, name, x)
         _validate.check_dtype(op, name, x, KD_DTYPES)
     _validate.check_dim(op, "student_hidden", student_hidden, (2, 3))
@@ -151,43 +203,84 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     _validate.check_dim(op, "teacher_weight", teacher_weight, 2)
     for who, h, w in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
         if h.shape[-1] != w.shape[1]:
-            raise ValueError(f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
-                             f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))")
+            raise ValueError(
+                f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
+                f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))"
+            )
         if _autocast.dtype_seen(h) != _autocast.dtype_seen(w):  # autocast casts both
-            raise TypeError(f"{op}: {who}_hidden ({_validate.dtype_name(h.dtype)}) and {who}_weight "
-                            f"({_validate.dtype_name(w.dtype)}) must have the same dtype")
+            raise TypeError(
+                f"{op}: {who}_hidden ({_validate.dtype_name(h.dtype)}) and {who}_weight "
+                f"({_validate.dtype_name(w.dtype)}) must have the same dtype"
+            )
     if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"{op}: student vocabulary size {student_weight.shape[0]} != teacher vocabulary size "
-                         f"{teacher_weight.shape[0]}; memkern does not pad or truncate vocabularies")
+        raise ValueError(
+            f"{op}: student vocabulary size {student_weight.shape[0]} != teacher vocabulary size "
+            f"{teacher_weight.shape[0]}; memkern does not pad or truncate vocabularies"
+        )
     _check_vocab(op, student_weight.shape[0], f"student_weight of shape {tuple(student_weight.shape)}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"{op}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                         f"{tuple(teacher_hidden.shape)} must have the same leading shape (the same rows)")
+        raise ValueError(
+            f"{op}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+            f"{tuple(teacher_hidden.shape)} must have the same leading shape (the same rows)"
+        )
     for who, b, w in (("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight)):
         if b is not None:
             _validate.check_tensor(op, f"{who}_bias", b)
             if tuple(b.shape) != (w.shape[0],) or _autocast.dtype_seen(b) != _autocast.dtype_seen(w):
-                raise ValueError(f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
-                                 f"{_validate.dtype_name(w.dtype)}, got {tuple(b.shape)} "
-                                 f"{_validate.dtype_name(b.dtype)}")
-    _validate.check_same_device(op, student_hidden=student_hidden, student_weight=student_weight,
-                                teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                student_bias=student_bias, teacher_bias=teacher_bias)
-    opts = check_options(op, has_labels=labels is not None, alpha=alpha, temperature=temperature,
-                         divergence=divergence, beta=beta, ignore_index=ignore_index,
-                         reduction=reduction, soft_loss_scale=soft_loss_scale)
+                raise ValueError(
+                    f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
+                    f"{_validate.dtype_name(w.dtype)}, got {tuple(b.shape)} "
+                    f"{_validate.dtype_name(b.dtype)}"
+                )
+    _validate.check_same_device(
+        op,
+        student_hidden=student_hidden,
+        student_weight=student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+    )
+    opts = check_options(
+        op,
+        has_labels=labels is not None,
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        soft_loss_scale=soft_loss_scale,
+    )
     labels = check_labels(op, labels, tuple(student_hidden.shape[:-1]), student_hidden.device)
     compute_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
+    )
     detach = lambda x: x.detach() if x is not None else None  # noqa: E731
-    out = backends.call(kd_ops.linear_kd_loss_op, kd_ops.linear_kd_loss_body, student_hidden, student_weight,
-                        student_bias, detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias), labels,
-                        opts.alpha, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, reduction,
-                        opts.kd_scale, compute_grad)
+    out = backends.call(
+        kd_ops.linear_kd_loss_op,
+        kd_ops.linear_kd_loss_body,
+        student_hidden,
+        student_weight,
+        student_bias,
+        detach(teacher_hidden),
+        detach(teacher_weight),
+        detach(teacher_bias),
+        labels,
+        opts.alpha,
+        opts.temperature,
+        opts.divergence,
+        opts.beta,
+        opts.ignore_index,
+        reduction,
+        opts.kd_scale,
+        compute_grad,
+    )
     return out[0]
 
 
-linear_kd_loss.__doc__ = """Distillation loss of two lm_heads, the projection fused in.
+linear_kd_loss.__doc__ = (
+    """Distillation loss of two lm_heads, the projection fused in.
 
     The student's logits are ``student_hidden @ student_weight.T + student_bias`` and the
     teacher's likewise; the loss is exactly :func:`kd_loss` of those logits, but no tensor
@@ -204,4 +297,6 @@ linear_kd_loss.__doc__ = """Distillation loss of two lm_heads, the projection fu
     gradients accumulated in float32: over row chunks, or tile by tile with atomic adds on
     the triton backend, whose sums are therefore not bitwise repeatable on a GPU), never
     to the teacher.
-""" + _SEMANTICS
+"""
+    + _SEMANTICS
+)

@@ -3,9 +3,9 @@
 ``memkern::linear_kd_loss`` ops. The public functions, with their argument checks, are in
 memkern.ops.kd; the options in memkern.kd_options; the chunk loop in memkern.kernels.kd_chunks.
 """
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -40,7 +40,7 @@ def _rows_torch(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: floa
     return loss.to(acc_dtype(s.dtype))
 
 
-def _row_weights(loss: torch.Tensor, row_scale: Optional[torch.Tensor], grad_scale: float) -> torch.Tensor:
+def _row_weights(loss: torch.Tensor, row_scale: torch.Tensor | None, grad_scale: float) -> torch.Tensor:
     """w_i of the gradient of sum_i w_i l_i."""
     return torch.full_like(loss, grad_scale) if row_scale is None else row_scale.to(loss.dtype) * grad_scale
 
@@ -48,9 +48,20 @@ def _row_weights(loss: torch.Tensor, row_scale: Optional[torch.Tensor], grad_sca
 @_rows.register("cpp", dtypes=KD_DTYPES)
 @_rows.register("cuda", dtypes=_validate.FLOAT_DTYPES)
 def _rows_compiled(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
-    return torch.ops.memkern.kd_loss_rows(s, t, labels, row_scale, grad, opts.alpha, opts.temperature,
-                                          opts.divergence_id, opts.beta, opts.ignore_index,
-                                          opts.kd_scale, grad_scale)
+    return torch.ops.memkern.kd_loss_rows(
+        s,
+        t,
+        labels,
+        row_scale,
+        grad,
+        opts.alpha,
+        opts.temperature,
+        opts.divergence_id,
+        opts.beta,
+        opts.ignore_index,
+        opts.kd_scale,
+        grad_scale,
+    )
 
 
 @_rows.register("triton", dtypes=_validate.FLOAT_DTYPES)
@@ -73,9 +84,19 @@ def _reduce(loss_rows: torch.Tensor, reduction: str, lead: tuple[int, ...], n_va
 
 
 # -- operator: logits form -------------------------------------------------------------------
-def kd_loss_body(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                alpha: float, temperature: float, divergence: str, beta: float, ignore_index: int,
-                reduction: str, kd_scale: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_loss_body(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    kd_scale: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss / d student) where the gradient is for a unit upstream
     gradient (per row for reduction='none'); an empty tensor when compute_grad is False."""
     opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
@@ -93,8 +114,9 @@ kd_loss_op = torch.library.custom_op("memkern::kd_loss", mutates_args=())(kd_los
 
 
 @kd_loss_op.register_fake
-def _kd_loss_fake(student, teacher, labels, alpha, temperature, divergence, beta, ignore_index,
-                  reduction, kd_scale, compute_grad):
+def _kd_loss_fake(
+    student, teacher, labels, alpha, temperature, divergence, beta, ignore_index, reduction, kd_scale, compute_grad
+):
     shape = student.shape[:-1] if reduction == "none" else ()
     loss = student.new_empty(shape, dtype=acc_dtype(student.dtype))
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
@@ -115,8 +137,7 @@ def _kd_setup_context(ctx, inputs, output):
     _no_zero_gradients(ctx, output[1:])
 
 
-def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, per_row: bool
-                          ) -> list[torch.Tensor]:
+def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, per_row: bool) -> list[torch.Tensor]:
     """The gradients computed in forward (for a unit upstream gradient) times ``upstream``.
 
     Memory is the point of these ops, so the saved buffers are handed on as they are when
@@ -169,8 +190,20 @@ _linear = backends.op_table("linear_kd_loss", preference=backends.TRITON_FIRST)
 
 def _linear_chunked(backend: str):
     def impl(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
-        return linear_chunks(_rows.impls[backend].fn, hs, ws, bs, ht, wt, bt, labels, opts,
-                             row_scale=row_scale, grad_scale=grad_scale, want_grad=want_grad)
+        return linear_chunks(
+            _rows.impls[backend].fn,
+            hs,
+            ws,
+            bs,
+            ht,
+            wt,
+            bt,
+            labels,
+            opts,
+            row_scale=row_scale,
+            grad_scale=grad_scale,
+            want_grad=want_grad,
+        )
 
     return impl
 
@@ -201,13 +234,23 @@ def _grads_out(hs, ws, bs, gh, gw, gb):
     return gh, gw.to(ws.dtype), gb_out
 
 
-def linear_kd_loss_body(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                       student_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
-                       teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
-                       labels: Optional[torch.Tensor], alpha: float, temperature: float,
-                       divergence: str, beta: float, ignore_index: int, reduction: str,
-                       kd_scale: float, compute_grad: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_kd_loss_body(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    kd_scale: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, grad_hidden, grad_weight, grad_bias). With compute_grad and reduction
     'mean' or 'sum' the gradients (for a unit upstream gradient) are computed here, in the
     same pass; otherwise they are empty and backward recomputes."""
@@ -220,8 +263,19 @@ def linear_kd_loss_body(student_hidden: torch.Tensor, student_weight: torch.Tens
     check_label_range("linear_kd_loss", y, vocab, ignore_index)
     n_valid, inv_n = mean_scale(y, hs.shape[0], opts)
     want_grad = compute_grad and reduction != "none"
-    loss_rows, gh, gw, gb = _linear(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y,
-                                    opts, None, inv_n if reduction == "mean" else 1.0, want_grad)
+    loss_rows, gh, gw, gb = _linear(
+        hs,
+        student_weight,
+        student_bias,
+        ht,
+        teacher_weight,
+        teacher_bias,
+        y,
+        opts,
+        None,
+        inv_n if reduction == "mean" else 1.0,
+        want_grad,
+    )
     loss = _reduce(loss_rows, reduction, lead, n_valid)
     empty = hs.new_empty(0)
     if not want_grad:
@@ -234,9 +288,23 @@ linear_kd_loss_op = torch.library.custom_op("memkern::linear_kd_loss", mutates_a
 
 
 @linear_kd_loss_op.register_fake
-def _linear_kd_loss_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                         teacher_bias, labels, alpha, temperature, divergence, beta, ignore_index,
-                         reduction, kd_scale, compute_grad):
+def _linear_kd_loss_fake(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    labels,
+    alpha,
+    temperature,
+    divergence,
+    beta,
+    ignore_index,
+    reduction,
+    kd_scale,
+    compute_grad,
+):
     lead = student_hidden.shape[:-1]
     loss = student_hidden.new_empty(lead if reduction == "none" else (), dtype=acc_dtype(student_hidden.dtype))
     empty = student_hidden.new_empty(0)
@@ -247,13 +315,22 @@ def _linear_kd_loss_fake(student_hidden, student_weight, student_bias, teacher_h
 
 
 @torch.library.custom_op("memkern::linear_kd_loss_backward", mutates_args=())
-def linear_kd_loss_backward_op(grad_rows: torch.Tensor, student_hidden: torch.Tensor,
-                                student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
-                                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
-                                teacher_bias: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                                alpha: float, temperature: float, divergence: str, beta: float,
-                                ignore_index: int, kd_scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_kd_loss_backward_op(
+    grad_rows: torch.Tensor,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    kd_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_rows[i] * l_i, recomputing the logits chunk by chunk
     (reduction='none', whose upstream gradient differs per row)."""
     opts = _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale)
@@ -262,8 +339,9 @@ def linear_kd_loss_backward_op(grad_rows: torch.Tensor, student_hidden: torch.Te
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     y = labels.reshape(-1).contiguous() if labels is not None else None
     row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
-    _, gh, gw, gb = _linear(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y,
-                            opts, row_scale, 1.0, True)
+    _, gh, gw, gb = _linear(
+        hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y, opts, row_scale, 1.0, True
+    )
     gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
     return gh.view(student_hidden.shape), gw, gb
 
@@ -274,8 +352,16 @@ def _linear_kd_loss_backward_fake(grad_rows, student_hidden, student_weight, stu
     return student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(student_weight.shape), gb
 
 
-_LINEAR_OPT_NAMES = ("alpha", "temperature", "divergence", "beta", "ignore_index", "reduction", "kd_scale",
-                     "compute_grad")
+_LINEAR_OPT_NAMES = (
+    "alpha",
+    "temperature",
+    "divergence",
+    "beta",
+    "ignore_index",
+    "reduction",
+    "kd_scale",
+    "compute_grad",
+)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -297,9 +383,22 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
         return (None,) * 15
     if o["reduction"] == "none":
         hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
-        gh, gw, gb = linear_kd_loss_backward_op(grad_loss, hs, ws, bs, ht, wt, bt, labels, o["alpha"],
-                                                 o["temperature"], o["divergence"], o["beta"],
-                                                 o["ignore_index"], o["kd_scale"])
+        gh, gw, gb = linear_kd_loss_backward_op(
+            grad_loss,
+            hs,
+            ws,
+            bs,
+            ht,
+            wt,
+            bt,
+            labels,
+            o["alpha"],
+            o["temperature"],
+            o["divergence"],
+            o["beta"],
+            o["ignore_index"],
+            o["kd_scale"],
+        )
     else:
         gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
     gh, gw, gb = refuse_double_backward("linear_kd_loss", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
@@ -309,6 +408,8 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
 backends.register_autograd(linear_kd_loss_op, _linear_backward, setup_context=_linear_setup_context)
 # Autocast: the lm_head products run in the autocast dtype, as torch.nn.functional.linear's
 # would (the usual loop: bf16 hidden states, float32 lm_head weights); statistics in float32.
-_autocast.register("linear_kd_loss", cast=("student_hidden", "student_weight", "student_bias",
-                                           "teacher_hidden", "teacher_weight", "teacher_bias"))
+_autocast.register(
+    "linear_kd_loss",
+    cast=("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias"),
+)
 _autocast.register("linear_kd_loss_backward")

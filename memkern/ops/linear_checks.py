@@ -1,6 +1,7 @@
 """Argument checks and shape handling shared by the low-precision linear ops (int8, int8
 weight-only, fp16, int4): x of shape (..., K) runs as a 2-D (M, K) matrix and the output
 gets x's leading dimensions back."""
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,7 @@ def check_linear(op: str, x, weight, weight_name: str, weight_dtypes, bias) -> t
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(
-            f"{op}: x's last dimension (K) must equal {weight_name}.shape[1] = {k}, "
-            f"got x of shape {tuple(x.shape)}"
+            f"{op}: x's last dimension (K) must equal {weight_name}.shape[1] = {k}, got x of shape {tuple(x.shape)}"
         )
     check_bias(op, bias, n, f"{weight_name}.shape[0]")
     return as_2d(x)
@@ -59,8 +59,10 @@ def check_scale(op: str, w_scale, w_q: torch.Tensor) -> None:
     _validate.check_dtype(op, "w_scale", w_scale, (torch.float32,))
     n = w_q.shape[0]
     if tuple(w_scale.shape) != (n,):
-        raise ValueError(f"{op}: w_scale must have shape ({n},) (one scale per output channel, "
-                         f"N = w_q.shape[0]), got {tuple(w_scale.shape)}")
+        raise ValueError(
+            f"{op}: w_scale must have shape ({n},) (one scale per output channel, "
+            f"N = w_q.shape[0]), got {tuple(w_scale.shape)}"
+        )
 
 
 def restore_leading_dims(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ per-column scale and the bias in the same pass that stores the output. Backward 
 gradient with respect to ``x`` (and ``bias``) through the dequantised weight, so a frozen,
 converted base model still passes gradients to adapters; the stored weights get none.
 """
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -128,8 +128,11 @@ def _fp16_triton(x, w_half, bias):
 # -- operators ---------------------------------------------------------------------------
 @torch.library.custom_op("memkern::int8_linear", mutates_args=())
 def _int8_linear_op(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-    out_dtype: Optional[torch.dtype],
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     return _int8_table(x, w_q, w_scale, bias, out_dtype)
 
@@ -141,8 +144,11 @@ def _int8_linear_fake(x, w_q, w_scale, bias, out_dtype):
 
 @torch.library.custom_op("memkern::int8_linear_packed", mutates_args=())
 def _int8_linear_packed_op(
-    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-    out_dtype: Optional[torch.dtype],
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     return _int8_packed_table(x, w_packed, w_scale, bias, out_dtype)
 
@@ -153,8 +159,7 @@ def _int8_linear_packed_fake(x, w_packed, w_scale, bias, out_dtype):
 
 
 @torch.library.custom_op("memkern::int8_weight_only_linear", mutates_args=())
-def _w8a16_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _w8a16_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _w8a16_table(x, w_q, w_scale, bias)
 
 
@@ -164,7 +169,7 @@ def _w8a16_fake(x, w_q, w_scale, bias):
 
 
 @torch.library.custom_op("memkern::fp16_linear", mutates_args=())
-def _fp16_op(x: torch.Tensor, w_half: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _fp16_op(x: torch.Tensor, w_half: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _fp16_table(x, w_half, bias)
 
 
@@ -250,8 +255,14 @@ for _name in ("int8_linear", "int8_linear_packed", "int8_weight_only_linear", "f
 
 
 # -- public functions --------------------------------------------------------------------
-def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """W8A8 dynamic linear layer: ``x @ (w_q * w_scale[:, None]).T + bias``.
 
     Each row (token) of ``x`` is quantised to int8 with a symmetric absmax scale exactly as
@@ -282,8 +293,14 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     return restore_leading_dims(backends.call(_int8_linear_op, _int8_table, x2, w_q, w_scale, bias, out_dtype), x)
 
 
-def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def int8_linear_packed(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """:func:`int8_linear` from a weight packed by :func:`pack_int8_weight`: the same result,
     bit for bit, and on a CPU with AVX512-VNNI a faster kernel (bench/NOTES.md).
 
@@ -307,12 +324,14 @@ def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.T
     check_bias(op, bias, n, "w_scale.shape[0]")
     check_out_dtype(op, out_dtype)
     _validate.check_same_device(op, x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
-    return restore_leading_dims(backends.call(_int8_linear_packed_op, _int8_packed_table, as_2d(x), w_packed, w_scale, bias,
-                                  out_dtype), x)
+    return restore_leading_dims(
+        backends.call(_int8_linear_packed_op, _int8_packed_table, as_2d(x), w_packed, w_scale, bias, out_dtype), x
+    )
 
 
-def int8_weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_weight_only_linear(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """W8A16 linear layer: ``x @ (w_q * w_scale[:, None]).T + bias``, int8 weights
     dequantised inside the kernel, float32 accumulation.
 

@@ -3,6 +3,7 @@
 Reads top to bottom: reference -> kernel launchers -> backend table -> op registration
 (schema, fake) -> public function.
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 them (semi_structured_reason), the cached semi-structured copy of a weight, and the
 autograd function that runs the product on it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -36,35 +37,47 @@ class SemiStructuredCache:
 
     __slots__ = ("values_ref", "meta_ref", "key", "tensor", "failure")
 
-    def __init__(self, weight: "Sparse24Weight | None" = None, tensor=None, failure: str | None = None) -> None:
+    def __init__(self, weight: Sparse24Weight | None = None, tensor=None, failure: str | None = None) -> None:
         self.values_ref = None if weight is None else weakref.ref(weight.values)
         self.meta_ref = None if weight is None else weakref.ref(weight.meta)
         self.key = None if weight is None else _semi_structured_key(weight)
         self.tensor = tensor
         self.failure = failure
 
-    def matches(self, weight: "Sparse24Weight") -> bool:
+    def matches(self, weight: Sparse24Weight) -> bool:
         # Weak references pin identity: a tensor allocated later at the same address, with
         # the same id and version, would otherwise pass for the one the copy was built from.
-        return (self.values_ref is not None and self.values_ref() is weight.values
-                and self.meta_ref() is weight.meta and self.key == _semi_structured_key(weight))
+        return (
+            self.values_ref is not None
+            and self.values_ref() is weight.values
+            and self.meta_ref() is weight.meta
+            and self.key == _semi_structured_key(weight)
+        )
 
     # A copy of the weight (deepcopy, pickle) starts without the device-side copy: it is
     # cheap to rebuild, and a SparseSemiStructuredTensor need not survive either.
-    def __deepcopy__(self, memo) -> "SemiStructuredCache":
+    def __deepcopy__(self, memo) -> SemiStructuredCache:
         return SemiStructuredCache()
 
     def __reduce__(self):
         return (SemiStructuredCache, ())
 
 
-def _semi_structured_key(weight: "Sparse24Weight") -> tuple:
+def _semi_structured_key(weight: Sparse24Weight) -> tuple:
     """What must stay equal for a built copy to still be this weight: in-place changes
     (optimiser steps, ``copy_``) bump ``_version``; ``.data`` swaps and ``.to()`` change the
     storage, dtype or device."""
     v, m, s = weight.values, weight.meta, weight.mask
-    return (v._version, v.data_ptr(), v.dtype, v.device, m._version, m.data_ptr(), tuple(weight.shape),
-            None if s is None else (s._version, s.data_ptr()))
+    return (
+        v._version,
+        v.data_ptr(),
+        v.dtype,
+        v.device,
+        m._version,
+        m.data_ptr(),
+        tuple(weight.shape),
+        None if s is None else (s._version, s.data_ptr()),
+    )
 
 
 def _semi_structured_class():
@@ -91,7 +104,7 @@ def _semi_structured_constraints(cls, dtype: torch.dtype):
     return table.get(dtype)
 
 
-def semi_structured_reason(x: torch.Tensor, weight: "BlockSparseWeight | Sparse24Weight") -> str | None:
+def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight) -> str | None:
     """Why ``masked_matmul(x, weight)`` does not run on PyTorch's semi-structured sparse
     kernels; None when it does. The one place that decides.
 

@@ -16,6 +16,7 @@ checks (untrusted tensors) in :mod:`memkern.ops.sparse_format`, the operators an
 backends in :mod:`memkern.ops.sparse_ops`, PyTorch's semi-structured path for 2:4 in
 :mod:`memkern.ops.semi_structured`; this module holds the public function.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ __all__ = ["BlockSparseWeight", "Sparse24Weight", "masked_matmul", "semi_structu
 
 
 # -- public function -------------------------------------------------------------------------
-def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+def masked_matmul(
+    x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ (W * M)^T + bias`` for a pruned weight, visiting only kept blocks / values.
 
     Args:
@@ -95,12 +97,26 @@ def masked_matmul(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight,
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), k)  # not -1: in_features may be 0
     if isinstance(weight, BlockSparseWeight):
-        y = backends.call(block_sparse_matmul_op, block_sparse_matmul_table, x2, weight.effective_values(),
-                          weight.crow, weight.col, weight.ccol, weight.csc_row, weight.csc_block, n_out, bias)
+        y = backends.call(
+            block_sparse_matmul_op,
+            block_sparse_matmul_table,
+            x2,
+            weight.effective_values(),
+            weight.crow,
+            weight.col,
+            weight.ccol,
+            weight.csc_row,
+            weight.csc_block,
+            n_out,
+            bias,
+        )
     else:
         values = weight.effective_values()
-        w_semi = (semi_structured.semi_structured_weight(weight)
-                  if semi_structured.semi_structured_reason(x2, weight) is None else None)
+        w_semi = (
+            semi_structured.semi_structured_weight(weight)
+            if semi_structured.semi_structured_reason(x2, weight) is None
+            else None
+        )
         if w_semi is not None:
             y = semi_structured.SemiStructuredProduct.apply(x2, bias, values, weight.meta, (w_semi,))
         else:

@@ -12,10 +12,11 @@ The 2:4 ``meta`` codes are 2-bit positions inside a group of four, so they can n
 address memory outside the weight; they are checked for the format's ``i0 < i1`` so that
 a corrupted checkpoint is refused instead of computing with a different weight.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -56,11 +57,14 @@ def check_shape(op: str, shape: object) -> tuple[int, int]:
     """A weight's ``(out_features, in_features)``."""
     if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
         raise ValueError(f"{op}: shape must be a pair (out_features, in_features), got {shape!r}")
-    return check_features(op, "shape[0] (out_features)", shape[0]), check_features(op, "shape[1] (in_features)", shape[1])
+    return check_features(op, "shape[0] (out_features)", shape[0]), check_features(
+        op, "shape[1] (in_features)", shape[1]
+    )
 
 
-def _check_layout(op: str, name: str, t: object, shape: tuple[int, ...], dtypes: Sequence[torch.dtype],
-                  why: str) -> torch.Tensor:
+def _check_layout(
+    op: str, name: str, t: object, shape: tuple[int, ...], dtypes: Sequence[torch.dtype], why: str
+) -> torch.Tensor:
     _validate.check_tensor(op, name, t)
     if tuple(t.shape) != shape:
         raise ValueError(f"{op}: {name} must have shape {shape} ({why}), got {tuple(t.shape)}")
@@ -77,8 +81,10 @@ def check_block_list(op: str, block_rows: object, block_cols: object, n_block_ro
         if t.numel() and not bool(((t >= 0) & (t < bound)).all()):
             raise ValueError(f"{op}: {name} must lie in [0, {bound}), got values from {int(t.min())} to {int(t.max())}")
     if block_rows.shape != block_cols.shape or not bool((block_rows.diff() >= 0).all()):
-        raise ValueError(f"{op}: block_rows and block_cols must list the same blocks in block-row order, got "
-                         f"block_rows {_preview(block_rows)} and block_cols {_preview(block_cols)}")
+        raise ValueError(
+            f"{op}: block_rows and block_cols must list the same blocks in block-row order, got "
+            f"block_rows {_preview(block_rows)} and block_cols {_preview(block_cols)}"
+        )
 
 
 def every_block_index(n_block_rows: int, n_block_cols: int, device) -> tuple[torch.Tensor, ...]:
@@ -127,8 +133,10 @@ def check_block_sparse(op: str, values, crow, col, ccol, csc_row, csc_block, mas
     n, k = check_shape(op, shape)
     _validate.check_tensor(op, prefix + "values", values)
     if values.dim() != 3 or values.shape[1] not in BLOCK_SIZES or values.shape[2] not in BLOCK_SIZES:
-        raise ValueError(f"{op}: {prefix}values must be (blocks, BN, BK) with BN and BK in {list(BLOCK_SIZES)}, "
-                         f"got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"{op}: {prefix}values must be (blocks, BN, BK) with BN and BK in {list(BLOCK_SIZES)}, "
+            f"got shape {tuple(values.shape)}"
+        )
     _validate.check_dtype(op, prefix + "values", values, _validate.FLOAT_DTYPES)
     nnzb, bn, bk = values.shape
     nbr, nbc = -(-n // bn), -(-k // bk)
@@ -142,31 +150,51 @@ def check_block_sparse(op: str, values, crow, col, ccol, csc_row, csc_block, mas
             raise ValueError(f"{op}: {prefix}{name} must be contiguous, got stride {t.stride()}")
     if mask is not None:
         _check_layout(op, prefix + "mask", mask, tuple(values.shape), (torch.bool,), f"{prefix}values' shape")
-    _validate.check_same_device(op, **{prefix + name: t for name, t in (("values", values), *index.items(),
-                                                                          ("mask", mask))})
+    _validate.check_same_device(
+        op, **{prefix + name: t for name, t in (("values", values), *index.items(), ("mask", mask))}
+    )
     if values.device.type == "meta":
         return  # a meta tensor has no entries to check
 
     # Bounds first: the consistency checks below index with these tensors.
     def pointer(name: str, ptr: torch.Tensor):
         ok = (ptr[0] == 0) & (ptr[-1] == nnzb) & (ptr.diff() >= 0).all()
-        return ok, lambda: (f"{prefix}{name} must run from 0 to {nnzb} (the number of blocks) without decreasing "
-                            f"({grid}); got {_preview(ptr)}")
+        return (
+            ok,
+            lambda: (
+                f"{prefix}{name} must run from 0 to {nnzb} (the number of blocks) without decreasing "
+                f"({grid}); got {_preview(ptr)}"
+            ),
+        )
 
     def bounded(name: str, bound: int, what: str):
         t = index[name]
         ok = (t >= 0) & (t < bound)
-        return ok.all(), lambda: (f"{prefix}{name} must hold {what} in [0, {bound}) ({grid}); got "
-                                  f"{int(t[_first_bad(ok)])} at position {_first_bad(ok)}")
+        return (
+            ok.all(),
+            lambda: (
+                f"{prefix}{name} must hold {what} in [0, {bound}) ({grid}); got "
+                f"{int(t[_first_bad(ok)])} at position {_first_bad(ok)}"
+            ),
+        )
 
-    _raise_first_failure(op, [pointer("crow", crow), pointer("ccol", ccol), bounded("col", nbc, "block columns"),
-                              bounded("csc_row", nbr, "block rows"), bounded("csc_block", nnzb, "block numbers")])
+    _raise_first_failure(
+        op,
+        [
+            pointer("crow", crow),
+            pointer("ccol", ccol),
+            bounded("col", nbc, "block columns"),
+            bounded("csc_row", nbr, "block rows"),
+            bounded("csc_block", nnzb, "block numbers"),
+        ],
+    )
 
     rows = torch.repeat_interleave(torch.arange(nbr, device=crow.device), crow.diff())
     cols_by_ccol = torch.repeat_interleave(torch.arange(nbc, device=ccol.device), ccol.diff())
     key = rows * nbc + col
     listed = torch.zeros(nnzb, dtype=torch.int64, device=col.device).index_add_(
-        0, csc_block, torch.ones_like(csc_block))
+        0, csc_block, torch.ones_like(csc_block)
+    )
     row_ok, col_ok = csc_row == rows[csc_block], col[csc_block] == cols_by_ccol
 
     sorted_key = key.sort().values
@@ -176,20 +204,35 @@ def check_block_sparse(op: str, values, crow, col, ccol, csc_row, csc_block, mas
         r, c = divmod(int(sorted_key[_first_bad(distinct)]), nbc)
         return f"{prefix}col must list each block once; block (row {r}, column {c}) is listed more than once"
 
-    _raise_first_failure(op, [
-        (distinct.all(), twice),
-        ((listed == 1).all(), lambda: f"{prefix}csc_block must list each of the {nnzb} blocks once; got "
-                                      f"{_preview(csc_block)}"),
-        (row_ok.all(), lambda: (f"{prefix}csc_row must be the block row of each block in csc_block; position "
-                                f"{_first_bad(row_ok)} has {int(csc_row[_first_bad(row_ok)])}, block "
-                                f"{int(csc_block[_first_bad(row_ok)])} is in block row "
-                                f"{int(rows[csc_block[_first_bad(row_ok)]])}")),
-        (col_ok.all(), lambda: (f"{prefix}ccol and {prefix}csc_block must list the blocks of each block column; "
-                                f"position {_first_bad(col_ok)} belongs to block column "
-                                f"{int(cols_by_ccol[_first_bad(col_ok)])} by ccol, but block "
-                                f"{int(csc_block[_first_bad(col_ok)])} is in block column "
-                                f"{int(col[csc_block[_first_bad(col_ok)]])}")),
-    ])
+    _raise_first_failure(
+        op,
+        [
+            (distinct.all(), twice),
+            (
+                (listed == 1).all(),
+                lambda: f"{prefix}csc_block must list each of the {nnzb} blocks once; got {_preview(csc_block)}",
+            ),
+            (
+                row_ok.all(),
+                lambda: (
+                    f"{prefix}csc_row must be the block row of each block in csc_block; position "
+                    f"{_first_bad(row_ok)} has {int(csc_row[_first_bad(row_ok)])}, block "
+                    f"{int(csc_block[_first_bad(row_ok)])} is in block row "
+                    f"{int(rows[csc_block[_first_bad(row_ok)]])}"
+                ),
+            ),
+            (
+                col_ok.all(),
+                lambda: (
+                    f"{prefix}ccol and {prefix}csc_block must list the blocks of each block column; "
+                    f"position {_first_bad(col_ok)} belongs to block column "
+                    f"{int(cols_by_ccol[_first_bad(col_ok)])} by ccol, but block "
+                    f"{int(csc_block[_first_bad(col_ok)])} is in block column "
+                    f"{int(col[csc_block[_first_bad(col_ok)]])}"
+                ),
+            ),
+        ],
+    )
 
 
 def check_sparse24(op: str, values, meta, mask, shape, prefix: str = "") -> None:
@@ -198,8 +241,12 @@ def check_sparse24(op: str, values, meta, mask, shape, prefix: str = "") -> None
     n, k = check_shape(op, shape)
     if k % 4:
         raise ValueError(f"{op}: 2:4 needs in_features divisible by 4, got shape {(n, k)}")
-    _check_layout(op, prefix + "values", values, (n, k // 2), _validate.FLOAT_DTYPES, f"two slots per group of 4 of {(n, k)}")
-    _check_layout(op, prefix + "meta", meta, (n, (k + 7) // 8), (torch.uint8,), f"one 4-bit code per group of 4 of {(n, k)}")
+    _check_layout(
+        op, prefix + "values", values, (n, k // 2), _validate.FLOAT_DTYPES, f"two slots per group of 4 of {(n, k)}"
+    )
+    _check_layout(
+        op, prefix + "meta", meta, (n, (k + 7) // 8), (torch.uint8,), f"one 4-bit code per group of 4 of {(n, k)}"
+    )
     if mask is not None:
         _check_layout(op, prefix + "mask", mask, (n, k // 2), (torch.bool,), "values' shape")
     _validate.check_same_device(op, **{prefix + "values": values, prefix + "meta": meta, prefix + "mask": mask})
@@ -209,8 +256,10 @@ def check_sparse24(op: str, values, meta, mask, shape, prefix: str = "") -> None
     ordered = pos[..., 0] < pos[..., 1]
     if not bool(ordered.all()):
         r, g = (~ordered).nonzero()[0].tolist()
-        raise ValueError(f"{op}: {prefix}meta must give each group two positions i0 < i1; row {r}, group {g} "
-                         f"(columns {4 * g}..{4 * g + 3}) has i0={int(pos[r, g, 0])}, i1={int(pos[r, g, 1])}")
+        raise ValueError(
+            f"{op}: {prefix}meta must give each group two positions i0 < i1; row {r}, group {g} "
+            f"(columns {4 * g}..{4 * g + 3}) has i0={int(pos[r, g, 0])}, i1={int(pos[r, g, 1])}"
+        )
 
 
 # -- checked once, again only after a change ---------------------------------------------------
@@ -234,15 +283,23 @@ class Checked:
 
 
 def _stamp(index: tuple, others: tuple, shape) -> tuple | None:
-    if not (isinstance(shape, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in index)
-            and all(t is None or isinstance(t, torch.Tensor) for t in others)):
+    if not (
+        isinstance(shape, (tuple, list))
+        and all(isinstance(t, torch.Tensor) for t in index)
+        and all(t is None or isinstance(t, torch.Tensor) for t in others)
+    ):
         return None  # the check names what is wrong
     # An index tensor moved to another device or swapped through ``.data`` has another data_ptr.
-    return (tuple((_version(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for t in index),
-            tuple(None if t is None else (t.shape, t.dtype, t.device) for t in others), tuple(shape))
+    return (
+        tuple((_version(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for t in index),
+        tuple(None if t is None else (t.shape, t.dtype, t.device) for t in others),
+        tuple(shape),
+    )
 
 
-def check_once(previous: Checked | None, index: tuple, others: tuple, shape, check: Callable[[], None]) -> Checked | None:
+def check_once(
+    previous: Checked | None, index: tuple, others: tuple, shape, check: Callable[[], None]
+) -> Checked | None:
     """Run ``check`` unless ``previous`` shows that it passed for these very tensors;
     return what to remember. Under torch.compile nothing is checked: the traced weight
     wraps tensors that were checked when they entered."""

@@ -2,6 +2,7 @@
 and the ``torch.library`` ops (schema, fake, autograd): the block-sparse product and its
 backward, and the 2:4 compress / decompress / product.
 """
+
 from __future__ import annotations
 
 import torch
@@ -128,8 +129,17 @@ def _s24_triton(x, values, meta, bias):
 
 # -- operators -----------------------------------------------------------------------------
 @torch.library.custom_op("memkern::block_sparse_matmul", mutates_args=())
-def block_sparse_matmul_op(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor,
-             csc_row: torch.Tensor, csc_block: torch.Tensor, n_out: int, bias: torch.Tensor | None) -> torch.Tensor:
+def block_sparse_matmul_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    csc_row: torch.Tensor,
+    csc_block: torch.Tensor,
+    n_out: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     return _fwd(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias)
 
 
@@ -139,8 +149,16 @@ def _bsmm_fake(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
 
 
 @torch.library.custom_op("memkern::block_sparse_matmul_backward", mutates_args=())
-def _bsmm_bwd_op(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                 ccol: torch.Tensor, csc_row: torch.Tensor, csc_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bsmm_bwd_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    csc_row: torch.Tensor,
+    csc_block: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _bwd(grad, x, values, crow, col, ccol, csc_row, csc_block)
 
 
@@ -187,7 +205,9 @@ def _decompress_fake(values, meta, cols):
 
 
 @torch.library.custom_op("memkern::sparse24_matmul", mutates_args=())
-def sparse24_matmul_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def sparse24_matmul_op(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return _s24(x, values, meta, bias)
 
 

@@ -2,6 +2,7 @@
 blocks) and Sparse24Weight (2:4). Their structure is checked where it enters
 (memkern.ops.sparse_format): built from raw tensors, an index, or a checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class BlockSparseWeight(_PrunedWeight):
     csc_block: torch.Tensor
     mask: torch.Tensor | None
     shape: tuple[int, int]
-    _checked: "sparse_format.Checked | None" = field(default=None, init=False, repr=False, compare=False)
+    _checked: sparse_format.Checked | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.check()
@@ -74,8 +75,12 @@ class BlockSparseWeight(_PrunedWeight):
         until a tensor is replaced or an index tensor is changed in place."""
         index = (self.crow, self.col, self.ccol, self.csc_row, self.csc_block)
         self._checked = sparse_format.check_once(
-            self._checked, index, (self.values, self.mask), self.shape,
-            lambda: sparse_format.check_block_sparse(op, self.values, *index, self.mask, self.shape, prefix))
+            self._checked,
+            index,
+            (self.values, self.mask),
+            self.shape,
+            lambda: sparse_format.check_block_sparse(op, self.values, *index, self.mask, self.shape, prefix),
+        )
 
     @property
     def block(self) -> tuple[int, int]:
@@ -97,8 +102,9 @@ class BlockSparseWeight(_PrunedWeight):
         return sum(t.numel() * t.element_size() for t in ts)
 
     @staticmethod
-    def index(block_rows: torch.Tensor, block_cols: torch.Tensor, n_block_rows: int,
-              n_block_cols: int) -> tuple[torch.Tensor, ...]:
+    def index(
+        block_rows: torch.Tensor, block_cols: torch.Tensor, n_block_rows: int, n_block_cols: int
+    ) -> tuple[torch.Tensor, ...]:
         """(crow, col, ccol, csc_row, csc_block) of blocks listed in block-row order."""
         sparse_format.check_block_list("BlockSparseWeight.index", block_rows, block_cols, n_block_rows, n_block_cols)
         dev = block_rows.device
@@ -110,8 +116,9 @@ class BlockSparseWeight(_PrunedWeight):
         return crow, block_cols.clone(), ccol, block_rows[csc_block].contiguous(), csc_block
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
-                   block: tuple[int, int] = (64, 64)) -> "BlockSparseWeight":
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, block: tuple[int, int] = (64, 64)
+    ) -> BlockSparseWeight:
         """Keep every block of ``weight`` (out, in) where ``mask`` (bool, same shape) has a
         True; elements inside kept blocks with mask False are zeroed and masked. Without a
         mask, blocks holding any nonzero are kept."""
@@ -124,8 +131,10 @@ class BlockSparseWeight(_PrunedWeight):
             mask = weight != 0
         sparse_format.check_mask(op, weight, mask)
         if mask.is_meta:
-            raise ValueError(f"{op}: which blocks a mask keeps depends on its values, and a meta tensor has none; "
-                             "keeping_every_block builds a meta weight (to load with assign=True)")
+            raise ValueError(
+                f"{op}: which blocks a mask keeps depends on its values, and a meta tensor has none; "
+                "keeping_every_block builds a meta weight (to load with assign=True)"
+            )
         n, k = weight.shape
         nbr, nbc = -(-n // bn), -(-k // bk)
         padded_mask = torch.zeros(nbr * bn, nbc * bk, dtype=torch.bool, device=weight.device)
@@ -145,7 +154,7 @@ class BlockSparseWeight(_PrunedWeight):
         return cls(values, *cls.index(rows, cols, nbr, nbc), block_mask if need_mask else None, (n, k))
 
     @classmethod
-    def keeping_every_block(cls, weight: torch.Tensor, block: tuple[int, int] = (64, 64)) -> "BlockSparseWeight":
+    def keeping_every_block(cls, weight: torch.Tensor, block: tuple[int, int] = (64, 64)) -> BlockSparseWeight:
         """``weight`` (out, in) with every block kept and no element mask. It reads no
         values, so it also builds a weight on the meta device."""
         op = "BlockSparseWeight.keeping_every_block"
@@ -157,7 +166,9 @@ class BlockSparseWeight(_PrunedWeight):
         nbr, nbc = -(-n // bn), -(-k // bk)
         padded = weight.detach().new_zeros(nbr * bn, nbc * bk)
         padded[:n, :k] = weight.detach()
-        values = sparse_format.row_panel_layout(padded.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3).reshape(nbr * nbc, bn, bk))
+        values = sparse_format.row_panel_layout(
+            padded.reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3).reshape(nbr * nbc, bn, bk)
+        )
         return cls(values, *sparse_format.every_block_index(nbr, nbc, weight.device), None, (n, k))
 
     def to_dense(self) -> torch.Tensor:
@@ -197,7 +208,7 @@ class Sparse24Weight(_PrunedWeight):
     # first use (memkern.ops.semi_structured.SemiStructuredCache: kept here, built and read
     # there, so this module need not import it).
     semi_structured_cache: object | None = field(default=None, init=False, repr=False, compare=False)
-    _checked: "sparse_format.Checked | None" = field(default=None, init=False, repr=False, compare=False)
+    _checked: sparse_format.Checked | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.check()
@@ -207,8 +218,12 @@ class Sparse24Weight(_PrunedWeight):
         (:func:`memkern.ops.sparse_format.check_sparse24`). Free after a passed check until
         a tensor is replaced or ``meta`` is changed in place."""
         self._checked = sparse_format.check_once(
-            self._checked, (self.meta,), (self.values, self.mask), self.shape,
-            lambda: sparse_format.check_sparse24(op, self.values, self.meta, self.mask, self.shape, prefix))
+            self._checked,
+            (self.meta,),
+            (self.values, self.mask),
+            self.shape,
+            lambda: sparse_format.check_sparse24(op, self.values, self.meta, self.mask, self.shape, prefix),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -217,7 +232,7 @@ class Sparse24Weight(_PrunedWeight):
         return sum(t.numel() * t.element_size() for t in (self.values, self.meta, self.mask) if t is not None)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "Sparse24Weight":
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> Sparse24Weight:
         """Compress ``weight * mask`` (out, in); ``mask`` (bool) keeps at most 2 of every 4
         consecutive input columns. Without a mask the nonzeros of ``weight`` are kept."""
         op = "Sparse24Weight.from_dense"
@@ -233,8 +248,10 @@ class Sparse24Weight(_PrunedWeight):
         per_group = mask.reshape(n, k // 4, 4).sum(-1)
         if n and k and not weight.is_meta and int(per_group.max()) > 2:
             r, g = (per_group > 2).nonzero()[0].tolist()
-            raise ValueError(f"{op}: 2:4 keeps at most 2 of every 4 input columns; row {r}, columns "
-                             f"{4 * g}..{4 * g + 3} keep {int(per_group[r, g])}")
+            raise ValueError(
+                f"{op}: 2:4 keeps at most 2 of every 4 input columns; row {r}, columns "
+                f"{4 * g}..{4 * g + 3} keep {int(per_group[r, g])}"
+            )
         values, meta = sparse24_compress_op(weight.detach().contiguous(), mask.contiguous())
         if weight.is_meta:  # no values, so no free slots to find
             return cls(values, meta, (n, k))
