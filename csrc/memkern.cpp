@@ -33,7 +33,6 @@ TORCH_LIBRARY(memkern, m) {
   // Low-precision linear layers; see memkern/ops/lowp.py.
   m.def("int8_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("int8_linear_packed_kernel(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
-  m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
   // Whether int8_linear_packed_kernel reads the packed layout itself in this build (else it
   // unpacks the weight first); see memkern.ops.int8_packed_kernel_native.
   m.def("int8_packed_kernel_native() -> bool");
@@ -44,6 +43,14 @@ TORCH_LIBRARY(memkern, m) {
         "Tensor? bias) -> Tensor");
   // Which vector path the int4 kernel compiled: "avx512", "avx2" or "scalar".
   m.def("int4_kernel_simd() -> str");
+}
+
+// Internal kernels, no part of memkern's operators: tests reach them as
+// torch.ops.memkern_internal.<name>, and their schemas may change without notice.
+// int8_mm_kernel: a @ b.T of int8 (M, K) and (N, K) in int32, exact; allow_vnni picks the
+// AVX512-VNNI kernel where the build has it, else the portable loop (cpu/int8_linear.cpp).
+TORCH_LIBRARY(memkern_internal, m) {
+  m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
 }
 
 extern "C" {

@@ -11,7 +11,8 @@
 //                                   memkern.nn.Int8Linear keeps on the CPU (vpdpbusd's
 //                                   operand order, written once at conversion).
 //   int8_packed_kernel_native       whether this build reads the packed layout natively.
-//   int8_mm_kernel                  the int8 GEMM alone (int32 accumulation, exact): the
+//   memkern_internal::int8_mm_kernel
+//                                   the int8 GEMM alone (int32 accumulation, exact): the
 //                                   VNNI kernel, or the portable loop used where _int_mm
 //                                   refuses a shape or a CPU.
 //
@@ -224,11 +225,14 @@ bool int8_packed_kernel_native() {
 TORCH_LIBRARY_IMPL(memkern, CPU, m) {
   m.impl("int8_linear_kernel", &int8_linear_cpu);
   m.impl("int8_linear_packed_kernel", &int8_linear_packed_cpu);
-  m.impl("int8_mm_kernel", &int8_mm_cpu);
 }
 
 TORCH_LIBRARY_IMPL(memkern, CompositeImplicitAutograd, m) {
   m.impl("int8_packed_kernel_native", &int8_packed_kernel_native);
+}
+
+TORCH_LIBRARY_IMPL(memkern_internal, CPU, m) {
+  m.impl("int8_mm_kernel", &int8_mm_cpu);
 }
 
 }  // namespace memkern
