@@ -7,6 +7,8 @@
 // built; memkern/backends.py decides per call whether they run these kernels, a Triton
 // kernel or the PyTorch reference. Keeping one schema per kernel here and the per-device
 // implementations in cpu/*.cpp and cuda/*.cpp is the layout of PyTorch's custom-op tutorial.
+// The build queries without tensor arguments (int8_packed_kernel_native, int4_kernel_simd)
+// have one CompositeImplicitAutograd kernel each, registered beside the code they describe.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -31,12 +33,24 @@ TORCH_LIBRARY(memkern, m) {
   // Low-precision linear layers; see memkern/ops/lowp.py.
   m.def("int8_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("int8_linear_packed_kernel(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
-  m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
+  // Whether int8_linear_packed_kernel reads the packed layout itself in this build (else it
+  // unpacks the weight first); see memkern.ops.int8_packed_kernel_native.
+  m.def("int8_packed_kernel_native() -> bool");
   m.def("int8_weight_only_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("fp16_linear_kernel(Tensor x, Tensor w_half, Tensor? bias) -> Tensor");
   // 4-bit group-wise weight-only linear layer; see memkern/ops/int4.py.
   m.def("int4_weight_only_linear_kernel(Tensor x, Tensor w_int4, Tensor scales, Tensor zeros, int group_size, "
         "Tensor? bias) -> Tensor");
+  // Which vector path the int4 kernel compiled: "avx512", "avx2" or "scalar".
+  m.def("int4_kernel_simd() -> str");
+}
+
+// Internal kernels, no part of memkern's operators: tests reach them as
+// torch.ops.memkern_internal.<name>, and their schemas may change without notice.
+// int8_mm_kernel: a @ b.T of int8 (M, K) and (N, K) in int32, exact; allow_vnni picks the
+// AVX512-VNNI kernel where the build has it, else the portable loop (cpu/int8_linear.cpp).
+TORCH_LIBRARY(memkern_internal, m) {
+  m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
 }
 
 extern "C" {

@@ -3,6 +3,8 @@ reference, bit-exact integer products, SQNR, edge cases, autograd, bad input, op
 torch.compile."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -135,9 +137,27 @@ def test_cpu_int8_gemms_are_bit_exact(allow_vnni, m, k, n):
     b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     a[0] = -128
     b[-1] = -128
-    out = torch.ops.memkern.int8_mm_kernel(a, b, allow_vnni)
+    out = torch.ops.memkern_internal.int8_mm_kernel(a, b, allow_vnni)
     assert out.dtype == torch.int32
     assert torch.equal(out.long(), a.long() @ b.long().t())
+
+
+def test_compiled_schemas_are_all_defined_in_memkern_cpp():
+    # csrc/memkern.cpp holds every schema of memkern._C; the cpu/ and cuda/ files register
+    # implementations only. The test-only int8 GEMM lives outside the public namespace.
+    require_backend("int8_linear", "cpp", torch.randn(1, 1))
+    where = {}
+    for name in torch._C._dispatch_get_all_op_names():
+        if name.split("::")[0] in ("memkern", "memkern_internal"):
+            debug = [line for line in torch._C._dispatch_dump(name).splitlines() if line.startswith("debug:")]
+            if debug and ".cpp:" in debug[0]:  # defined in C++, not by torch.library.custom_op
+                where[name] = debug[0]
+    assert "memkern::int8_linear_kernel" in where and "memkern::int8_packed_kernel_native" in where
+    elsewhere = {name: d for name, d in where.items() if not re.search(r"csrc[/\\]memkern\.cpp:\d+$", d)}
+    assert not elsewhere, elsewhere
+    assert "memkern_internal::int8_mm_kernel" in where
+    assert "memkern::int8_mm_kernel" not in where
+    assert not hasattr(torch.ops.memkern, "int8_mm_kernel")
 
 
 @pytest.mark.parametrize("m, k, n", [(131, 4097, 9), (4, 64, 8), (3, 65, 2), (260, 2100, 6)])

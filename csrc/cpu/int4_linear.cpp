@@ -347,8 +347,8 @@ TORCH_LIBRARY_IMPL(memkern, CPU, m) {
   m.impl("int4_weight_only_linear_kernel", &int4_weight_only_linear_cpu);
 }
 
-TORCH_LIBRARY_FRAGMENT(memkern, m) {
-  m.def("int4_kernel_simd() -> str", &int4_kernel_simd);
+TORCH_LIBRARY_IMPL(memkern, CompositeImplicitAutograd, m) {
+  m.impl("int4_kernel_simd", &int4_kernel_simd);
 }
 
 }  // namespace memkern
