@@ -22,12 +22,12 @@ TORCH_LIBRARY(memkern, m) {
   // sparse24: 2:4 compressed weights (kept values + 2-bit positions); see memkern/ops/sparse.py.
   m.def("sparse24_compress_kernel(Tensor weight, Tensor mask) -> (Tensor values, Tensor meta)");
   m.def("sparse24_decompress_kernel(Tensor values, Tensor meta, int cols) -> Tensor");
-  // kd_loss_rows: per-row distillation loss of (rows x V) logits, and its gradient with
+  // kd_loss_rows_kernel: per-row distillation loss of (rows x V) logits, and its gradient with
   // respect to the student logits written into grad (scaled by grad_scale * row_scale[r];
   // a 1-D grad means "none"). grad may be the student tensor itself (the fused-linear path
   // overwrites its fp32 logits chunk). divergence: 0 forward_kl, 1 reverse_kl, 2 jsd.
   // See memkern/ops/kd.py.
-  m.def("kd_loss_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor? row_scale, "
+  m.def("kd_loss_rows_kernel(Tensor student, Tensor teacher, Tensor? labels, Tensor? row_scale, "
         "Tensor(a!) grad, float alpha, float temperature, int divergence, float beta, "
         "int ignore_index, float kd_scale, float grad_scale) -> Tensor");
   // Low-precision linear layers; see memkern/ops/lowp.py.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import memkern
+from memkern.kernels import kd as row_kernels
 from memkern.ops import kd_ops as kd_op_tables
 from memkern import kd_options
 from memkern import reference
@@ -146,7 +147,7 @@ def test_training_path_is_fused_and_never_holds_rows_by_vocab(reduction, monkeyp
     hs, ws, bs, ht, wt, bt, y = _inputs(rows, 8, hidden_t, vocab)
     require_backend("linear_kd_loss", "triton", hs)
     monkeypatch.setattr(kd_op_tables, "linear_chunks", _forbid)
-    monkeypatch.setattr(kernels, "kd_loss_rows", _forbid)
+    monkeypatch.setattr(row_kernels, "kd_loss_rows", _forbid)
     spy = _Spy(kernels._linear_kd_grad_kernel)
     monkeypatch.setattr(kernels, "_linear_kd_grad_kernel", spy)
     leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]

@@ -1,6 +1,7 @@
 """int8_linear, int8_weight_only_linear, fp16_linear: every backend against a float64
 reference, bit-exact integer products, SQNR, edge cases, autograd, bad input, opcheck and
 torch.compile."""
+
 from __future__ import annotations
 
 import re
@@ -10,7 +11,15 @@ import torch
 
 import memkern
 from memkern import reference
-from conftest import CPU_BACKENDS, assert_compiles_like_eager, assert_rel_close, call_lowp, lowp_reference64, require_backend, sqnr_db
+from conftest import (
+    CPU_BACKENDS,
+    assert_compiles_like_eager,
+    assert_rel_close,
+    call_lowp,
+    lowp_reference64,
+    require_backend,
+    sqnr_db,
+)
 
 OPS = ("int8_linear", "int8_weight_only_linear", "fp16_linear")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -81,8 +90,9 @@ def test_int8_linear_out_dtype(backend, out_dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("m, k, w_bound", [(17, 31, 128), (17, 4095, 32), (129, 4095, 32)],
-                         ids=["17x31-full-range", "17x4095", "129x4095"])
+@pytest.mark.parametrize(
+    "m, k, w_bound", [(17, 31, 128), (17, 4095, 32), (129, 4095, 32)], ids=["17x31-full-range", "17x4095", "129x4095"]
+)
 def test_int8_products_are_bit_exact(backend, m, k, w_bound):
     # Integer-valued x whose rows reach +-127 quantise with scale exactly 1, so with unit
     # weight scales the output is the integer product itself. |x| <= 127 and |w| <= w_bound
@@ -191,8 +201,10 @@ def test_int8_linear_quantises_ties_half_to_even(backend, layout):
     # The activation quantisation inside int8_linear (fused into the CPU's VNNI kernel)
     # rounds x / scale half to even. Rows with exact .5 ties at scale 1 and at scale 2,
     # times an identity weight with unit scales: each output is q * x_scale.
-    rows = [[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -125.5, 127.0],
-            [1.0, 3.0, 5.0, -1.0, -3.0, -5.0, 251.0, 253.0, -251.0, 254.0]]
+    rows = [
+        [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -125.5, 127.0],
+        [1.0, 3.0, 5.0, -1.0, -3.0, -5.0, 251.0, 253.0, -251.0, 254.0],
+    ]
     half_even = torch.tensor([0, 2, 2, 0, -2, -2, 126, 126, -126, 127], dtype=torch.float64)
     x = torch.tensor(rows)
     if layout == "float32-strided":
@@ -204,8 +216,9 @@ def test_int8_linear_quantises_ties_half_to_even(backend, layout):
     assert torch.equal(out.double(), torch.stack([half_even, 2 * half_even]))
 
 
-@pytest.mark.parametrize("op, min_db", [("int8_linear", 38.0), ("int8_weight_only_linear", 40.0),
-                                        ("fp16_linear", 60.0)])
+@pytest.mark.parametrize(
+    "op, min_db", [("int8_linear", 38.0), ("int8_weight_only_linear", 40.0), ("fp16_linear", 60.0)]
+)
 def test_sqnr_against_the_float64_product(op, min_db):
     # Gaussian activations and weights; the reference is the unquantised float64 product.
     x = torch.randn(128, 1024)
@@ -315,8 +328,9 @@ def test_gradcheck(op):
     weight_args = _args(op, w, w_q, w_scale)
     x = torch.randn(3, 7, requires_grad=True)
     bias = torch.randn(5, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: call_lowp(op, x, weight_args, b), (x, bias),
-                                    eps=1e-2, atol=1e-3, rtol=1e-3)
+    assert torch.autograd.gradcheck(
+        lambda x, b: call_lowp(op, x, weight_args, b), (x, bias), eps=1e-2, atol=1e-3, rtol=1e-3
+    )
 
 
 def test_weights_get_no_gradient_and_frozen_model_passes_gradients():
@@ -353,8 +367,9 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("op, args, kwargs, error, words", _bad_inputs(),
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(_bad_inputs())])
+@pytest.mark.parametrize(
+    "op, args, kwargs, error, words", _bad_inputs(), ids=[f"{c[0]}-{i}" for i, c in enumerate(_bad_inputs())]
+)
 def test_bad_input_is_a_clear_error(op, args, kwargs, error, words):
     with pytest.raises(error) as info:
         getattr(memkern.ops, op)(*args, **kwargs)
@@ -393,8 +408,9 @@ def test_compiles_without_graph_breaks(op):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ("cuda", "triton", "torch"))
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("case", ((1, 4095, 257, F16), (7, 31, 130, BF16), (128, 1, 64, F32),
-                                  (300, 1000, 515, BF16)), ids=_case_id)
+@pytest.mark.parametrize(
+    "case", ((1, 4095, 257, F16), (7, 31, 130, BF16), (128, 1, 64, F32), (300, 1000, 515, BF16)), ids=_case_id
+)
 def test_gpu_matches_reference(op, backend, case):
     m, k, n, dtype = case
     x = torch.randn(m, k, device="cuda").to(dtype)

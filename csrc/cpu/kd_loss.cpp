@@ -1,4 +1,4 @@
-// CPU kernel for memkern::kd_loss_rows: the distillation loss of each row of (rows x V)
+// CPU kernel for memkern::kd_loss_rows_kernel: the distillation loss of each row of (rows x V)
 // student and teacher logits and, in the same call, the gradient of that loss with respect
 // to the student logits.
 //
@@ -353,7 +353,7 @@ at::Tensor kd_loss_rows_cpu(const at::Tensor& s, const at::Tensor& t, const std:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memkern, CPU, m) {
-  m.impl("kd_loss_rows", &kd_loss_rows_cpu);
+  m.impl("kd_loss_rows_kernel", &kd_loss_rows_cpu);
 }
 
 }  // namespace memkern

@@ -1,4 +1,4 @@
-// CUDA registration of kd_loss_rows: check tensors, pick the stream, launch.
+// CUDA registration of kd_loss_rows_kernel: check tensors, pick the stream, launch.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -52,7 +52,7 @@ at::Tensor kd_loss_rows_cuda(const at::Tensor& s, const at::Tensor& t, const std
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memkern, CUDA, m) {
-  m.impl("kd_loss_rows", &kd_loss_rows_cuda);
+  m.impl("kd_loss_rows_kernel", &kd_loss_rows_cuda);
 }
 
 }  // namespace memkern

@@ -48,7 +48,7 @@ def _row_weights(loss: torch.Tensor, row_scale: torch.Tensor | None, grad_scale:
 @_rows.register("cpp", dtypes=KD_DTYPES)
 @_rows.register("cuda", dtypes=_validate.FLOAT_DTYPES)
 def _rows_compiled(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
-    return torch.ops.memkern.kd_loss_rows(
+    return torch.ops.memkern.kd_loss_rows_kernel(
         s,
         t,
         labels,
