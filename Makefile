@@ -34,9 +34,12 @@ demo: install
 	$(VENV)/bin/memkern bench --quick
 
 # The Triton kernels run in Triton's interpreter on the CPU; MEMKERN_REQUIRE_BACKENDS turns
-# a missing C++ build or Triton into test failures instead of skips.
+# a missing C++ build or Triton into test failures instead of skips. Two worker processes
+# (the interpreter runs Python on one core each), each taking whole files, so a file's
+# module-scoped fixtures (the sm_80/sm_90 compile) run once.
+TEST_WORKERS ?= 2
 test: install lint
-	TRITON_INTERPRET=1 MEMKERN_REQUIRE_BACKENDS=cpp,triton $(PY) -m pytest -v --durations=15 tests
+	TRITON_INTERPRET=1 MEMKERN_REQUIRE_BACKENDS=cpp,triton $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -v --durations=15 tests
 
 # ruff (configured in pyproject.toml): the code must be formatted and lint-clean.
 lint: install
