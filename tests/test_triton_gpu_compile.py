@@ -32,16 +32,17 @@ VARIANTS = _aot.capture()
 # 12.9 for sm_80 and 13.4 for sm_90): the most spill stores / loads, in bytes per thread, a
 # launch may have. Each is a kernel whose tiles, warps or fp32 products want retuning on
 # that target; the fp32 products (input_precision="ieee") run on the FMA units, whose
-# operand tiles live in registers. A budget, not an expected failure: other Triton
-# releases allocate registers differently (Triton 3.6 spills none of these), and a launch
-# must never spill more than recorded here; every other launch must not spill at all.
+# operand tiles live in registers. A budget, not an expected failure: Triton releases
+# allocate registers differently (Triton 3.6 spilled less in some of these and more in the
+# bf16 128 x 128 weight-gradient kernel), so each budget is the most any release from
+# tools/triton_aot.py's SUPPORTED_TRITON spilled; every other launch must not spill at all.
 SPILLS = {
     # the masked-logit rules (0 log 0 = 0, +inf divergences) took 12 and 8 bytes more
     (80, "_linear_kd_grad_kernel(linear_kd_grad-fp16-rkl-bias)"): (80, 80),
     (80, "_linear_kd_grad_kernel(linear_kd_grad-bf16-jsd-row_scale)"): (124, 124),
     (80, "_block_sparse_fwd_kernel(block_sparse-fp32-64x64)"): (164, 164),
     (80, "_block_sparse_dx_kernel(block_sparse-fp32-64x64)"): (6348, 8176),
-    (80, "_block_sparse_dw_kernel(block_sparse-bf16-128x128)"): (8, 4),
+    (80, "_block_sparse_dw_kernel(block_sparse-bf16-128x128)"): (24, 12),  # Triton 3.9: 8/4; 3.6: 24/12
 }
 
 
