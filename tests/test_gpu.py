@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import memkern
+from memkern.kernels import kd_linear_stats
 from memkern.kernels import kd_chunks
 from memkern import backends, prune, reference
 from memkern.ops import BlockSparseWeight
@@ -185,7 +186,7 @@ def test_weight_gradient_across_vocabulary_slabs(device, dtype, monkeypatch):
             ).backward()
         return [x.grad.cpu() for x in leaves]
 
-    block_v = kd_kernels._grad_launch_config(dtype, dtype)["BLOCK_V"]
+    block_v = kd_linear_stats.grad_launch_config(dtype, dtype)["BLOCK_V"]
     assert kd_kernels._vocab_slab(vocab, hidden_s, dtype, block_v) == vocab
     one_slab = gradients()
     monkeypatch.setattr(kd_kernels, "WEIGHT_GRAD_SLAB_BYTES", 4 * hidden_s * block_v)  # one tile a slab

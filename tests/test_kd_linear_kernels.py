@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import memkern
+from memkern.kernels import kd_linear_stats
 from memkern.kernels import kd as row_kernels
 from memkern.ops import kd_ops as kd_op_tables
 from memkern import kd_options
@@ -40,9 +41,8 @@ def kernels(request):
 def _tiles() -> dict:
     """The gradient kernel's tile sizes on this machine (the shapes below are built around
     them, so they cross row, column and hidden-dimension tile boundaries)."""
-    from memkern.kernels import kd_linear as kd
 
-    return kd._grad_launch_config(torch.float32, torch.float32)
+    return kd_linear_stats.grad_launch_config(torch.float32, torch.float32)
 
 
 def _shape():
@@ -355,7 +355,7 @@ def test_half_weight_gradient_is_accumulated_one_vocabulary_slab_at_a_time(dtype
     opts = _kd_options(_options(divergence="reverse_kl"), True)
     whole = kernels.linear_kd_loss(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, True)
     assert whole[2].dtype == torch.float32  # the test shape fits one slab by default
-    block_v = kernels._grad_launch_config(dtype, dtype)["BLOCK_V"]
+    block_v = kd_linear_stats.grad_launch_config(dtype, dtype)["BLOCK_V"]
     monkeypatch.setattr(kernels, "WEIGHT_GRAD_SLAB_BYTES", 4 * hidden_s * block_v)  # one column tile a slab
     spy = _Spy(kernels._linear_kd_grad_kernel)
     monkeypatch.setattr(kernels, "_linear_kd_grad_kernel", spy)

@@ -60,6 +60,7 @@ CAPABILITIES = (80, 90)
 KERNEL_MODULES = (
     "memkern.kernels.kd",
     "memkern.kernels.kd_linear",
+    "memkern.kernels.kd_linear_stats",
     "memkern.kernels.int8",
     "memkern.kernels.quantize",
     "memkern.kernels.sparse",
@@ -249,7 +250,7 @@ def _kd_options(divergence: str, labels: bool):
 
 
 def _kd_cases():
-    from memkern.kernels import kd, kd_linear
+    from memkern.kernels import kd, kd_linear, kd_linear_stats
 
     # every divergence once and every dtype once, with labels (the cross entropy) and gradients
     rows, vocab = 8, 32000  # vocab > 1024: the launcher's widest tile, as for a real vocabulary
@@ -289,7 +290,7 @@ def _kd_cases():
         hs, ht = fake((n, h_s), torch.bfloat16), fake((n, h_t), torch.bfloat16)
         ws, wt = fake((vocab, h_s), torch.bfloat16), fake((vocab, h_t), torch.bfloat16)
         labels = fake((n,), torch.int64)
-        return lambda: kd_linear.linear_kd_stats(hs, ws, None, ht, wt, None, labels, _kd_options("fkl", True))
+        return lambda: kd_linear_stats.linear_kd_stats(hs, ws, None, ht, wt, None, labels, _kd_options("fkl", True))
 
 
 def _lowp_cases():

@@ -1,20 +1,20 @@
 """Triton kernels of the fused-linear distillation loss (the lm_head inside the loss).
 
-* ``_linear_kd_stats_kernel``: the fused-linear forward: a program owns BLOCK_M rows and
-  walks the vocabulary in BLOCK_V tiles, computing each tile of student and teacher logits
-  with tl.dot over the hidden dimension and folding it into running (online) maxima and
-  normalisers at once, so logits never reach memory (the JSD takes a second sweep with the
-  final statistics). It writes the loss per row and, when gradients are wanted, eight
-  float32 statistics per row (columns ``ST_*`` of memkern.kernels.kd): what the gradient needs besides the
-  logits themselves.
-* ``_linear_kd_grad_kernel``: the fused-linear gradient, with the structure of "cut
-  cross-entropy" (Wijmans et al., 2024). Grid (row tiles x vocabulary tiles); a program
-  recomputes its student and teacher logit tiles with the same ``_logits_tile`` and hidden
-  tile as the stats kernel, turns them and the row statistics into g = w_i d l_i / d s
-  (the formulas of the gradient pass of memkern.kernels.kd's ``_kd_rows_kernel``), and adds g @ ws[cols] into
-  grad_h[rows], g.T @ hs[rows] into grad_w[cols] and the column sums of g into grad_b[cols],
-  looping over the student's hidden dimension in BLOCK_K slices, with atomic adds into
-  float32 accumulators.
+* ``_linear_kd_stats_kernel`` (memkern.kernels.kd_linear_stats): the fused-linear forward: a
+  program owns BLOCK_M rows and walks the vocabulary in BLOCK_V tiles, computing each tile
+  of student and teacher logits with tl.dot over the hidden dimension and folding it into
+  running (online) maxima and normalisers at once, so logits never reach memory (the JSD
+  takes a second sweep with the final statistics). It writes the loss per row and, when
+  gradients are wanted, eight float32 statistics per row (columns ``ST_*`` of
+  memkern.kernels.kd): what the gradient needs besides the logits themselves.
+* ``_linear_kd_grad_kernel``: the fused-linear gradient, with the structure of "cut cross-
+  entropy" (Wijmans et al., 2024). Grid (row tiles x vocabulary tiles); a program recomputes
+  its student and teacher logit tiles with the same ``logits_tile``
+  (memkern.kernels.kd_linear_stats) and hidden tile as the stats kernel, turns them and the
+  row statistics into g = w_i d l_i / d s (the formulas of the gradient pass of
+  memkern.kernels.kd's ``_kd_rows_kernel``), and adds g @ ws[cols] into grad_h[rows], g.T @
+  hs[rows] into grad_w[cols] and the column sums of g into grad_b[cols], looping over the
+  student's hidden dimension in BLOCK_K slices, with atomic adds into float32 accumulators.
 
 Why this structure for training: no rows x V tensor of any kind exists. Besides the
 gradients themselves the extra memory is rows x 8 floats of statistics, grad_h's fp32
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memkern import _library, kd_options
+from memkern import kd_options
 from memkern.kernels.kd import (
     N_STATS,
     ST_KQ,
@@ -54,260 +54,14 @@ from memkern.kernels.kd import (
     kernel_scalars,
     kl_term,
     log_mix,
-    soft_weight,
-    undefined_row,
 )
-
-
-@triton.jit
-def _logits_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    rows_m,
-    mask_m,
-    cols_v,
-    mask_v,
-    H,
-    stride_h,
-    stride_w,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """(BLOCK_M x BLOCK_V) logits h[rows] @ w[cols].T (+ b[cols]) in fp32."""
-    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    for k in range(0, H, BLOCK_K):
-        kk = k + offs_k
-        mask_k = kk < H
-        h = tl.load(h_ptr + rows_m[:, None] * stride_h + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + cols_v[:, None] * stride_w + kk[None, :], mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST:  # Triton's interpreter multiplies bf16 operands of tl.dot wrongly
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def _linear_kd_stats_kernel(
-    hs_ptr,
-    ws_ptr,
-    bs_ptr,
-    ht_ptr,
-    wt_ptr,
-    bt_ptr,
-    y_ptr,
-    loss_ptr,
-    stats_ptr,
-    N,
-    V,
-    HS,
-    HT,
-    stride_hs,
-    stride_ws,
-    stride_ht,
-    stride_wt,
-    inv_t,
-    alpha,
-    c_kd,
-    beta,
-    log_beta,
-    log_1mb,
-    ignore_index,
-    HAS_LABELS: tl.constexpr,
-    CE: tl.constexpr,
-    DIV: tl.constexpr,
-    HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr,
-    PREC_S: tl.constexpr,
-    PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr,
-    UPCAST_T: tl.constexpr,
-    WRITE_STATS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    rows_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    mask_m = rows_m < N
-    offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
-    valid = mask_m
-    y = tl.zeros([BLOCK_M], tl.int64)
-    if HAS_LABELS:
-        y = tl.load(y_ptr + rows_m, mask=mask_m, other=ignore_index)
-        valid = mask_m & (y != ignore_index)
-
-    neg_inf = float("-inf")
-    # Online statistics per row: running maxima of s and t, normalisers relative to them,
-    # the label logit, and the KL numerator sum e^b (b - a) (reverse: e^a (a - b)) with
-    # a = (s - ms) / T and b = (t - mt) / T relative to the running maxima, as in the row
-    # kernel (scaled before they are subtracted). A new maximum rescales the normaliser by
-    # r = e^-shift and moves every old a - b by the difference of the scaled shifts.
-    ms = tl.full([BLOCK_M], neg_inf, tl.float32)
-    mt = tl.full([BLOCK_M], neg_inf, tl.float32)
-    z1 = tl.zeros([BLOCK_M], tl.float32)
-    zs = tl.zeros([BLOCK_M], tl.float32)
-    zt = tl.zeros([BLOCK_M], tl.float32)
-    num = tl.zeros([BLOCK_M], tl.float32)
-    s_y = tl.zeros([BLOCK_M], tl.float32)
-    nan = tl.zeros([BLOCK_M], tl.int32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + offs_v
-        mask_v = cols < V
-        s = _logits_tile(
-            hs_ptr,
-            ws_ptr,
-            bs_ptr,
-            rows_m,
-            mask_m,
-            cols,
-            mask_v,
-            HS,
-            stride_hs,
-            stride_ws,
-            HAS_BS,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PREC_S,
-            UPCAST_S,
-        )
-        t = _logits_tile(
-            ht_ptr,
-            wt_ptr,
-            bt_ptr,
-            rows_m,
-            mask_m,
-            cols,
-            mask_v,
-            HT,
-            stride_ht,
-            stride_wt,
-            HAS_BT,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PREC_T,
-            UPCAST_T,
-        )
-        nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
-        ms_new = tl.maximum(ms, tl.max(tl.where(mask_v[None, :], s, neg_inf), axis=1))
-        mt_new = tl.maximum(mt, tl.max(tl.where(mask_v[None, :], t, neg_inf), axis=1))
-        # Weight 0 for padding columns and -inf logits (where a row that has seen only -inf
-        # gives -inf - (-inf)); padding's a and b are 0, so plain inputs meet no NaN. The
-        # shift from a maximum of -inf is taken as 0: what it would move is 0 or +inf.
-        live_s = mask_v[None, :] & (s != neg_inf)
-        live_t = mask_v[None, :] & (t != neg_inf)
-        a = tl.where(mask_v[None, :], (s - ms_new[:, None]) * inv_t, 0.0)
-        b = tl.where(mask_v[None, :], (t - mt_new[:, None]) * inv_t, 0.0)
-        es = tl.where(live_s, tl.exp(a), 0.0)
-        et = tl.where(live_t, tl.exp(b), 0.0)
-        shift_s = tl.where((ms == ms_new) | (ms == neg_inf), 0.0, (ms_new - ms) * inv_t)
-        shift_t = tl.where((mt == mt_new) | (mt == neg_inf), 0.0, (mt_new - mt) * inv_t)
-        rs = tl.exp(-shift_s)
-        rt = tl.exp(-shift_t)
-        if CE:
-            r1 = tl.where((ms == ms_new) | (ms == neg_inf), 1.0, tl.exp(ms - ms_new))
-            z1 = z1 * r1 + tl.sum(tl.where(live_s, tl.exp(s - ms_new[:, None]), 0.0), axis=1)
-            s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
-        # Old terms whose weights the new maximum makes underflow (r == 0) add 0, as the
-        # row kernel's final weights would; with nothing seen yet (z == 0) there are none.
-        if DIV == 0:
-            moved = tl.where(zt == 0.0, 0.0, num - zt * (shift_t - shift_s))
-            num = kl_term(rt, moved) + tl.sum(kl_term(et, b - a), axis=1)
-        if DIV == 1:
-            moved = tl.where(zs == 0.0, 0.0, num - zs * (shift_s - shift_t))
-            num = kl_term(rs, moved) + tl.sum(kl_term(es, a - b), axis=1)
-        zs = zs * rs + tl.sum(es, axis=1)
-        zt = zt * rt + tl.sum(et, axis=1)
-        ms = ms_new
-        mt = mt_new
-    log_zs = tl.log(zs)
-    log_zt = tl.log(zt)
-    ce = tl.zeros([BLOCK_M], tl.float32)
-    if CE:
-        ce = tl.log(z1) + ms - s_y
-    kq = tl.zeros([BLOCK_M], tl.float32)
-    mean_ab = tl.zeros([BLOCK_M], tl.float32)  # reverse_kl's E_q[a - b], as in _kd_rows_kernel
-    if DIV == 0:
-        d = num / zt - log_zt + log_zs
-    elif DIV == 1:
-        mean_ab = num / zs
-        d = mean_ab - log_zs + log_zt
-    else:
-        # second sweep: the JSD needs the normalised distributions
-        dp = tl.zeros([BLOCK_M], tl.float32)
-        dq = tl.zeros([BLOCK_M], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + offs_v
-            mask_v = cols < V
-            s = _logits_tile(
-                hs_ptr,
-                ws_ptr,
-                bs_ptr,
-                rows_m,
-                mask_m,
-                cols,
-                mask_v,
-                HS,
-                stride_hs,
-                stride_ws,
-                HAS_BS,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_K,
-                PREC_S,
-                UPCAST_S,
-            )
-            t = _logits_tile(
-                ht_ptr,
-                wt_ptr,
-                bt_ptr,
-                rows_m,
-                mask_m,
-                cols,
-                mask_v,
-                HT,
-                stride_ht,
-                stride_wt,
-                HAS_BT,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_K,
-                PREC_T,
-                UPCAST_T,
-            )
-            lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
-            lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
-            lm = log_mix(lp, lq, log_beta, log_1mb)
-            dp += tl.sum(tl.where(mask_v[None, :], kl_term(tl.exp(lp), lp - lm), 0.0), axis=1)
-            dq += tl.sum(tl.where(mask_v[None, :], kl_term(tl.exp(lq), lq - lm), 0.0), axis=1)
-        kq = dq
-        d = beta * dp + (1.0 - beta) * dq
-    undefined = undefined_row(nan > 0, ms, mt)
-    loss = alpha * ce + soft_weight(c_kd, d)
-    loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(valid & undefined, float("nan"), loss)
-    tl.store(loss_ptr + rows_m, loss, mask=mask_m)
-    if WRITE_STATS:
-        # what the gradient kernel needs to rebuild d loss / d logits from recomputed tiles
-        st = stats_ptr + rows_m * N_STATS
-        tl.store(st + ST_MS, ms, mask=mask_m)
-        tl.store(st + ST_MT, mt, mask=mask_m)
-        tl.store(st + ST_LOG_ZS, log_zs, mask=mask_m)
-        tl.store(st + ST_LOG_ZT, log_zt, mask=mask_m)
-        tl.store(st + ST_Z1, z1, mask=mask_m)
-        tl.store(st + ST_MEAN_AB, mean_ab, mask=mask_m)
-        tl.store(st + ST_KQ, kq, mask=mask_m)
-        tl.store(st + ST_UNDEFINED, undefined.to(tl.float32), mask=mask_m)
+from memkern.kernels.kd_linear_stats import (
+    contiguous_all,
+    grad_launch_config,
+    linear_flags,
+    linear_kd_stats,
+    logits_tile,
+)
 
 
 @triton.jit
@@ -381,7 +135,7 @@ def _linear_kd_grad_kernel(
         w = w * tl.load(rs_ptr + rows_m, mask=mask_m, other=0.0).to(tl.float32)
     w = tl.where(valid, w, 0.0)
 
-    s = _logits_tile(
+    s = logits_tile(
         hs_ptr,
         ws_ptr,
         bs_ptr,
@@ -399,7 +153,7 @@ def _linear_kd_grad_kernel(
         PREC_S,
         UPCAST_S,
     )
-    t = _logits_tile(
+    t = logits_tile(
         ht_ptr,
         wt_ptr,
         bt_ptr,
@@ -472,94 +226,6 @@ def _linear_kd_grad_kernel(
         )
 
 
-def _contiguous(*xs):
-    return tuple(x.contiguous() if x is not None else None for x in xs)
-
-
-def _linear_flags(hs, bs, ht, bt, labels, opts) -> dict:
-    """Compile-time flags shared by the fused-linear kernels."""
-    interpret = _library.triton_interpret()
-    return dict(
-        HAS_LABELS=labels is not None,
-        CE=labels is not None and opts.alpha != 0.0,
-        DIV=opts.divergence_id,
-        HAS_BS=bs is not None,
-        HAS_BT=bt is not None,
-        # fp32 products in full fp32 (tf32 would cost ~1e-3 relative on the logits)
-        PREC_S="ieee" if hs.dtype == torch.float32 else None,
-        PREC_T="ieee" if ht.dtype == torch.float32 else None,
-        UPCAST_S=interpret and hs.dtype == torch.bfloat16,
-        UPCAST_T=interpret and ht.dtype == torch.bfloat16,
-    )
-
-
-def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats=None) -> torch.Tensor:
-    """Per-row losses of the fused-linear form, logits never leaving the chip; with
-    ``stats`` (rows x N_STATS float32) also the row statistics of the gradient kernel."""
-    rows, vocab = hs.shape[0], ws.shape[0]
-    loss = torch.empty(rows, dtype=torch.float32, device=hs.device)
-    if rows == 0:
-        return loss
-    hs, ws, bs, ht, wt, bt = _contiguous(hs, ws, bs, ht, wt, bt)
-    config = _stats_launch_config(hs.dtype, ht.dtype)
-    dummy = loss
-    _linear_kd_stats_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
-        hs,
-        ws,
-        bs if bs is not None else dummy,
-        ht,
-        wt,
-        bt if bt is not None else dummy,
-        labels if labels is not None else dummy,
-        loss,
-        stats if stats is not None else dummy,
-        rows,
-        vocab,
-        hs.shape[1],
-        ht.shape[1],
-        hs.stride(0),
-        ws.stride(0),
-        ht.stride(0),
-        wt.stride(0),
-        **kernel_scalars(opts),
-        **_linear_flags(hs, bs, ht, bt, labels, opts),
-        WRITE_STATS=stats is not None,
-        **config,
-    )
-    return loss
-
-
-def _stats_launch_config(hs_dtype: torch.dtype, ht_dtype: torch.dtype) -> dict:
-    """Tiles and launch options of the stats kernel; its BLOCK_K is the gradient kernel's."""
-    block_k = _grad_launch_config(hs_dtype, ht_dtype)["BLOCK_K"]
-    if _library.triton_interpret():
-        return dict(BLOCK_M=16, BLOCK_V=64, BLOCK_K=block_k)
-    # 64 rows a program: bf16/fp16 products compile to Hopper's wgmma (16 rows gave
-    # mma.sync), no spill on sm_80 or sm_90, and at 8192 rows the 128 programs fill an H200's
-    # 132 SMs in one wave, walking the vocabulary nearly in step so that each weight tile
-    # is read from HBM about once and shared through L2 (16 rows: 512 programs, 4 waves).
-    return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=block_k, num_warps=8)
-
-
-def _grad_launch_config(hs_dtype: torch.dtype, ht_dtype: torch.dtype) -> dict:
-    """Tiles and launch options of the gradient kernel. Its BLOCK_K is the stats kernel's
-    too, so that both sum each logit in the same order and the recomputed logits match the
-    statistics they are normalised with."""
-    if _library.triton_interpret():
-        # Small tiles, so test shapes of a few rows and ~100-200 columns still cross row,
-        # column and hidden tile boundaries and several programs add into each accumulator.
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16)
-    if torch.float32 in (hs_dtype, ht_dtype):
-        # fp32 products ("ieee") run on the FMA units with their operand tiles in registers:
-        # at 64 x 128 x 64 ptxas spilled 0.8 KB a thread on sm_90 and 2.5 KB on sm_80;
-        # 64 x 64 x 16 takes 196 / 254 registers and spills nothing (bench/NOTES.md).
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=2)
-    # Chosen for sm_80/sm_90 from the compiler's report (tools/triton_aot.py): bf16/fp16
-    # tensor-core products; 198-255 registers, no spill on sm_90 (80-124 bytes on sm_80);
-    # 72-112 KiB of shared memory.
-    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2)
-
-
 # The float32 weight-gradient accumulator of a half-precision weight is kept to this many
 # bytes: the vocabulary is run in slabs, and each slab's sums are cast into the weight's
 # dtype as soon as they are complete. One accumulator for the whole weight would be V x H
@@ -583,12 +249,12 @@ def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
     Two kernels: the stats kernel (loss and row statistics), then the gradient kernel once
     per vocabulary slab."""
     rows, hidden, vocab = hs.shape[0], hs.shape[1], ws.shape[0]
-    hs, ws, bs, ht, wt, bt, row_scale = _contiguous(hs, ws, bs, ht, wt, bt, row_scale)
+    hs, ws, bs, ht, wt, bt, row_scale = contiguous_all(hs, ws, bs, ht, wt, bt, row_scale)
     device = hs.device
     stats = torch.empty(rows, int(N_STATS), dtype=torch.float32, device=device)
     loss = linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats)
     grad_h = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
-    config = _grad_launch_config(hs.dtype, ht.dtype)
+    config = grad_launch_config(hs.dtype, ht.dtype)
     slab = _vocab_slab(vocab, hidden, ws.dtype, config["BLOCK_V"])
     if slab >= vocab:
         grad_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=device)
@@ -625,7 +291,7 @@ def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
                 wt.stride(0),
                 grad_scale=grad_scale,
                 **kernel_scalars(opts),
-                **_linear_flags(hs, bs, ht, bt, labels, opts),
+                **linear_flags(hs, bs, ht, bt, labels, opts),
                 HAS_ROW_SCALE=row_scale is not None,
                 **config,
             )
