@@ -1,0 +1,2 @@
+"""memkern on torch.distributed: vocabulary-parallel distillation on DTensor, memkern layers
+under FSDP2 and torch.distributed.checkpoint."""
