@@ -63,14 +63,20 @@ def _sha256(t: torch.Tensor) -> str:
 
 
 # -- memkern layers: what the manifest records to rebuild each one --------------------------
-def _layer_types() -> dict[str, type[nn.Module]]:
-    from memkern.nn import Fp16Linear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
+# The records are shared with memkern.integrations.hf_quantizer (transformers' from_pretrained).
+def layer_types() -> dict[str, type[nn.Module]]:
+    """Every memkern layer a checkpoint can hold, by class name."""
+    from memkern.nn import Fp16Linear, Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
+    from memkern.nn.smoothed import SmoothedInt8Linear
 
-    return {cls.__name__: cls for cls in (Int8Linear, Int8WeightOnlyLinear, Fp16Linear, SparseLinear)}
+    classes = (Int8Linear, Int8WeightOnlyLinear, SmoothedInt8Linear, Fp16Linear, Int4WeightOnlyLinear, SparseLinear)
+    return {cls.__name__: cls for cls in classes}
 
 
-def _layer_entry(name: str, layer: nn.Module, tied: list[str]) -> dict[str, Any]:
-    from memkern.nn import Fp16Linear, SparseLinear
+def layer_record(name: str, layer: nn.Module, tied: list[str] | None = None) -> dict[str, Any]:
+    """What rebuilds ``layer`` (class, constructor settings) and what it holds (tensor
+    shapes and dtypes), as JSON data."""
+    from memkern.nn import Fp16Linear, Int4WeightOnlyLinear, SparseLinear
 
     config: dict[str, Any] = {
         "in_features": layer.in_features,
@@ -85,6 +91,8 @@ def _layer_entry(name: str, layer: nn.Module, tied: list[str]) -> dict[str, Any]
         config["bias_dtype"] = None if layer.bias is None else _dtype_name(layer.bias.dtype)
         if isinstance(layer, Fp16Linear):
             config["weight_dtype"] = _dtype_name(layer.weight.dtype)
+        if isinstance(layer, Int4WeightOnlyLinear):
+            config["group_size"] = layer.group_size
     tensors = {k: _spec(v) for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
     return {
         "name": name,
@@ -93,19 +101,23 @@ def _layer_entry(name: str, layer: nn.Module, tied: list[str]) -> dict[str, Any]
         "format": fmt,
         "config": config,
         "tensors": tensors,
-        "tied": tied,
+        "tied": list(tied or []),
     }
 
 
-def _build_layer(entry: dict[str, Any], device: torch.device) -> nn.Module:
-    cls = _layer_types()[entry["class"]]
-    c = dict(entry["config"])
+def build_layer(record: dict[str, Any], device: torch.device | str) -> nn.Module:
+    """An empty layer of ``record`` (from :func:`layer_record`) on ``device``, ready to
+    load its tensors."""
+    cls = layer_types()[record["class"]]
+    c = dict(record["config"])
     args = (c.pop("in_features"), c.pop("out_features"), c.pop("bias"))
-    if entry["class"] == "SparseLinear":
+    if record["class"] == "SparseLinear":
         return cls(*args, format=c["format"], block=tuple(c["block"]), dtype=_dtype(c["dtype"]), device=device)
     kwargs = {"bias_dtype": _dtype(c["bias_dtype"])}
     if "weight_dtype" in c:
         kwargs["weight_dtype"] = _dtype(c["weight_dtype"])
+    if "group_size" in c:
+        kwargs["group_size"] = c["group_size"]
     return cls(*args, device=device, **kwargs)
 
 
@@ -179,14 +191,14 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     groups: dict[str, list[str]] = {}
     for dup, owner in ties.items():
         groups.setdefault(owner, [owner]).append(dup)
-    types = tuple(_layer_types().values())
+    types = tuple(layer_types().values())
     layers = []
     for name, module in model.named_modules():
         if type(module) in types:
             tied = [
                 dup + name[len(owner) :] for dup, owner in ties.items() if name == owner or name.startswith(owner + ".")
             ]
-            layers.append(_layer_entry(name, module, tied))
+            layers.append(layer_record(name, module, tied))
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -356,7 +368,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
             )
     device = torch.device("cpu") if on_meta or not own else own[0].device
     modules = dict(model.named_modules())
-    types = _layer_types()
+    types = layer_types()
     built: dict[str, nn.Module] = {}
     for entry in manifest["layers"]:
         name, cls_name = entry["name"], entry["class"]
@@ -374,7 +386,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
                 f"memkern.load: layer {name!r} is {config['in_features']} -> {config['out_features']} "
                 f"in the checkpoint but {current.in_features} -> {current.out_features} in the model"
             )
-        layer = _build_layer(entry, device)
+        layer = build_layer(entry, device)
         prefix = name + "."
         layer_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         try:

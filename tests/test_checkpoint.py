@@ -28,7 +28,7 @@ class Net(nn.Module):
         return self.head(x)
 
 
-SCHEMES = ["int8", "int8_weight_only", "fp16", "block", "2:4"]
+SCHEMES = ["int8", "int8_weight_only", "int8_smooth", "fp16", "int4_weight_only", "block", "2:4"]
 
 
 def _saved_model(scheme: str) -> Net:
@@ -38,6 +38,10 @@ def _saved_model(scheme: str) -> Net:
     if scheme in ("block", "2:4"):
         pattern = "n:m" if scheme == "2:4" else "block"
         memkern.prune.prune_model(model, 0.5, pattern, block=(16, 16), skip=("head",))
+    elif scheme == "int4_weight_only":  # a group size that is not the default: the manifest must carry it
+        memkern.convert(model, scheme, group_size=32, skip=("head",))
+    elif scheme == "int8_smooth":  # SmoothedInt8Linear wherever the factors cannot be folded
+        memkern.convert(model, "int8", smooth=0.5, calibration=[torch.randn(8, 32)], skip=("head",))
     else:
         memkern.convert(model, scheme, skip=("head",))
     memkern.share_layers(model, [["blocks.0", "blocks.2"]])
