@@ -421,4 +421,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
             source, source_attr = _owner_and_attr(model, canonical)
             if owner is not source or attr != source_attr:
                 setattr(owner, attr, getattr(source, source_attr))
+    from memkern.integrations import record_for_transformers
+
+    record_for_transformers(model)
     return model

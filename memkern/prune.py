@@ -14,6 +14,7 @@ from torch import nn
 
 from memkern import _validate
 from memkern._replace import Layer, chosen_layers, find_layers, replace_layers
+from memkern.integrations import record_for_transformers
 from memkern.convert import memory_footprint
 from memkern.ops.sparse_format import check_block
 
@@ -245,4 +246,5 @@ def prune_model(
         return SparseLinear.from_dense(layer.module, mask, format=fmt, block=block)
 
     replace_layers(op, layers, sparse)
+    record_for_transformers(model)
     return PruneReport(names, pruned / total if total else 0.0, before, memory_footprint(model).total_bytes)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
 from memkern import checkpoint
+from memkern.integrations import hf_quantizer  # noqa: F401  (registers the "memkern" method with transformers)
 from memkern.nn import LinearKDLoss
 from memkern.ops import linear_kd_loss
 
