@@ -241,8 +241,9 @@ class DistillationTrainer(Trainer):
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     """Save a converted, pruned or tied transformers model: ``config.json`` and
     :func:`memkern.save` (``model.safetensors`` + ``memkern.json``). Load it with
-    :func:`from_pretrained`, not ``AutoModel*.from_pretrained``, which would read int8
-    weights into float layers."""
+    :func:`from_pretrained`. Unlike transformers' own ``save_pretrained`` (which takes
+    quantised memkern models, memkern/integrations/hf_quantizer.py) it also stores pruned
+    models and layers tied by ``share_layers``."""
     model.config.save_pretrained(directory)
     checkpoint.save(model, directory)
 
