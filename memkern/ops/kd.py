@@ -74,6 +74,23 @@ _SEMANTICS = """
       where the teacher has mass on an entry the student masks with -inf, reverse_kl the
       other way round; jsd is always finite (docs/numerics.md, "Masked logits").
     * ``temperature`` must be in [1e-4, 100] (memkern.kd_options.TEMPERATURE_RANGE).
+
+    Options (docs/numerics.md, "Distillation options"):
+
+    * ``student_logit_scale`` / ``teacher_logit_scale`` and ``student_softcap`` /
+      ``teacher_softcap`` (None = off): each side's logits z become
+      cap * tanh(scale * z / cap) (or scale * z) before the temperature, in both terms;
+      ``-inf`` stays ``-inf``.
+    * ``shared_vocab=n``: teacher and student vocabularies may differ; the divergence compares
+      the softmaxes over the first n entries of each (each renormalised over those n), the
+      cross entropy stays over the student's whole vocabulary (labels in [0, V_student)).
+    * ``normalizer``: a positive number or 0-dim tensor; with reduction "mean" or "sum" the
+      result is sum_i l_i / normalizer (refused with "none").
+    * ``return_components=True``: returns ``(loss, ce, kd)``, reduced alike, with
+      loss = alpha * ce + (1 - alpha) * k * kd; all three differentiable.
+    * ``chunk_size``: rows per chunk where rows are chunked (default: an element budget).
+    Setting any of them but ``normalizer`` runs memkern.ops.kd_options_ops, which chunks
+    rows and recomputes in backward.
 """
 
 
@@ -198,7 +215,11 @@ kd_loss.__doc__ = (
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         soft_loss_scale: ``"t2"`` (multiply the soft term by T^2) or ``"none"``.
 
-    Returns: a scalar, or per-row losses of shape ``(N,)`` / ``(B, T)`` for ``"none"``.
+        The options below the semantics: logit scales and soft-caps, shared_vocab,
+        normalizer, return_components, chunk_size.
+
+    Returns: a scalar, or per-row losses of shape ``(N,)`` / ``(B, T)`` for ``"none"``;
+    ``(loss, ce, kd)`` so shaped with ``return_components=True``.
 """
     + _SEMANTICS
     + """
@@ -353,7 +374,8 @@ linear_kd_loss.__doc__ = (
         student_hidden: ``(N, H_s)`` or ``(B, T, H_s)``; float32, float16, bfloat16 (float64).
         student_weight: ``(V, H_s)``, the dtype of student_hidden; student_bias: ``(V,)``.
         teacher_hidden: ``(N, H_t)`` or ``(B, T, H_t)``: same rows, any hidden size.
-        teacher_weight: ``(V, H_t)``, the dtype of teacher_hidden; teacher_bias: ``(V,)``.
+        teacher_weight: ``(V, H_t)`` (``(V_t, H_t)`` with shared_vocab), the dtype of
+            teacher_hidden; teacher_bias: ``(V,)``.
         labels and the options: as :func:`kd_loss`.
 
     Gradients flow to student_hidden, student_weight and student_bias (weight and bias
