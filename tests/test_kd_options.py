@@ -371,3 +371,23 @@ def test_options_compile_without_graph_breaks():
     want = f(s, t, y, n)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0])
+
+
+# -- the plain-PyTorch reference of the options ----------------------------------------------------
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_module_states_the_same_definitions(name, reduction):
+    from memkern import reference_kd_options
+
+    s, t, y = _logits_inputs(name)
+    s = s.double().requires_grad_()
+    opts = OPTION_SETS[name]
+    got = reference_kd_options.kd_loss_terms(s, t.double(), y, reduction=reduction, **opts)
+    *want, counted = terms64(s, t, y, **opts)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, reduce64(w, counted, reduction), rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad(got[1].sum() - 2 * got[2].sum(), s)[0]
+    g2 = torch.autograd.grad(reduce64(want[1], counted, reduction).sum() - 2 * reduce64(want[2], counted, reduction).sum(), s)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    normalized = reference_kd_options.kd_loss_terms(s, t.double(), y, normalizer=3.0, **opts)
+    torch.testing.assert_close(normalized[0], want[0].sum() / 3.0, rtol=1e-12, atol=1e-12)
