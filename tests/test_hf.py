@@ -196,7 +196,10 @@ def _train_one_step(tmp_path, batch_size, accumulation, kd_options=None):
         dataloader_num_workers=0,
     )
     trainer = DistillationTrainer(
-        model=student, teacher=teacher, args=args, train_dataset=_dataset(),
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=_dataset(),
         kd_options=kd_options or dict(alpha=0.4, temperature=2.0),
     )
     trainer.train()

@@ -32,9 +32,23 @@ def _kl(log_a, log_b):
     return torch.where(a == 0, 0.0, a * (log_a - log_b)).sum(-1)
 
 
-def terms64(s, t, labels, *, alpha=0.5, temperature=1.0, divergence="forward_kl", beta=0.5, ignore_index=-100,
-            soft_loss_scale="t2", shared_vocab=None, student_logit_scale=None, teacher_logit_scale=None,
-            student_softcap=None, teacher_softcap=None):
+def terms64(
+    s,
+    t,
+    labels,
+    *,
+    alpha=0.5,
+    temperature=1.0,
+    divergence="forward_kl",
+    beta=0.5,
+    ignore_index=-100,
+    soft_loss_scale="t2",
+    shared_vocab=None,
+    student_logit_scale=None,
+    teacher_logit_scale=None,
+    student_softcap=None,
+    teacher_softcap=None,
+):
     """Per-row (loss, ce, kd, counted) in float64, differentiable in s."""
     s = transformed(s.double(), student_logit_scale, student_softcap)
     t = transformed(t.double(), teacher_logit_scale, teacher_softcap)
@@ -81,11 +95,23 @@ ROWS, V_S, V_T, SHARED = (3, 5), 37, 41, 29
 OPTION_SETS = {
     "components": dict(alpha=0.3, temperature=2.0),
     "scales-caps": dict(
-        alpha=0.4, temperature=1.5, divergence="reverse_kl", student_logit_scale=1.7, teacher_logit_scale=0.6,
-        student_softcap=2.5, teacher_softcap=4.0,
+        alpha=0.4,
+        temperature=1.5,
+        divergence="reverse_kl",
+        student_logit_scale=1.7,
+        teacher_logit_scale=0.6,
+        student_softcap=2.5,
+        teacher_softcap=4.0,
     ),
-    "shared-vocab-jsd": dict(alpha=0.6, temperature=0.8, divergence="jsd", beta=0.3, shared_vocab=SHARED,
-                             soft_loss_scale="none", student_softcap=3.0),
+    "shared-vocab-jsd": dict(
+        alpha=0.6,
+        temperature=0.8,
+        divergence="jsd",
+        beta=0.3,
+        shared_vocab=SHARED,
+        soft_loss_scale="none",
+        student_softcap=3.0,
+    ),
 }
 
 
@@ -117,8 +143,12 @@ def test_kd_loss_terms_and_gradients_match_float64(backend, name, reduction):
     refs = [reduce64(x, counted, reduction) for x in terms64(leaf64, t, y, **opts)[:3]]
     for weights in ((0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.7, -1.3, 2.1)):
         up = torch.rand(loss.shape) + 0.5 if reduction == "none" else torch.tensor(1.0)
-        got = torch.autograd.grad(sum(w * (x * up).sum() for w, x in zip(weights, (loss, ce, kd)) if w), leaf, retain_graph=True)[0]
-        want = torch.autograd.grad(sum(w * (x * up.double()).sum() for w, x in zip(weights, refs) if w), leaf64, retain_graph=True)[0]
+        got = torch.autograd.grad(
+            sum(w * (x * up).sum() for w, x in zip(weights, (loss, ce, kd)) if w), leaf, retain_graph=True
+        )[0]
+        want = torch.autograd.grad(
+            sum(w * (x * up.double()).sum() for w, x in zip(weights, refs) if w), leaf64, retain_graph=True
+        )[0]
         assert_rel_close(got, want, F32)
 
 
@@ -133,8 +163,18 @@ def test_linear_kd_loss_terms_and_gradients_match_float64(backend, name, reducti
     y = _labels(ROWS, V_S)
     require_backend("kd_loss_rows", backend, hs.reshape(-1, 8))
     leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
-    loss, ce, kd = linear_kd_loss(leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2], reduction=reduction,
-                                  return_components=True, chunk_size=2, **opts)
+    loss, ce, kd = linear_kd_loss(
+        leaves[0],
+        leaves[1],
+        ht,
+        wt,
+        y,
+        student_bias=leaves[2],
+        reduction=reduction,
+        return_components=True,
+        chunk_size=2,
+        **opts,
+    )
     leaves64 = [x.double().requires_grad_() for x in (hs, ws, bs)]
     s64 = leaves64[0] @ leaves64[1].T + leaves64[2]
     *refs, counted = terms64(s64, ht.double() @ wt.double().T, y, **opts)
@@ -160,7 +200,10 @@ def test_gradcheck_float64_with_every_option(backend):
         return kd_loss(x, t, y, return_components=True, chunk_size=2, reduction="none", **opts)
 
     assert torch.autograd.gradcheck(f, (s,))
-    hs, ws = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(11, 3, dtype=torch.float64, requires_grad=True)
+    hs, ws = (
+        torch.randn(4, 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(11, 3, dtype=torch.float64, requires_grad=True),
+    )
     ht, wt = torch.randn(4, 2, dtype=torch.float64), torch.randn(13, 2, dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda h, w: linear_kd_loss(h, w, ht, wt, y[:4], return_components=True, chunk_size=3, **opts), (hs, ws)
@@ -204,7 +247,9 @@ def test_normalizer_makes_accumulated_halves_equal_the_whole_batch(backend, form
         hs, ws, ht, wt = torch.randn(rows, 8), torch.randn(vocab, 8), torch.randn(rows, 5), torch.randn(vocab, 5)
         require_backend("linear_kd_loss", backend, hs)
         leaves = [hs.clone().requires_grad_(), ws.clone().requires_grad_()]
-        call = lambda sel, **kw: linear_kd_loss(leaves[0][sel], leaves[1], ht[sel], wt, y[sel], alpha=0.3, temperature=2.0, **kw)  # noqa: E731
+        call = lambda sel, **kw: linear_kd_loss(
+            leaves[0][sel], leaves[1], ht[sel], wt, y[sel], alpha=0.3, temperature=2.0, **kw
+        )  # noqa: E731
     whole = call(slice(None))
     want = torch.autograd.grad(whole, leaves)
     count = (y != -100).sum()  # a 0-dim int64 tensor, as HF's num_items_in_batch
@@ -215,8 +260,9 @@ def test_normalizer_makes_accumulated_halves_equal_the_whole_batch(backend, form
         assert_rel_close(g, w, F32)
     # a number works alike, and the terms are divided by it too
     loss, ce, kd = call(slice(None), normalizer=2.5, return_components=True)
-    *ref, counted = terms64(s if form == "logits" else hs @ ws.T, t if form == "logits" else ht @ wt.T, y,
-                            alpha=0.3, temperature=2.0)
+    *ref, counted = terms64(
+        s if form == "logits" else hs @ ws.T, t if form == "logits" else ht @ wt.T, y, alpha=0.3, temperature=2.0
+    )
     for x, r in zip((loss, ce, kd), ref):
         assert_rel_close(x, r.sum() / 2.5, F32)
 
@@ -241,7 +287,9 @@ def test_bad_normalizer_is_a_clear_error(normalizer, error, words):
     with pytest.raises(error, match=words):
         kd_loss(s, t, y, normalizer=normalizer)
     with pytest.raises(error, match=words):
-        linear_kd_loss(torch.randn(3, 4), torch.randn(7, 4), torch.randn(3, 2), torch.randn(7, 2), y, normalizer=normalizer)
+        linear_kd_loss(
+            torch.randn(3, 4), torch.randn(7, 4), torch.randn(3, 2), torch.randn(7, 2), y, normalizer=normalizer
+        )
 
 
 def test_normalizer_with_reduction_none_is_refused():
@@ -290,8 +338,11 @@ class LargestNewStorage(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                if isinstance(a, torch.Tensor)}
+        seen = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for o in torch.utils._pytree.tree_leaves(out):
             if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:
                 self.largest = max(self.largest, o.untyped_storage().nbytes())
@@ -300,7 +351,10 @@ class LargestNewStorage(TorchDispatchMode):
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
 def test_bad_chunk_size_is_a_clear_error(bad, error):
-    with pytest.raises(error, match=f"chunk_size must be a positive int or None, got {bad if error is ValueError else type(bad).__name__}"):
+    with pytest.raises(
+        error,
+        match=f"chunk_size must be a positive int or None, got {bad if error is ValueError else type(bad).__name__}",
+    ):
         kd_loss(torch.randn(3, 7), torch.randn(3, 7), chunk_size=bad, alpha=0.0)
 
 
@@ -310,7 +364,9 @@ def test_shared_vocab_errors_and_label_range():
     y = torch.tensor([11, 0, 5, -100])  # 11: past the teacher's vocabulary, inside the student's
     with pytest.raises(ValueError, match=r"student vocabulary size 12 != teacher vocabulary size 10 .*shared_vocab"):
         kd_loss(s, t, y)
-    with pytest.raises(ValueError, match=r"shared_vocab must be <= both vocabulary sizes \(student 12, teacher 10\), got 11"):
+    with pytest.raises(
+        ValueError, match=r"shared_vocab must be <= both vocabulary sizes \(student 12, teacher 10\), got 11"
+    ):
         kd_loss(s, t, y, shared_vocab=11)
     with pytest.raises(ValueError, match="shared_vocab must be a positive int or None, got 0"):
         kd_loss(s, t, y, shared_vocab=0)
@@ -323,7 +379,10 @@ def test_shared_vocab_errors_and_label_range():
 
 
 @pytest.mark.parametrize("name", ["student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap"])
-@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("2", TypeError)])
+@pytest.mark.parametrize(
+    "bad, error",
+    [(0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("2", TypeError)],
+)
 def test_bad_transform_is_a_clear_error(name, bad, error):
     with pytest.raises(error, match=f"{name} must be a positive finite float or None"):
         kd_loss(torch.randn(3, 7), torch.randn(3, 7), alpha=0.0, **{name: bad})
@@ -353,8 +412,11 @@ def test_opcheck_option_operators(backend):
     s, t, y = torch.randn(5, 9, requires_grad=True), torch.randn(5, 7), torch.tensor([1, -100, 8, 0, 2])
     rest = (0.3, 2.0, "jsd", 0.4, -100, "none", 4.0, [1.5, 3.0, 1.0, 0.0], 6, 2)
     torch.library.opcheck(torch.ops.memkern.kd_loss_options.default, (s, t, y, *rest))
-    hs, ws, bs = (torch.randn(5, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True),
-                  torch.randn(9, requires_grad=True))
+    hs, ws, bs = (
+        torch.randn(5, 4, requires_grad=True),
+        torch.randn(9, 4, requires_grad=True),
+        torch.randn(9, requires_grad=True),
+    )
     ht, wt = torch.randn(5, 3), torch.randn(7, 3)
     torch.library.opcheck(torch.ops.memkern.linear_kd_loss_options.default, (hs, ws, bs, ht, wt, None, y, *rest))
 
@@ -387,7 +449,9 @@ def test_reference_module_states_the_same_definitions(name, reduction):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, reduce64(w, counted, reduction), rtol=1e-12, atol=1e-12)
     g1 = torch.autograd.grad(got[1].sum() - 2 * got[2].sum(), s)[0]
-    g2 = torch.autograd.grad(reduce64(want[1], counted, reduction).sum() - 2 * reduce64(want[2], counted, reduction).sum(), s)[0]
+    g2 = torch.autograd.grad(
+        reduce64(want[1], counted, reduction).sum() - 2 * reduce64(want[2], counted, reduction).sum(), s
+    )[0]
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
     normalized = reference_kd_options.kd_loss_terms(s, t.double(), y, normalizer=3.0, **opts)
     torch.testing.assert_close(normalized[0], want[0].sum() / 3.0, rtol=1e-12, atol=1e-12)

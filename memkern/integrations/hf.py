@@ -235,7 +235,9 @@ class DistillationTrainer(Trainer):
             num_items_in_batch=count,
             **self.kd_options,
         )
-        loss, outputs = (out[0], {"loss": out[0], "ce": out[1], "kd": out[2]}) if isinstance(out, tuple) else (out, None)
+        loss, outputs = (
+            (out[0], {"loss": out[0], "ce": out[1], "kd": out[2]}) if isinstance(out, tuple) else (out, None)
+        )
         if count is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # Data parallelism averages the ranks' gradients; each rank divided by the global count.
             loss = loss * self.accelerator.num_processes

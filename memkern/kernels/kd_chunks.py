@@ -160,7 +160,9 @@ def option_rows(rows_impl, s, t, labels, opts: KDOptions, extras, w_ce=None, w_k
     kd_opts = KDOptions(0.0, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, 1.0)
     none = sx.new_empty(0)
     row_scale = w_kd.to(acc).contiguous() if want_grad else None
-    kd = rows_impl(sx[:, :shared], tx[:, :shared], labels, row_scale, sx[:, :shared] if want_grad else none, kd_opts, 1.0)
+    kd = rows_impl(
+        sx[:, :shared], tx[:, :shared], labels, row_scale, sx[:, :shared] if want_grad else none, kd_opts, 1.0
+    )
     if want_grad:
         sx[:, shared:] = 0.0  # the divergence does not see the entries past the shared vocabulary
         if ce_grad is not None:

@@ -247,7 +247,9 @@ def linear_kd_loss_options_backward_op(
 
 
 @linear_kd_loss_options_backward_op.register_fake
-def _linear_kd_loss_options_backward_fake(grad_loss, grad_ce, grad_kd, student_hidden, student_weight, student_bias, *_):
+def _linear_kd_loss_options_backward_fake(
+    grad_loss, grad_ce, grad_kd, student_hidden, student_weight, student_bias, *_
+):
     gb = student_bias.new_empty(student_bias.shape) if student_bias is not None else student_hidden.new_empty(0)
     return student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(student_weight.shape), gb
 
