@@ -253,8 +253,8 @@ def check_normalizer(op: str, normalizer, reduction: str):
             if not (0.0 < value < math.inf):
                 raise ValueError(f"{op}: normalizer must be positive and finite, got {value}")
         else:
-            n = normalizer.double()
-            torch._assert_async((n > 0) & (n < math.inf), f"{op}: normalizer must be positive and finite")
+            ok = (normalizer > 0) & torch.isfinite(normalizer)  # in its own dtype: MPS has no float64
+            torch._assert_async(ok, f"{op}: normalizer must be positive and finite")
         return normalizer
     return _positive_finite(op, "normalizer", normalizer, what="a positive finite number, a 0-dim tensor")
 
