@@ -455,3 +455,19 @@ def test_reference_module_states_the_same_definitions(name, reduction):
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
     normalized = reference_kd_options.kd_loss_terms(s, t.double(), y, normalizer=3.0, **opts)
     torch.testing.assert_close(normalized[0], want[0].sum() / 3.0, rtol=1e-12, atol=1e-12)
+
+
+def test_teacher_gets_no_gradient_and_double_backward_is_refused():
+    s, t = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)
+    loss = kd_loss(s, t, torch.tensor([1, 2, -100, 0]), student_softcap=2.0)
+    (g,) = torch.autograd.grad(loss, s, create_graph=True)
+    assert t.grad is None
+    with pytest.raises(RuntimeError, match="kd_loss"):
+        g.sum().backward()
+    hs, ws = torch.randn(4, 3, requires_grad=True), torch.randn(9, 3, requires_grad=True)
+    wt = torch.randn(9, 2, requires_grad=True)
+    loss = linear_kd_loss(hs, ws, torch.randn(4, 2), wt, torch.tensor([1, 2, -100, 0]), chunk_size=1)
+    gh, _ = torch.autograd.grad(loss, (hs, ws), create_graph=True)
+    assert wt.grad is None
+    with pytest.raises(RuntimeError, match="linear_kd_loss"):
+        gh.sum().backward()
