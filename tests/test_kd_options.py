@@ -471,3 +471,26 @@ def test_teacher_gets_no_gradient_and_double_backward_is_refused():
     assert wt.grad is None
     with pytest.raises(RuntimeError, match="linear_kd_loss"):
         gh.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_fused_linear_transforms_tiles_in_registers(backend):
+    # The tiled kernels take the transforms and the terms apart: no chunk of logits (rows x V)
+    # is ever allocated, only O(rows) statistics and the gradients.
+    rows, vocab, hidden = 40, 64, 4
+    hs, ws = torch.randn(rows, hidden, requires_grad=True), torch.randn(vocab, hidden, requires_grad=True)
+    ht, wt, y = torch.randn(rows, 3), torch.randn(vocab, 3), _labels((rows,), vocab)
+    require_backend("linear_kd_loss", backend, hs)
+    opts = dict(alpha=0.3, temperature=2.0, student_softcap=2.0, teacher_logit_scale=1.5, teacher_softcap=3.0)
+    with LargestNewStorage() as mode:
+        loss, ce, kd = linear_kd_loss(hs, ws, ht, wt, y, return_components=True, **opts)
+        (ce + 0.5 * kd).backward()
+    assert mode.largest < rows * vocab  # bytes: a quarter of one float32 rows x V chunk
+    *ref, counted = terms64(hs.detach() @ ws.detach().T, ht @ wt.T, y, **opts)
+    for got, want in zip((loss, ce, kd), ref):
+        assert_rel_close(got, reduce64(want, counted, "mean"), F32)
+    leaves64 = [hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()]
+    *ref, counted = terms64(leaves64[0] @ leaves64[1].T, ht @ wt.T, y, **opts)
+    want = torch.autograd.grad(reduce64(ref[1] + 0.5 * ref[2], counted, "mean"), leaves64)
+    for g, w in zip((hs.grad, ws.grad), want):
+        assert_rel_close(g, w, F32)

@@ -22,7 +22,7 @@ from memkern import _autocast, backends
 from memkern.kd_options import KDExtras, KDOptions, acc_dtype, check_label_range, mean_scale
 from memkern.kernels.kd_chunks import linear_chunk_loop, logits_option_chunks, option_rows
 from memkern.ops._autograd import refuse_double_backward
-from memkern.ops.kd_ops import _NOT_TWICE, _grads_out, _reduce, _rows, _rows_2d
+from memkern.ops.kd_ops import _NOT_TWICE, _grads_out, _linear, _reduce, _rows, _rows_2d
 
 
 def _extras(transform: list[float], shared_vocab: int, chunk_size: int) -> KDExtras:
@@ -159,6 +159,21 @@ _autocast.register("kd_loss_options_backward")
 
 
 # -- fused-linear form ------------------------------------------------------------------------
+# Where linear_kd_loss's table picks Triton, its tiled kernels run the options too (logits
+# transformed in registers, the terms kept apart), so no chunk of logits exists; except with
+# shared_vocab (those kernels walk one vocabulary), which takes the chunk loop with Triton's
+# per-row kernel. chunk_size means nothing to the tiled kernels.
+def _tiled_triton(hs, ws, bs, ht, wt, bt, y, opts: KDOptions, extras: KDExtras) -> bool:
+    if extras.shared_vocab:
+        return False
+    return _linear.select(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, False).backend == "triton"
+
+
+def _terms_opts(opts: KDOptions) -> KDOptions:
+    """alpha 0 and k 1: a kernel's loss is then the divergence itself, and its weight w_kd."""
+    return KDOptions(0.0, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, 1.0)
+
+
 def _linear_rows(student_hidden, teacher_hidden, labels, vocab: int, ignore_index: int):
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
@@ -190,10 +205,14 @@ def linear_kd_loss_options_body(
     extras = _extras(transform, shared_vocab, chunk_size)
     hs, ht, y = _linear_rows(student_hidden, teacher_hidden, labels, student_weight.shape[0], ignore_index)
     n_valid, _ = mean_scale(y, hs.shape[0], opts)
-    rows_fn = lambda s, t, take: option_rows(_rows, s, t, take(y), opts, extras)  # noqa: E731
-    (ce, kd), *_ = linear_chunk_loop(
-        rows_fn, 2, hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y, opts, False, chunk_size
-    )
+    heads = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
+    if _tiled_triton(*heads, y, opts, extras):
+        from memkern.kernels.kd_linear import linear_kd_terms
+
+        ce, kd = linear_kd_terms(*heads, y, _terms_opts(opts), extras.transform)
+    else:
+        rows_fn = lambda s, t, take: option_rows(_rows, s, t, take(y), opts, extras)  # noqa: E731
+        (ce, kd), *_ = linear_chunk_loop(rows_fn, 2, *heads, y, opts, False, chunk_size)
     return _terms(ce, kd, opts, reduction, tuple(student_hidden.shape[:-1]), n_valid)
 
 
@@ -235,13 +254,17 @@ def linear_kd_loss_options_backward_op(
     extras = _extras(transform, shared_vocab, chunk_size)
     hs, ht, y = _linear_rows(student_hidden, teacher_hidden, labels, student_weight.shape[0], ignore_index)
     w_ce, w_kd = _term_weights(grad_loss, grad_ce, grad_kd, opts, reduction, y, hs.shape[0], acc_dtype(hs.dtype))
+    heads = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
+    if _tiled_triton(*heads, y, opts, extras):
+        from memkern.kernels.kd_linear import linear_kd_terms
 
-    def rows_fn(s, t, take):  # leaves the gradient in the logits chunk s
-        return option_rows(_rows, s, t, take(y), opts, extras, take(w_ce), take(w_kd), s)
+        gh, gw, gb = linear_kd_terms(*heads, y, _terms_opts(opts), extras.transform, w_ce, w_kd)
+    else:
 
-    _, gh, gw, gb = linear_chunk_loop(
-        rows_fn, 2, hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y, opts, True, chunk_size
-    )
+        def rows_fn(s, t, take):  # leaves the gradient in the logits chunk s
+            return option_rows(_rows, s, t, take(y), opts, extras, take(w_ce), take(w_kd), s)
+
+        _, gh, gw, gb = linear_chunk_loop(rows_fn, 2, *heads, y, opts, True, chunk_size)
     gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
     return gh.view(student_hidden.shape), gw, gb
 
