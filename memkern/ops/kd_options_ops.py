@@ -11,7 +11,8 @@ chunked pass writes the gradient of sum_i w_ce[i] * ce_i + w_kd[i] * kd_i. So an
 sum of the three outputs gets its exact gradient, at the price of a second pass over the
 logits (and, for the fused-linear form, of their matmuls) in backward. Memory: the logits
 form keeps its inputs for backward instead of a gradient buffer; neither form builds a
-rows x V tensor besides the logits form's gradient, only chunks (memkern.kernels.kd_chunks).
+rows x V tensor besides the logits form's gradient, only chunks (memkern.kernels.kd_chunks),
+and on Triton the fused-linear form not even those (memkern.kernels.kd_linear.linear_kd_terms).
 """
 
 from __future__ import annotations
