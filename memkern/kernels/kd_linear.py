@@ -210,10 +210,10 @@ def _linear_kd_grad_kernel(
         if HAS_CE_ROW_SCALE:  # the terms' weights apart: the cross entropy's own per row
             w_label = tl.where(valid, grad_scale * tl.load(ce_rs_ptr + rows_m, mask=mask_m, other=0.0), 0.0)
         g += (w_label / z1)[:, None] * tl.exp(ds) - tl.where(cols[None, :] == y[:, None], w_label[:, None], 0.0)
+    g = g * logit_slope(s, s_scale, s_cap, HAS_S_CAP)  # d loss / d raw logits
     live = valid[:, None] & mask_v[None, :]
     g = tl.where(live, g, 0.0)  # NaN logits of an ignored row give 0, not NaN
     g = tl.where(live & no_grad[:, None], float("nan"), g)
-    g = g * logit_slope(s, s_scale, s_cap, HAS_S_CAP)  # d loss / d raw logits
     if HAS_BS:
         tl.atomic_add(gb_ptr + cols, tl.sum(g, axis=0), mask=mask_v, sem="relaxed")
 
