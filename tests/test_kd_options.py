@@ -494,3 +494,31 @@ def test_triton_fused_linear_transforms_tiles_in_registers(backend):
     want = torch.autograd.grad(reduce64(ref[1] + 0.5 * ref[2], counted, "mean"), leaves64)
     for g, w in zip((hs.grad, ws.grad), want):
         assert_rel_close(g, w, F32)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")  # -inf - -inf, masked on purpose
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+def test_linear_minus_inf_bias_stays_masked_under_softcap(backend):
+    # a -inf bias masks an entry of every row; soft-capped, it stays masked (the tiled Triton
+    # kernels transform in registers, the others a chunk at a time)
+    rows, vocab = 6, 21
+    hs, ws, bs = torch.randn(rows, 5), torch.randn(vocab, 5), torch.randn(vocab)
+    ht, wt, bt = torch.randn(rows, 3), torch.randn(vocab, 3), torch.randn(vocab)
+    bs[4] = bt[4] = -math.inf
+    y = torch.tensor([0, 3, -100, 20, 7, 9])
+    require_backend("linear_kd_loss", backend, hs)
+    opts = dict(alpha=0.4, temperature=1.5, student_softcap=2.0, teacher_softcap=2.5)
+    leaves = [x.clone().requires_grad_() for x in (hs, ws)]
+    loss = linear_kd_loss(leaves[0], leaves[1], ht, wt, y, student_bias=bs, teacher_bias=bt, **opts)
+    loss.backward()
+    keep = [i for i in range(vocab) if i != 4]
+    s64, t64 = (
+        (hs.double() @ ws.double().T + bs.double())[:, keep],
+        (ht.double() @ wt.double().T + bt.double())[:, keep],
+    )
+    y_kept = torch.tensor([v if v < 4 else v - 1 for v in y.tolist()])
+    y_kept[2] = -100
+    *ref, counted = terms64(s64, t64, y_kept, **opts)
+    assert_rel_close(loss, reduce64(ref[0], counted, "mean"), F32)
+    assert torch.isfinite(leaves[0].grad).all() and torch.isfinite(leaves[1].grad).all()
+    assert (leaves[1].grad[4] == 0).all()
