@@ -39,6 +39,11 @@ class KDOptions:
     def divergence_id(self) -> int:
         return DIVERGENCES.index(self.divergence)
 
+    def divergence_alone(self) -> KDOptions:
+        """alpha 0 and k 1: a kernel's loss is then D itself and its row weight D's weight
+        (how the options path gets the two terms apart from the per-row kernels)."""
+        return KDOptions(0.0, self.temperature, self.divergence, self.beta, self.ignore_index, 1.0)
+
     def reference_options(self) -> dict:
         """The keyword arguments of reference.kd_loss_rows and kd_loss_rows_grad."""
         return dict(

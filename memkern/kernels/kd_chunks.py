@@ -157,11 +157,16 @@ def option_rows(rows_impl, s, t, labels, opts: KDOptions, extras, w_ce=None, w_k
             weight = torch.where(counted, w_ce.to(acc), 0.0).unsqueeze(1)
             ce_grad = torch.exp(sx - lse.unsqueeze(1)).scatter_add_(1, target, torch.full_like(lse, -1.0).unsqueeze(1))
             ce_grad = torch.where(weight != 0.0, ce_grad * weight, 0.0)  # ignored rows' NaNs stay out
-    kd_opts = KDOptions(0.0, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, 1.0)
     none = sx.new_empty(0)
     row_scale = w_kd.to(acc).contiguous() if want_grad else None
     kd = rows_impl(
-        sx[:, :shared], tx[:, :shared], labels, row_scale, sx[:, :shared] if want_grad else none, kd_opts, 1.0
+        sx[:, :shared],
+        tx[:, :shared],
+        labels,
+        row_scale,
+        sx[:, :shared] if want_grad else none,
+        opts.divergence_alone(),
+        1.0,
     )
     if want_grad:
         sx[:, shared:] = 0.0  # the divergence does not see the entries past the shared vocabulary

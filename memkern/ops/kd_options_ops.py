@@ -170,11 +170,6 @@ def _tiled_triton(hs, ws, bs, ht, wt, bt, y, opts: KDOptions, extras: KDExtras) 
     return _linear.select(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, False).backend == "triton"
 
 
-def _terms_opts(opts: KDOptions) -> KDOptions:
-    """alpha 0 and k 1: a kernel's loss is then the divergence itself, and its weight w_kd."""
-    return KDOptions(0.0, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, 1.0)
-
-
 def _linear_rows(student_hidden, teacher_hidden, labels, vocab: int, ignore_index: int):
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
@@ -210,7 +205,7 @@ def linear_kd_loss_options_body(
     if _tiled_triton(*heads, y, opts, extras):
         from memkern.kernels.kd_linear import linear_kd_terms
 
-        ce, kd = linear_kd_terms(*heads, y, _terms_opts(opts), extras.transform)
+        ce, kd = linear_kd_terms(*heads, y, opts.divergence_alone(), extras.transform)
     else:
         rows_fn = lambda s, t, take: option_rows(_rows, s, t, take(y), opts, extras)  # noqa: E731
         (ce, kd), *_ = linear_chunk_loop(rows_fn, 2, *heads, y, opts, False, chunk_size)
@@ -259,7 +254,7 @@ def linear_kd_loss_options_backward_op(
     if _tiled_triton(*heads, y, opts, extras):
         from memkern.kernels.kd_linear import linear_kd_terms
 
-        gh, gw, gb = linear_kd_terms(*heads, y, _terms_opts(opts), extras.transform, w_ce, w_kd)
+        gh, gw, gb = linear_kd_terms(*heads, y, opts.divergence_alone(), extras.transform, w_ce, w_kd)
     else:
 
         def rows_fn(s, t, take):  # leaves the gradient in the logits chunk s
