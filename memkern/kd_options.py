@@ -4,6 +4,7 @@ memkern.kernels.kd_chunks) and the modules alike."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,11 @@ class KDOptions:
     @property
     def divergence_id(self) -> int:
         return DIVERGENCES.index(self.divergence)
+
+    def divergence_alone(self) -> KDOptions:
+        """alpha 0 and k 1: a kernel's loss is then D itself and its row weight D's weight
+        (how the options path gets the two terms apart from the per-row kernels)."""
+        return KDOptions(0.0, self.temperature, self.divergence, self.beta, self.ignore_index, 1.0)
 
     def reference_options(self) -> dict:
         """The keyword arguments of reference.kd_loss_rows and kd_loss_rows_grad."""
@@ -139,3 +145,127 @@ def kept_rows(labels: torch.Tensor | None, opts: KDOptions) -> torch.Tensor | No
         return None
     counts = labels != opts.ignore_index
     return None if bool(counts.all()) else counts.nonzero().squeeze(1)
+
+
+# -- the options that reshape the objective (docs/numerics.md, "Distillation options") -------
+@dataclass(frozen=True)
+class KDExtras:
+    """Logit transforms, shared vocabulary, chunk size and whether the terms come back apart,
+    checked. In the operators' schemas: a scale of 1.0 and a cap, shared_vocab or chunk_size
+    of 0 mean off / the default."""
+
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: float = 0.0
+    teacher_softcap: float = 0.0
+    shared_vocab: int = 0
+    chunk_size: int = 0
+    return_components: bool = False
+
+    @property
+    def transform(self) -> list[float]:
+        """The four transform numbers as the operators take them."""
+        return [self.student_logit_scale, self.student_softcap, self.teacher_logit_scale, self.teacher_softcap]
+
+    @property
+    def needs_options_path(self) -> bool:
+        """Whether a call must run the operators that implement these options."""
+        return self != KDExtras()
+
+
+def _positive_finite(op: str, name: str, value, *, what: str = "a positive finite float"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be {what} or None, got {type(value).__name__}")
+    if not (0.0 < value < math.inf):  # comparisons only: NaN fails
+        raise ValueError(f"{op}: {name} must be {what} or None, got {value}")
+    return value
+
+
+def _positive_int(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be a positive int or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be a positive int or None, got {value}")
+    return value
+
+
+def check_extras(
+    op: str,
+    *,
+    student_logit_scale=None,
+    teacher_logit_scale=None,
+    student_softcap=None,
+    teacher_softcap=None,
+    shared_vocab=None,
+    chunk_size=None,
+    return_components=False,
+) -> KDExtras:
+    scales = {
+        name: 1.0 if value is None else float(_positive_finite(op, name, value))
+        for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale))
+    }
+    caps = {
+        name: 0.0 if value is None else float(_positive_finite(op, name, value))
+        for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap))
+    }
+    if not isinstance(return_components, bool):
+        raise TypeError(f"{op}: return_components must be a bool, got {type(return_components).__name__}")
+    return KDExtras(
+        **scales,
+        **caps,
+        shared_vocab=0 if shared_vocab is None else _positive_int(op, "shared_vocab", shared_vocab),
+        chunk_size=0 if chunk_size is None else _positive_int(op, "chunk_size", chunk_size),
+        return_components=return_components,
+    )
+
+
+def check_vocabularies(op: str, student_vocab: int, teacher_vocab: int, shared_vocab: int, what: str) -> None:
+    """Same vocabulary size, or shared_vocab (n > 0) within both. ``what`` names the tensors."""
+    if shared_vocab == 0:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"{op}: student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab} "
+                f"({what}); memkern does not pad or truncate vocabularies (pass shared_vocab=n to distil "
+                "over the first n entries of both)"
+            )
+        return
+    if shared_vocab > min(student_vocab, teacher_vocab):
+        raise ValueError(
+            f"{op}: shared_vocab must be <= both vocabulary sizes (student {student_vocab}, teacher "
+            f"{teacher_vocab}), got {shared_vocab}"
+        )
+
+
+def check_normalizer(op: str, normalizer, reduction: str):
+    """None, a positive finite number, or a 0-dim real tensor on any device. A tensor off the
+    CPU is checked on its device (no host sync): a bad value fails there, asynchronously."""
+    if normalizer is None:
+        return None
+    if reduction == "none":
+        raise ValueError(
+            f"{op}: normalizer divides the summed loss, so it needs reduction='mean' or 'sum'; got reduction='none'"
+        )
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise ValueError(
+                f"{op}: normalizer must be a number or a 0-dim real tensor, got a "
+                f"{_validate.dtype_name(normalizer.dtype)} tensor of shape {tuple(normalizer.shape)}"
+            )
+        if normalizer.requires_grad:
+            raise ValueError(f"{op}: normalizer must not require grad (it is a count, not a parameter)")
+        if normalizer.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = normalizer.item()
+            if not (0.0 < value < math.inf):
+                raise ValueError(f"{op}: normalizer must be positive and finite, got {value}")
+        else:
+            ok = (normalizer > 0) & torch.isfinite(normalizer)  # in its own dtype: MPS has no float64
+            torch._assert_async(ok, f"{op}: normalizer must be positive and finite")
+        return normalizer
+    return _positive_finite(op, "normalizer", normalizer, what="a positive finite number, a 0-dim tensor")
+
+
+def divide_by_normalizer(loss: torch.Tensor, normalizer) -> torch.Tensor:
+    """sum_i l_i / normalizer (loss holds the sum); autograd divides the gradients too."""
+    if isinstance(normalizer, torch.Tensor):
+        return loss / normalizer.to(device=loss.device, dtype=loss.dtype)
+    return loss / float(normalizer)

@@ -68,12 +68,15 @@ def _batch(seed=1):
     return ids, mask
 
 
-def full_logits_loss(student, teacher, ids, mask, labels=None, *, alpha, temperature, divisor=None):
-    """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) from the models' logits, in float64."""
+def full_logits_loss(student, teacher, ids, mask, labels=None, *, alpha, temperature, divisor=None, softcap=None):
+    """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) from the models' logits, in float64
+    (soft-capped first with ``softcap``: cap * tanh(logits / cap))."""
     targets = (ids if labels is None else labels).masked_fill(mask == 0, -100)[:, 1:]
     s = student(input_ids=ids, attention_mask=mask).logits.double()[:, :-1]
     with torch.no_grad():
         t = teacher(input_ids=ids, attention_mask=mask).logits.double()[:, :-1]
+    if softcap is not None:
+        s, t = softcap * torch.tanh(s / softcap), softcap * torch.tanh(t / softcap)
     kept = targets != -100
     s, t, y = s[kept], t[kept], targets[kept]
     ce = -torch.log_softmax(s, -1).gather(1, y[:, None]).sum()
@@ -128,7 +131,7 @@ def test_padding_and_ignored_labels_count_in_neither_term():
     assert_rel_close(loss, ref, torch.float32)
 
 
-def test_scaled_logits_are_followed_and_soft_capped_logits_refused():
+def test_scaled_and_soft_capped_logits_are_followed():
     student, teacher = _pair(
         GraniteConfig(
             vocab_size=VOCAB,
@@ -144,11 +147,17 @@ def test_scaled_logits_are_followed_and_soft_capped_logits_refused():
     loss = distillation_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5)
     assert_rel_close(loss, full_logits_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5), torch.float32)
 
-    student.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match=r"student .*final_logit_softcapping=30.0"):
-        distillation_loss(student, teacher, ids, mask)
+    # A soft-cap in the config (Gemma 2's final_logit_softcapping; Granite's forward does not
+    # apply it, so the reference applies it to the logits itself): a small cap changes the loss.
+    student.config.final_logit_softcapping = teacher.config.final_logit_softcapping = 0.5
+    capped = distillation_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5)
+    ref = full_logits_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5, softcap=0.5)
+    assert_rel_close(capped, ref, torch.float32)
+    assert not torch.allclose(capped, loss)
     with pytest.raises(TypeError, match="reduction"):
         distillation_loss(teacher, teacher, ids, mask, reduction="sum")
+    with pytest.raises(TypeError, match="normalizer"):
+        distillation_loss(teacher, teacher, ids, mask, normalizer=3)
 
 
 def _dataset():
@@ -164,7 +173,7 @@ def _dataset():
     return rows
 
 
-def _train_one_step(tmp_path, batch_size, accumulation):
+def _train_one_step(tmp_path, batch_size, accumulation, kd_options=None):
     student, teacher = _pair(CONFIGS["llama"]())
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
     args = TrainingArguments(
@@ -187,7 +196,11 @@ def _train_one_step(tmp_path, batch_size, accumulation):
         dataloader_num_workers=0,
     )
     trainer = DistillationTrainer(
-        model=student, teacher=teacher, args=args, train_dataset=_dataset(), kd_options=dict(alpha=0.4, temperature=2.0)
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=_dataset(),
+        kd_options=kd_options or dict(alpha=0.4, temperature=2.0),
     )
     trainer.train()
     assert all(p.grad is None for p in teacher.parameters())
@@ -195,10 +208,21 @@ def _train_one_step(tmp_path, batch_size, accumulation):
     return torch.cat([p.detach().reshape(-1) for p in student.parameters()])
 
 
-def test_gradient_accumulation_equals_one_step_on_the_doubled_batch(tmp_path):
+# The plain loss, and the options path (soft-caps, the terms returned apart, small chunks):
+# both divide the summed loss by num_items_in_batch through normalizer.
+_TRAINER_OPTIONS = {
+    "plain": dict(alpha=0.4, temperature=2.0),
+    "options": dict(
+        alpha=0.4, temperature=2.0, student_softcap=3.0, teacher_softcap=4.0, chunk_size=5, return_components=True
+    ),
+}
+
+
+@pytest.mark.parametrize("options", sorted(_TRAINER_OPTIONS))
+def test_gradient_accumulation_equals_one_step_on_the_doubled_batch(tmp_path, options):
     start = torch.cat([p.detach().reshape(-1) for p in _pair(CONFIGS["llama"]())[0].parameters()])
-    accumulated = _train_one_step(tmp_path, batch_size=2, accumulation=2)
-    large = _train_one_step(tmp_path, batch_size=4, accumulation=1)
+    accumulated = _train_one_step(tmp_path, batch_size=2, accumulation=2, kd_options=_TRAINER_OPTIONS[options])
+    large = _train_one_step(tmp_path, batch_size=4, accumulation=1, kd_options=_TRAINER_OPTIONS[options])
     assert not torch.equal(accumulated, start)
     assert_rel_close(accumulated - start, large - start, torch.float32)
 

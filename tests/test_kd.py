@@ -715,8 +715,21 @@ def test_linear_kdloss_module_compiles_with_dynamic_shapes(reduction):
 # -- the modules pass every option on -----------------------------------------------------------------
 # A value other than the default for every constructor option of both modules.
 _NON_DEFAULT_OPTIONS = dict(
-    alpha=0.2, temperature=3.0, divergence="jsd", beta=0.3, ignore_index=3, reduction="sum", soft_loss_scale="none"
+    alpha=0.2,
+    temperature=3.0,
+    divergence="jsd",
+    beta=0.3,
+    ignore_index=3,
+    reduction="sum",
+    soft_loss_scale="none",
+    student_logit_scale=1.5,
+    teacher_logit_scale=0.5,
+    student_softcap=2.0,
+    teacher_softcap=3.0,
+    shared_vocab=30,
 )
+# Options that leave the loss's value as it is; tests/test_kd_options.py checks that the modules pass them on.
+_VALUE_PRESERVING_OPTIONS = ("chunk_size", "return_components")
 
 
 def test_every_module_option_is_covered():
@@ -724,7 +737,7 @@ def test_every_module_option_is_covered():
 
     for module in (memkern.nn.KDLoss, memkern.nn.LinearKDLoss):
         params = [p for p in inspect.signature(module.__init__).parameters if p != "self"]
-        assert sorted(params) == sorted(_NON_DEFAULT_OPTIONS), module
+        assert sorted(params) == sorted([*_NON_DEFAULT_OPTIONS, *_VALUE_PRESERVING_OPTIONS]), module
         for name, value in _NON_DEFAULT_OPTIONS.items():
             assert inspect.signature(module.__init__).parameters[name].default != value, name
 

@@ -43,17 +43,9 @@ def _base_model(model: nn.Module, who: str) -> nn.Module:
     return base
 
 
-def _logit_scale(model: nn.Module, who: str) -> float:
-    """The factor the model multiplies its lm_head output by; refuses other post-processing."""
+def _logit_scale(model: nn.Module) -> float:
+    """The factor the model multiplies its lm_head output by."""
     config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap is not None:
-        raise ValueError(
-            f"distillation_loss: {who} ({type(model).__name__}) soft-caps its logits "
-            f"(config.final_logit_softcapping={softcap}), which the fused loss does not compute; "
-            "set it to None if the model tolerates that, or distil from full logits with "
-            "memkern.ops.kd_loss"
-        )
     scale = 1.0
     logit_scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
     if logit_scale is not None:
@@ -62,6 +54,12 @@ def _logit_scale(model: nn.Module, who: str) -> float:
     if logits_scaling is not None:
         scale /= float(logits_scaling)
     return scale
+
+
+def _softcap(model: nn.Module) -> float | None:
+    """The model's final logit soft-cap (Gemma 2: cap * tanh(logits / cap)), or None."""
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return float(softcap) if softcap is not None else None
 
 
 def _head(model: nn.Module, who: str, hidden_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,7 +122,7 @@ def distillation_loss(
 
     Args:
         student, teacher: transformers ``*ForCausalLM`` models (or PEFT models of them) with
-            the same vocabulary. The teacher runs under ``torch.no_grad()``.
+            the same vocabulary (or pass ``shared_vocab``). The teacher runs under ``torch.no_grad()``.
         input_ids: ``(batch, seq)`` token ids; attention_mask: ``(batch, seq)``, 0 at padding.
         labels: ``(batch, seq)`` targets aligned with ``input_ids`` (default ``input_ids``);
             shifted here, as the models' own loss does. Padding and ``ignore_index`` count
@@ -133,21 +131,28 @@ def distillation_loss(
             all-device) batch: the loss is then ``sum / num_items_in_batch``, so accumulated
             micro-batches add up to the large batch's mean exactly. ``None``: the mean over
             this call's counted targets.
-        kd_options: ``alpha``, ``temperature``, ``divergence``, ``beta``, ``ignore_index``,
-            ``soft_loss_scale`` of :func:`memkern.ops.linear_kd_loss` (``reduction`` follows
-            from ``num_items_in_batch``).
+        kd_options: the options of :func:`memkern.ops.linear_kd_loss` (``alpha``,
+            ``temperature``, ``divergence``, ``beta``, ``ignore_index``, ``soft_loss_scale``,
+            the logit scales and soft-caps, ``shared_vocab``, ``chunk_size``,
+            ``return_components``), except ``reduction`` and ``normalizer``, which follow from
+            ``num_items_in_batch``.
 
     Models that multiply their logits by a constant (``config.logit_scale``,
-    ``config.logits_scaling``) are handled by scaling the hidden states; models that
-    soft-cap their logits (``config.final_logit_softcapping``) are refused.
+    ``config.logits_scaling``) are handled by scaling the hidden states; a model's
+    ``config.final_logit_softcapping`` (Gemma 2) becomes its ``student_softcap`` /
+    ``teacher_softcap`` unless kd_options sets that. With ``return_components=True`` the
+    result is ``(loss, ce, kd)``.
     """
-    if "reduction" in kd_options:
-        raise TypeError(
-            "distillation_loss: reduction is not an option here: pass num_items_in_batch for a sum "
-            "divided by it, or nothing for the mean over counted targets"
-        )
+    for fixed in ("reduction", "normalizer"):
+        if fixed in kd_options:
+            raise TypeError(
+                f"distillation_loss: {fixed} is not an option here: pass num_items_in_batch for a sum "
+                "divided by it, or nothing for the mean over counted targets"
+            )
     student, teacher = _unwrap(student), _unwrap(teacher)
-    scales = _logit_scale(student, "student"), _logit_scale(teacher, "teacher")
+    scales = _logit_scale(student), _logit_scale(teacher)
+    kd_options.setdefault("student_softcap", _softcap(student))
+    kd_options.setdefault("teacher_softcap", _softcap(teacher))
     targets = shifted_targets(input_ids, attention_mask, labels, kd_options.get("ignore_index", -100))
     student_hidden = _last_hidden(student, "student", input_ids, attention_mask)[:, :-1]
     with torch.no_grad():
@@ -161,8 +166,7 @@ def distillation_loss(
     if scales[1] != 1.0:
         teacher_hidden = teacher_hidden * scales[1]
         teacher_bias = teacher_bias * scales[1] if teacher_bias is not None else None
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_kd_loss(
+    return linear_kd_loss(
         student_hidden,
         student_weight,
         teacher_hidden,
@@ -170,17 +174,17 @@ def distillation_loss(
         targets,
         student_bias=student_bias,
         teacher_bias=teacher_bias,
-        reduction=reduction,
+        normalizer=num_items_in_batch,
         **kd_options,
     )
-    return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
 class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is :func:`distillation_loss` against ``teacher``.
 
     Args:
-        teacher: a ``*ForCausalLM`` with the student's vocabulary; it is put in eval mode,
+        teacher: a ``*ForCausalLM`` with the student's vocabulary (or kd_options
+            ``shared_vocab``); it is put in eval mode,
             frozen and moved to the training device.
         kd_options: keyword options of :func:`distillation_loss` (alpha, temperature, ...).
         Everything else: as ``Trainer``. Batches hold ``input_ids`` and optionally
@@ -223,7 +227,7 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: int | torch.Tensor | None = None,
     ):
         count = num_items_in_batch if model.training else None
-        loss = distillation_loss(
+        out = distillation_loss(
             self.accelerator.unwrap_model(model),
             self.teacher,
             inputs["input_ids"],
@@ -232,10 +236,13 @@ class DistillationTrainer(Trainer):
             num_items_in_batch=count,
             **self.kd_options,
         )
+        loss, outputs = (
+            (out[0], {"loss": out[0], "ce": out[1], "kd": out[2]}) if isinstance(out, tuple) else (out, None)
+        )
         if count is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # Data parallelism averages the ranks' gradients; each rank divided by the global count.
             loss = loss * self.accelerator.num_processes
-        return (loss, {"loss": loss}) if return_outputs else loss
+        return (loss, outputs or {"loss": loss}) if return_outputs else loss
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -60,7 +60,9 @@ from memkern.kernels.kd_linear_stats import (
     grad_launch_config,
     linear_flags,
     linear_kd_stats,
+    logit_slope,
     logits_tile,
+    transform_args,
 )
 
 
@@ -95,16 +97,24 @@ def _linear_kd_grad_kernel(
     log_1mb,
     ignore_index,
     grad_scale,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
+    ce_rs_ptr,
     HAS_LABELS: tl.constexpr,
     CE: tl.constexpr,
     DIV: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr,
+    HAS_CE_ROW_SCALE: tl.constexpr,
     HAS_BS: tl.constexpr,
     HAS_BT: tl.constexpr,
     PREC_S: tl.constexpr,
     PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr,
     UPCAST_T: tl.constexpr,
+    HAS_S_CAP: tl.constexpr,
+    HAS_T_CAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -152,6 +162,9 @@ def _linear_kd_grad_kernel(
         BLOCK_K,
         PREC_S,
         UPCAST_S,
+        s_scale,
+        s_cap,
+        HAS_S_CAP,
     )
     t = logits_tile(
         ht_ptr,
@@ -170,6 +183,9 @@ def _linear_kd_grad_kernel(
         BLOCK_K,
         PREC_T,
         UPCAST_T,
+        t_scale,
+        t_cap,
+        HAS_T_CAP,
     )
     ds = s - ms[:, None]
     a = ds * inv_t
@@ -190,8 +206,11 @@ def _linear_kd_grad_kernel(
     g = tl.where(w_kd == 0.0, 0.0, w_kd * g)  # no soft term (alpha = 1), even if +inf
     if CE:
         z1 = tl.load(st + ST_Z1, mask=mask_m, other=1.0)
-        w_ce = alpha * w / z1
-        g += w_ce[:, None] * tl.exp(ds) - tl.where(cols[None, :] == y[:, None], (alpha * w)[:, None], 0.0)
+        w_label = alpha * w
+        if HAS_CE_ROW_SCALE:  # the terms' weights apart: the cross entropy's own per row
+            w_label = tl.where(valid, grad_scale * tl.load(ce_rs_ptr + rows_m, mask=mask_m, other=0.0), 0.0)
+        g += (w_label / z1)[:, None] * tl.exp(ds) - tl.where(cols[None, :] == y[:, None], w_label[:, None], 0.0)
+    g = g * logit_slope(s, s_scale, s_cap, HAS_S_CAP)  # d loss / d raw logits
     live = valid[:, None] & mask_v[None, :]
     g = tl.where(live, g, 0.0)  # NaN logits of an ignored row give 0, not NaN
     g = tl.where(live & no_grad[:, None], float("nan"), g)
@@ -242,17 +261,20 @@ def _vocab_slab(vocab: int, hidden: int, weight_dtype: torch.dtype, block_v: int
     return min(vocab, max(block_v, columns))
 
 
-def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
+def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, *, ce_row_scale=None, transform=None):
     """Loss per row (fp32) and the gradients of sum_i w_i l_i (w_i = grad_scale *
     row_scale[i]): grad_h in hs.dtype, grad_w in fp32 (or in the weight's dtype when it was
     accumulated slab by slab, _vocab_slab) and grad_b (None without a student bias) in fp32.
     Two kernels: the stats kernel (loss and row statistics), then the gradient kernel once
-    per vocabulary slab."""
+    per vocabulary slab. With ``ce_row_scale`` the cross entropy's weight is grad_scale *
+    ce_row_scale[i] instead of alpha * w_i (the terms weighted apart); ``transform``: the
+    logit transform (kd_linear_stats.transform_args)."""
     rows, hidden, vocab = hs.shape[0], hs.shape[1], ws.shape[0]
-    hs, ws, bs, ht, wt, bt, row_scale = contiguous_all(hs, ws, bs, ht, wt, bt, row_scale)
+    hs, ws, bs, ht, wt, bt, row_scale, ce_row_scale = contiguous_all(hs, ws, bs, ht, wt, bt, row_scale, ce_row_scale)
     device = hs.device
+    terms_apart = ce_row_scale is not None
     stats = torch.empty(rows, int(N_STATS), dtype=torch.float32, device=device)
-    loss = linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats)
+    loss = linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats, transform=transform, terms_apart=terms_apart)
     grad_h = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
     config = grad_launch_config(hs.dtype, ht.dtype)
     slab = _vocab_slab(vocab, hidden, ws.dtype, config["BLOCK_V"])
@@ -291,8 +313,11 @@ def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale):
                 wt.stride(0),
                 grad_scale=grad_scale,
                 **kernel_scalars(opts),
-                **linear_flags(hs, bs, ht, bt, labels, opts),
+                **transform_args(transform),
+                ce_rs_ptr=ce_row_scale if terms_apart else dummy,
+                **linear_flags(hs, bs, ht, bt, labels, opts, terms_apart=terms_apart),
                 HAS_ROW_SCALE=row_scale is not None,
+                HAS_CE_ROW_SCALE=terms_apart,
                 **config,
             )
         if acc is not grad_w:
@@ -323,3 +348,29 @@ def linear_kd_loss(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, 
     if grad_h is not None:
         grad_h = grad_h.new_zeros(hs.shape).index_copy_(0, kept, grad_h)
     return loss, grad_h, grad_w, grad_b
+
+
+def linear_kd_terms(hs, ws, bs, ht, wt, bt, labels, opts, transform, w_ce=None, w_kd=None):
+    """The options path of memkern.ops.kd_options_ops on these kernels, logits transformed
+    in registers: without weights the per-row (cross entropy, divergence), each 0 for
+    ignored rows; with per-row weights w_ce, w_kd the gradients (grad_h, grad_w, grad_b) of
+    sum_i w_ce[i] ce_i + w_kd[i] D_i. ``opts`` must have alpha 0 and kd_scale 1 (so the
+    divergence's weight is w_kd itself); ``transform`` as kd_linear_stats.transform_args."""
+    kept = kd_options.kept_rows(labels, opts)
+
+    def take(x):
+        return x.index_select(0, kept) if kept is not None and x is not None else x
+
+    hs_k, ht_k, y_k = take(hs), take(ht), take(labels)
+    if w_ce is None:
+        parts = torch.zeros(hs_k.shape[0], 2, dtype=torch.float32, device=hs.device)
+        linear_kd_stats(hs_k, ws, bs, ht_k, wt, bt, y_k, opts, parts=parts, transform=transform)
+        if kept is not None:
+            parts = parts.new_zeros(hs.shape[0], 2).index_copy_(0, kept, parts)
+        return parts[:, 0].clone(), parts[:, 1].clone()  # apart: the outputs must not alias
+    _, grad_h, grad_w, grad_b = linear_kd_grad(
+        hs_k, ws, bs, ht_k, wt, bt, y_k, opts, take(w_kd), 1.0, ce_row_scale=take(w_ce), transform=transform
+    )
+    if kept is not None:
+        grad_h = grad_h.new_zeros(hs.shape).index_copy_(0, kept, grad_h)
+    return grad_h, grad_w, grad_b

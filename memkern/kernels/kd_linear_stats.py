@@ -48,8 +48,14 @@ def logits_tile(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    scale=1.0,
+    cap=0.0,
+    HAS_CAP: tl.constexpr = False,
 ):
-    """(BLOCK_M x BLOCK_V) logits h[rows] @ w[cols].T (+ b[cols]) in fp32."""
+    """(BLOCK_M x BLOCK_V) logits h[rows] @ w[cols].T (+ b[cols]) in fp32, then times
+    ``scale`` and, with HAS_CAP, soft-capped: cap * tanh(z / cap), -inf kept as -inf
+    (memkern.kernels.kd_chunks.transform_logits; the gradient kernel multiplies by
+    logit_slope)."""
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     for k in range(0, H, BLOCK_K):
@@ -63,7 +69,23 @@ def logits_tile(
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    if HAS_CAP:
+        # tanh(x) = 1 - 2 / (e^2x + 1): +-1 at +-inf without NaN; the absolute error near 0
+        # (~1e-7 * cap) is float32's rounding of a logit of size cap.
+        capped = cap * (1.0 - 2.0 / (tl.exp(2.0 * (acc / cap)) + 1.0))
+        acc = tl.where(acc == float("-inf"), acc, capped)
     return acc
+
+
+@triton.jit
+def logit_slope(z, scale, cap, HAS_CAP: tl.constexpr):
+    """d z' / d z of logits_tile's transform, from the transformed tile z': scale * (1 -
+    tanh^2), with tanh = z' / cap; 0 at -inf (a masked entry gets no gradient)."""
+    if HAS_CAP:
+        th = z / cap
+        return tl.where(z == float("-inf"), 0.0, scale * (1.0 - th * th))
+    return tl.zeros_like(z) + scale
 
 
 @triton.jit
@@ -92,6 +114,11 @@ def _linear_kd_stats_kernel(
     log_beta,
     log_1mb,
     ignore_index,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
+    parts_ptr,
     HAS_LABELS: tl.constexpr,
     CE: tl.constexpr,
     DIV: tl.constexpr,
@@ -101,7 +128,10 @@ def _linear_kd_stats_kernel(
     PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr,
     UPCAST_T: tl.constexpr,
+    HAS_S_CAP: tl.constexpr,
+    HAS_T_CAP: tl.constexpr,
     WRITE_STATS: tl.constexpr,
+    WRITE_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -150,6 +180,9 @@ def _linear_kd_stats_kernel(
             BLOCK_K,
             PREC_S,
             UPCAST_S,
+            s_scale,
+            s_cap,
+            HAS_S_CAP,
         )
         t = logits_tile(
             ht_ptr,
@@ -168,6 +201,9 @@ def _linear_kd_stats_kernel(
             BLOCK_K,
             PREC_T,
             UPCAST_T,
+            t_scale,
+            t_cap,
+            HAS_T_CAP,
         )
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
         ms_new = tl.maximum(ms, tl.max(tl.where(mask_v[None, :], s, neg_inf), axis=1))
@@ -237,6 +273,9 @@ def _linear_kd_stats_kernel(
                 BLOCK_K,
                 PREC_S,
                 UPCAST_S,
+                s_scale,
+                s_cap,
+                HAS_S_CAP,
             )
             t = logits_tile(
                 ht_ptr,
@@ -255,6 +294,9 @@ def _linear_kd_stats_kernel(
                 BLOCK_K,
                 PREC_T,
                 UPCAST_T,
+                t_scale,
+                t_cap,
+                HAS_T_CAP,
             )
             lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
             lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
@@ -268,6 +310,11 @@ def _linear_kd_stats_kernel(
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(valid & undefined, float("nan"), loss)
     tl.store(loss_ptr + rows_m, loss, mask=mask_m)
+    if WRITE_PARTS:
+        # the two terms apart (rows x 2: ce, D), each 0 for ignored rows and NaN for undefined ones
+        for_row = valid & undefined
+        tl.store(parts_ptr + rows_m * 2, tl.where(for_row, float("nan"), tl.where(valid, ce, 0.0)), mask=mask_m)
+        tl.store(parts_ptr + rows_m * 2 + 1, tl.where(for_row, float("nan"), tl.where(valid, d, 0.0)), mask=mask_m)
     if WRITE_STATS:
         # what the gradient kernel needs to rebuild d loss / d logits from recomputed tiles
         st = stats_ptr + rows_m * N_STATS
@@ -285,12 +332,28 @@ def contiguous_all(*xs):
     return tuple(x.contiguous() if x is not None else None for x in xs)
 
 
-def linear_flags(hs, bs, ht, bt, labels, opts) -> dict:
-    """Compile-time flags shared by the fused-linear kernels."""
+def transform_args(transform) -> dict:
+    """The logit transform's kernel arguments; ``transform`` is (student scale, student cap,
+    teacher scale, teacher cap) with cap 0 for none (memkern.kd_options.KDExtras.transform),
+    or None."""
+    s_scale, s_cap, t_scale, t_cap = transform if transform is not None else (1.0, 0.0, 1.0, 0.0)
+    return dict(
+        s_scale=s_scale,
+        s_cap=s_cap or 1.0,
+        t_scale=t_scale,
+        t_cap=t_cap or 1.0,
+        HAS_S_CAP=s_cap != 0.0,
+        HAS_T_CAP=t_cap != 0.0,
+    )
+
+
+def linear_flags(hs, bs, ht, bt, labels, opts, *, terms_apart: bool = False) -> dict:
+    """Compile-time flags shared by the fused-linear kernels. ``terms_apart``: the cross
+    entropy is computed whatever alpha (its weights come per row)."""
     interpret = _library.triton_interpret()
     return dict(
         HAS_LABELS=labels is not None,
-        CE=labels is not None and opts.alpha != 0.0,
+        CE=labels is not None and (opts.alpha != 0.0 or terms_apart),
         DIV=opts.divergence_id,
         HAS_BS=bs is not None,
         HAS_BT=bt is not None,
@@ -302,9 +365,13 @@ def linear_flags(hs, bs, ht, bt, labels, opts) -> dict:
     )
 
 
-def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats=None) -> torch.Tensor:
+def linear_kd_stats(
+    hs, ws, bs, ht, wt, bt, labels, opts, stats=None, *, parts=None, transform=None, terms_apart=False
+) -> torch.Tensor:
     """Per-row losses of the fused-linear form, logits never leaving the chip; with
-    ``stats`` (rows x N_STATS float32) also the row statistics of the gradient kernel."""
+    ``stats`` (rows x N_STATS float32) also the row statistics of the gradient kernel; with
+    ``parts`` (rows x 2 float32) the cross entropy and the divergence apart; ``transform``:
+    see transform_args; ``terms_apart``: the cross entropy's statistics whatever alpha."""
     rows, vocab = hs.shape[0], ws.shape[0]
     loss = torch.empty(rows, dtype=torch.float32, device=hs.device)
     if rows == 0:
@@ -331,8 +398,11 @@ def linear_kd_stats(hs, ws, bs, ht, wt, bt, labels, opts, stats=None) -> torch.T
         ht.stride(0),
         wt.stride(0),
         **kernel_scalars(opts),
-        **linear_flags(hs, bs, ht, bt, labels, opts),
+        **transform_args(transform),
+        parts_ptr=parts if parts is not None else dummy,
+        **linear_flags(hs, bs, ht, bt, labels, opts, terms_apart=terms_apart or parts is not None),
         WRITE_STATS=stats is not None,
+        WRITE_PARTS=parts is not None,
         **config,
     )
     return loss

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memkern.kd_options import check_extras
 from memkern.ops import kd as _kd
 
 
@@ -21,6 +22,13 @@ class _KDLossBase(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         soft_loss_scale: str = "t2",
+        student_logit_scale: float | None = None,
+        teacher_logit_scale: float | None = None,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+        shared_vocab: int | None = None,
+        chunk_size: int | None = None,
+        return_components: bool = False,
     ) -> None:
         super().__init__()
         # Whether labels come is only known per call; the op checks alpha == 0 without them.
@@ -35,6 +43,16 @@ class _KDLossBase(nn.Module):
             reduction=reduction,
             soft_loss_scale=soft_loss_scale,
         )
+        extras = dict(
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
+            shared_vocab=shared_vocab,
+            chunk_size=chunk_size,
+            return_components=return_components,
+        )
+        check_extras(type(self).__name__, **extras)
         self.options = dict(
             alpha=alpha,
             temperature=temperature,
@@ -43,26 +61,35 @@ class _KDLossBase(nn.Module):
             ignore_index=ignore_index,
             reduction=reduction,
             soft_loss_scale=soft_loss_scale,
+            **extras,
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        # the options left at their defaults (None, False) are not listed
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None and v is not False)
 
 
 class KDLoss(_KDLossBase):
     """``alpha * CE + (1 - alpha) * k * D`` on student and teacher logits; see
-    :func:`memkern.ops.kd_loss` for the semantics and every argument."""
+    :func:`memkern.ops.kd_loss` for the semantics and every argument. ``normalizer`` is
+    per call (it changes with every batch, e.g. HF's ``num_items_in_batch``)."""
 
     def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return _kd.kd_loss(student_logits, teacher_logits, labels, **self.options)
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        normalizer: float | torch.Tensor | None = None,
+    ):
+        return _kd.kd_loss(student_logits, teacher_logits, labels, normalizer=normalizer, **self.options)
 
 
 class LinearKDLoss(_KDLossBase):
     """The distillation loss of two lm_heads with the projection fused in (no rows x vocab
     tensor); see :func:`memkern.ops.linear_kd_loss`. Holds no parameters: pass the heads'
-    weights (and biases) to ``forward``, e.g. ``student.lm_head.weight``."""
+    weights (and biases) to ``forward``, e.g. ``student.lm_head.weight``; ``normalizer`` is
+    per call, as for :class:`KDLoss`."""
 
     def forward(
         self,
@@ -74,7 +101,8 @@ class LinearKDLoss(_KDLossBase):
         *,
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        normalizer: float | torch.Tensor | None = None,
+    ):
         return _kd.linear_kd_loss(
             student_hidden,
             student_weight,
@@ -83,5 +111,6 @@ class LinearKDLoss(_KDLossBase):
             labels,
             student_bias=student_bias,
             teacher_bias=teacher_bias,
+            normalizer=normalizer,
             **self.options,
         )

@@ -29,8 +29,18 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, _validate, backends
-from memkern.kd_options import KD_DTYPES, TEMPERATURE_RANGE, check_labels, check_options
-from memkern.ops import kd_ops
+from memkern.kd_options import (
+    KD_DTYPES,
+    TEMPERATURE_RANGE,
+    KDExtras,
+    check_extras,
+    check_labels,
+    check_normalizer,
+    check_options,
+    check_vocabularies,
+    divide_by_normalizer,
+)
+from memkern.ops import kd_ops, kd_options_ops
 
 __all__ = ["TEMPERATURE_RANGE", "check_options", "kd_loss", "linear_kd_loss"]
 
@@ -64,6 +74,23 @@ _SEMANTICS = """
       where the teacher has mass on an entry the student masks with -inf, reverse_kl the
       other way round; jsd is always finite (docs/numerics.md, "Masked logits").
     * ``temperature`` must be in [1e-4, 100] (memkern.kd_options.TEMPERATURE_RANGE).
+
+    Options (docs/numerics.md, "Distillation options"):
+
+    * ``student_logit_scale`` / ``teacher_logit_scale`` and ``student_softcap`` /
+      ``teacher_softcap`` (None = off): each side's logits z become
+      cap * tanh(scale * z / cap) (or scale * z) before the temperature, in both terms;
+      ``-inf`` stays ``-inf``.
+    * ``shared_vocab=n``: teacher and student vocabularies may differ; the divergence compares
+      the softmaxes over the first n entries of each (each renormalised over those n), the
+      cross entropy stays over the student's whole vocabulary (labels in [0, V_student)).
+    * ``normalizer``: a positive number or 0-dim tensor; with reduction "mean" or "sum" the
+      result is sum_i l_i / normalizer (refused with "none").
+    * ``return_components=True``: returns ``(loss, ce, kd)``, reduced alike, with
+      loss = alpha * ce + (1 - alpha) * k * kd; all three differentiable.
+    * ``chunk_size``: rows per chunk where rows are chunked (default: an element budget).
+    Setting any of them but ``normalizer`` runs memkern.ops.kd_options_ops, which chunks
+    rows and recomputes in backward.
 """
 
 
@@ -74,25 +101,35 @@ def _check_vocab(op: str, vocab: int, what: str) -> None:
         )
 
 
-def _check_logits(op: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+def _check_logits(op: str, student: torch.Tensor, teacher: torch.Tensor, shared_vocab: int) -> None:
     _validate.check_tensor(op, "student_logits", student)
     _validate.check_tensor(op, "teacher_logits", teacher)
     _validate.check_dim(op, "student_logits", student, (2, 3))
     _validate.check_dtype(op, "student_logits", student, KD_DTYPES)
     _validate.check_dtype(op, "teacher_logits", teacher, KD_DTYPES)
-    if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(
-            f"{op}: student vocabulary size {student.shape[-1]} != teacher vocabulary size "
-            f"{teacher.shape[-1]} (student_logits {tuple(student.shape)}, teacher_logits "
-            f"{tuple(teacher.shape)}); memkern does not pad or truncate vocabularies"
-        )
-    if student.shape != teacher.shape:
+    check_vocabularies(
+        op,
+        student.shape[-1],
+        teacher.shape[-1],
+        shared_vocab,
+        f"student_logits {tuple(student.shape)}, teacher_logits {tuple(teacher.shape)}",
+    )
+    if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(
             f"{op}: student_logits and teacher_logits must have the same shape, got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     _check_vocab(op, student.shape[-1], f"student_logits of shape {tuple(student.shape)}")
+    _check_vocab(op, teacher.shape[-1], f"teacher_logits of shape {tuple(teacher.shape)}")
     _validate.check_same_device(op, student_logits=student, teacher_logits=teacher)
+
+
+def _finish(out, extras: KDExtras, normalizer):
+    """The public result: (loss, ce, kd) or the loss, each divided by the normalizer."""
+    terms = out if extras.needs_options_path else (out[0],)
+    if normalizer is not None:
+        terms = tuple(divide_by_normalizer(x, normalizer) for x in terms)
+    return tuple(terms) if extras.return_components else terms[0]
 
 
 def kd_loss(
@@ -107,9 +144,27 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     soft_loss_scale: str = "t2",
-) -> torch.Tensor:
+    student_logit_scale: float | None = None,
+    teacher_logit_scale: float | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    shared_vocab: int | None = None,
+    chunk_size: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    return_components: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "kd_loss"
-    _check_logits(op, student_logits, teacher_logits)
+    extras = check_extras(
+        op,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        shared_vocab=shared_vocab,
+        chunk_size=chunk_size,
+        return_components=return_components,
+    )
+    _check_logits(op, student_logits, teacher_logits, extras.shared_vocab)
     opts = check_options(
         op,
         has_labels=labels is not None,
@@ -121,24 +176,26 @@ def kd_loss(
         reduction=reduction,
         soft_loss_scale=soft_loss_scale,
     )
+    normalizer = check_normalizer(op, normalizer, reduction)
     labels = check_labels(op, labels, tuple(student_logits.shape[:-1]), student_logits.device)
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = backends.call(
-        kd_ops.kd_loss_op,
-        kd_ops.kd_loss_body,
-        student_logits,
-        teacher_logits.detach(),
-        labels,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence,
-        opts.beta,
-        opts.ignore_index,
-        reduction,
-        opts.kd_scale,
-        compute_grad,
-    )
-    return loss
+    reduction = "sum" if normalizer is not None else reduction  # the sum, divided by it below
+    args = (student_logits, teacher_logits.detach(), labels, *_op_options(opts, reduction))
+    if extras.needs_options_path:
+        out = backends.call(
+            kd_options_ops.kd_loss_options_op, kd_options_ops.kd_loss_options_body, *args, *_op_extras(extras)
+        )
+    else:
+        compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+        out = backends.call(kd_ops.kd_loss_op, kd_ops.kd_loss_body, *args, compute_grad)
+    return _finish(out, extras, normalizer)
+
+
+def _op_options(opts, reduction: str) -> tuple:
+    return opts.alpha, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, reduction, opts.kd_scale
+
+
+def _op_extras(extras: KDExtras) -> tuple:
+    return extras.transform, extras.shared_vocab, extras.chunk_size
 
 
 kd_loss.__doc__ = (
@@ -158,7 +215,11 @@ kd_loss.__doc__ = (
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         soft_loss_scale: ``"t2"`` (multiply the soft term by T^2) or ``"none"``.
 
-    Returns: a scalar, or per-row losses of shape ``(N,)`` / ``(B, T)`` for ``"none"``.
+        The options below the semantics: logit scales and soft-caps, shared_vocab,
+        normalizer, return_components, chunk_size.
+
+    Returns: a scalar, or per-row losses of shape ``(N,)`` / ``(B, T)`` for ``"none"``;
+    ``(loss, ce, kd)`` so shaped with ``return_components=True``.
 """
     + _SEMANTICS
     + """
@@ -187,8 +248,26 @@ def linear_kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     soft_loss_scale: str = "t2",
-) -> torch.Tensor:
+    student_logit_scale: float | None = None,
+    teacher_logit_scale: float | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    shared_vocab: int | None = None,
+    chunk_size: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    return_components: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "linear_kd_loss"
+    extras = check_extras(
+        op,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        shared_vocab=shared_vocab,
+        chunk_size=chunk_size,
+        return_components=return_components,
+    )
     for name, x in (
         ("student_hidden", student_hidden),
         ("student_weight", student_weight),
@@ -212,12 +291,15 @@ def linear_kd_loss(
                 f"{op}: {who}_hidden ({_validate.dtype_name(h.dtype)}) and {who}_weight "
                 f"({_validate.dtype_name(w.dtype)}) must have the same dtype"
             )
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"{op}: student vocabulary size {student_weight.shape[0]} != teacher vocabulary size "
-            f"{teacher_weight.shape[0]}; memkern does not pad or truncate vocabularies"
-        )
+    check_vocabularies(
+        op,
+        student_weight.shape[0],
+        teacher_weight.shape[0],
+        extras.shared_vocab,
+        f"student_weight {tuple(student_weight.shape)}, teacher_weight {tuple(teacher_weight.shape)}",
+    )
     _check_vocab(op, student_weight.shape[0], f"student_weight of shape {tuple(student_weight.shape)}")
+    _check_vocab(op, teacher_weight.shape[0], f"teacher_weight of shape {tuple(teacher_weight.shape)}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"{op}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
@@ -252,14 +334,11 @@ def linear_kd_loss(
         reduction=reduction,
         soft_loss_scale=soft_loss_scale,
     )
+    normalizer = check_normalizer(op, normalizer, reduction)
     labels = check_labels(op, labels, tuple(student_hidden.shape[:-1]), student_hidden.device)
-    compute_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
-    )
+    reduction = "sum" if normalizer is not None else reduction  # the sum, divided by it below
     detach = lambda x: x.detach() if x is not None else None  # noqa: E731
-    out = backends.call(
-        kd_ops.linear_kd_loss_op,
-        kd_ops.linear_kd_loss_body,
+    args = (
         student_hidden,
         student_weight,
         student_bias,
@@ -267,16 +346,21 @@ def linear_kd_loss(
         detach(teacher_weight),
         detach(teacher_bias),
         labels,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence,
-        opts.beta,
-        opts.ignore_index,
-        reduction,
-        opts.kd_scale,
-        compute_grad,
+        *_op_options(opts, reduction),
     )
-    return out[0]
+    if extras.needs_options_path:
+        out = backends.call(
+            kd_options_ops.linear_kd_loss_options_op,
+            kd_options_ops.linear_kd_loss_options_body,
+            *args,
+            *_op_extras(extras),
+        )
+    else:
+        compute_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
+        )
+        out = backends.call(kd_ops.linear_kd_loss_op, kd_ops.linear_kd_loss_body, *args, compute_grad)
+    return _finish(out, extras, normalizer)
 
 
 linear_kd_loss.__doc__ = (
@@ -290,7 +374,8 @@ linear_kd_loss.__doc__ = (
         student_hidden: ``(N, H_s)`` or ``(B, T, H_s)``; float32, float16, bfloat16 (float64).
         student_weight: ``(V, H_s)``, the dtype of student_hidden; student_bias: ``(V,)``.
         teacher_hidden: ``(N, H_t)`` or ``(B, T, H_t)``: same rows, any hidden size.
-        teacher_weight: ``(V, H_t)``, the dtype of teacher_hidden; teacher_bias: ``(V,)``.
+        teacher_weight: ``(V, H_t)`` (``(V_t, H_t)`` with shared_vocab), the dtype of
+            teacher_hidden; teacher_bias: ``(V,)``.
         labels and the options: as :func:`kd_loss`.
 
     Gradients flow to student_hidden, student_weight and student_bias (weight and bias
