@@ -100,15 +100,17 @@ def load(model: nn.Module, checkpoint_id: str | os.PathLike, *, storage_reader=N
 
     reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(os.fspath(checkpoint_id))
     saved = reader.read_metadata().state_dict_metadata
+    model_state = model.state_dict()
+    default_device = next((t.device for t in model_state.values() if isinstance(t, torch.Tensor)), None)
     state = {}
-    for key, current in model.state_dict().items():
-        if not isinstance(current, torch.Tensor):
-            state[key] = current  # extra state (e.g. SparseLinear's layout): DCP replaces it
-            continue
-        meta = saved.get(key)
+    # Every saved tensor, also those the model has no entry for: a SparseLinear built with
+    # every block kept has no element mask and takes the saved one (load_state_dict reports
+    # any other as unexpected, and the model's tensors the checkpoint lacks as missing).
+    for key, meta in saved.items():
         if not isinstance(meta, TensorStorageMetadata):
-            continue  # load_state_dict reports it as missing
-        if _is_dtensor(current):
+            continue
+        current = model_state.get(key)
+        if current is not None and _is_dtensor(current):
             if tuple(meta.size) != tuple(current.shape):
                 raise ValueError(
                     f"memkern.distributed.fsdp.load: {key} is sharded with shape {tuple(current.shape)}, "
@@ -117,6 +119,9 @@ def load(model: nn.Module, checkpoint_id: str | os.PathLike, *, storage_reader=N
                 )
             state[key] = torch.empty_like(current)
         else:
-            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=current.device)
+            device = current.device if current is not None else default_device
+            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
+    # Extra states (SparseLinear's layout): DCP replaces them with the saved ones.
+    state.update((key, value) for key, value in model_state.items() if not isinstance(value, torch.Tensor))
     dcp.load(state, checkpoint_id=checkpoint_id, storage_reader=reader)
     return model.load_state_dict(state, strict=strict)
