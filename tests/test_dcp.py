@@ -52,7 +52,7 @@ def _save_body(rank, world_size, directory):
 def _load_body(rank, world_size, directory):
     from memkern.distributed.fsdp import load, shard_model
 
-    model = shard_model(Net(seed=1))  # the same layout (masks), other values
+    model = shard_model(Net(seed=1))  # the same kept blocks, other values and element masks
     result = load(model, os.path.join(directory, "good"))
     assert not result.missing_keys and not result.unexpected_keys
     local = model.block.values.to_local()
@@ -62,6 +62,9 @@ def _load_body(rank, world_size, directory):
         torch.nn.Linear(64, 48), torch.ones(48, 64, dtype=torch.bool).tril(), block=(16, 16)
     )
     shard_model(fewer_blocks)
+    # A sharded layer copies a state of its own layout into its shards and refuses another.
+    with pytest.raises(RuntimeError, match=r"block\.values is sharded \(fully_shard\) with shape \(6, 16, 16\)"):
+        fewer_blocks.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match=r"block\.values is sharded with shape \(6, 16, 16\), the checkpoint holds \(7, 16, 16\)"):
         load(fewer_blocks, os.path.join(directory, "good"))
     dist.barrier()
@@ -114,9 +117,32 @@ def test_dcp_saved_on_2_ranks_loads_on_4_1_and_one_process(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), _saved_model()(x), rtol=0, atol=0)
 
+    # dcp_to_torch_save: one torch.save file that load_state_dict takes, layout included.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(tmp_path / "good", tmp_path / "good.pt")
+    converted = _one_process_model()
+    converted.load_state_dict(torch.load(tmp_path / "good.pt", weights_only=True))
+    _assert_saved_state(converted)
+
     # A broken index is refused, naming the tensor, and the model keeps its state.
     before = _state(model)
     with pytest.raises(RuntimeError, match=r"block\.col"):
         load(model, tmp_path / BAD)
     after = _state(model)
     assert all(torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v for k, v in before.items())
+
+
+def test_load_state_dict_of_the_same_layout_keeps_the_parameter_objects():
+    """An optimiser (or fully_shard) holding a SparseLinear's values keeps training the
+    layer's own tensor after a load of the same layout; another layout still replaces it."""
+    model, source = Net(), Net(seed=1)
+    values, opt = model.block.values, torch.optim.SGD(model.parameters(), lr=1.0)
+    model.load_state_dict(source.state_dict())
+    assert model.block.values is values and torch.equal(values, source.block.values)
+    model.block.values.grad = torch.ones_like(values)
+    opt.step()
+    assert torch.equal(model.block.values, source.block.values - 1)
+    every_block = SparseLinear(64, 48, block=(16, 16))
+    model.block.load_state_dict(every_block.state_dict())
+    assert model.block.values.shape == (12, 16, 16) and model.block.mask is None
