@@ -65,7 +65,9 @@ def _load_body(rank, world_size, directory):
     # A sharded layer copies a state of its own layout into its shards and refuses another.
     with pytest.raises(RuntimeError, match=r"block\.values is sharded \(fully_shard\) with shape \(6, 16, 16\)"):
         fewer_blocks.load_state_dict(model.state_dict())
-    with pytest.raises(ValueError, match=r"block\.values is sharded with shape \(6, 16, 16\), the checkpoint holds \(7, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"block\.values is sharded with shape \(6, 16, 16\), the checkpoint holds \(7, 16, 16\)"
+    ):
         load(fewer_blocks, os.path.join(directory, "good"))
     dist.barrier()
     _assert_saved_state(model)
