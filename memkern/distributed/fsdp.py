@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from memkern.nn import SparseLinear
+from memkern.nn.sparse import is_sharded
 
 
 def prepare_for_fully_shard(model: nn.Module) -> nn.Module:
@@ -77,12 +78,6 @@ def shard_model(
     return model
 
 
-def _is_dtensor(t: object) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def load(model: nn.Module, checkpoint_id: str | os.PathLike, *, storage_reader=None, strict: bool = True):
     """Load a DCP checkpoint (saved from any number of ranks) into ``model``, sharded by
     ``fully_shard`` on any number of ranks or not sharded in one process (no process group
@@ -110,7 +105,7 @@ def load(model: nn.Module, checkpoint_id: str | os.PathLike, *, storage_reader=N
         if not isinstance(meta, TensorStorageMetadata):
             continue
         current = model_state.get(key)
-        if current is not None and _is_dtensor(current):
+        if current is not None and is_sharded(current):
             if tuple(meta.size) != tuple(current.shape):
                 raise ValueError(
                     f"memkern.distributed.fsdp.load: {key} is sharded with shape {tuple(current.shape)}, "

@@ -189,7 +189,7 @@ class SparseLinear(nn.Module):
                 error_msgs.append(str(exc))
                 return
         if extra is not None and not self._keeps_layout(state_dict, prefix, extra):
-            if _is_sharded(self.values):
+            if is_sharded(self.values):
                 # fully_shard split ``values`` by its current shape; a layout with another
                 # number of kept blocks cannot be copied into those shards.
                 error_msgs.append(
@@ -265,7 +265,7 @@ class SparseLinear(nn.Module):
             )
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (a parameter of a module under ``fully_shard``)."""
     if not torch.distributed.is_available():
         return False
