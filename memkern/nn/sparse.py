@@ -188,7 +188,17 @@ class SparseLinear(nn.Module):
             except (TypeError, ValueError) as exc:
                 error_msgs.append(str(exc))
                 return
-        if extra is not None:
+        if extra is not None and not self._keeps_layout(state_dict, prefix, extra):
+            if is_sharded(self.values):
+                # fully_shard split ``values`` by its current shape; a layout with another
+                # number of kept blocks cannot be copied into those shards.
+                error_msgs.append(
+                    f"SparseLinear.load_state_dict: {prefix}values is sharded (fully_shard) with shape "
+                    f"{tuple(self.values.shape)} ({self.format!r}), the state holds a different layout "
+                    f"(values {tuple(state_dict[prefix + 'values'].shape)}, {extra['format']!r}); "
+                    "load it into the layer before sharding it"
+                )
+                return
             self.set_extra_state(extra)
             dev = self.values.device
             for name in (*_BLOCK_INDEX, "mask", "meta"):
@@ -203,6 +213,17 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _keeps_layout(self, state_dict, prefix: str, extra: dict) -> bool:
+        """Whether a (checked) state has this layer's layout: then its tensors are copied into
+        this layer's, which keeps the parameter objects an optimiser or fully_shard holds."""
+        if extra["format"] != self.format or tuple(extra["block"]) != self.block:
+            return False
+        for name in ("values", *_BUFFERS[self.format]):
+            mine, theirs = getattr(self, name), state_dict.get(prefix + name)
+            if (mine is None) != (theirs is None) or (mine is not None and mine.shape != theirs.shape):
+                return False
+        return True
 
     def _check_state(self, state_dict, prefix: str, extra: object) -> None:
         """Raise a clear error unless ``state_dict`` holds a valid SparseLinear state of this
@@ -242,3 +263,12 @@ class SparseLinear(nn.Module):
                 f"{op}: {prefix}values must hold blocks of {block} ({prefix}_extra_state's block), "
                 f"got shape {tuple(tensors['values'].shape)}"
             )
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a parameter of a module under ``fully_shard``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)

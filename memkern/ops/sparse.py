@@ -126,4 +126,6 @@ def masked_matmul(
                 # remembered build failure stays, so the build is not retried every call.
                 weight.semi_structured_cache = None
             y = backends.call(sparse24_matmul_op, sparse24_matmul_table, x2, values, weight.meta, bias)
-    return y.reshape(*lead, n_out)
+    # Not a view of the 2-D product (F.linear's output is none either): FSDP2 hooks a
+    # module's output for backward, and an in-place op on a view (y += residual) drops that.
+    return torch.ops.aten._unsafe_view(y, (*lead, n_out))
