@@ -151,6 +151,8 @@ def prune_weight(
     _validate.check_tensor(op, "hessian", hessian)
     if hessian.shape != (cols, cols):
         raise ValueError(f"{op}: hessian must have shape ({cols}, {cols}), got {tuple(hessian.shape)}")
+    if weight.numel() == 0:
+        return weight.detach().clone(), torch.ones_like(weight, dtype=torch.bool)
     dtype = compute_dtype(weight)
     w = weight.detach().to(dtype=dtype, copy=True)
     h = hessian.detach().to(device=w.device, dtype=dtype, copy=not overwrite_hessian)

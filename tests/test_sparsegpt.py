@@ -301,3 +301,9 @@ def test_prune_model_needs_calibration_and_leaves_the_model_as_it_was_on_failure
         prune.prune_model(model, 0.5, "n:m", "sparsegpt", calibration=[torch.randn(20, 8)])
     assert [type(layer) for layer in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_an_empty_weight_is_returned_as_it_is():
+    for shape in ((0, 8), (8, 0)):
+        new_weight, mask = sparsegpt.prune_weight(torch.zeros(shape), torch.zeros(shape[1], shape[1]), 0.5)
+        assert new_weight.shape == shape and mask.shape == shape
