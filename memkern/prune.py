@@ -173,15 +173,16 @@ def prune_model(
     ``filter_fn(name, layer)`` (if given) is true. ``method="wanda"`` needs ``calibration``:
     batches (tensors, tuples of positional args or dicts of keyword args) run through
     ``model`` with forward hooks that collect each layer's input norms. 2:4 masks are
-    stored compressed (``Sparse24Weight``); every other mask as kept ``block``-sized blocks
-    (``BlockSparseWeight``). Returns a :class:`PruneReport`.
+    stored compressed (``Sparse24Weight``), block masks as kept ``block``-sized blocks
+    (``BlockSparseWeight``), every other mask (unstructured, other n:m) as kept values + a
+    bitmask (``BitmaskWeight``, 0.53x of dense float32 at 50%). Returns a :class:`PruneReport`.
 
     ``method="sparsegpt"`` (needs ``calibration``) prunes the layers one after another in
     the order the model's forward calls them, each with the Hessian of its inputs while the
     model runs the calibration batches with the layers before it already pruned, and keeps
     the weights SparseGPT updated (:mod:`memkern.sparsegpt`; ``blocksize`` and ``percdamp``
-    as there). The model runs the calibration once per layer plus once; only one layer's
-    Hessian (``in_features^2`` floats) exists at a time.
+    as there). The model runs the calibration once per layer (plus one batch for the
+    order); one layer's Hessian (``in_features^2`` floats) exists at a time.
 
     A layer held under several names (:func:`memkern.share_layers`, tied weights) is
     pruned once (Wanda: with the inputs of all its uses) and put under every name, so it
@@ -208,7 +209,9 @@ def prune_model(
     names = [layer.name for layer in layers]
     norms = activation_norms(model, names, calibration) if method == "wanda" else {}
     before = memory_footprint(model).total_bytes
-    fmt = "2:4" if pattern == "n:m" and (n, m) == (2, 4) else "block"
+    # Element-wise masks other than 2:4 in the bitmask format: kept blocks would hold nearly
+    # every weight plus an element mask.
+    fmt = "block" if pattern == "block" else "2:4" if pattern == "n:m" and (n, m) == (2, 4) else "bitmask"
     pruned = total = 0
     if method == "sparsegpt":
         calibration = list(calibration)  # run once per layer
