@@ -180,3 +180,17 @@ def test_padding_bits_are_refused():
     bits[0, 1] |= 0x80  # column 15 of a 12-column row
     with pytest.raises(ValueError, match="bits set past column 12"):
         BitmaskWeight(torch.zeros(25), bits, (2, 12))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_under_autocast_like_linear(backend):
+    layer, linear, mask = _layer()
+    x = torch.randn(5, 80, requires_grad=True)
+    with memkern.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert layer.values.grad.dtype == torch.float32 and layer.values.grad.shape == layer.values.shape
+    as_bf16 = lambda t: t.detach().bfloat16().double()  # noqa: E731
+    ref = as_bf16(x) @ as_bf16(linear.weight * mask).t() + as_bf16(linear.bias)
+    assert rel_error(out, ref) <= 2 * REL_TOL[torch.bfloat16]
