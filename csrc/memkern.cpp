@@ -22,6 +22,10 @@ TORCH_LIBRARY(memkern, m) {
   // sparse24: 2:4 compressed weights (kept values + 2-bit positions); see memkern/ops/sparse.py.
   m.def("sparse24_compress_kernel(Tensor weight, Tensor mask) -> (Tensor values, Tensor meta)");
   m.def("sparse24_decompress_kernel(Tensor values, Tensor meta, int cols) -> Tensor");
+  // bitmask: unstructured sparse weights as kept values + 1 bit per weight; see
+  // memkern/ops/sparse_bitmask.py.
+  m.def("bitmask_decompress_kernel(Tensor values, Tensor bits, int cols) -> Tensor");
+  m.def("bitmask_matmul_kernel(Tensor x, Tensor values, Tensor bits, Tensor? bias) -> Tensor");
   // kd_loss_rows_kernel: per-row distillation loss of (rows x V) logits, and its gradient with
   // respect to the student logits written into grad (scaled by grad_scale * row_scale[r];
   // a 1-D grad means "none"). grad may be the student tensor itself (the fused-linear path

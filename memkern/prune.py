@@ -1,10 +1,9 @@
-"""Pruning masks (magnitude, Wanda; unstructured, n:m, block) and ``prune_model``, which
-replaces ``nn.Linear`` layers by :class:`memkern.nn.SparseLinear` so pruning saves memory
-and time instead of multiplying by zeros."""
+"""Pruning masks (magnitude, Wanda, SparseGPT; unstructured, n:m, block) and ``prune_model``,
+which replaces ``nn.Linear`` layers by :class:`memkern.nn.SparseLinear` so pruning saves
+memory and time instead of multiplying by zeros."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable, Iterable
@@ -12,28 +11,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from memkern import _validate
+from memkern import _validate, sparsegpt
+from memkern._pruning import PATTERNS, call_model, check_pattern, check_sparsity, lowest, lowest_blocks
 from memkern._replace import Layer, chosen_layers, find_layers, replace_layers
 from memkern.integrations import record_for_transformers
 from memkern.convert import memory_footprint
-from memkern.ops.sparse_format import check_block
 
-PATTERNS = ("unstructured", "n:m", "block")
-METHODS = ("magnitude", "wanda")
-
-
-def _check_sparsity(op: str, sparsity: object) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"{op}: sparsity must be a number in [0, 1], got {sparsity!r}")
-    return float(sparsity)
-
-
-def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Bool mask (last dim) of the ``count`` lowest scores per row; ties go to the lower index."""
-    order = torch.argsort(scores, dim=-1, stable=True)
-    pruned = torch.zeros_like(scores, dtype=torch.bool)
-    pruned.scatter_(-1, order[..., :count], True)
-    return pruned
+__all__ = ["PATTERNS", "METHODS", "PruneReport", "activation_norms", "masks", "prune_model"]
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def masks(
@@ -46,6 +31,9 @@ def masks(
     n: int = 2,
     m: int = 4,
     activation_norms: torch.Tensor | None = None,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    blocksize: int = sparsegpt.BLOCKSIZE,
+    percdamp: float = sparsegpt.PERCDAMP,
 ) -> torch.Tensor:
     """The bool keep-mask (True = kept) of ``weight`` at the requested sparsity.
 
@@ -55,9 +43,16 @@ def masks(
             ``1 - n/m`` (the pattern fixes it).
         pattern: ``"unstructured"``, ``"n:m"`` (``n`` kept of every ``m`` consecutive input
             columns) or ``"block"`` (whole ``block``-sized tiles, powers of two in 16..128).
-        method: ``"magnitude"`` (score ``|W|``) or ``"wanda"`` (score
-            ``|W| * ||x_j||_2`` with ``activation_norms`` ``(in_features,)``).
+        method: ``"magnitude"`` (score ``|W|``), ``"wanda"`` (score
+            ``|W| * ||x_j||_2`` with ``activation_norms`` ``(in_features,)``) or
+            ``"sparsegpt"`` (:mod:`memkern.sparsegpt`, from the layer's ``calibration``
+            inputs). SparseGPT also updates the kept weights; this returns its mask only:
+            :func:`memkern.sparsegpt.prune_weight` returns both, and ``prune_model`` uses both.
         activation_norms: per-input-feature L2 norms of calibration activations (Wanda).
+        calibration: the layer's inputs ``(..., in_features)``, a tensor or an iterable
+            of tensors (SparseGPT).
+        blocksize, percdamp: SparseGPT's column block and dampening
+            (:func:`memkern.sparsegpt.prune_weight`).
 
     Exactness: unstructured magnitude prunes ``round(sparsity * numel)`` weights over the
     whole matrix; unstructured Wanda prunes ``round(sparsity * in_features)`` in every output
@@ -67,17 +62,32 @@ def masks(
     ``sparsity * numel``: the achieved sparsity ``1 - mask.float().mean()`` is within half a
     block of the request (exactly ``round(sparsity * blocks)`` blocks, ties pruning fewer,
     when the shape is a multiple of the block). Ties in score prune the lower index first.
+    SparseGPT's counts are those of :func:`memkern.sparsegpt.prune_weight`.
     """
     op = "masks"
     _validate.check_tensor(op, "weight", weight)
     _validate.check_dim(op, "weight", weight, 2)
     _validate.check_dtype(op, "weight", weight, (*_validate.FLOAT_DTYPES, torch.float64))
-    sparsity = _check_sparsity(op, sparsity)
-    if pattern not in PATTERNS:
-        raise ValueError(f"{op}: pattern must be one of {', '.join(PATTERNS)}; got {pattern!r}")
+    sparsity = check_sparsity(op, sparsity)
+    out_f, in_f = weight.shape
+    block = check_pattern(op, in_f, sparsity, pattern, n, m, block)
     if method not in METHODS:
         raise ValueError(f"{op}: method must be one of {', '.join(METHODS)}; got {method!r}")
-    out_f, in_f = weight.shape
+    if method == "sparsegpt":
+        hessian = sparsegpt.hessian_of_inputs(op, calibration, weight)
+        return sparsegpt.prune_weight(
+            weight,
+            hessian,
+            sparsity,
+            pattern,
+            n=n,
+            m=m,
+            block=block or (64, 64),
+            blocksize=blocksize,
+            percdamp=percdamp,
+            overwrite_hessian=True,
+            op=op,
+        )[1]
     score = weight.detach().abs().to(torch.float64)
     if method == "wanda":
         if activation_norms is None:
@@ -88,39 +98,12 @@ def masks(
         score = score * activation_norms.detach().to(device=score.device, dtype=torch.float64)[None, :]
 
     if pattern == "n:m":
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-            raise ValueError(f"{op}: n:m needs integers 0 < n <= m, got n={n!r}, m={m!r}")
-        if in_f % m:
-            raise ValueError(f"{op}: n:m with m={m} needs in_features divisible by {m}, got {in_f}")
-        if not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
-            raise ValueError(
-                f"{op}: pattern {n}:{m} prunes exactly {1 - n / m:g} of the weights; got sparsity {sparsity:g}"
-            )
-        pruned = _lowest(score.reshape(out_f, in_f // m, m), m - n)
-        return ~pruned.reshape(out_f, in_f)
+        return ~lowest(score.reshape(out_f, in_f // m, m), m - n).reshape(out_f, in_f)
     if pattern == "block":
-        bn, bk = check_block(op, block)
-        nbr, nbc = -(-out_f // bn), -(-in_f // bk)
-        padded = score.new_zeros(nbr * bn, nbc * bk)
-        padded[:out_f, :in_f] = score
-        # Blocks cut by the matrix edge hold fewer weights. Scored by their sum they would
-        # go first and count little (a 70 x 50 weight in 32 x 16 blocks at 0.5 lost 12% of
-        # its weights), so blocks are scored by their mean over the weights they hold and
-        # counted by those weights.
-        rows = (out_f - torch.arange(nbr, device=score.device) * bn).clamp(max=bn)
-        cols = (in_f - torch.arange(nbc, device=score.device) * bk).clamp(max=bk)
-        held = (rows[:, None] * cols[None, :]).reshape(-1)
-        block_score = padded.reshape(nbr, bn, nbc, bk).sum(dim=(1, 3)).reshape(-1) / held
-        order = torch.argsort(block_score, stable=True)
-        pruned_weights = torch.cat([held.new_zeros(1), held[order].cumsum(0)]).to(torch.float64)
-        count = int((pruned_weights - sparsity * weight.numel()).abs().argmin())  # first minimum: ties prune fewer
-        pruned = torch.zeros(nbr * nbc, dtype=torch.bool, device=score.device)
-        pruned[order[:count]] = True
-        keep = (~pruned).reshape(nbr, nbc).repeat_interleave(bn, 0).repeat_interleave(bk, 1)
-        return keep[:out_f, :in_f].contiguous()
+        return lowest_blocks(score, block, sparsity * weight.numel())
     if method == "wanda":
-        return ~_lowest(score, round(sparsity * in_f))
-    return ~_lowest(score.reshape(1, -1), round(sparsity * score.numel())).reshape(out_f, in_f)
+        return ~lowest(score, round(sparsity * in_f))
+    return ~lowest(score.reshape(1, -1), round(sparsity * score.numel())).reshape(out_f, in_f)
 
 
 @dataclass
@@ -139,15 +122,6 @@ class PruneReport:
             f"pruned {len(self.layers)} layers to {self.sparsity:.1%} sparsity: "
             f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"
         )
-
-
-def _call(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 def activation_norms(model: nn.Module, names: Iterable[str], calibration: Iterable[Any]) -> dict[str, torch.Tensor]:
@@ -169,7 +143,7 @@ def activation_norms(model: nn.Module, names: Iterable[str], calibration: Iterab
     try:
         with torch.no_grad():
             for batch in calibration:
-                _call(model, batch)
+                call_model(model, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -191,6 +165,8 @@ def prune_model(
     block: tuple[int, int] = (64, 64),
     n: int = 2,
     m: int = 4,
+    blocksize: int = sparsegpt.BLOCKSIZE,
+    percdamp: float = sparsegpt.PERCDAMP,
 ) -> PruneReport:
     """Prune every selected ``nn.Linear`` of ``model`` in place into a ``SparseLinear``.
 
@@ -198,8 +174,16 @@ def prune_model(
     ``filter_fn(name, layer)`` (if given) is true. ``method="wanda"`` needs ``calibration``:
     batches (tensors, tuples of positional args or dicts of keyword args) run through
     ``model`` with forward hooks that collect each layer's input norms. 2:4 masks are
-    stored compressed (``Sparse24Weight``); every other mask as kept ``block``-sized blocks
-    (``BlockSparseWeight``). Returns a :class:`PruneReport`.
+    stored compressed (``Sparse24Weight``), block masks as kept ``block``-sized blocks
+    (``BlockSparseWeight``), every other mask (unstructured, other n:m) as kept values + a
+    bitmask (``BitmaskWeight``, 0.53x of dense float32 at 50%). Returns a :class:`PruneReport`.
+
+    ``method="sparsegpt"`` (needs ``calibration``) prunes the layers one after another in
+    the order the model's forward calls them, each with the Hessian of its inputs while the
+    model runs the calibration batches with the layers before it already pruned, and keeps
+    the weights SparseGPT updated (:mod:`memkern.sparsegpt`; ``blocksize`` and ``percdamp``
+    as there). The model runs the calibration once per layer (plus one batch for the
+    order); one layer's Hessian (``in_features^2`` floats) exists at a time.
 
     A layer held under several names (:func:`memkern.share_layers`, tied weights) is
     pruned once (Wanda: with the inputs of all its uses) and put under every name, so it
@@ -212,11 +196,11 @@ def prune_model(
     from memkern.nn.sparse import SparseLinear
 
     op = "prune_model"
-    sparsity = _check_sparsity(op, sparsity)
+    sparsity = check_sparsity(op, sparsity)
     if method not in METHODS:
         raise ValueError(f"{op}: method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method == "wanda" and calibration is None:
-        raise ValueError(f"{op}: method 'wanda' needs calibration batches, got None")
+    if method in ("wanda", "sparsegpt") and calibration is None:
+        raise ValueError(f"{op}: method {method!r} needs calibration batches, got None")
     skip = tuple(skip)
 
     def chosen(module: nn.Module, name: str) -> bool:
@@ -226,24 +210,48 @@ def prune_model(
     names = [layer.name for layer in layers]
     norms = activation_norms(model, names, calibration) if method == "wanda" else {}
     before = memory_footprint(model).total_bytes
-    fmt = "2:4" if pattern == "n:m" and (n, m) == (2, 4) else "block"
+    # Element-wise masks other than 2:4 in the bitmask format: kept blocks would hold nearly
+    # every weight plus an element mask.
+    fmt = "block" if pattern == "block" else "2:4" if pattern == "n:m" and (n, m) == (2, 4) else "bitmask"
     pruned = total = 0
+    if method == "sparsegpt":
+        calibration = list(calibration)  # run once per layer
+        layers = sparsegpt.forward_order(model, layers, calibration)
+    done: list[tuple[Layer, nn.Module]] = []
 
     def sparse(layer: Layer) -> nn.Module:
         nonlocal pruned, total
-        mask = masks(
-            layer.module.weight,
-            sparsity,
-            pattern,
-            method,
-            block=block,
-            n=n,
-            m=m,
-            activation_norms=norms.get(layer.name),
-        )
+        if method == "sparsegpt":
+            linear, mask = sparsegpt.prune_layer(
+                op,
+                model,
+                layer,
+                calibration,
+                done,
+                sparsity,
+                pattern,
+                n=n,
+                m=m,
+                block=block,
+                blocksize=blocksize,
+                percdamp=percdamp,
+            )
+        else:
+            linear = layer.module
+            mask = masks(
+                linear.weight,
+                sparsity,
+                pattern,
+                method,
+                block=block,
+                n=n,
+                m=m,
+                activation_norms=norms.get(layer.name),
+            )
         pruned += int((~mask).sum())
         total += mask.numel()
-        return SparseLinear.from_dense(layer.module, mask, format=fmt, block=block)
+        done.append((layer, SparseLinear.from_dense(linear, mask, format=fmt, block=block)))
+        return done[-1][1]
 
     replace_layers(op, layers, sparse)
     record_for_transformers(model)

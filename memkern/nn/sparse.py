@@ -9,11 +9,14 @@ from torch import nn
 
 from memkern.ops import sparse_format
 from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, masked_matmul
+from memkern.ops.sparse_bitmask import BitmaskWeight, bitmask_matmul, check_bitmask
 
-FORMATS = ("block", "2:4")
+FORMATS = ("block", "2:4", "bitmask")
 _BLOCK_INDEX = ("crow", "col", "ccol", "csc_row", "csc_block")
 # The buffers each format stores next to ``values``; "mask" may be None.
-_BUFFERS = {"block": (*_BLOCK_INDEX, "mask"), "2:4": ("meta", "mask")}
+_BUFFERS = {"block": (*_BLOCK_INDEX, "mask"), "2:4": ("meta", "mask"), "bitmask": ("bits",)}
+_KINDS = {"block": BlockSparseWeight, "2:4": Sparse24Weight, "bitmask": BitmaskWeight}
+_ANY_BUFFER = tuple(dict.fromkeys(name for names in _BUFFERS.values() for name in names))
 
 
 class SparseLinear(nn.Module):
@@ -21,8 +24,10 @@ class SparseLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        format: ``"block"`` (kept ``block``-sized blocks, optional element mask inside them)
-            or ``"2:4"`` (kept values + 2-bit positions; in_features a multiple of 4).
+        format: ``"block"`` (kept ``block``-sized blocks, optional element mask inside them),
+            ``"2:4"`` (kept values + 2-bit positions; in_features a multiple of 4) or
+            ``"bitmask"`` (any mask: kept values + 1 bit per weight,
+            :mod:`memkern.ops.sparse_bitmask`).
         block: ``(rows, cols)`` block size for ``"block"``, powers of two in 16..128.
         device, dtype: of the parameters.
 
@@ -63,6 +68,8 @@ class SparseLinear(nn.Module):
             mask[:, 0::4] = True
             mask[:, 1::4] = True
             self._adopt(Sparse24Weight.from_dense(dense, mask))
+        elif format == "bitmask":
+            self._adopt(BitmaskWeight.keeping_every_weight(dense))
         else:
             self._adopt(BlockSparseWeight.keeping_every_block(dense, self.block))
         if bias:
@@ -77,13 +84,15 @@ class SparseLinear(nn.Module):
     def _compress(self, weight: torch.Tensor, mask: torch.Tensor) -> BlockSparseWeight | Sparse24Weight:
         if self.format == "2:4":
             return Sparse24Weight.from_dense(weight, mask)
+        if self.format == "bitmask":
+            return BitmaskWeight.from_dense(weight, mask)
         return BlockSparseWeight.from_dense(weight, mask, self.block)
 
-    def _adopt(self, w: BlockSparseWeight | Sparse24Weight) -> None:
-        for name in (*_BLOCK_INDEX, "mask", "meta"):
+    def _adopt(self, w: BlockSparseWeight | Sparse24Weight | BitmaskWeight) -> None:
+        for name in _ANY_BUFFER:
             self._buffers.pop(name, None)
         self.values = nn.Parameter(w.values)
-        for name in _BUFFERS["2:4" if isinstance(w, Sparse24Weight) else "block"]:
+        for name in _BUFFERS[next(f for f, kind in _KINDS.items() if isinstance(w, kind))]:
             self.register_buffer(name, getattr(w, name))
 
     @property
@@ -91,7 +100,7 @@ class SparseLinear(nn.Module):
         """The stored weight (sharing this module's tensors)."""
         shape = (self.out_features, self.in_features)
         names = ("values", *_BUFFERS[self.format])
-        kind = Sparse24Weight if self.format == "2:4" else BlockSparseWeight
+        kind = _KINDS[self.format]
         if torch.compiler.is_compiling():
             return self._wrap(kind, shape)
         # The same object across calls while it wraps this module's tensors: its structure
@@ -106,6 +115,8 @@ class SparseLinear(nn.Module):
     def _wrap(self, kind: type, shape: tuple[int, int]) -> BlockSparseWeight | Sparse24Weight:
         if kind is Sparse24Weight:
             return Sparse24Weight(self.values, self.meta, shape, self.mask)
+        if kind is BitmaskWeight:
+            return BitmaskWeight(self.values, self.bits, shape)
         return BlockSparseWeight(self.values, *(getattr(self, n) for n in _BLOCK_INDEX), self.mask, shape)
 
     @classmethod
@@ -131,6 +142,8 @@ class SparseLinear(nn.Module):
 
     # -- use -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "bitmask":
+            return bitmask_matmul(x, self.weight, self.bias)
         return masked_matmul(x, self.weight, self.bias)
 
     def to_dense(self) -> torch.Tensor:
@@ -145,7 +158,9 @@ class SparseLinear(nn.Module):
             return 0.0
         if self.values.is_meta:
             return math.nan  # which weights are kept is not known before a state is loaded
-        if self.format == "2:4":
+        if self.format == "bitmask":
+            kept = self.values.numel()
+        elif self.format == "2:4":
             kept = total // 2 if self.mask is None else int(self.mask.sum())
         elif self.mask is not None:
             kept = int(self.mask.sum())
@@ -160,7 +175,7 @@ class SparseLinear(nn.Module):
         return 1 - kept / total
 
     def extra_repr(self) -> str:
-        layout = "2:4" if self.format == "2:4" else f"block, block={self.block[0]}x{self.block[1]}"
+        layout = self.format if self.format != "block" else f"block, block={self.block[0]}x{self.block[1]}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, pattern={layout}, sparsity={self.sparsity:.3f}"
@@ -201,7 +216,7 @@ class SparseLinear(nn.Module):
                 return
             self.set_extra_state(extra)
             dev = self.values.device
-            for name in (*_BLOCK_INDEX, "mask", "meta"):
+            for name in _ANY_BUFFER:
                 self._buffers.pop(name, None)
             for name in _BUFFERS[self.format]:
                 src = state_dict.get(prefix + name)
@@ -250,9 +265,12 @@ class SparseLinear(nn.Module):
                     f"in_features) {stored} from checkpoint, the shape in current model is {shape}"
                 )
             tensors = {n: state_dict.get(prefix + n) for n in ("values", *_BUFFERS[fmt])}
-            for name in ("values", *_BUFFERS[fmt][:-1]):  # all but the optional mask
+            for name in ("values", *(n for n in _BUFFERS[fmt] if n != "mask")):  # the mask is optional
                 if tensors[name] is None:
                     raise ValueError(f"{op}: {prefix}{name} is missing from a {fmt!r} SparseLinear state")
+        if fmt == "bitmask":
+            check_bitmask(op, tensors["values"], tensors["bits"], shape, prefix)
+            return
         if fmt == "2:4":
             sparse_format.check_sparse24(op, tensors["values"], tensors["meta"], tensors["mask"], shape, prefix)
             return
