@@ -383,3 +383,18 @@ def test_bad_options_and_student():
         linear_kd_loss_topk(torch.randn(3, 4), torch.randn(10, 4), lp, idx, alpha=0.0, student_bias=torch.randn(9))
     with pytest.raises(ValueError, match="hidden size"):
         linear_kd_loss_topk(torch.randn(3, 5), torch.randn(10, 4), lp, idx, alpha=0.0)
+
+
+def test_modules_are_the_functions():
+    s = torch.randn(4, 12, requires_grad=True)
+    lp, idx = teacher_topk((4,), 12, 3)
+    y = torch.tensor([0, 5, -100, 11])
+    opts = dict(alpha=0.2, temperature=2.0, divergence="jsd", beta=0.3)
+    module = memkern.nn.KDLossTopK(**opts)
+    torch.testing.assert_close(module(s, lp, idx, y), memkern.ops.kd_loss_topk(s, lp, idx, y, **opts), rtol=0, atol=0)
+    h, w = torch.randn(4, 5), torch.randn(12, 5)
+    linear = memkern.nn.LinearKDLossTopK(**opts)
+    expected = memkern.ops.linear_kd_loss_topk(h, w, lp, idx, y, **opts)
+    torch.testing.assert_close(linear(h, w, lp, idx, y), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="KDLossTopK: temperature must be in"):
+        memkern.nn.KDLossTopK(temperature=1e6)
