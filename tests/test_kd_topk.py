@@ -417,3 +417,11 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(out_c, out_e)
     for a, b in zip(ins_c, ins_e):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_double_backward_is_refused():
+    s = torch.randn(3, 9, requires_grad=True)
+    lp, idx = teacher_topk((3,), 9, 2)
+    (g,) = torch.autograd.grad(kd_loss_topk(s, lp, idx, torch.tensor([0, 1, 2])), s, create_graph=True)
+    with pytest.raises(RuntimeError, match="kd_loss_topk: double backward is not supported"):
+        g.pow(2).sum().backward()
