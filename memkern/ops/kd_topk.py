@@ -2,12 +2,12 @@
 ``linear_kd_loss_topk`` (the student's lm_head fused in), for teachers that supply only the
 log-probabilities of their k most likely tokens per position (served APIs, offline dumps).
 
-The per-row kernels (cpp: csrc/cpu/kd_topk.cpp, triton: memkern.kernels.kd_topk, torch:
-memkern.reference_topk) compute a row's loss and d loss / d student logits in one call;
-the operators are in memkern.ops.kd_topk_ops. The fused-linear form runs the per-row kernel
-over row chunks of student logits (each overwritten with its gradient), so memory beyond
-the inputs and gradients is one chunk plus O(rows x k). On CUDA tensors the per-row kernel
-is Triton's (there is no .cu kernel for these ops).
+The per-row kernels (cpp: csrc/cpu/kd_topk.cpp, cuda: csrc/cuda/kd_topk.cu, triton:
+memkern.kernels.kd_topk, torch: memkern.reference_topk) compute a row's loss and d loss / d
+student logits in one call; the operators are in memkern.ops.kd_topk_ops. The fused-linear
+form runs the per-row kernel over row chunks of student logits (each overwritten with its
+gradient), so memory beyond the inputs and gradients is one chunk plus O(rows x k). On CUDA
+tensors Triton goes first, as for kd_loss.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The operators of the top-k distillation losses (memkern.ops.kd_topk has the public
-functions): the per-row kernel table (cpp | triton | torch), the ``memkern::kd_loss_topk``
+functions): the per-row kernel table (cpp | cuda | triton | torch), the ``memkern::kd_loss_topk``
 op, the fused-linear chunk loop, its table and the ``memkern::linear_kd_loss_topk`` ops, and
 the checks that read the teacher's values.
 """
@@ -23,10 +23,15 @@ def logprob_tolerance(dtype: torch.dtype) -> float:
     return max(1e-5, 4 * torch.finfo(dtype).eps)
 
 
+CUDA_MAX_K = 1024  # csrc/cuda/kd_topk_launchers.h, kTopkMaxK
+
+
 # -- per-row kernel table ----------------------------------------------------------------------
 # Signature: (student (R, V), logprobs (R, k) in the compute dtype, indices (R, k) int64,
 #   labels (R,) int64 | None, row_scale (R,) | None, grad (R, V) or 1-D "none", opts,
 #   grad_scale) -> loss (R,) in the compute dtype. grad may be the student tensor itself.
+# On CUDA, Triton goes first, as for kd_loss: its arithmetic is proven under
+# TRITON_INTERPRET=1, while the .cu kernel is only compile-checked without a GPU.
 _rows = backends.op_table("kd_loss_topk_rows", preference=backends.TRITON_FIRST)
 
 
@@ -40,8 +45,15 @@ def _rows_torch(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_scale
     return loss.to(acc_dtype(s.dtype))
 
 
+def _cuda_reason(s, lp, *rest) -> str | None:
+    if lp.shape[1] > CUDA_MAX_K:
+        return f"k={lp.shape[1]} is above the CUDA kernel's {CUDA_MAX_K} (its buckets live in shared memory)"
+    return None
+
+
 @_rows.register("cpp", dtypes=KD_DTYPES)
-def _rows_cpp(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
+@_rows.register("cuda", dtypes=_validate.FLOAT_DTYPES, check=_cuda_reason)
+def _rows_compiled(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
     return torch.ops.memkern.kd_loss_topk_rows_kernel(
         s,
         lp,
@@ -229,6 +241,9 @@ def _linear_chunked(backend: str):
 
 _linear.register("torch")(_linear_chunked("torch"))
 _linear.register("cpp", dtypes=KD_DTYPES)(_linear_chunked("cpp"))
+_linear.register("cuda", dtypes=_validate.FLOAT_DTYPES, check=lambda hs, ws, bs, lp, *rest: _cuda_reason(hs, lp))(
+    _linear_chunked("cuda")
+)
 _linear.register("triton", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("triton"))
 
 
