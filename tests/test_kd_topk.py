@@ -25,8 +25,20 @@ def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
-def expected_topk_loss(s, lp, idx, labels, *, alpha=0.5, temperature=1.0, divergence="forward_kl", beta=0.5,
-                       ignore_index=-100, reduction="mean", soft_loss_scale="t2"):
+def expected_topk_loss(
+    s,
+    lp,
+    idx,
+    labels,
+    *,
+    alpha=0.5,
+    temperature=1.0,
+    divergence="forward_kl",
+    beta=0.5,
+    ignore_index=-100,
+    reduction="mean",
+    soft_loss_scale="t2",
+):
     """Float64, differentiable in s: the student's softmax summed into buckets with an explicit
     mask, the teacher's bucket probabilities p_j and 1 - sum p raised to 1 / T and normalised."""
     vocab, k = s.shape[-1], lp.shape[-1]
@@ -106,7 +118,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-V{c[1]}-k{c[2]}-{c[3]['divergence']}-{c[3]['reduction']}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[0]}-V{c[1]}-k{c[2]}-{c[3]['divergence']}-{c[3]['reduction']}"
+)
 def test_kd_loss_topk_matches_the_bucket_definition(backend, case):
     lead, vocab, k, opts = case
     s = torch.randn(*lead, vocab) * 1.5  # float32 log-probabilities of |s| / T ~ 30 carry 1e-5 absolute errors
@@ -127,8 +141,9 @@ def test_without_labels_and_int32_indices(backend):
 def test_half_precision_students(backend, dtype):
     s = torch.randn(4, 40) * 2
     lp, idx = teacher_topk((4,), 40, 5, dtype=dtype)
-    check_against_expected(backend, s.to(dtype).float(), lp, idx, torch.tensor([1, -100, 7, 39]), dtype=dtype,
-                           alpha=0.3, temperature=2.0)
+    check_against_expected(
+        backend, s.to(dtype).float(), lp, idx, torch.tensor([1, -100, 7, 39]), dtype=dtype, alpha=0.3, temperature=2.0
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -216,18 +231,15 @@ def test_all_rows_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_gradcheck_float64(backend):
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_gradcheck_float64(backend, divergence):
     s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     lp, idx = teacher_topk((3,), 7, 3, dtype=torch.float64)
     labels = torch.tensor([1, -100, 6])
     require_backend("kd_loss_topk_rows", backend, s.detach())
-    for divergence in ("forward_kl", "reverse_kl", "jsd"):
-        with memkern.use_backend(backend):
-            assert torch.autograd.gradcheck(
-                lambda x: kd_loss_topk(x, lp, idx, labels, alpha=0.3, temperature=1.5, divergence=divergence,
-                                       reduction="none"),
-                (s,),
-            )
+    opts = dict(alpha=0.3, temperature=1.5, divergence=divergence, reduction="none")
+    with memkern.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x: kd_loss_topk(x, lp, idx, labels, **opts), (s,))
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -260,8 +272,16 @@ def test_opcheck(backend):
     with memkern.use_backend(backend):
         for reduction, div in (("mean", "forward_kl"), ("none", "jsd")):
             torch.library.opcheck(
-                torch.ops.memkern.kd_loss_topk.default, (s, lp, idx, labels, 0.3, 2.0, div, 0.5, -100, reduction, 4.0, True)
+                torch.ops.memkern.kd_loss_topk.default,
+                (s, lp, idx, labels, 0.3, 2.0, div, 0.5, -100, reduction, 4.0, True),
             )
+
+
+def test_cuda_kernel_leaves_large_k_to_the_others():
+    table = memkern.backends.OPS["kd_loss_topk_rows"]
+    s, lp, idx = torch.randn(2, 2000), torch.zeros(2, 1025), torch.zeros(2, 1025, dtype=torch.long)
+    assert "above the CUDA kernel's 1024" in table.impls["cuda"].check(s, lp, idx)
+    assert table.impls["cuda"].check(s, lp[:, :1024], idx[:, :1024]) is None
 
 
 # -- fused-linear form ------------------------------------------------------------------------
@@ -291,7 +311,9 @@ def test_linear_matches_the_bucket_definition(backend, opts, bias, small_chunks)
     labels = random_labels(rows, vocab)
     require_backend("kd_loss_topk_rows", backend, hs.reshape(-1, hidden))
     ins = [hs.clone().requires_grad_(), ws.clone().requires_grad_()] + ([bs.clone().requires_grad_()] if bias else [])
-    loss = run(backend, linear_kd_loss_topk, ins[0], ins[1], lp, idx, labels, student_bias=ins[2] if bias else None, **opts)
+    loss = run(
+        backend, linear_kd_loss_topk, ins[0], ins[1], lp, idx, labels, student_bias=ins[2] if bias else None, **opts
+    )
     upstream = torch.rand_like(loss, dtype=torch.float64) + 0.5
     grads = torch.autograd.grad(loss, ins, upstream.float())
     ins64 = [x.detach().double().requires_grad_() for x in ins]
@@ -338,18 +360,36 @@ def _good():
     [
         (lambda s, lp, idx: (s, lp, idx.float()), TypeError, "teacher_topk_indices must have dtype int64 or int32"),
         (lambda s, lp, idx: (s, lp.long(), idx), TypeError, "teacher_topk_logprobs must have dtype"),
-        (lambda s, lp, idx: (s, lp[:2], idx[:2]), ValueError, r"teacher_topk_logprobs must have shape \(3,\) \+ \(k,\)"),
+        (
+            lambda s, lp, idx: (s, lp[:2], idx[:2]),
+            ValueError,
+            r"teacher_topk_logprobs must have shape \(3,\) \+ \(k,\)",
+        ),
         (lambda s, lp, idx: (s, lp, idx[:, :3]), ValueError, "teacher_topk_indices must have the shape"),
         (lambda s, lp, idx: (s, lp[:, :0], idx[:, :0]), ValueError, r"k in \[1, 10\].*got k=0"),
         (lambda s, lp, idx: (s, torch.zeros(3, 11) - 3, torch.arange(11).expand(3, 11)), ValueError, "got k=11"),
-        (lambda s, lp, idx: (s, lp, idx.clone().fill_(10)), ValueError, r"teacher_topk_indices must be in \[0, 10\); found 10"),
+        (
+            lambda s, lp, idx: (s, lp, idx.clone().fill_(10)),
+            ValueError,
+            r"teacher_topk_indices must be in \[0, 10\); found 10",
+        ),
         (lambda s, lp, idx: (s, lp, idx - 20), ValueError, r"must be in \[0, 10\); found -"),
-        (lambda s, lp, idx: (s, lp, torch.tensor([[1, 2, 3, 4], [5, 5, 6, 7], [0, 1, 2, 3]])), ValueError,
-         "distinct within a row.*holding 5 twice"),
+        (
+            lambda s, lp, idx: (s, lp, torch.tensor([[1, 2, 3, 4], [5, 5, 6, 7], [0, 1, 2, 3]])),
+            ValueError,
+            "distinct within a row.*holding 5 twice",
+        ),
         (lambda s, lp, idx: (s, lp + 0.5, idx), ValueError, r"teacher_topk_logprobs must be log-probabilities \(<= 0"),
-        (lambda s, lp, idx: (s, torch.log(torch.full((3, 4), 0.3)), idx), ValueError,
-         r"exp\(teacher_topk_logprobs\) of a row must sum to at most 1.*1.2"),
-        (lambda s, lp, idx: (s, lp.unsqueeze(0), idx.unsqueeze(0)), ValueError, "teacher_topk_logprobs must have shape"),
+        (
+            lambda s, lp, idx: (s, torch.log(torch.full((3, 4), 0.3)), idx),
+            ValueError,
+            r"exp\(teacher_topk_logprobs\) of a row must sum to at most 1.*1.2",
+        ),
+        (
+            lambda s, lp, idx: (s, lp.unsqueeze(0), idx.unsqueeze(0)),
+            ValueError,
+            "teacher_topk_logprobs must have shape",
+        ),
     ],
 )
 def test_bad_teacher_inputs(mutate, error, match):

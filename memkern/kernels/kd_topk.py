@@ -224,7 +224,9 @@ def _tiles(vocab: int, k: int) -> tuple[int, int]:
     return block, k_pad
 
 
-def kd_topk_loss_rows(s, lp, idx, labels, row_scale, grad, opts: kd_options.KDOptions, grad_scale: float) -> torch.Tensor:
+def kd_topk_loss_rows(
+    s, lp, idx, labels, row_scale, grad, opts: kd_options.KDOptions, grad_scale: float
+) -> torch.Tensor:
     rows, vocab = s.shape
     k = lp.shape[1]
     loss = torch.empty(rows, dtype=torch.float32, device=s.device)

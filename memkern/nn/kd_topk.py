@@ -19,7 +19,9 @@ class KDLossTopK(_KDLossBase):
         teacher_topk_indices: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _kd_topk.kd_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels, **self.options)
+        return _kd_topk.kd_loss_topk(
+            student_logits, teacher_topk_logprobs, teacher_topk_indices, labels, **self.options
+        )
 
 
 class LinearKDLossTopK(_KDLossBase):

@@ -210,7 +210,9 @@ def linear_topk_chunks(rows_impl, hs, ws, bs, lp, idx, labels, opts: KDOptions, 
             take = lambda x, sel=sel: x.index_select(0, sel) if x is not None else None  # noqa: E731
         h = take(hs)
         s = chunk_logits(h, ws, bs)
-        loss[sel] = rows_impl(s, take(lp), take(idx), take(labels), take(row_scale), s if want_grad else none, opts, grad_scale)
+        loss[sel] = rows_impl(
+            s, take(lp), take(idx), take(labels), take(row_scale), s if want_grad else none, opts, grad_scale
+        )
         if want_grad:
             gh = chunk_logits(s, ws.t(), None)  # d loss / d h = d loss / d logits @ W
             if kept is None:
@@ -233,7 +235,17 @@ def _linear_chunked(backend: str):
     def impl(hs, ws, bs, lp, idx, labels, opts, row_scale, grad_scale, want_grad):
         rows_impl = _rows.impls[backend].fn
         return linear_topk_chunks(
-            rows_impl, hs, ws, bs, lp, idx, labels, opts, row_scale=row_scale, grad_scale=grad_scale, want_grad=want_grad
+            rows_impl,
+            hs,
+            ws,
+            bs,
+            lp,
+            idx,
+            labels,
+            opts,
+            row_scale=row_scale,
+            grad_scale=grad_scale,
+            want_grad=want_grad,
         )
 
     return impl
@@ -287,7 +299,9 @@ def linear_kd_loss_topk_body(
     gradient) with compute_grad and reduction 'mean' or 'sum', else empty: backward
     recomputes the chunks."""
     opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    hs, lp, idx, y = _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index)
+    hs, lp, idx, y = _linear_inputs(
+        student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index
+    )
     n_valid, inv_n = mean_scale(y, hs.shape[0], opts)
     want_grad = compute_grad and reduction != "none"
     scale = inv_n if reduction == "mean" else 1.0
@@ -335,7 +349,9 @@ def linear_kd_loss_topk_backward_op(
     """Gradients of sum_i grad_rows[i] * l_i, recomputing the logit chunks (reduction
     'none', whose upstream gradient differs per row)."""
     opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    hs, lp, idx, y = _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index)
+    hs, lp, idx, y = _linear_inputs(
+        student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index
+    )
     row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
     _, gh, gw, gb = _linear(hs, student_weight, student_bias, lp, idx, y, opts, row_scale, 1.0, True)
     gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
@@ -348,7 +364,16 @@ def _linear_backward_fake(grad_rows, hs, ws, bs, *rest):
     return hs.new_empty(hs.shape), ws.new_empty(ws.shape), gb
 
 
-_LINEAR_OPT_NAMES = ("alpha", "temperature", "divergence", "beta", "ignore_index", "reduction", "kd_scale", "compute_grad")
+_LINEAR_OPT_NAMES = (
+    "alpha",
+    "temperature",
+    "divergence",
+    "beta",
+    "ignore_index",
+    "reduction",
+    "kd_scale",
+    "compute_grad",
+)
 
 
 def _linear_setup_context(ctx, inputs, output):
