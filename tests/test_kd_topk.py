@@ -325,14 +325,16 @@ def test_linear_matches_the_bucket_definition(backend, opts, bias, small_chunks)
         assert_rel_close(g, r, torch.float32)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_never_materialises_rows_by_vocab(reduction, small_chunks):
+def test_linear_never_materialises_rows_by_vocab(backend, reduction, small_chunks):
     rows, hidden, vocab, k = 40, 4, 50, 5  # rows x vocab = 2000; chunks hold 200 // 50 = 4 rows
     hs = torch.randn(rows, hidden, requires_grad=True)
     ws = torch.randn(vocab, hidden, requires_grad=True)
     lp, idx = teacher_topk((rows,), vocab, k)
     labels = torch.randint(0, vocab, (rows,))
-    with LargestTensor() as mode:
+    require_backend("kd_loss_topk_rows", backend, hs.detach())
+    with LargestTensor() as mode, memkern.use_backend(backend):
         loss = linear_kd_loss_topk(hs, ws, lp, idx, labels, reduction=reduction)
         loss.sum().backward()
     assert mode.largest <= vocab * hidden, f"a tensor of {mode.largest} elements (rows x vocab = {rows * vocab})"
