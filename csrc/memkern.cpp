@@ -34,6 +34,13 @@ TORCH_LIBRARY(memkern, m) {
   m.def("kd_loss_rows_kernel(Tensor student, Tensor teacher, Tensor? labels, Tensor? row_scale, "
         "Tensor(a!) grad, float alpha, float temperature, int divergence, float beta, "
         "int ignore_index, float kd_scale, float grad_scale) -> Tensor");
+  // kd_loss_topk_rows_kernel: per-row distillation loss of (rows x V) student logits against
+  // a teacher's (rows x k) top-k log-probabilities (the compute dtype) at int64 indices, over
+  // k + 1 buckets, and its gradient written into grad as kd_loss_rows_kernel does.
+  // See memkern/ops/kd_topk.py.
+  m.def("kd_loss_topk_rows_kernel(Tensor student, Tensor teacher_logprobs, Tensor teacher_indices, "
+        "Tensor? labels, Tensor? row_scale, Tensor(a!) grad, float alpha, float temperature, "
+        "int divergence, float beta, int ignore_index, float kd_scale, float grad_scale) -> Tensor");
   // Low-precision linear layers; see memkern/ops/lowp.py.
   m.def("int8_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("int8_linear_packed_kernel(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");

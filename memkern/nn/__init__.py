@@ -2,6 +2,7 @@
 
 from memkern.nn.int4 import Int4WeightOnlyLinear
 from memkern.nn.kd import KDLoss, LinearKDLoss
+from memkern.nn.kd_topk import KDLossTopK, LinearKDLossTopK
 from memkern.nn.quantized import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
 from memkern.nn.smoothed import SmoothedInt8Linear
 from memkern.nn.sparse import SparseLinear
@@ -12,7 +13,9 @@ __all__ = [
     "Int8Linear",
     "Int8WeightOnlyLinear",
     "KDLoss",
+    "KDLossTopK",
     "LinearKDLoss",
+    "LinearKDLossTopK",
     "SmoothedInt8Linear",
     "SparseLinear",
 ]

@@ -1,0 +1,407 @@
+"""The operators of the top-k distillation losses (memkern.ops.kd_topk has the public
+functions): the per-row kernel table (cpp | cuda | triton | torch), the ``memkern::kd_loss_topk``
+op, the fused-linear chunk loop, its table and the ``memkern::linear_kd_loss_topk`` ops, and
+the checks that read the teacher's values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memkern import _autocast, _validate, backends, reference_topk
+from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range, kept_rows, mean_scale
+from memkern.kernels.kd_chunks import accumulate_fp32, chunk_logits, chunk_rows
+from memkern.ops._autograd import refuse_double_backward
+from memkern.ops.kd_ops import _NOT_TWICE, _no_zero_gradients, _reduce, _rows_2d, _row_weights, scale_saved_gradients
+
+
+def logprob_tolerance(dtype: torch.dtype) -> float:
+    """How far above 0 a log-probability, and past 1 a row's mass, may be: rounding (a served
+    fp16 log-probability of a near-certain token), after which the teacher's buckets are
+    renormalised (memkern.reference_topk). 0.03 for bfloat16, 0.004 for float16, 1e-5 for
+    float32 and float64."""
+    return max(1e-5, 4 * torch.finfo(dtype).eps)
+
+
+CUDA_MAX_K = 1024  # csrc/cuda/kd_topk_launchers.h, kTopkMaxK
+
+
+# -- per-row kernel table ----------------------------------------------------------------------
+# Signature: (student (R, V), logprobs (R, k) in the compute dtype, indices (R, k) int64,
+#   labels (R,) int64 | None, row_scale (R,) | None, grad (R, V) or 1-D "none", opts,
+#   grad_scale) -> loss (R,) in the compute dtype. grad may be the student tensor itself.
+# On CUDA, Triton goes first, as for kd_loss: its arithmetic is proven under
+# TRITON_INTERPRET=1, while the .cu kernel is only compile-checked without a GPU.
+_rows = backends.op_table("kd_loss_topk_rows", preference=backends.TRITON_FIRST)
+
+
+@_rows.register("torch")
+def _rows_torch(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
+    options = opts.reference_options()
+    loss = reference_topk.kd_topk_loss_rows(s, lp, idx, labels, **options)
+    if grad.dim() == 2:  # grad may be s itself: the loss above has already read it
+        weights = _row_weights(loss, row_scale, grad_scale)
+        grad.copy_(reference_topk.kd_topk_loss_rows_grad(s, lp, idx, labels, weights, **options))
+    return loss.to(acc_dtype(s.dtype))
+
+
+def _cuda_reason(s, lp, *rest) -> str | None:
+    if lp.shape[1] > CUDA_MAX_K:
+        return f"k={lp.shape[1]} is above the CUDA kernel's {CUDA_MAX_K} (its buckets live in shared memory)"
+    return None
+
+
+@_rows.register("cpp", dtypes=KD_DTYPES)
+@_rows.register("cuda", dtypes=_validate.FLOAT_DTYPES, check=_cuda_reason)
+def _rows_compiled(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
+    return torch.ops.memkern.kd_loss_topk_rows_kernel(
+        s,
+        lp,
+        idx,
+        labels,
+        row_scale,
+        grad,
+        opts.alpha,
+        opts.temperature,
+        opts.divergence_id,
+        opts.beta,
+        opts.ignore_index,
+        opts.kd_scale,
+        grad_scale,
+    )
+
+
+@_rows.register("triton", dtypes=_validate.FLOAT_DTYPES)
+def _rows_triton(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_scale: float) -> torch.Tensor:
+    from memkern.kernels.kd_topk import kd_topk_loss_rows as launch
+
+    return launch(s, lp, idx, labels, row_scale, grad, opts, grad_scale)
+
+
+# -- argument checks -----------------------------------------------------------------------------
+def check_topk_values(op: str, logprobs: torch.Tensor, indices: torch.Tensor, vocab: int, tol: float) -> None:
+    """What only the values say (it reads them, which torch.compile cannot trace, so it runs
+    inside the operator, before any kernel): indices in [0, vocab) and distinct within a row,
+    log-probabilities <= 0 whose probabilities sum to at most 1 (both up to rounding).
+    A NaN passes: like a NaN logit, it makes its row's loss NaN instead of being hidden."""
+    if logprobs.numel() == 0:
+        return
+    bad = (indices < 0) | (indices >= vocab)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{op}: teacher_topk_indices must be in [0, {vocab}); found {indices[bad][0].item()} "
+            f"({int(bad.sum())} such indices)"
+        )
+    ordered = indices.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    if bool(repeated.any()):
+        row = ordered[repeated][0]
+        raise ValueError(
+            f"{op}: teacher_topk_indices must be distinct within a row (each is one bucket); "
+            f"found a row holding {row[1:][row[1:] == row[:-1]][0].item()} twice ({int(repeated.sum())} such rows)"
+        )
+    lp = logprobs  # in the compute dtype: float32 or float64
+    if bool((lp > tol).any()):
+        raise ValueError(
+            f"{op}: teacher_topk_logprobs must be log-probabilities (<= 0, up to {tol:g}); "
+            f"found {lp[lp > tol][0].item():g} ({int((lp > tol).sum())} such entries)"
+        )
+    mass = lp.exp().sum(-1)
+    if bool((mass > 1 + tol).any()):
+        raise ValueError(
+            f"{op}: the probabilities exp(teacher_topk_logprobs) of a row must sum to at most 1 "
+            f"(up to {tol:g}); found a row summing to {mass[mass > 1 + tol][0].item():g} "
+            f"({int((mass > 1 + tol).sum())} such rows); pass log-probabilities at temperature 1, not logits"
+        )
+
+
+def _kernel_inputs(op, logprobs, indices, labels, vocab, ignore_index, compute: torch.dtype):
+    """The teacher's (rows, k) inputs in the kernels' layout, checked."""
+    k = logprobs.shape[-1]
+    lp = logprobs.reshape(-1, k).to(compute).contiguous()
+    idx = indices.reshape(-1, k).long().contiguous()
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    check_label_range(op, y, vocab, ignore_index)
+    check_topk_values(op, lp, idx, vocab, logprob_tolerance(logprobs.dtype))
+    return lp, idx, y
+
+
+# -- operator: logits form -------------------------------------------------------------------
+def kd_loss_topk_body(
+    student: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    labels: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    kd_scale: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d student for a unit upstream gradient, or an empty tensor)."""
+    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
+    vocab, lead = student.shape[-1], tuple(student.shape[:-1])
+    s = _rows_2d(student, vocab)
+    lp, idx, y = _kernel_inputs(
+        "kd_loss_topk", teacher_logprobs, teacher_indices, labels, vocab, ignore_index, acc_dtype(student.dtype)
+    )
+    n_valid, inv_n = mean_scale(y, s.shape[0], opts)
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if compute_grad else s.new_empty(0)
+    loss_rows = _rows(s, lp, idx, y, None, grad, opts, inv_n if reduction == "mean" else 1.0)
+    return _reduce(loss_rows, reduction, lead, n_valid), grad.view(student.shape) if compute_grad else grad
+
+
+kd_loss_topk_op = torch.library.custom_op("memkern::kd_loss_topk", mutates_args=())(kd_loss_topk_body)
+
+
+@kd_loss_topk_op.register_fake
+def _kd_loss_topk_fake(student, lp, idx, labels, alpha, temperature, divergence, beta, ignore_index, reduction, *rest):
+    compute_grad = rest[-1]
+    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=acc_dtype(student.dtype))
+    return loss, student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+
+
+def _kd_topk_setup_context(ctx, inputs, output):
+    ctx.reduction, ctx.compute_grad = inputs[9], inputs[11]
+    ctx.save_for_backward(output[1])
+    _no_zero_gradients(ctx, output[1:])
+
+
+def _kd_topk_backward(ctx, grad_loss, _grad_of_grad):
+    (g,) = ctx.saved_tensors
+    if not ctx.compute_grad or grad_loss is None:
+        return (None,) * 12
+    per_row = ctx.reduction == "none"
+    (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
+    (g,) = refuse_double_backward("kd_loss_topk", _NOT_TWICE, g)
+    return (g,) + (None,) * 11
+
+
+backends.register_autograd(kd_loss_topk_op, _kd_topk_backward, setup_context=_kd_topk_setup_context)
+_autocast.register("kd_loss_topk")  # logits go in as they are; statistics in float32
+
+
+# -- fused-linear form: the chunk loop ---------------------------------------------------------
+def linear_topk_chunks(rows_impl, hs, ws, bs, lp, idx, labels, opts: KDOptions, *, row_scale, grad_scale, want_grad):
+    """Loss per row and, when ``want_grad``, the gradients of sum_i w_i l_i (w_i = grad_scale *
+    row_scale[i]) with respect to hs, ws and bs: memkern.kernels.kd_chunks.linear_chunks with
+    the teacher's (rows, k) buckets in place of its logits. Ignored rows stay out of every
+    matmul; one chunk of student logits exists at a time, overwritten with its gradient."""
+    rows, vocab = hs.shape[0], ws.shape[0]
+    acc = acc_dtype(hs.dtype)
+    kept = kept_rows(labels, opts)
+    n_kept = rows if kept is None else kept.numel()
+    new = torch.empty if kept is None else torch.zeros  # ignored rows: loss 0, gradient 0
+    loss = new(rows, dtype=acc, device=hs.device)
+    grad_h = new(hs.shape, dtype=hs.dtype, device=hs.device) if want_grad else None
+    grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if want_grad else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=ws.device) if want_grad and bs is not None else None
+    none = hs.new_empty(0)
+    step = chunk_rows(max(n_kept, 1), vocab, hs.device)
+    for start in range(0, n_kept, step):
+        if kept is None:
+            sel = slice(start, min(rows, start + step))
+            take = lambda x, sel=sel: x[sel] if x is not None else None  # noqa: E731
+        else:
+            sel = kept[start : start + step]
+            take = lambda x, sel=sel: x.index_select(0, sel) if x is not None else None  # noqa: E731
+        h = take(hs)
+        s = chunk_logits(h, ws, bs)
+        loss[sel] = rows_impl(
+            s, take(lp), take(idx), take(labels), take(row_scale), s if want_grad else none, opts, grad_scale
+        )
+        if want_grad:
+            gh = chunk_logits(s, ws.t(), None)  # d loss / d h = d loss / d logits @ W
+            if kept is None:
+                grad_h[sel] = gh
+            else:
+                grad_h.index_copy_(0, sel, gh)
+            accumulate_fp32(grad_w, s.t(), h)
+            if grad_b is not None:
+                grad_b += s.sum(0, dtype=acc)
+    return loss, grad_h, grad_w, grad_b
+
+
+# Implementations: (hs, ws, bs, lp, idx, labels, opts, row_scale, grad_scale, want_grad)
+#   -> (loss per row, grad_h | None, grad_w (fp32 | fp64) | None, grad_b | None).
+# Every backend chunks its own per-row kernel: no rows x V tensor, one chunk of logits.
+_linear = backends.op_table("linear_kd_loss_topk", preference=backends.TRITON_FIRST)
+
+
+def _linear_chunked(backend: str):
+    def impl(hs, ws, bs, lp, idx, labels, opts, row_scale, grad_scale, want_grad):
+        rows_impl = _rows.impls[backend].fn
+        return linear_topk_chunks(
+            rows_impl,
+            hs,
+            ws,
+            bs,
+            lp,
+            idx,
+            labels,
+            opts,
+            row_scale=row_scale,
+            grad_scale=grad_scale,
+            want_grad=want_grad,
+        )
+
+    return impl
+
+
+_linear.register("torch")(_linear_chunked("torch"))
+_linear.register("cpp", dtypes=KD_DTYPES)(_linear_chunked("cpp"))
+_linear.register("cuda", dtypes=_validate.FLOAT_DTYPES, check=lambda hs, ws, bs, lp, *rest: _cuda_reason(hs, lp))(
+    _linear_chunked("cuda")
+)
+_linear.register("triton", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("triton"))
+
+
+# -- operators: fused-linear form ---------------------------------------------------------------
+def _grads_out(hs, ws, bs, gh, gw, gb):
+    """Gradients in the parameters' dtypes (accumulated in fp32 or fp64 before)."""
+    return gh, gw.to(ws.dtype), gb.to(bs.dtype) if gb is not None else hs.new_empty(0)
+
+
+def _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index):
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    lp, idx, y = _kernel_inputs(
+        "linear_kd_loss_topk",
+        teacher_logprobs,
+        teacher_indices,
+        labels,
+        student_weight.shape[0],
+        ignore_index,
+        acc_dtype(student_hidden.dtype),
+    )
+    return hs, lp, idx, y
+
+
+def linear_kd_loss_topk_body(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_logprobs: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    labels: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    kd_scale: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias); the gradients (for a unit upstream
+    gradient) with compute_grad and reduction 'mean' or 'sum', else empty: backward
+    recomputes the chunks."""
+    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
+    hs, lp, idx, y = _linear_inputs(
+        student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index
+    )
+    n_valid, inv_n = mean_scale(y, hs.shape[0], opts)
+    want_grad = compute_grad and reduction != "none"
+    scale = inv_n if reduction == "mean" else 1.0
+    loss_rows, gh, gw, gb = _linear(hs, student_weight, student_bias, lp, idx, y, opts, None, scale, want_grad)
+    loss = _reduce(loss_rows, reduction, tuple(student_hidden.shape[:-1]), n_valid)
+    empty = hs.new_empty(0)
+    if not want_grad:
+        return loss, empty, empty.clone(), empty.clone()
+    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    return loss, gh.view(student_hidden.shape), gw, gb
+
+
+linear_kd_loss_topk_op = torch.library.custom_op("memkern::linear_kd_loss_topk", mutates_args=())(
+    linear_kd_loss_topk_body
+)
+
+
+@linear_kd_loss_topk_op.register_fake
+def _linear_fake(hs, ws, bs, lp, idx, labels, alpha, temperature, divergence, beta, ignore_index, reduction, *rest):
+    compute_grad = rest[-1]
+    loss = hs.new_empty(hs.shape[:-1] if reduction == "none" else (), dtype=acc_dtype(hs.dtype))
+    empty = hs.new_empty(0)
+    if not (compute_grad and reduction != "none"):
+        return loss, empty, empty.clone(), empty.clone()
+    gb = bs.new_empty(bs.shape) if bs is not None else empty.clone()
+    return loss, hs.new_empty(hs.shape), ws.new_empty(ws.shape), gb
+
+
+@torch.library.custom_op("memkern::linear_kd_loss_topk_backward", mutates_args=())
+def linear_kd_loss_topk_backward_op(
+    grad_rows: torch.Tensor,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_logprobs: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    labels: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    kd_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_rows[i] * l_i, recomputing the logit chunks (reduction
+    'none', whose upstream gradient differs per row)."""
+    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
+    hs, lp, idx, y = _linear_inputs(
+        student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index
+    )
+    row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
+    _, gh, gw, gb = _linear(hs, student_weight, student_bias, lp, idx, y, opts, row_scale, 1.0, True)
+    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    return gh.view(student_hidden.shape), gw, gb
+
+
+@linear_kd_loss_topk_backward_op.register_fake
+def _linear_backward_fake(grad_rows, hs, ws, bs, *rest):
+    gb = bs.new_empty(bs.shape) if bs is not None else hs.new_empty(0)
+    return hs.new_empty(hs.shape), ws.new_empty(ws.shape), gb
+
+
+_LINEAR_OPT_NAMES = (
+    "alpha",
+    "temperature",
+    "divergence",
+    "beta",
+    "ignore_index",
+    "reduction",
+    "kd_scale",
+    "compute_grad",
+)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    ctx.opts = dict(zip(_LINEAR_OPT_NAMES, inputs[6:]))
+    ctx.has_bias = inputs[2] is not None
+    _no_zero_gradients(ctx, output[1:])
+    if not ctx.opts["compute_grad"]:
+        return
+    if ctx.opts["reduction"] == "none":
+        ctx.save_for_backward(*inputs[:6])
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _linear_backward(ctx, grad_loss, *_grads_of_grads):
+    o = ctx.opts
+    if not o["compute_grad"] or grad_loss is None:
+        return (None,) * 14
+    if o["reduction"] == "none":
+        options = [o[name] for name in _LINEAR_OPT_NAMES if name not in ("reduction", "compute_grad")]
+        gh, gw, gb = linear_kd_loss_topk_backward_op(grad_loss, *ctx.saved_tensors, *options)
+    else:
+        gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
+    gh, gw, gb = refuse_double_backward("linear_kd_loss_topk", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
+    return (gh, gw, gb) + (None,) * 11
+
+
+backends.register_autograd(linear_kd_loss_topk_op, _linear_backward, setup_context=_linear_setup_context)
+# Autocast: the lm_head product runs in the autocast dtype, as torch.nn.functional.linear's would.
+_autocast.register("linear_kd_loss_topk", cast=("student_hidden", "student_weight", "student_bias"))
+_autocast.register("linear_kd_loss_topk_backward")
