@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, _validate, backends
+from memkern.distributed import detect
 from memkern.kd_options import KD_DTYPES, TEMPERATURE_RANGE, check_labels, check_options
 from memkern.ops import kd_ops
 
@@ -108,6 +109,13 @@ def kd_loss(
     reduction: str = "mean",
     soft_loss_scale: str = "t2",
 ) -> torch.Tensor:
+    if detect.any_dtensor(student_logits, teacher_logits, labels):
+        from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops
+
+        return vocab_parallel.kd_loss(
+            student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature, divergence=divergence,
+            beta=beta, ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale,
+        )  # fmt: skip
     op = "kd_loss"
     _check_logits(op, student_logits, teacher_logits)
     opts = check_options(
@@ -188,6 +196,15 @@ def linear_kd_loss(
     reduction: str = "mean",
     soft_loss_scale: str = "t2",
 ) -> torch.Tensor:
+    sharded = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias)
+    if detect.any_dtensor(*sharded):
+        from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops
+
+        return vocab_parallel.linear_kd_loss(
+            *sharded[:5], student_bias=student_bias, teacher_bias=teacher_bias, alpha=alpha, temperature=temperature,
+            divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+            soft_loss_scale=soft_loss_scale,
+        )  # fmt: skip
     op = "linear_kd_loss"
     for name, x in (
         ("student_hidden", student_hidden),
