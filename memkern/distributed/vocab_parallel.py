@@ -23,6 +23,8 @@ bad call raises the same ValueError on every rank instead of leaving one waiting
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -153,8 +155,8 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, normalizer=None, **o
     (a column-parallel lm_head's output); see docs/tensor_parallel.md."""
     call = check_kd_call(student_logits, teacher_logits, labels, normalizer, options)
     s, t = call.local(student_logits), call.local(teacher_logits).detach()
-    vocab_local = s.shape[-1]
-    s2, t2 = s.reshape(-1, vocab_local), t.reshape(-1, vocab_local)
+    rows, vocab_local = math.prod(call.lead), s.shape[-1]  # (not -1: a shard may be empty)
+    s2, t2 = s.reshape(rows, vocab_local), t.reshape(rows, vocab_local)
     y = call.labels
     check_label_range("kd_loss", y, call.vocab, call.opts.ignore_index)
     loss = _VocabParallelKD.apply(s2, t2, y, call)
@@ -177,6 +179,8 @@ class _LinearGrads:
 
     def __call__(self, sel, take, g):
         h = take(self.hs)
+        if self.ws.shape[0] == 0:  # an empty shard (fewer entries than ranks): grad_h stays 0 here
+            return
         self.grad_h[sel] = _dense.linear(g, self.ws.t())
         accumulate_fp32(self.grad_w, g.t(), h)
         if self.grad_b is not None:
