@@ -128,13 +128,28 @@ def _linear_case(memkern, mesh, errors, tag, *, rows_shape, hidden, vocab, label
     if normalizer is None:  # the one-process memkern result
         h1, w1 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
         b1 = bs.clone().requires_grad_() if bias else None
-        one = memkern.ops.linear_kd_loss(h1, w1, ht, wt, labels, student_bias=b1, teacher_bias=bt, **options)
-        (one * upstream).sum().backward()
+        with memkern.use_backend(_one_process_backend()):
+            one = memkern.ops.linear_kd_loss(h1, w1, ht, wt, labels, student_bias=b1, teacher_bias=bt, **options)
+            (one * upstream).sum().backward()
         _check(errors, f"{tag} loss vs one process", loss, one)
         _check(errors, f"{tag} grad_weight vs one process", dws.grad.full_tensor(), w1.grad)
         _check(errors, f"{tag} grad_hidden vs one process", h_sharded.grad, h1.grad)
     if not torch.equal(loss.detach(), _broadcast_from_zero(loss.detach())):
         errors.append(f"{tag}: the loss differs between ranks")
+
+
+def _one_process_backend():
+    """The forced backend, except under the Triton interpreter: there the one-process fused
+    kernels (proven in tests/test_kd.py) would take minutes, so the one-process torch result
+    stands in, and the float64 formula checks the sharded Triton kernels."""
+    import memkern
+
+    forced = memkern.backends.forced_backend()
+    return "torch" if forced == "triton" else forced
+
+
+def _light(backend) -> bool:
+    return backend == "triton"
 
 
 def _broadcast_from_zero(x):
@@ -153,7 +168,9 @@ def _parity_body(rank, world, backend):
     memkern, mesh = _setup(rank, backend)
     errors = []
     with memkern.use_backend(backend):
-        for div, red, (alpha, temp, scale, bias) in itertools.product(DIVERGENCES, REDUCTIONS, SETTINGS):
+        for div, red, (alpha, temp, scale, bias) in itertools.product(
+            DIVERGENCES, REDUCTIONS, SETTINGS[::2] if _light(backend) else SETTINGS
+        ):
             options = dict(alpha=alpha, temperature=temp, divergence=div, beta=0.3, ignore_index=-100, reduction=red, soft_loss_scale=scale)
             _linear_case(memkern, mesh, errors, f"{div}/{red}/{alpha}/{temp}/{scale}/bias={bias}",
                          rows_shape=(9,), hidden=6, vocab=13, labels_fn=_random_labels, options=options, bias=bias)  # fmt: skip
@@ -178,10 +195,10 @@ def _edge_body(rank, world, backend):
     }
     with memkern.use_backend(backend):
         for tag, case in cases.items():
-            for red in REDUCTIONS:
+            for red in ("mean", "none") if _light(backend) else REDUCTIONS:
                 options = dict(base, reduction=red, alpha=0.0 if tag == "no labels" else 0.5)
                 _linear_case(memkern, mesh, errors, f"{tag}/{red}", hidden=5, options=options, bias=True, **case)
-        for norm in (7, torch.tensor(7.0), torch.tensor(12)):  # e.g. tokens over data-parallel ranks
+        for norm in (7, torch.tensor(12)) if _light(backend) else (7, torch.tensor(7.0), torch.tensor(12)):  # e.g. tokens over data-parallel ranks
             for red in ("mean", "sum"):
                 _linear_case(memkern, mesh, errors, f"normalizer {norm!r}/{red}", rows_shape=(6,), hidden=4, vocab=10,
                              labels_fn=_random_labels, options=dict(base, reduction=red, ignore_index=-100),
@@ -206,7 +223,7 @@ def _logits_body(rank, world, backend):
     errors = []
     with memkern.use_backend(backend):
         for div, red, (alpha, temp, scale, _), shape in itertools.product(
-            DIVERGENCES, REDUCTIONS, SETTINGS[:3], ((7, 10), (2, 3, 9))
+            DIVERGENCES, REDUCTIONS, SETTINGS[:1] if _light(backend) else SETTINGS[:3], ((7, 10), (2, 3, 9))
         ):
             options = dict(alpha=alpha, temperature=temp, divergence=div, beta=0.6, ignore_index=-100, reduction=red, soft_loss_scale=scale)
             s, t = torch.randn(shape) * 2, torch.randn(shape) * 2
@@ -221,8 +238,9 @@ def _logits_body(rank, world, backend):
             if not isinstance(ds.grad, DTensor) or tuple(ds.grad.placements) != (Shard(dim),):
                 errors.append(f"{tag}: grad is {type(ds.grad).__name__}")
             s1 = s.clone().requires_grad_()
-            one = memkern.ops.kd_loss(s1, t, labels, **options)
-            (one * upstream).sum().backward()
+            with memkern.use_backend(_one_process_backend()):
+                one = memkern.ops.kd_loss(s1, t, labels, **options)
+                (one * upstream).sum().backward()
             s64 = s.double().requires_grad_()
             opt64 = {k: v for k, v in options.items() if k != "reduction"}
             want = oracle_reduce(oracle_rows(s64, t, labels, **opt64), labels, red, -100)

@@ -150,9 +150,25 @@ class _VocabParallelKD(torch.autograd.Function):
         return g * scale.to(g.dtype), None, None, None
 
 
-def kd_loss(student_logits, teacher_logits, labels=None, *, normalizer=None, **options) -> torch.Tensor:
+def kd_loss(
+    student_logits,
+    teacher_logits,
+    labels=None,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    soft_loss_scale: str = "t2",
+    normalizer=None,
+) -> torch.Tensor:
     """:func:`memkern.ops.kd_loss` on logits that are DTensors sharded on the last dimension
-    (a column-parallel lm_head's output); see docs/tensor_parallel.md."""
+    (a column-parallel lm_head's output); ``normalizer``: the summed loss is divided by it
+    (reduction "mean" or "sum"). See docs/tensor_parallel.md."""
+    options = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                   ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale)  # fmt: skip
     call = check_kd_call(student_logits, teacher_logits, labels, normalizer, options)
     s, t = call.local(student_logits), call.local(teacher_logits).detach()
     rows, vocab_local = math.prod(call.lead), s.shape[-1]  # (not -1: a shard may be empty)
@@ -241,11 +257,20 @@ def linear_kd_loss(
     *,
     student_bias=None,
     teacher_bias=None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    soft_loss_scale: str = "t2",
     normalizer=None,
-    **options,
 ) -> torch.Tensor:
     """:func:`memkern.ops.linear_kd_loss` with lm_head weights (and biases) that are DTensors
-    sharded on the vocabulary (``Shard(0)``); see docs/tensor_parallel.md."""
+    sharded on the vocabulary (``Shard(0)``); ``normalizer`` as in :func:`kd_loss`. See
+    docs/tensor_parallel.md."""
+    options = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                   ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale)  # fmt: skip
     call = check_linear_call(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, normalizer, options
     )
