@@ -343,3 +343,25 @@ def test_bad_sharding_raises_the_same_error_on_every_rank():
     assert "teacher_logits and student_logits must be sharded the same way" in m["logits sharded differently"]
     assert "normalizer must be a finite number > 0, got 0" in m["normalizer 0"]
     assert "it needs reduction 'mean' or 'sum', got 'none'" in m["normalizer none"]
+
+
+def _example_body(rank, world):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "distill_tensor_parallel.py"
+    spec = importlib.util.spec_from_file_location("distill_tensor_parallel", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    small = ["--steps", "3", "--vocab", "301", "--hidden", "16", "--teacher-hidden", "24", "--batch", "2", "--seq", "8"]
+    return example.main(small), example.main([*small, "--no-tensor-parallel"])
+
+
+def test_example_trains_the_same_with_vocabulary_parallel_lm_heads():
+    """Three optimizer steps with the lm_heads sharded over 2 ranks follow the one-process run."""
+    results = run_ranks(_example_body, 2)
+    (sharded, whole), (sharded_1, _) = results
+    assert sharded == sharded_1  # the same loss on every rank
+    assert len(sharded) == 3 and sharded[-1] < sharded[0]
+    for a, b in zip(sharded, whole):
+        assert abs(a - b) <= 1e-5 * abs(b), (sharded, whole)
