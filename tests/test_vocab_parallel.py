@@ -212,7 +212,50 @@ def _edge_body(rank, world, backend):
         loss.backward()
         if loss.item() != 0 or w.grad.to_local().abs().sum() != 0 or h.grad.abs().sum() != 0:
             errors.append(f"every row ignored: loss {loss.item()}, gradients not 0")
+        _replicated_hidden_and_2d_mesh(memkern, mesh, errors, rank, world)
     return errors
+
+
+def _replicated_hidden_and_2d_mesh(memkern, mesh, errors, rank, world):
+    """A Replicate DTensor hidden state gets a Replicate gradient; on a (dp, tp) mesh each
+    data-parallel group computes the loss of its own rows over its tensor-parallel shards."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+
+    w, wt, y = torch.randn(11, 5), torch.randn(11, 3), torch.tensor([4, 10, 0])
+    h, ht = torch.randn(3, 5), torch.randn(3, 3)
+    dh = distribute_tensor(h.clone(), mesh, [Replicate()]).requires_grad_()
+    dw = distribute_tensor(w.clone(), mesh, [Shard(0)]).requires_grad_()
+    loss = memkern.nn.LinearKDLoss(alpha=0.3, temperature=1.5)(dh, dw, ht, distribute_tensor(wt, mesh, [Shard(0)]), y)
+    loss.backward()
+    h1 = h.clone().requires_grad_()
+    with memkern.use_backend(_one_process_backend()):
+        one = memkern.ops.linear_kd_loss(h1, w, ht, wt, y, alpha=0.3, temperature=1.5)
+        one.backward()
+    _check(errors, "replicated hidden: loss", loss, one)
+    if not isinstance(dh.grad, DTensor) or tuple(dh.grad.placements) != (Replicate(),):
+        errors.append(f"replicated hidden: grad is {type(dh.grad).__name__} {getattr(dh.grad, 'placements', '')}")
+    else:
+        _check(errors, "replicated hidden: grad", dh.grad.to_local(), h1.grad)
+    if world != 4:
+        return
+    mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp = mesh2.get_local_rank("dp")
+    torch.manual_seed(100 + dp)  # each data-parallel group its own rows
+    h, ht, y = torch.randn(4, 5), torch.randn(4, 3), torch.randint(0, 11, (4,))
+    hs = h.clone().requires_grad_()
+    dw = distribute_tensor(w.clone(), mesh2, [Replicate(), Shard(0)]).requires_grad_()
+    dwt = distribute_tensor(wt, mesh2, [Replicate(), Shard(0)])
+    loss = memkern.ops.linear_kd_loss(hs, dw, ht, dwt, y, divergence="reverse_kl", reduction="sum")
+    loss.backward()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with memkern.use_backend(_one_process_backend()):
+        one = memkern.ops.linear_kd_loss(h1, w1, ht, wt, y, divergence="reverse_kl", reduction="sum")
+        one.backward()
+    _check(errors, f"2-D mesh dp {dp}: loss", loss, one)
+    _check(errors, f"2-D mesh dp {dp}: grad_hidden", hs.grad, h1.grad)
+    # the weight gradient of this dp group's rows (a data-parallel wrapper would average the groups)
+    tp, per = mesh2.get_local_rank("tp"), 6  # ceil(11 / 2)
+    _check(errors, f"2-D mesh dp {dp}: grad_weight", dw.grad.to_local(), w1.grad[tp * per : (tp + 1) * per])
 
 
 def _logits_body(rank, world, backend):

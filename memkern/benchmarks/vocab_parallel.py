@@ -53,13 +53,15 @@ class _AllReduceTally:
 
 
 def _step(memkern, mesh, rows, hidden, vocab, dtype, device):
+    """One forward + backward; mesh None: whole lm_heads (the one-process path)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     torch.manual_seed(0)
     hs = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
     ht = torch.randn(rows, hidden, dtype=dtype, device=device)
-    ws = distribute_tensor(torch.randn(vocab, hidden, dtype=dtype, device=device) * 0.05, mesh, [Shard(0)])
-    wt = distribute_tensor(torch.randn(vocab, hidden, dtype=dtype, device=device) * 0.05, mesh, [Shard(0)])
+    ws, wt = (torch.randn(vocab, hidden, dtype=dtype, device=device) * 0.05 for _ in range(2))
+    if mesh is not None:
+        ws, wt = (distribute_tensor(w, mesh, [Shard(0)]) for w in (ws, wt))
     ws.requires_grad_()
     labels = torch.randint(0, vocab, (rows,), device=device)
 
@@ -89,13 +91,15 @@ def _rank(rank, world, port, args, results):
     mesh = init_device_mesh(device.type, (world,))
     dtype = getattr(torch, args.dtype)
     out = {}
-    for vocab in (args.vocab, args.vocab2):
-        run = _step(memkern, mesh, args.rows, args.hidden, vocab, dtype, device)
+    for key, vocab in ((args.vocab, args.vocab), (args.vocab2, args.vocab2), ("one process", args.vocab)):
+        if key == "one process" and world != 1:
+            continue
+        run = _step(memkern, mesh if key != "one process" else None, args.rows, args.hidden, vocab, dtype, device)
         run()  # warm-up
         dist.barrier()
         with _AllReduceTally() as tally, PeakMemory(device.type) as peak:
             run()
-        out[vocab] = dict(peak=peak.peak_bytes, bytes=tally.bytes, calls=tally.calls)
+        out[key] = dict(peak=peak.peak_bytes, bytes=tally.bytes, calls=tally.calls)
     results.put((rank, out))
     dist.destroy_process_group()
 
@@ -136,6 +140,9 @@ def main(argv=None) -> list[tuple]:
         calls = ranks[0][args.vocab]["calls"]
         table.append((world, peak1, peak2, b1, b2, calls))
         print(f"| {world} | {peak1:.1f} | {peak2:.1f} | {b1} | {b2} | {calls} |", flush=True)
+        if "one process" in ranks[0]:
+            plain = ranks[0]["one process"]["peak"] / mib
+            print(f"| one process, whole lm_heads (V={args.vocab}) | {plain:.1f} | | 0 | | 0 |", flush=True)
     return table
 
 

@@ -44,7 +44,9 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
 
 
 def _global_stats(s, t, labels, call: Call):
-    """(G, label logit - M_s, defined): the global statistics of vocab_shard's docstring."""
+    """Steps 1-2 of the module docstring for one chunk: (G, the global statistics of
+    vocab_shard's docstring; s_y - M_s per row; the labels local to this shard, -1 where
+    another rank owns them; whether each row is defined)."""
     opts, T = call.opts, call.opts.temperature
     local = vocab_shard.row_stats(s, t, T)
     maxima = local[:, :2].clone()
@@ -194,9 +196,9 @@ class _LinearGrads:
         return s  # the student's logit chunk is overwritten with its gradient
 
     def __call__(self, sel, take, g):
-        h = take(self.hs)
         if self.ws.shape[0] == 0:  # an empty shard (fewer entries than ranks): grad_h stays 0 here
             return
+        h = take(self.hs)
         self.grad_h[sel] = _dense.linear(g, self.ws.t())
         accumulate_fp32(self.grad_w, g.t(), h)
         if self.grad_b is not None:
