@@ -42,9 +42,28 @@ shard_grad = backends.op_table("kd_shard_grad", preference=backends.TRITON_FIRST
 
 
 # -- torch (and cpp) ------------------------------------------------------------------------
+# The torch steps build several temporaries the size of their input (log q, log p, the terms);
+# they run on blocks of rows of at most this many elements, so the temporaries stay a few
+# MiB whatever the chunk: on a 256 x 32000 float32 chunk, whole-chunk temporaries had made
+# the peak 4.5x the one-process path's.
+TEMP_ELEMENTS = 1 << 20
+
+
+def _row_blocks(rows: int, vocab: int):
+    step = max(1, TEMP_ELEMENTS // max(vocab, 1))
+    return (slice(start, min(rows, start + step)) for start in range(0, rows, step))
+
+
 @row_stats.register("torch")
 @row_stats.register("cpp")
 def _row_stats_torch(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    out = torch.empty(s.shape[0], STATS, dtype=compute_dtype(s, t), device=s.device)
+    for rows in _row_blocks(*s.shape):
+        out[rows] = _row_stats_block(s[rows], t[rows], temperature)
+    return out
+
+
+def _row_stats_block(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     dtype = compute_dtype(s, t)
     s, t = s.to(dtype), t.to(dtype)
     out = torch.zeros(s.shape[0], STATS, dtype=dtype, device=s.device)
@@ -71,6 +90,13 @@ def _log_probs(s, t, stats, temperature):
 @divergence_partials.register("torch")
 @divergence_partials.register("cpp")
 def _partials_torch(s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, opts: KDOptions) -> torch.Tensor:
+    out = torch.empty(s.shape[0], 2, dtype=stats.dtype, device=s.device)
+    for rows in _row_blocks(*s.shape):
+        out[rows] = _partials_block(s[rows], t[rows], stats[rows], opts)
+    return out
+
+
+def _partials_block(s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, opts: KDOptions) -> torch.Tensor:
     dtype = stats.dtype
     out = torch.zeros(s.shape[0], 2, dtype=dtype, device=s.device)
     if s.shape[1] == 0:
@@ -96,6 +122,12 @@ def soft_gradient_total(totals: torch.Tensor, opts: KDOptions) -> torch.Tensor:
 @shard_grad.register("torch")
 @shard_grad.register("cpp")
 def _grad_torch(s, t, local_labels, stats, totals, row_weight, opts: KDOptions, out) -> None:
+    for rows in _row_blocks(*s.shape):  # out may be s: each block is read before it is written
+        labels = local_labels[rows] if local_labels is not None else None
+        _grad_block(s[rows], t[rows], labels, stats[rows], totals[rows], row_weight[rows], opts, out[rows])
+
+
+def _grad_block(s, t, local_labels, stats, totals, row_weight, opts: KDOptions, out) -> None:
     if s.shape[1] == 0:
         return
     dtype = stats.dtype
