@@ -105,6 +105,7 @@ def _rows_pass(rows, logits_of, labels, row_weight, call: Call, on_grad) -> torc
         w = take(row_weight) if row_weight is not None else None
         grad = None if on_grad is None else on_grad.buffer(s)
         loss[sel] = _chunk(s, t, y, w, call, grad).to(loss.dtype)
+        del t  # freed before the gradient matmuls write the weight gradient's accumulator
         if on_grad is not None:
             on_grad(sel, take, grad)
     return loss
