@@ -7,7 +7,6 @@ Each spawn costs seconds, so one spawned body runs many checks and returns its e
 from __future__ import annotations
 
 import itertools
-import math
 import os
 
 import pytest
@@ -100,7 +99,9 @@ def _linear_case(memkern, mesh, errors, tag, *, rows_shape, hidden, vocab, label
     dws, dbs, dwt, dbt = shard(ws, True), shard(bs, True), shard(wt, False), shard(bt, False)
     extra = {} if normalizer is None else {"normalizer": normalizer}
     if normalizer is None:
-        loss = memkern.ops.linear_kd_loss(h_sharded, dws, ht, dwt, labels, student_bias=dbs, teacher_bias=dbt, **options)
+        loss = memkern.ops.linear_kd_loss(
+            h_sharded, dws, ht, dwt, labels, student_bias=dbs, teacher_bias=dbt, **options
+        )
     else:  # the public keyword is wired through separately; the sharded entry point takes it
         from memkern.distributed import vocab_parallel
 
@@ -117,7 +118,9 @@ def _linear_case(memkern, mesh, errors, tag, *, rows_shape, hidden, vocab, label
     s64 = h64 @ w64.T + (b64 if bias else 0)
     t64 = ht.double() @ wt.double().T + (bt.double() if bias else 0)
     opt64 = {k: v for k, v in options.items() if k != "reduction"}
-    want = oracle_reduce(oracle_rows(s64, t64, labels, **opt64), labels, options["reduction"], options["ignore_index"], normalizer)
+    want = oracle_reduce(
+        oracle_rows(s64, t64, labels, **opt64), labels, options["reduction"], options["ignore_index"], normalizer
+    )
     (want * upstream.double()).sum().backward()
     _check(errors, f"{tag} loss vs float64", loss, want)
     _check(errors, f"{tag} grad_hidden vs float64", h_sharded.grad, h64.grad)
@@ -171,16 +174,27 @@ def _parity_body(rank, world, backend):
         for div, red, (alpha, temp, scale, bias) in itertools.product(
             DIVERGENCES, REDUCTIONS, SETTINGS[::2] if _light(backend) else SETTINGS
         ):
-            options = dict(alpha=alpha, temperature=temp, divergence=div, beta=0.3, ignore_index=-100, reduction=red, soft_loss_scale=scale)
-            _linear_case(memkern, mesh, errors, f"{div}/{red}/{alpha}/{temp}/{scale}/bias={bias}",
-                         rows_shape=(9,), hidden=6, vocab=13, labels_fn=_random_labels, options=options, bias=bias)  # fmt: skip
+            options = dict(
+                alpha=alpha,
+                temperature=temp,
+                divergence=div,
+                beta=0.3,
+                ignore_index=-100,
+                reduction=red,
+                soft_loss_scale=scale,
+            )
+            tag = f"{div}/{red}/{alpha}/{temp}/{scale}/bias={bias}"
+            _linear_case(memkern, mesh, errors, tag, rows_shape=(9,), hidden=6, vocab=13, labels_fn=_random_labels,
+                         options=options, bias=bias)  # fmt: skip
     return errors
 
 
 def _edge_body(rank, world, backend):
     memkern, mesh = _setup(rank, backend)
     errors = []
-    base = dict(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.5, ignore_index=-1, reduction="mean", soft_loss_scale="t2")
+    base = dict(
+        alpha=0.5, temperature=2.0, divergence="jsd", beta=0.5, ignore_index=-1, reduction="mean", soft_loss_scale="t2"
+    )
     cases = {
         # vocabulary smaller than the ranks: the last rank's shard is empty at 4 ranks
         "vocab 3": dict(rows_shape=(5,), vocab=3, labels_fn=lambda s, v: torch.randint(0, v, s)),
@@ -198,7 +212,9 @@ def _edge_body(rank, world, backend):
             for red in ("mean", "none") if _light(backend) else REDUCTIONS:
                 options = dict(base, reduction=red, alpha=0.0 if tag == "no labels" else 0.5)
                 _linear_case(memkern, mesh, errors, f"{tag}/{red}", hidden=5, options=options, bias=True, **case)
-        for norm in (7, torch.tensor(12)) if _light(backend) else (7, torch.tensor(7.0), torch.tensor(12)):  # e.g. tokens over data-parallel ranks
+        for norm in (
+            (7, torch.tensor(12)) if _light(backend) else (7, torch.tensor(7.0), torch.tensor(12))
+        ):  # e.g. tokens over data-parallel ranks
             for red in ("mean", "sum"):
                 _linear_case(memkern, mesh, errors, f"normalizer {norm!r}/{red}", rows_shape=(6,), hidden=4, vocab=10,
                              labels_fn=_random_labels, options=dict(base, reduction=red, ignore_index=-100),
@@ -268,7 +284,15 @@ def _logits_body(rank, world, backend):
         for div, red, (alpha, temp, scale, _), shape in itertools.product(
             DIVERGENCES, REDUCTIONS, SETTINGS[:1] if _light(backend) else SETTINGS[:3], ((7, 10), (2, 3, 9))
         ):
-            options = dict(alpha=alpha, temperature=temp, divergence=div, beta=0.6, ignore_index=-100, reduction=red, soft_loss_scale=scale)
+            options = dict(
+                alpha=alpha,
+                temperature=temp,
+                divergence=div,
+                beta=0.6,
+                ignore_index=-100,
+                reduction=red,
+                soft_loss_scale=scale,
+            )
             s, t = torch.randn(shape) * 2, torch.randn(shape) * 2
             labels = _random_labels(shape[:-1], shape[-1])
             dim = len(shape) - 1
@@ -297,7 +321,12 @@ def _logits_body(rank, world, backend):
         dt = distribute_tensor(torch.randn(4, 8), mesh, [Shard(1)])
         y = torch.tensor([0, 7, 3, -100])
         module = memkern.nn.KDLoss(alpha=0.2, temperature=3.0)
-        _check(errors, "nn.KDLoss", module(ds, dt, y), memkern.ops.kd_loss(_full(ds), _full(dt), y, alpha=0.2, temperature=3.0))
+        _check(
+            errors,
+            "nn.KDLoss",
+            module(ds, dt, y),
+            memkern.ops.kd_loss(_full(ds), _full(dt), y, alpha=0.2, temperature=3.0),
+        )
     return errors
 
 
@@ -326,7 +355,9 @@ def _error_body(rank, world):
         except ValueError as e:
             messages[tag] = str(e)
     try:  # a vocabulary-sharded bias on a hidden-sharded weight
-        memkern.ops.linear_kd_loss(h, distribute_tensor(w, mesh, [Shard(1)]), h, distribute_tensor(w, mesh, [Shard(1)]), y)
+        memkern.ops.linear_kd_loss(
+            h, distribute_tensor(w, mesh, [Shard(1)]), h, distribute_tensor(w, mesh, [Shard(1)]), y
+        )
     except ValueError as e:
         messages["hidden-sharded weights"] = str(e)
     try:
@@ -343,7 +374,9 @@ def _error_body(rank, world):
     for tag, norm in (("normalizer 0", 0), ("normalizer none", "none")):
         try:
             reduction = "none" if norm == "none" else "mean"
-            vocab_parallel.linear_kd_loss(h, ws, h, ws, y, normalizer=3 if norm == "none" else norm, reduction=reduction)
+            vocab_parallel.linear_kd_loss(
+                h, ws, h, ws, y, normalizer=3 if norm == "none" else norm, reduction=reduction
+            )
         except ValueError as e:
             messages[tag] = str(e)
     torch.distributed.barrier()  # every rank got here: nobody waits in a collective

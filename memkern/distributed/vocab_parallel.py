@@ -47,7 +47,7 @@ def _global_stats(s, t, labels, call: Call):
     """Steps 1-2 of the module docstring for one chunk: (G, the global statistics of
     vocab_shard's docstring; s_y - M_s per row; the labels local to this shard, -1 where
     another rank owns them; whether each row is defined)."""
-    opts, T = call.opts, call.opts.temperature
+    T = call.opts.temperature
     local = vocab_shard.row_stats(s, t, T)
     maxima = local[:, :2].clone()
     maxima.masked_fill_(maxima.isnan(), float("inf"))  # NaN must win the MAX (the row is undefined)
@@ -78,7 +78,9 @@ def _chunk(s, t, labels, row_weight, call: Call, grad_out) -> torch.Tensor:
     totals = torch.zeros(s.shape[0], 2, dtype=stats.dtype, device=s.device)
     if opts.alpha != 1:  # with weight 0 the soft term adds 0, even where it is +inf
         totals = _all_reduce(vocab_shard.divergence_partials(s, t, stats, opts), dist.ReduceOp.SUM, call.group)
-        divergence = totals[:, 0] if opts.divergence != "jsd" else opts.beta * totals[:, 0] + (1 - opts.beta) * totals[:, 1]
+        divergence = (
+            totals[:, 0] if opts.divergence != "jsd" else opts.beta * totals[:, 0] + (1 - opts.beta) * totals[:, 1]
+        )
         loss = (1 - opts.alpha) * opts.kd_scale * divergence
     if labels is not None and opts.alpha != 0:
         loss = loss + opts.alpha * (stats[:, 2] - label_logit)  # log Z_s1 - (s_y - M_s)
@@ -99,7 +101,7 @@ def _rows_pass(rows, logits_of, labels, row_weight, call: Call, on_grad) -> torc
     step = chunk_rows(max(n_kept, 1), call.vocab, call.device)
     for start in range(0, n_kept, step):
         sel = slice(start, min(rows, start + step)) if kept is None else kept[start : start + step]
-        take = (lambda x: x[sel]) if kept is None else (lambda x: x.index_select(0, sel))
+        take = (lambda x, sel=sel: x[sel]) if kept is None else (lambda x, sel=sel: x.index_select(0, sel))
         s, t = logits_of(sel, take)
         y = take(labels) if labels is not None else None
         w = take(row_weight) if row_weight is not None else None
@@ -275,7 +277,15 @@ def linear_kd_loss(
     options = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
                    ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale)  # fmt: skip
     call = check_linear_call(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias, normalizer, options
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias,
+        teacher_bias,
+        normalizer,
+        options,
     )
     hs = call.local(student_hidden)
     ht = call.local(teacher_hidden).detach()

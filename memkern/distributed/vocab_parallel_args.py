@@ -117,18 +117,19 @@ def check_normalizer(op: str, normalizer, reduction: str, device: torch.device):
     return 1.0 / normalizer
 
 
-def _finish(op, opts, reduction, ref: DTensor, mesh_dim, vocab_start, lead, labels, normalizer, compute_grad, dtype, device):
-    rows = math.prod(lead)
+def _finish(
+    op, opts, reduction, ref: DTensor, mesh_dim, vocab, start, lead, labels, normalizer, compute_grad, dtype, device
+):
     labels = check_labels(op, Call.local(labels), lead, device)
     labels = labels.reshape(-1) if labels is not None else None
     scale = check_normalizer(op, normalizer, reduction, device)
     if scale is None:
-        n_valid, inv_n = mean_scale(labels, rows, opts)
+        _, inv_n = mean_scale(labels, math.prod(lead), opts)
         scale = inv_n if reduction == "mean" else 1.0
     elif isinstance(scale, torch.Tensor):
         scale = scale.to(torch.float64 if dtype == torch.float64 else torch.float32)
     group = ref.device_mesh.get_group(mesh_dim)
-    return Call(opts, reduction, group, ref.shape[ref.dim() - 1 if op == "kd_loss" else 0], vocab_start, lead, labels, scale, compute_grad, dtype, device)
+    return Call(opts, reduction, group, vocab, start, lead, labels, scale, compute_grad, dtype, device)
 
 
 def _options(op, has_labels, options) -> tuple[KDOptions, str]:
@@ -165,7 +166,21 @@ def check_kd_call(student, teacher, labels, normalizer, options) -> Call:
     local = student.to_local()
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     lead = tuple(student.shape[:-1])
-    return _finish(op, opts, reduction, student, mesh_dim, start, lead, labels, normalizer, compute_grad, local.dtype, local.device)
+    return _finish(
+        op,
+        opts,
+        reduction,
+        student,
+        mesh_dim,
+        vocab,
+        start,
+        lead,
+        labels,
+        normalizer,
+        compute_grad,
+        local.dtype,
+        local.device,
+    )
 
 
 def check_linear_call(hs, ws, ht, wt, labels, bs, bt, normalizer, options) -> Call:
@@ -205,7 +220,11 @@ def check_linear_call(hs, ws, ht, wt, labels, bs, bt, normalizer, options) -> Ca
                     f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
                     f"{_validate.dtype_name(w.dtype)}, got {tuple(b.shape)} {_validate.dtype_name(b.dtype)}"
                 )
-            if not isinstance(b, DTensor) or tuple(b.placements) != tuple(w.placements) or b.device_mesh != w.device_mesh:
+            if (
+                not isinstance(b, DTensor)
+                or tuple(b.placements) != tuple(w.placements)
+                or b.device_mesh != w.device_mesh
+            ):
                 raise ValueError(
                     f"{op}: {who}_bias must be sharded like {who}_weight ({_placements(w)}), got "
                     + (_placements(b) if isinstance(b, DTensor) else f"a {type(b).__name__}")
@@ -225,8 +244,26 @@ def check_linear_call(hs, ws, ht, wt, labels, bs, bt, normalizer, options) -> Ca
     start = _shard_start(op, "student_weight", ws, mesh_dim, ws.shape[0], ws.to_local().shape[0])
     local_h = Call.local(hs)
     _validate.check_same_device(
-        op, student_hidden=local_h, student_weight=ws.to_local(), teacher_hidden=Call.local(ht), teacher_weight=wt.to_local()
+        op,
+        student_hidden=local_h,
+        student_weight=ws.to_local(),
+        teacher_hidden=Call.local(ht),
+        teacher_weight=wt.to_local(),
     )
     compute_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, bs))
     lead = tuple(hs.shape[:-1])
-    return _finish(op, opts, reduction, ws, mesh_dim, start, lead, labels, normalizer, compute_grad, local_h.dtype, local_h.device)
+    return _finish(
+        op,
+        opts,
+        reduction,
+        ws,
+        mesh_dim,
+        ws.shape[0],
+        start,
+        lead,
+        labels,
+        normalizer,
+        compute_grad,
+        local_h.dtype,
+        local_h.device,
+    )

@@ -72,7 +72,18 @@ def _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_zs, log_zt, inv_t):
 
 @triton.jit
 def _partials_kernel(
-    s_ptr, t_ptr, g_ptr, out_ptr, V, stride_s, stride_t, inv_t, log_beta, log_1mb, DIV: tl.constexpr, BLOCK: tl.constexpr
+    s_ptr,
+    t_ptr,
+    g_ptr,
+    out_ptr,
+    V,
+    stride_s,
+    stride_t,
+    inv_t,
+    log_beta,
+    log_1mb,
+    DIV: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
