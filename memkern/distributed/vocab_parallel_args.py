@@ -38,7 +38,9 @@ class Call:
 
 
 def _placements(x) -> str:
-    return f"mesh {x.device_mesh} placements {tuple(x.placements)}"
+    mesh = x.device_mesh
+    names = f" {mesh.mesh_dim_names}" if mesh.mesh_dim_names else ""
+    return f"a {mesh.device_type} mesh of ranks {mesh.mesh.tolist()}{names}, placements {tuple(x.placements)}"
 
 
 def _vocab_mesh_dim(op: str, name: str, x: DTensor, vocab_dim: int) -> int:
@@ -73,7 +75,7 @@ def _replicated(op: str, name: str, x, ref: DTensor, mesh_dim: int) -> None:
     if x.device_mesh != ref.device_mesh or not isinstance(x.placements[mesh_dim], Replicate):
         raise ValueError(
             f"{op}: {name} must be a plain tensor or a DTensor replicated over the mesh dimension "
-            f"that shards the vocabulary ({mesh_dim} of {ref.device_mesh}), got {_placements(x)}"
+            f"that shards the vocabulary (dimension {mesh_dim} of {_placements(ref)}), got {_placements(x)}"
         )
 
 
