@@ -258,6 +258,8 @@ def _replicated_hidden_and_2d_mesh(memkern, mesh, errors, rank, world):
     dp = mesh2.get_local_rank("dp")
     torch.manual_seed(100 + dp)  # each data-parallel group its own rows
     h, ht, y = torch.randn(4, 5), torch.randn(4, 3), torch.randint(0, 11, (4,))
+    if dp == 1:  # every row of this group ignored, while the other group's count
+        y.fill_(-100)
     hs = h.clone().requires_grad_()
     dw = distribute_tensor(w.clone(), mesh2, [Replicate(), Shard(0)]).requires_grad_()
     dwt = distribute_tensor(wt, mesh2, [Replicate(), Shard(0)])
@@ -272,6 +274,8 @@ def _replicated_hidden_and_2d_mesh(memkern, mesh, errors, rank, world):
     # the weight gradient of this dp group's rows (a data-parallel wrapper would average the groups)
     tp, per = mesh2.get_local_rank("tp"), 6  # ceil(11 / 2)
     _check(errors, f"2-D mesh dp {dp}: grad_weight", dw.grad.to_local(), w1.grad[tp * per : (tp + 1) * per])
+    if dp == 1 and (loss.item() != 0 or hs.grad.abs().sum() != 0 or dw.grad.to_local().abs().sum() != 0):
+        errors.append(f"2-D mesh: the all-ignored group got loss {loss.item()} or nonzero gradients")
 
 
 def _logits_body(rank, world, backend):
