@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, _validate, backends
+from memkern.distributed import detect
 from memkern.kd_options import (
     KD_DTYPES,
     TEMPERATURE_RANGE,
@@ -132,6 +133,30 @@ def _finish(out, extras: KDExtras, normalizer):
     return tuple(terms) if extras.return_components else terms[0]
 
 
+def _refuse_sharded_extras(
+    op: str, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, shared_vocab, components
+) -> None:
+    """The vocabulary-parallel path (memkern.distributed.vocab_parallel) takes the core
+    options and normalizer; the logit transforms, shared_vocab and return_components are
+    refused there, on every rank alike, before any collective."""
+    given = {
+        "student_logit_scale": student_logit_scale,
+        "teacher_logit_scale": teacher_logit_scale,
+        "student_softcap": student_softcap,
+        "teacher_softcap": teacher_softcap,
+        "shared_vocab": shared_vocab,
+    }
+    unsupported = [name for name, value in given.items() if value is not None] + (
+        ["return_components"] if components else []
+    )
+    if unsupported:
+        raise ValueError(
+            f"{op}: {', '.join(unsupported)} cannot be used with DTensor (vocabulary-parallel) inputs; "
+            "the sharded loss takes alpha, temperature, divergence, beta, ignore_index, reduction, "
+            "soft_loss_scale and normalizer"
+        )
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -153,6 +178,18 @@ def kd_loss(
     normalizer: float | torch.Tensor | None = None,
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if detect.any_dtensor(student_logits, teacher_logits, labels):
+        from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops
+
+        _refuse_sharded_extras(
+            "kd_loss", student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+            shared_vocab, return_components,
+        )  # fmt: skip
+        return vocab_parallel.kd_loss(
+            student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature, divergence=divergence,
+            beta=beta, ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale,
+            normalizer=normalizer,
+        )  # fmt: skip
     op = "kd_loss"
     extras = check_extras(
         op,
@@ -257,6 +294,19 @@ def linear_kd_loss(
     normalizer: float | torch.Tensor | None = None,
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sharded = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias)
+    if detect.any_dtensor(*sharded):
+        from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops
+
+        _refuse_sharded_extras(
+            "linear_kd_loss", student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+            shared_vocab, return_components,
+        )  # fmt: skip
+        return vocab_parallel.linear_kd_loss(
+            *sharded[:5], student_bias=student_bias, teacher_bias=teacher_bias, alpha=alpha, temperature=temperature,
+            divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+            soft_loss_scale=soft_loss_scale, normalizer=normalizer,
+        )  # fmt: skip
     op = "linear_kd_loss"
     extras = check_extras(
         op,
