@@ -64,13 +64,14 @@ def _sha256(t: torch.Tensor) -> str:
 
 # -- memkern layers: what the manifest records to rebuild each one --------------------------
 def _layer_types() -> dict[str, type[nn.Module]]:
-    from memkern.nn import Fp16Linear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
+    from memkern.nn import Fp16Linear, Int8Linear, Int8WeightOnlyLinear, SparseInt8Linear, SparseLinear
 
-    return {cls.__name__: cls for cls in (Int8Linear, Int8WeightOnlyLinear, Fp16Linear, SparseLinear)}
+    kinds = (Int8Linear, Int8WeightOnlyLinear, Fp16Linear, SparseLinear, SparseInt8Linear)
+    return {cls.__name__: cls for cls in kinds}
 
 
 def _layer_entry(name: str, layer: nn.Module, tied: list[str]) -> dict[str, Any]:
-    from memkern.nn import Fp16Linear, SparseLinear
+    from memkern.nn import Fp16Linear, SparseInt8Linear, SparseLinear
 
     config: dict[str, Any] = {
         "in_features": layer.in_features,
@@ -80,6 +81,10 @@ def _layer_entry(name: str, layer: nn.Module, tied: list[str]) -> dict[str, Any]
     if isinstance(layer, SparseLinear):
         scheme, fmt = "sparse", layer.format
         config.update(format=layer.format, block=list(layer.block), dtype=_dtype_name(layer.values.dtype))
+    elif isinstance(layer, SparseInt8Linear):
+        scheme, fmt = layer.scheme.split()[0], layer.format
+        config.update(format=layer.format, block=list(layer.block), weight_only=layer.weight_only)
+        config["bias_dtype"] = None if layer.bias is None else _dtype_name(layer.bias.dtype)
     else:
         scheme, fmt = layer.scheme.split()[0], _dtype_name(layer.weight.dtype)
         config["bias_dtype"] = None if layer.bias is None else _dtype_name(layer.bias.dtype)
@@ -103,6 +108,15 @@ def _build_layer(entry: dict[str, Any], device: torch.device) -> nn.Module:
     args = (c.pop("in_features"), c.pop("out_features"), c.pop("bias"))
     if entry["class"] == "SparseLinear":
         return cls(*args, format=c["format"], block=tuple(c["block"]), dtype=_dtype(c["dtype"]), device=device)
+    if entry["class"] == "SparseInt8Linear":
+        return cls(
+            *args,
+            format=c["format"],
+            block=tuple(c["block"]),
+            weight_only=c["weight_only"],
+            bias_dtype=_dtype(c["bias_dtype"]),
+            device=device,
+        )
     kwargs = {"bias_dtype": _dtype(c["bias_dtype"])}
     if "weight_dtype" in c:
         kwargs["weight_dtype"] = _dtype(c["weight_dtype"])

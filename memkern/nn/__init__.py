@@ -5,6 +5,7 @@ from memkern.nn.kd import KDLoss, LinearKDLoss
 from memkern.nn.quantized import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
 from memkern.nn.smoothed import SmoothedInt8Linear
 from memkern.nn.sparse import SparseLinear
+from memkern.nn.sparse_int8 import SparseInt8Linear
 
 __all__ = [
     "Fp16Linear",
@@ -14,5 +15,6 @@ __all__ = [
     "KDLoss",
     "LinearKDLoss",
     "SmoothedInt8Linear",
+    "SparseInt8Linear",
     "SparseLinear",
 ]
