@@ -18,7 +18,15 @@ from torch import nn
 import memkern
 from memkern import prune
 from memkern.nn import Int8Linear, SparseInt8Linear, SparseLinear
-from conftest import CPU_BACKENDS, REL_TOL, assert_bit_equal, assert_rel_close, rel_error, require_backend
+from conftest import (
+    CPU_BACKENDS,
+    REL_TOL,
+    assert_bit_equal,
+    assert_compiles_like_eager,
+    assert_rel_close,
+    rel_error,
+    require_backend,
+)
 
 OUT, IN = 47, 123  # multiples of no block size
 BLOCK = (16, 32)
@@ -267,6 +275,46 @@ def test_bad_input_is_refused_before_any_kernel(change, error, words):
         memkern.ops.block_sparse_int8_linear(**args)
 
 
+def test_cpp_kernel_refuses_a_corrupt_index_on_a_direct_call():
+    args = _op_args()
+    require_backend("block_sparse_int8_linear", "cpp", args["x"])
+    kernel = torch.ops.memkern.block_sparse_int8_linear_kernel
+    bad_col = args["col"].clone()
+    bad_col[-1] = 1000
+    with pytest.raises(ValueError, match=r"col must lie in \[0, 4\), got 1000"):
+        kernel(args["x"], args["values"], args["scales"], args["crow"], bad_col, args["bias"], False)
+    with pytest.raises(ValueError, match="crow must run from 0"):
+        kernel(args["x"], args["values"], args["scales"], args["crow"] + 1, args["col"], args["bias"], False)
+
+
+# -- operators: opcheck and torch.compile ---------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_opcheck(backend, weight_only):
+    a = _op_args()
+    x, bias = a["x"].requires_grad_(True), a["bias"].detach().requires_grad_(True)
+    args = (x, a["values"], a["scales"], a["crow"], a["col"], bias, weight_only)
+    require_backend("block_sparse_int8_linear", backend, x)
+    with memkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.memkern.block_sparse_int8_linear.default, args)
+
+
+def test_opcheck_sparse24():
+    layer = _layer("2:4")
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    args = (x, layer.values, layer.meta, layer.scales, layer.bias, True)
+    torch.library.opcheck(torch.ops.memkern.sparse24_int8_linear.default, args)
+
+
+def test_compiles_without_graph_breaks():
+    layer = _layer(weight_only=True)
+
+    def f(x):
+        return layer(x * 2).relu().sum()
+
+    assert_compiles_like_eager(f, torch.randn(2, 3, IN, requires_grad=True))
+
+
 def test_module_refuses_bad_arguments():
     with pytest.raises(TypeError, match="SparseInt8Linear.from_sparse: sparse must be a memkern.nn.SparseLinear"):
         SparseInt8Linear.from_sparse(nn.Linear(4, 4))
@@ -391,3 +439,16 @@ def test_memkern_save_and_load(tmp_path):
     x = torch.randn(3, IN)
     with torch.no_grad():
         assert_bit_equal(fresh(x), model(x))
+
+
+def test_demo_quantised_stage_keeps_the_sparsity():
+    from memkern.demo.pipeline import quantised_stage
+
+    pruned = _Pruned()
+    int8, note = quantised_stage(pruned, "int8")
+    assert isinstance(int8.up, SparseInt8Linear) and isinstance(pruned.up, SparseLinear)  # a converted copy
+    assert "1 pruned layers kept sparse" in note
+    dense_int8 = memkern.memory_footprint(Int8Linear.from_linear(nn.Linear(IN, 64))).total_bytes
+    assert memkern.memory_footprint(int8.up).total_bytes < dense_int8
+    fp16, note = quantised_stage(pruned, "fp16")
+    assert type(fp16.up).__name__ == "Fp16Linear" and "densified" in note

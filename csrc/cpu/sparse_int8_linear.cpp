@@ -190,18 +190,30 @@ void int8_product(const int8_t* a, int64_t lda, int64_t M, const KeptBlocks& w, 
 }
 
 // -- operands -------------------------------------------------------------------------------
+// Sizes, dtypes and the index's bounds: the kernels address memory through crow and col, so
+// a direct call of the op with a corrupt index is refused here rather than read out of bounds.
 void check_operands(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
                     int64_t N) {
   TORCH_CHECK(x.dim() == 2, kOp, ": expected x (M, K), got ", x.sizes());
   TORCH_CHECK(values.dim() == 3 && values.scalar_type() == at::kChar, kOp,
               ": values must be (nnzb, BN, BK) int8, got ", values.scalar_type(), " ", values.sizes());
-  const int64_t BN = values.size(1), BK = values.size(2);
+  const int64_t nnzb = values.size(0), BN = values.size(1), BK = values.size(2);
   TORCH_CHECK(BN > 0 && BK > 0, kOp, ": empty blocks ", values.sizes());
-  TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong && crow.is_contiguous() &&
-                  col.is_contiguous(),
-              kOp, ": crow and col must be contiguous int64");
-  TORCH_CHECK(crow.numel() == (N + BN - 1) / BN + 1 && col.numel() == values.size(0), kOp,
-              ": index sizes do not match N = ", N, " and ", values.size(0), " blocks");
+  TORCH_CHECK(crow.dim() == 1 && col.dim() == 1 && crow.scalar_type() == at::kLong &&
+                  col.scalar_type() == at::kLong && crow.is_contiguous() && col.is_contiguous(),
+              kOp, ": crow and col must be 1-D contiguous int64");
+  const int64_t n_block_rows = (N + BN - 1) / BN, n_block_cols = (x.size(1) + BK - 1) / BK;
+  TORCH_CHECK_VALUE(crow.numel() == n_block_rows + 1 && col.numel() == nnzb, kOp, ": crow must have ",
+                    n_block_rows + 1, " entries and col ", nnzb, ", got ", crow.numel(), " and ", col.numel());
+  const int64_t* p = crow.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0 && p[n_block_rows] == nnzb, kOp, ": crow must run from 0 to ", nnzb, ", got ", p[0],
+                    " to ", p[n_block_rows]);
+  for (int64_t r = 0; r < n_block_rows; ++r)
+    TORCH_CHECK_VALUE(p[r] <= p[r + 1], kOp, ": crow must not decrease, got ", p[r], " then ", p[r + 1]);
+  const int64_t* c = col.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < nnzb; ++b)
+    TORCH_CHECK_VALUE(c[b] >= 0 && c[b] < n_block_cols, kOp, ": col must lie in [0, ", n_block_cols, "), got ", c[b],
+                      " at position ", b);
 }
 
 // The activations of x (M x K) as rows zero-padded to lda: quantised (W8A8, one scale per
