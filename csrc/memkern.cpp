@@ -41,7 +41,7 @@ TORCH_LIBRARY(memkern, m) {
   // Block-sparse int8 linear layer (W8A8, or W8A16 with weight_only); see memkern/ops/sparse_int8.py.
   m.def("block_sparse_int8_linear_kernel(Tensor x, Tensor values, Tensor scales, Tensor crow, Tensor col, "
         "Tensor? bias, bool weight_only) -> Tensor");
-  // Which int8 path that kernel runs on this CPU: "avx512_vnni" or "portable".
+  // Which int8 path that kernel runs on this CPU: "avx512_vnni", "avx2" or "portable".
   m.def("sparse_int8_kernel_path() -> str");
   // 4-bit group-wise weight-only linear layer; see memkern/ops/int4.py.
   m.def("int4_weight_only_linear_kernel(Tensor x, Tensor w_int4, Tensor scales, Tensor zeros, int group_size, "

@@ -7,8 +7,8 @@
 //     epilogue acc * (x_scale * w_scale) + bias (linear_epilogue.h).
 //     W8A16 (weight_only true): x widened to float32, float32 products with the int8
 //     weight over the kept blocks, acc * w_scale + bias.
-//   sparse_int8_kernel_path()  "avx512_vnni" when this CPU runs the VNNI kernel, else
-//     "portable".
+//   sparse_int8_kernel_path()  "avx512_vnni" when this CPU runs the VNNI kernel, else "avx2"
+//     or "portable" (the build's int8 loop).
 //   memkern_internal::block_sparse_int8_mm_kernel(a, values, crow, col, n_out, allow_vnni)
 //     the int8 product alone, int32 (tests compare the two paths bit for bit).
 //
@@ -25,8 +25,10 @@
 //   quantised activations computed once per call. A tile of 4 rows of x and 4 weight rows
 //   keeps 16 accumulators of 16 lanes across all kept blocks of its block row and sums
 //   their lanes once, at the end.
-// * portable: per (block, weight row, row of x) a BK-long dot product that the compiler
-//   vectorises (vpmaddwd with AVX2), summed into the (M, N) accumulator.
+// * AVX2 (where the build targets it): the same tiling with 2 x 4 accumulators of 8 lanes,
+//   vpmaddubsw on |w| and the activations signed by w (vpsignb), then vpmaddwd.
+// * portable (other builds, K past kExactChunkK, and W8A16's float products): per (block,
+//   weight row, row of x) a BK-long dot product that the compiler vectorises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,8 +38,10 @@
 #include <optional>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
 #define MEMKERN_SPARSE_VNNI 1
 #define MEMKERN_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #endif
@@ -105,6 +109,68 @@ void kept_block_product(const a_t* a, int64_t lda, int64_t M, const KeptBlocks& 
   });
 }
 
+// -- AVX2 path (where the build targets AVX2) ----------------------------------------------------
+#ifdef __AVX2__
+constexpr int kAvx2Rows = 2;  // rows of x per tile
+constexpr int kAvx2Cols = 4;  // weight rows per tile: 8 accumulators, 4 weight vectors, 16 ymm in all
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 32 (or, for 16-wide blocks, 16 then zeros) bytes at p.
+inline __m256i load_bytes(const int8_t* p, int64_t live) {
+  if (live >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Block row r of acc (M x N, int32), as kept_block_product computes it: vpmaddubsw multiplies
+// unsigned by signed bytes, so each weight byte enters as |w| and the activation takes w's
+// sign (vpsignb): pairs of |w| * (+-a) sum to at most 2 * 128 * 127 < 2^15, no saturation.
+// The lanes of the 2 x 4 accumulators are summed once, after all kept blocks of the row.
+void avx2_block_row(const int8_t* a, int64_t lda, int64_t M, const KeptBlocks& w, int64_t r, int32_t* acc) {
+  const int64_t n0 = r * w.BN, rows = std::min(w.BN, w.N - n0);
+  const int64_t b0 = w.crow[r], b1 = w.crow[r + 1];
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t m0 = 0; m0 < M; m0 += kAvx2Rows) {
+    const int8_t* ar[kAvx2Rows];
+    for (int mi = 0; mi < kAvx2Rows; ++mi) ar[mi] = a + std::min<int64_t>(m0 + mi, M - 1) * lda;
+    for (int64_t i0 = 0; i0 < rows; i0 += kAvx2Cols) {
+      int64_t is[kAvx2Cols];
+      for (int ni = 0; ni < kAvx2Cols; ++ni) is[ni] = std::min<int64_t>(i0 + ni, rows - 1);
+      __m256i c[kAvx2Rows][kAvx2Cols];
+      for (int mi = 0; mi < kAvx2Rows; ++mi)
+        for (int ni = 0; ni < kAvx2Cols; ++ni) c[mi][ni] = _mm256_setzero_si256();
+      for (int64_t b = b0; b < b1; ++b) {
+        const int8_t* wb = w.values + b * w.block_stride;
+        const int64_t k_off = w.col[b] * w.BK;
+        for (int64_t k0 = 0; k0 < w.BK; k0 += 32) {
+          const int64_t live = w.BK - k0;
+          __m256i wv[kAvx2Cols], wabs[kAvx2Cols];
+          for (int ni = 0; ni < kAvx2Cols; ++ni) {
+            wv[ni] = load_bytes(wb + is[ni] * w.row_stride + k0, live);
+            wabs[ni] = _mm256_sign_epi8(wv[ni], wv[ni]);
+          }
+          for (int mi = 0; mi < kAvx2Rows; ++mi) {
+            const __m256i av = load_bytes(ar[mi] + k_off + k0, live);
+            for (int ni = 0; ni < kAvx2Cols; ++ni) {
+              const __m256i pairs = _mm256_maddubs_epi16(wabs[ni], _mm256_sign_epi8(av, wv[ni]));
+              c[mi][ni] = _mm256_add_epi32(c[mi][ni], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+      }
+      for (int mi = 0; mi < kAvx2Rows && m0 + mi < M; ++mi)
+        for (int ni = 0; ni < kAvx2Cols && i0 + ni < rows; ++ni)
+          acc[(m0 + mi) * w.N + n0 + i0 + ni] = hsum_epi32(c[mi][ni]);
+    }
+  }
+}
+#endif
+
 // -- AVX512-VNNI path -----------------------------------------------------------------------
 bool vnni_available() {
 #ifdef MEMKERN_SPARSE_VNNI
@@ -117,6 +183,11 @@ bool vnni_available() {
 }
 
 #ifdef MEMKERN_SPARSE_VNNI
+// GCC 12 warns that the AVX-512 intrinsics' own placeholder operands (_mm256_undefined_si256
+// inside _mm512_reduce_add_epi32) "may be used uninitialized" when they are inlined into a
+// function compiled by target attribute rather than -march: a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 constexpr int kVnniRows = 4;  // rows of x per tile
 constexpr int kVnniCols = 4;  // weight rows per tile: 4 x 4 accumulators of 16 lanes
 
@@ -166,6 +237,7 @@ MEMKERN_VNNI_TARGET void vnni_block_row(const int8_t* a, int64_t lda, int64_t M,
     }
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 // acc (M x N, int32) = a @ W^T, a the quantised rows (M x lda, zero-padded to whole blocks).
@@ -186,7 +258,13 @@ void int8_product(const int8_t* a, int64_t lda, int64_t M, const KeptBlocks& w, 
     return;
   }
 #endif
+#ifdef __AVX2__
+  at::parallel_for(0, w.n_block_rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) avx2_block_row(a, lda, M, w, r, acc);
+  });
+#else
   kept_block_product<int8_t, int32_t>(a, lda, M, w, acc);
+#endif
 }
 
 // -- operands -------------------------------------------------------------------------------
@@ -298,7 +376,14 @@ at::Tensor block_sparse_int8_mm_cpu(const at::Tensor& a, const at::Tensor& value
   return acc;
 }
 
-std::string sparse_int8_kernel_path() { return vnni_available() ? "avx512_vnni" : "portable"; }
+std::string sparse_int8_kernel_path() {
+  if (vnni_available()) return "avx512_vnni";
+#ifdef __AVX2__
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
 
 }  // namespace
 
