@@ -145,8 +145,9 @@ def convert(
     converted; for ``"int8"`` and ``"int8_weight_only"`` also pruned layers
     (:class:`memkern.nn.SparseLinear`), which become :class:`memkern.nn.SparseInt8Linear`
     (W8A8, or W8A16 for ``"int8_weight_only"``): their kept weights quantised per output
-    channel, their index and element mask kept, nothing densified. Layers whose parent reads their weights directly are left alone: the
-    projections inside ``nn.MultiheadAttention``, and ``linear1``/``linear2`` of
+    channel, their index and element mask kept, nothing densified. Layers whose parent
+    reads their weights directly are left alone: the projections inside
+    ``nn.MultiheadAttention``, and ``linear1``/``linear2`` of
     ``nn.TransformerEncoderLayer`` (its fused inference path, taken in eval mode without
     autograd, hands them to one kernel that expects float weights). A chosen layer that is already converted is an error
     (its weights are no longer the original ones). A warning says when nothing was

@@ -65,7 +65,8 @@ def _provider(layer: str, weight_bytes: int) -> Provider:
 
         return call
 
-    return Provider(f"{layer} ({weight_bytes / 2**20:.2f} MiB weights)", build, baseline=layer == "nn.Linear")
+    owner = "fp32" if layer == "nn.Linear" else "memkern"
+    return Provider(f"{owner} {layer} ({weight_bytes / 2**20:.2f} MiB weights)", build, baseline=layer == "nn.Linear")
 
 
 def cases(quick: bool) -> list[Case]:

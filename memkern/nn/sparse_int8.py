@@ -211,13 +211,10 @@ class SparseInt8Linear(LowPrecisionLinear):
             if extra is not None:
                 self.set_extra_state(extra)
                 dev = self.scales.device
+                # Placeholders of the state's shapes and dtypes (checked above) for the copy.
+                incoming = {name: state_dict.get(prefix + name) for name in ("values", "scales", *_LAYOUT[fmt])}
                 self._adopt(
-                    {
-                        name: None if state_dict.get(prefix + name) is None
-                        # int8 / int64 / bool layout tensors keep the state's dtype; scales are float32.
-                        else torch.empty_like(state_dict[prefix + name], device=dev)
-                        for name in ("values", "scales", *_LAYOUT[fmt])
-                    }
+                    {name: None if t is None else torch.empty_like(t, device=dev) for name, t in incoming.items()}
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -239,9 +236,13 @@ class SparseInt8Linear(LowPrecisionLinear):
                 )
             fmt = extra["format"]
             if fmt not in FORMATS:
-                raise ValueError(f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+                raise ValueError(
+                    f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}"
+                )
             if not isinstance(extra["weight_only"], bool):
-                raise ValueError(f"{op}: {prefix}_extra_state's weight_only must be a bool, got {extra['weight_only']!r}")
+                raise ValueError(
+                    f"{op}: {prefix}_extra_state's weight_only must be a bool, got {extra['weight_only']!r}"
+                )
             block = sparse_format.check_block(f"{op}: {prefix}_extra_state", extra["block"])
             stored = sparse_format.check_shape(f"{op}: {prefix}_extra_state", extra["shape"])
             if stored != shape:
