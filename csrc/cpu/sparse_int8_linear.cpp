@@ -315,8 +315,7 @@ at::Tensor block_sparse_int8_linear_cpu(const at::Tensor& x, const at::Tensor& v
   check_operands(x, values, crow, col, N);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1, kOp, ": scales must be 1-D float32");
   const int64_t M = x.size(0), K = x.size(1);
-  auto out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
   const auto v = values.stride(2) == 1 ? values : values.contiguous();
   const KeptBlocks w = kept_blocks(v, crow, col, N);
   const int64_t lda = (K + w.BK - 1) / w.BK * w.BK;
@@ -329,6 +328,9 @@ at::Tensor block_sparse_int8_linear_cpu(const at::Tensor& x, const at::Tensor& v
     a.narrow(1, 0, K).copy_(x);
     auto acc = at::empty({M, N}, x.options().dtype(at::kFloat));
     kept_block_product<float, float>(a.const_data_ptr<float>(), lda, M, w, acc.mutable_data_ptr<float>());
+    // A float32 output is the accumulator itself, scaled in place (each element read before
+    // it is written), as int8_linear.cpp does: M x N x 4 bytes less peak memory.
+    auto out = x.scalar_type() == at::kFloat ? acc : at::empty({M, N}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_int8_w8a16_epilogue", [&] {
       epilogue_rows<float, scalar_t>(acc.const_data_ptr<float>(), N, M, N, nullptr, ws.const_data_ptr<float>(), bp,
                                      out.mutable_data_ptr<scalar_t>(), N);
@@ -341,6 +343,7 @@ at::Tensor block_sparse_int8_linear_cpu(const at::Tensor& x, const at::Tensor& v
   quantize_rows(x, lda, a.mutable_data_ptr<int8_t>(), x_scale.mutable_data_ptr<float>());
   const float* xs = x_scale.const_data_ptr<float>();
   if (lda > kExactChunkK) {
+    auto out = at::empty({M, N}, x.options());
     auto acc = at::empty({M, N}, x.options().dtype(at::kLong));
     kept_block_product<int8_t, int64_t>(a.const_data_ptr<int8_t>(), lda, M, w, acc.mutable_data_ptr<int64_t>());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_int8_epilogue_int64", [&] {
@@ -351,6 +354,7 @@ at::Tensor block_sparse_int8_linear_cpu(const at::Tensor& x, const at::Tensor& v
   }
   auto acc = at::empty({M, N}, x.options().dtype(at::kInt));
   int8_product(a.const_data_ptr<int8_t>(), lda, M, w, true, acc.mutable_data_ptr<int32_t>());
+  auto out = x.scalar_type() == at::kFloat ? acc.view(at::kFloat) : at::empty({M, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_int8_epilogue", [&] {
     epilogue_rows<int32_t, scalar_t>(acc.const_data_ptr<int32_t>(), N, M, N, xs, ws.const_data_ptr<float>(), bp,
                                      out.mutable_data_ptr<scalar_t>(), N);
