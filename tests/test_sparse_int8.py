@@ -357,6 +357,23 @@ def test_meta_device_and_assign():
         assert_bit_equal(target(x), layer(x))
 
 
+@pytest.mark.parametrize("fmt", ["block", "2:4"])
+def test_to_meta_and_back_and_float64(fmt):
+    layer = _layer(fmt)
+    sd = layer.state_dict()
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+    layer.to("meta")
+    assert layer.values.is_meta and layer.values.dtype == torch.int8
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(sd)
+    with torch.no_grad():
+        assert_bit_equal(layer(x), before)
+        # float64 runs in float32 (as the dense int8 layers do) and comes back as float64
+        assert_bit_equal(layer.double()(x.double()), before.double())
+
+
 def test_load_refuses_a_corrupt_index_and_a_wrong_shape():
     sd = _layer().state_dict()
     bad = dict(sd, col=sd["col"] + 50)
