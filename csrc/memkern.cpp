@@ -49,6 +49,11 @@ TORCH_LIBRARY(memkern, m) {
   m.def("int8_packed_kernel_native() -> bool");
   m.def("int8_weight_only_linear_kernel(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("fp16_linear_kernel(Tensor x, Tensor w_half, Tensor? bias) -> Tensor");
+  // Block-sparse int8 linear layer (W8A8, or W8A16 with weight_only); see memkern/ops/sparse_int8.py.
+  m.def("block_sparse_int8_linear_kernel(Tensor x, Tensor values, Tensor scales, Tensor crow, Tensor col, "
+        "Tensor? bias, bool weight_only) -> Tensor");
+  // Which int8 path that kernel runs on this CPU: "avx512_vnni", "avx2" or "portable".
+  m.def("sparse_int8_kernel_path() -> str");
   // 4-bit group-wise weight-only linear layer; see memkern/ops/int4.py.
   m.def("int4_weight_only_linear_kernel(Tensor x, Tensor w_int4, Tensor scales, Tensor zeros, int group_size, "
         "Tensor? bias) -> Tensor");
@@ -62,6 +67,10 @@ TORCH_LIBRARY(memkern, m) {
 // AVX512-VNNI kernel where the build has it, else the portable loop (cpu/int8_linear.cpp).
 TORCH_LIBRARY(memkern_internal, m) {
   m.def("int8_mm_kernel(Tensor a, Tensor b, bool allow_vnni) -> Tensor");
+  // block_sparse_int8_mm_kernel: the int32 product of int8 rows a (M, K) with the kept int8
+  // blocks of an (n_out, K) weight; allow_vnni as above (cpu/sparse_int8_linear.cpp).
+  m.def("block_sparse_int8_mm_kernel(Tensor a, Tensor values, Tensor crow, Tensor col, int n_out, "
+        "bool allow_vnni) -> Tensor");
 }
 
 extern "C" {

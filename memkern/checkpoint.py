@@ -66,17 +66,32 @@ def _sha256(t: torch.Tensor) -> str:
 # The records are shared with memkern.integrations.hf_quantizer (transformers' from_pretrained).
 def layer_types() -> dict[str, type[nn.Module]]:
     """Every memkern layer a checkpoint can hold, by class name."""
-    from memkern.nn import Fp16Linear, Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
+    from memkern.nn import (
+        Fp16Linear,
+        Int4WeightOnlyLinear,
+        Int8Linear,
+        Int8WeightOnlyLinear,
+        SparseInt8Linear,
+        SparseLinear,
+    )
     from memkern.nn.smoothed import SmoothedInt8Linear
 
-    classes = (Int8Linear, Int8WeightOnlyLinear, SmoothedInt8Linear, Fp16Linear, Int4WeightOnlyLinear, SparseLinear)
+    classes = (
+        Int8Linear,
+        Int8WeightOnlyLinear,
+        SmoothedInt8Linear,
+        Fp16Linear,
+        Int4WeightOnlyLinear,
+        SparseLinear,
+        SparseInt8Linear,
+    )
     return {cls.__name__: cls for cls in classes}
 
 
 def layer_record(name: str, layer: nn.Module, tied: list[str] | None = None) -> dict[str, Any]:
     """What rebuilds ``layer`` (class, constructor settings) and what it holds (tensor
     shapes and dtypes), as JSON data."""
-    from memkern.nn import Fp16Linear, Int4WeightOnlyLinear, SparseLinear
+    from memkern.nn import Fp16Linear, Int4WeightOnlyLinear, SparseInt8Linear, SparseLinear
 
     config: dict[str, Any] = {
         "in_features": layer.in_features,
@@ -86,6 +101,10 @@ def layer_record(name: str, layer: nn.Module, tied: list[str] | None = None) -> 
     if isinstance(layer, SparseLinear):
         scheme, fmt = "sparse", layer.format
         config.update(format=layer.format, block=list(layer.block), dtype=_dtype_name(layer.values.dtype))
+    elif isinstance(layer, SparseInt8Linear):
+        scheme, fmt = layer.scheme.split()[0], layer.format
+        config.update(format=layer.format, block=list(layer.block), weight_only=layer.weight_only)
+        config["bias_dtype"] = None if layer.bias is None else _dtype_name(layer.bias.dtype)
     else:
         scheme, fmt = layer.scheme.split()[0], _dtype_name(layer.weight.dtype)
         config["bias_dtype"] = None if layer.bias is None else _dtype_name(layer.bias.dtype)
@@ -113,6 +132,15 @@ def build_layer(record: dict[str, Any], device: torch.device | str) -> nn.Module
     args = (c.pop("in_features"), c.pop("out_features"), c.pop("bias"))
     if record["class"] == "SparseLinear":
         return cls(*args, format=c["format"], block=tuple(c["block"]), dtype=_dtype(c["dtype"]), device=device)
+    if record["class"] == "SparseInt8Linear":
+        return cls(
+            *args,
+            format=c["format"],
+            block=tuple(c["block"]),
+            weight_only=c["weight_only"],
+            bias_dtype=_dtype(c["bias_dtype"]),
+            device=device,
+        )
     kwargs = {"bias_dtype": _dtype(c["bias_dtype"])}
     if "weight_dtype" in c:
         kwargs["weight_dtype"] = _dtype(c["weight_dtype"])

@@ -75,6 +75,9 @@ def _schemes() -> dict[str, type]:
     }
 
 
+# Schemes that also convert pruned layers (SparseLinear -> SparseInt8Linear).
+SPARSE_SCHEMES = ("int8", "int8_weight_only")
+
 # Modules that read their linear children's weights directly: converting those children
 # breaks the parent (nn.TransformerEncoderLayer in eval under no_grad: "self and mat2 must
 # have the same dtype, but got Float and Char").
@@ -140,8 +143,12 @@ def convert(
         The converted model (``model`` itself when ``inplace``).
 
     Candidates are ``nn.Linear`` layers (subclasses included) and layers memkern already
-    converted. Layers whose parent reads their weights directly are left alone: the
-    projections inside ``nn.MultiheadAttention``, and ``linear1``/``linear2`` of
+    converted; for ``"int8"`` and ``"int8_weight_only"`` also pruned layers
+    (:class:`memkern.nn.SparseLinear`), which become :class:`memkern.nn.SparseInt8Linear`
+    (W8A8, or W8A16 for ``"int8_weight_only"``): their kept weights quantised per output
+    channel, their index and element mask kept, nothing densified. Layers whose parent
+    reads their weights directly are left alone: the projections inside
+    ``nn.MultiheadAttention``, and ``linear1``/``linear2`` of
     ``nn.TransformerEncoderLayer`` (its fused inference path, taken in eval mode without
     autograd, hands them to one kernel that expects float weights). A chosen layer that is already converted is an error
     (its weights are no longer the original ones). A warning says when nothing was
@@ -156,6 +163,8 @@ def convert(
     layers and the originals both exist).
     """
     from memkern.nn.quantized import QUANTIZED_LINEAR_TYPES
+    from memkern.nn.sparse import SparseLinear
+    from memkern.nn.sparse_int8 import SparseInt8Linear
 
     schemes = _schemes()
     if scheme not in schemes:
@@ -172,10 +181,13 @@ def convert(
 
         model = copy.deepcopy(model)
     layer_type = schemes[scheme]
-    converted_types = (*QUANTIZED_LINEAR_TYPES, schemes["int4_weight_only"])
+    converted_types = (*QUANTIZED_LINEAR_TYPES, schemes["int4_weight_only"], SparseInt8Linear)
+    # Pruned layers keep their sparsity through the int8 schemes (SparseInt8Linear); the
+    # other schemes have no sparse layer, so they leave pruned layers as they are.
+    sources = (nn.Linear, SparseLinear) if scheme in SPARSE_SCHEMES else (nn.Linear,)
 
     def chosen(module: nn.Module, fqn: str) -> bool:
-        if not isinstance(module, (nn.Linear, *converted_types)) or _skipped(fqn, skip):
+        if not isinstance(module, (*sources, *converted_types)) or _skipped(fqn, skip):
             return False
         if filter_fn is not None and not filter_fn(module, fqn):
             return False
@@ -187,7 +199,9 @@ def convert(
             )
         return True
 
-    def build(fqn: str, linear: nn.Linear, pending: dict) -> nn.Module:
+    def build(fqn: str, linear: nn.Module, pending: dict) -> nn.Module:
+        if isinstance(linear, SparseLinear):
+            return SparseInt8Linear.from_sparse(linear, weight_only=scheme == "int8_weight_only")
         if fqn in pending:
             from memkern.nn.smoothed import SmoothedInt8Linear
 
@@ -199,6 +213,12 @@ def convert(
     def smoothing(layers: dict[str, nn.Module]) -> dict:
         if smooth is None:
             return {}
+        pruned = [name for name, layer in layers.items() if isinstance(layer, SparseLinear)]
+        if pruned:
+            raise ValueError(
+                f"convert: smooth applies to nn.Linear layers; {pruned[0]!r} is a SparseLinear "
+                "(exclude the pruned layers with skip or filter_fn to smooth the others)"
+            )
         from memkern.smoothquant import smooth as smooth_model
 
         return smooth_model(model, calibration, smooth, layers=layers).pending
@@ -208,7 +228,7 @@ def convert(
 
     candidates = find_layers(
         model,
-        lambda m: isinstance(m, (nn.Linear, *converted_types)),
+        lambda m: isinstance(m, (*sources, *converted_types)),
         descend=lambda m: not isinstance(m, _READ_BY_PARENT),
     )
     layers = chosen_layers("convert", candidates, chosen)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable, Iterable
@@ -57,6 +58,9 @@ class Case:
     """``fwd`` or ``fwd+bwd``."""
     devices: tuple[str, ...] = ("cpu", "cuda")
     work: Work | None = None
+    interleaved: bool = False
+    """On the CPU, time the providers in turns (one call each per round) instead of one
+    after the other, so drifts of the shared machine's speed fall on all of them alike."""
 
     @property
     def id(self) -> str:
@@ -136,6 +140,34 @@ def measure(case: Case, provider: Provider, device: str, *, quick: bool, memory:
     return Measurement(case, provider.name, device, t, peak)
 
 
+def measure_interleaved(case: Case, device: str, *, quick: bool, memory: bool = True) -> list[Measurement]:
+    """Every provider of ``case`` timed in turns on the CPU (rounds of one call each, the
+    order rotated per round), then each one's peak memory as :func:`measure` takes it."""
+    samples: dict[str, list[float]] = {p.name: [] for p in case.providers}
+    try:
+        inputs = case.make_inputs(torch.device(device))
+        fns = {p.name: p.build(inputs) for p in case.providers}
+        for fn in fns.values():  # warm-up
+            fn(), fn()
+        names, start, rounds = list(fns), time.perf_counter(), 0
+        while rounds < 5 or (time.perf_counter() - start < (0.2 if quick else 1.0) * len(names) and rounds < 200):
+            for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+        del fns, inputs
+    except Exception as exc:  # reported, not fatal to the run (as measure does)
+        error = f"{type(exc).__name__}: {exc}"
+        return [Measurement(case, name, device, (float("nan"),) * 3, None, error) for name in samples]
+    _measure.release_freed_memory()
+    out = []
+    for name, times in samples.items():
+        peak = peak_cpu_in_subprocess(case, name, quick) if memory else None
+        out.append(Measurement(case, name, device, _measure._quantiles(times), peak))
+    return out
+
+
 def run(
     cases: Iterable[Case],
     device: str,
@@ -151,10 +183,17 @@ def run(
     results: list[Measurement] = []
 
     def one(case: Case, provider: Provider) -> None:
-        m = measure(case, provider, device, quick=quick, memory=memory)
-        results.append(m)
-        if on_result is not None:
-            on_result(m)
+        if case.interleaved and device == "cpu":
+            # The whole case at its first provider, the others' rows with it.
+            if provider is not case.providers[0]:
+                return
+            ms = measure_interleaved(case, device, quick=quick, memory=memory)
+        else:
+            ms = [measure(case, provider, device, quick=quick, memory=memory)]
+        for m in ms:
+            results.append(m)
+            if on_result is not None:
+                on_result(m)
 
     bar = _progress_bar() if progress else None
     if bar is None:

@@ -275,6 +275,25 @@ def _densify(model: nn.Module) -> nn.Module:
     return model
 
 
+def quantised_stage(pruned: nn.Module, scheme: str) -> tuple[nn.Module, str]:
+    """A quantised copy of the pruned model, and the stage's note. The int8 schemes keep
+    every saving: each SparseLinear becomes a SparseInt8Linear (kept weights in int8, the
+    index as it was, nothing densified). fp16 has no sparse layer, so the pruned layers are
+    densified first (their zeros kept) and converted as dense layers."""
+    from memkern.convert import SPARSE_SCHEMES
+    from memkern.nn import SparseInt8Linear
+
+    source = copy.deepcopy(pruned) if scheme in SPARSE_SCHEMES else _densify(pruned)
+    converted = memkern.convert(source, scheme=scheme)
+    note = f"memkern.convert scheme={scheme}"
+    sparse = sum(isinstance(m, SparseInt8Linear) for m in converted.modules())
+    if sparse:
+        note += f"; {sparse} pruned layers kept sparse as SparseInt8Linear"
+    elif scheme not in SPARSE_SCHEMES:
+        note += "; pruned layers densified first (no sparse fp16 layer)"
+    return converted, note
+
+
 def _pruned_positions(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: sparse.to_dense() == 0 for name, sparse in _sparse_linears(model)}
 
@@ -408,12 +427,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         f"are still zero after {cfg.finetune_steps} fine-tuning steps",
     )
 
-    # 4. quantise the pruned model (its zeros survive as int8 zeros)
+    # 4. quantise the pruned model, keeping its sparsity where memkern has the layer for it
     for scheme in ("int8", "fp16"):
-        converted = memkern.convert(_densify(pruned), scheme=scheme)
+        converted, note = quantised_stage(pruned, scheme)
         with PeakMemory(cfg.device) as peak:
             _evaluate(converted, val_tokens, token_bytes, cfg)
-        record(f"{scheme} (from pruned)", converted, peak, "inference", f"memkern.convert scheme={scheme}")
+        record(f"{scheme} (from pruned)", converted, peak, "inference", note)
 
     return DemoResult(
         cfg, corpus.source, train_tokens.numel(), val_tokens.numel(), stages, time.perf_counter() - started

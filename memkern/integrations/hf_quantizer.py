@@ -12,8 +12,8 @@ memkern.checkpoint records them) and attach the quantizer below. Then:
   builds each recorded layer in place of its ``nn.Linear`` before the weights load, checks
   that the checkpoint holds every tensor each layer needs, and gives outputs bit-identical
   to the saved model's;
-* pruned models (``SparseLinear``: index tensors and a format record that safetensors
-  cannot store) are refused by ``save_pretrained`` with a ValueError saying to use
+* pruned models (``SparseLinear``, ``SparseInt8Linear``: index tensors whose sizes depend
+  on the mask, and a format record that safetensors cannot store) are refused by ``save_pretrained`` with a ValueError saying to use
   :func:`memkern.save`; models with layers tied by ``share_layers`` are refused by
   transformers itself (shared tensors).
 
@@ -34,6 +34,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from memkern import checkpoint
 
 QUANT_METHOD = "memkern"
+# Layers whose index tensors vary in size with the mask: transformers builds each layer
+# before it reads the checkpoint and refuses tensors of another shape.
+_SPARSE_LAYERS = ("SparseLinear", "SparseInt8Linear")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -98,7 +101,7 @@ class MemkernHfQuantizer(HfQuantizer):
                 settle()
 
     def is_serializable(self) -> bool:
-        pruned = [r["name"] for r in self.quantization_config.layers if r["class"] == "SparseLinear"]
+        pruned = [r["name"] for r in self.quantization_config.layers if r["class"] in _SPARSE_LAYERS]
         if pruned:
             raise ValueError(
                 f"save_pretrained cannot write memkern's pruned layers ({', '.join(pruned[:3])}"

@@ -6,6 +6,7 @@ from memkern.nn.kd_topk import KDLossTopK, LinearKDLossTopK
 from memkern.nn.quantized import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
 from memkern.nn.smoothed import SmoothedInt8Linear
 from memkern.nn.sparse import SparseLinear
+from memkern.nn.sparse_int8 import SparseInt8Linear
 
 __all__ = [
     "Fp16Linear",
@@ -17,5 +18,6 @@ __all__ = [
     "LinearKDLoss",
     "LinearKDLossTopK",
     "SmoothedInt8Linear",
+    "SparseInt8Linear",
     "SparseLinear",
 ]

@@ -8,10 +8,12 @@ from memkern.ops.int8_packing import int8_packed_kernel_native, pack_int8_weight
 from memkern.ops.lowp import fp16_linear, int8_linear, int8_linear_packed, int8_weight_only_linear
 from memkern.ops.quantize import quantize_rowwise
 from memkern.ops.sparse import BlockSparseWeight, Sparse24Weight, masked_matmul
+from memkern.ops.sparse_int8 import block_sparse_int8_linear, sparse24_int8_linear
 
 __all__ = [
     "BlockSparseWeight",
     "Sparse24Weight",
+    "block_sparse_int8_linear",
     "dequantize_int4",
     "fp16_linear",
     "int4_cpu_kernel_simd",
@@ -28,5 +30,6 @@ __all__ = [
     "pack_int8_weight",
     "quantize_int4",
     "quantize_rowwise",
+    "sparse24_int8_linear",
     "unpack_int8_weight",
 ]

@@ -1,0 +1,93 @@
+"""Sparse int8 layers beside the layers they compose: ``nn.Linear`` (float32),
+``SparseLinear`` (pruned, float32), ``Int8Linear`` (dense, W8A8) and ``SparseInt8Linear``
+(pruned, W8A8), at 4096 x 4096 with half of the 64 x 64 blocks kept, for M = 1, 16 and 256
+rows. The providers are timed in turns (``Case.interleaved``), and each provider's name
+carries the bytes of its layer's weights (values, scales, index, bias), since what a
+pruned int8 layer is for is holding fewer of them.
+
+On the 2-core AVX2 machine these rows were first taken on, the C++ kernel runs its portable
+int8 loop (``torch.ops.memkern.sparse_int8_kernel_path()`` says which path a CPU runs);
+the AVX512-VNNI kernel runs where the CPU has it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memkern import prune
+from memkern.benchmarks.harness import Case, Provider, Work
+from memkern.nn import Int8Linear, SparseInt8Linear, SparseLinear
+
+BLOCK = (64, 64)
+SPARSITY = 0.5
+
+
+def _weight_bytes(n: int, k: int) -> dict[str, int]:
+    """Bytes of each layer's weights, by arithmetic (prune.masks keeps exactly the fraction
+    1 - SPARSITY of the blocks)."""
+    n_block_rows, n_block_cols = -(-n // BLOCK[0]), -(-k // BLOCK[1])
+    kept = round(n_block_rows * n_block_cols * (1 - SPARSITY))
+    index = 8 * (n_block_rows + 1 + n_block_cols + 1 + 3 * kept)  # crow, ccol; col, csc_row, csc_block
+    values = kept * BLOCK[0] * BLOCK[1]
+    bias, scales = 4 * n, 4 * n
+    return {
+        "nn.Linear": 4 * n * k + bias,
+        "SparseLinear": 4 * values + index + bias,
+        "Int8Linear": n * k + scales + bias,
+        "SparseInt8Linear": values + scales + index + bias,
+    }
+
+
+def _inputs(m: int, k: int, n: int):
+    def make(device):
+        linear = nn.Linear(k, n, device=device)
+        mask = prune.masks(torch.randn(n, k, device=device), SPARSITY, "block", block=BLOCK)
+        sparse = SparseLinear.from_dense(linear, mask, block=BLOCK)
+        return {
+            "x": torch.randn(m, k, device=device),
+            "nn.Linear": linear,
+            "SparseLinear": sparse,
+            "Int8Linear": Int8Linear.from_linear(linear),
+            "SparseInt8Linear": SparseInt8Linear.from_sparse(sparse),
+        }
+
+    return make
+
+
+def _provider(layer: str, weight_bytes: int) -> Provider:
+    def build(inp):
+        module, x = inp[layer], inp["x"]
+
+        def call():
+            with torch.no_grad():
+                return module(x)
+
+        return call
+
+    owner = "fp32" if layer == "nn.Linear" else "memkern"
+    return Provider(f"{owner} {layer} ({weight_bytes / 2**20:.2f} MiB weights)", build, baseline=layer == "nn.Linear")
+
+
+def cases(quick: bool) -> list[Case]:
+    k = n = 2048 if quick else 4096
+    weight_bytes = _weight_bytes(n, k)
+    out = []
+    for m in (16,) if quick else (1, 16, 256):
+        out.append(
+            Case(
+                "sparse_int8_linear",
+                f"{m}x{k}x{n} block{BLOCK[0]} s{SPARSITY}",
+                torch.float32,
+                _inputs(m, k, n),
+                tuple(_provider(layer, b) for layer, b in weight_bytes.items()),
+                devices=("cpu",),
+                # The pruned int8 layer's least work: its kept products, x read, its weights read, y written.
+                work=Work(
+                    flops=2 * m * k * n * (1 - SPARSITY),
+                    bytes=4 * m * k + weight_bytes["SparseInt8Linear"] + 4 * m * n,
+                ),
+                interleaved=True,
+            )
+        )
+    return out

@@ -1,0 +1,142 @@
+"""Triton kernel of the block-sparse int8 linear layer (memkern/ops/sparse_int8.py).
+
+One program computes a (BM x BN) tile of the output for one block row, visiting only that
+block row's kept blocks, as the float block-sparse forward of kernels/sparse.py does:
+
+* W8A8: x quantised per row by the quantize_rowwise kernel; each kept block adds an
+  int8 x int8 -> int32 tl.dot (int64 past EXACT_CHUNK_K inputs, exact for any K); the
+  epilogue ``acc * (x_scale * w_scale) + bias`` runs in float32 before the one store.
+* W8A16: the int8 block widened to x's dtype in registers (exact), float32 accumulation,
+  ``acc * w_scale + bias``.
+
+Every index into a tensor is computed in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memkern.kernels.int8 import EXACT_CHUNK_K
+from memkern.kernels.quantize import quantize_rowwise
+from memkern.kernels.sparse import _block_m, _mma, _precision
+
+
+@triton.jit
+def _block_sparse_int8_kernel(
+    a_ptr,
+    xs_ptr,
+    v_ptr,
+    crow_ptr,
+    col_ptr,
+    ws_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_ym,
+    stride_yn,
+    stride_vb,
+    stride_vn,
+    stride_vk,
+    HAS_BIAS: tl.constexpr,
+    WEIGHT_ONLY: tl.constexpr,
+    LONG_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_bn = tl.arange(0, BN).to(tl.int64)
+    offs_bk = tl.arange(0, BK).to(tl.int64)
+    offs_n = r * BN + offs_bn
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    start = tl.load(crow_ptr + r)
+    end = tl.load(crow_ptr + r + 1)
+    if WEIGHT_ONLY:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    elif LONG_K:
+        acc = tl.zeros((BM, BN), dtype=tl.int64)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for j in range(start, end):  # kept blocks of block row r only
+        kk = tl.load(col_ptr + j) * BK + offs_bk
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+            mask=m_ok[:, None] & (kk[None, :] < K),
+            other=0,
+        )
+        w = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :] * stride_vk)
+        if WEIGHT_ONLY:
+            # int8 -> x's dtype is exact; through float32, since Triton's interpreter turns a
+            # direct int8 -> bfloat16 cast into garbage (kernels/int8.py).
+            acc += _mma(a, tl.trans(w).to(tl.float32).to(a.dtype), IEEE, UPCAST)
+        elif LONG_K:
+            acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.int64)  # one block: <= 128 products
+        else:
+            acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    if WEIGHT_ONLY:
+        out = acc * ws[None, :]
+    else:
+        xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+        out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        out.to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+def block_sparse_int8_linear(x, values, scales, crow, col, bias, weight_only: bool) -> torch.Tensor:
+    """``x @ (W_q * scales[:, None]).T + bias`` over the kept int8 blocks, in x's dtype."""
+    m, k = x.shape
+    n = scales.shape[0]
+    _, bn, bk = values.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if weight_only:
+        a, x_scale = x, scales  # x_scale is not read
+    else:
+        a, x_scale = quantize_rowwise(x)
+    bm = _block_m(m)
+    _block_sparse_int8_kernel[(triton.cdiv(m, bm), crow.numel() - 1)](
+        a,
+        x_scale,
+        values,
+        crow,
+        col,
+        scales.contiguous(),
+        bias.contiguous() if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        y.stride(0),
+        y.stride(1),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        HAS_BIAS=bias is not None,
+        WEIGHT_ONLY=weight_only,
+        LONG_K=-(-k // bk) * bk > EXACT_CHUNK_K,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        **_precision(x.dtype),
+    )
+    return y
