@@ -13,9 +13,9 @@ memkern.checkpoint records them) and attach the quantizer below. Then:
   that the checkpoint holds every tensor each layer needs, and gives outputs bit-identical
   to the saved model's;
 * pruned models (``SparseLinear``, ``SparseInt8Linear``: index tensors whose sizes depend
-  on the mask, and a format record that safetensors cannot store) are refused by ``save_pretrained`` with a ValueError saying to use
-  :func:`memkern.save`; models with layers tied by ``share_layers`` are refused by
-  transformers itself (shared tensors).
+  on the mask, and a format record that safetensors cannot store) are refused by
+  ``save_pretrained`` with a ValueError saying to use :func:`memkern.save`; models with
+  layers tied by ``share_layers`` are refused by transformers itself (shared tensors).
 
 Without the import, transformers does not know the method, warns "Unknown quantization
 type, got memkern" and would load int8 codes into float layers: import
