@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from memkern.benchmarks import int4, kd, lowp, quantize, sparse
+from memkern.benchmarks import decode, int4, kd, lowp, quantize, sparse
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
@@ -16,6 +16,7 @@ FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "int8_weight_only_linear": lowp.int8_weight_only_linear_cases,
     "fp16_linear": lowp.fp16_linear_cases,
     "int4_weight_only_linear": int4.cases,
+    "decode_linear": decode.cases,
 }
 
 
