@@ -16,8 +16,9 @@
 //
 // Tiles: MR rows of x x NR weight rows (MR x NR ymm accumulators). A tile of NR weight
 // rows is read from memory once, by the first row tile, and stays in L1 for the others;
-// while the first row tile runs, the next weight tile is prefetched, so the weight streams
-// at the rate the hardware prefetcher alone does not reach with 2-4 page-sized streams.
+// while the first row tile runs, the next weight tile is prefetched into L2 (the weight
+// rows are page-sized streams, where hardware prefetchers stop; its effect on its own was
+// not measured on the loaded AVX2 machine, bench/NOTES.md "Decode").
 // Weight tiles are split over threads in contiguous ranges (ATen's parallel_for), so each
 // thread streams one contiguous slab of the weight.
 #pragma once

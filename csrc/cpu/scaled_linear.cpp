@@ -157,6 +157,7 @@ void fused_small_m_linear(const float* x, int64_t M, int64_t K, const w_t* w, in
 // Rows of x up to which the fused kernel runs. Against the widened-block GEMM path below,
 // 4096 x 4096 int8 and fp16 weights, 2 threads (bench/NOTES.md): faster from 1 row (0.36
 // against 0.9-2.4 ms) to 128 (23.3 against 25.0 ms), level at 256, 4% slower at 512.
+// Those are AVX-512 figures; the AVX2 form uses the same limit, not swept on its own.
 constexpr int64_t kFusedRows = 128;
 #ifdef __AVX512F__
 constexpr int kManyRowCols = 4;
