@@ -3,9 +3,10 @@
 //   int8_linear_kernel              W8A8 dynamic: quantise x per row, int8 x int8 -> int32,
 //                                   acc * x_scale * w_scale + bias -> out. With AVX512-VNNI
 //                                   one kernel does all three (the epilogue runs on each
-//                                   tile as it leaves registers); without it, the
-//                                   quantize_rowwise kernel, torch._int_mm (oneDNN) and a
-//                                   fused epilogue pass. Rows longer than kExactChunkK add
+//                                   tile as it leaves registers); with AVX2 but no VNNI,
+//                                   the same in one AVX2 kernel (int8_avx2.h); otherwise
+//                                   the quantize_rowwise kernel, torch._int_mm (oneDNN)
+//                                   and a fused epilogue pass. Rows longer than kExactChunkK add
 //                                   int32 partial sums in int64 (exact for any K).
 //   int8_linear_packed_kernel       the same from the packed weight layout that
 //                                   memkern.nn.Int8Linear keeps on the CPU (vpdpbusd's
