@@ -141,3 +141,56 @@ def peak_cuda(fn: Callable[[], Any]) -> float:
         result = fn()
     del result
     return peak.peak_bytes / MIB
+
+
+# -- decode conditions: last-level cache and DRAM bandwidth (memkern.benchmarks.decode) --
+def llc_bytes() -> int:
+    """Size of the last-level cache of CPU 0, from /sys/devices/system/cpu/cpu0/cache (the
+    highest level listed; 32 MiB if the folder cannot be read)."""
+    import glob
+
+    best_level, best_size = 0, 32 * MIB
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1024, "M": MIB, "G": 1024 * MIB}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        if level > best_level:
+            best_level, best_size = level, size
+    return best_size
+
+
+class LlcEvictor:
+    """Push everything out of the last-level cache by reading a buffer of ``factor`` x its
+    size. The buffer is written once, at construction, and only read afterwards: a written
+    buffer would leave dirty lines whose write-back lands inside the next timed call."""
+
+    def __init__(self, factor: int = 4):
+        self.buffer = torch.ones(factor * llc_bytes() // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
+def dram_read_gbps(threads: int, *, buffer_bytes: int | None = None, reps: int = 9) -> float:
+    """Streaming read bandwidth of this machine in GB/s (1e9 bytes): median over ``reps``
+    sums of a float32 buffer of 8 x the last-level cache (``buffer_bytes`` overrides), on
+    ``threads`` threads. A sum reads each byte once and writes nothing."""
+    buffer = torch.ones((buffer_bytes or 8 * llc_bytes()) // 4, dtype=torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buffer.sum()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            buffer.sum()
+            samples.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return buffer.numel() * 4 / statistics.median(samples) / 1e9

@@ -22,6 +22,7 @@ STAGES = [
     "pruned (2:4 wanda)",
     "int8 (from pruned)",
     "fp16 (from pruned)",
+    "int4 (from distilled)",
 ]
 
 
@@ -36,7 +37,7 @@ def test_report_has_every_stage_with_finite_figures(result):
         assert s.parameters > 0 and s.weight_bytes > 0 and s.peak_mib > 0 and s.tokens_per_s > 0
         assert s.perplexity > 1 and s.perplexity < result.config.vocab_size * 2, s
         assert s.bits_per_byte > 0
-        assert s.peak_of == ("inference" if s.name.startswith(("int8", "fp16")) else "training")
+        assert s.peak_of == ("inference" if s.name.startswith(("int8", "fp16", "int4")) else "training")
 
 
 def test_each_stage_reports_the_footprint_of_its_model(result):
@@ -66,6 +67,19 @@ def test_quantised_stages_stay_within_5_percent_of_the_stage_before(result):
     assert ppl["int8 (from pruned)"] <= 1.05 * ppl["pruned (2:4 wanda)"]
     assert ppl["fp16 (from pruned)"] <= 1.05 * ppl["int8 (from pruned)"]
     assert abs(ppl["int8 (from pruned)"] / ppl["pruned (2:4 wanda)"] - 1) < 0.05
+
+
+def test_int4_stage_stores_4_bit_codes_and_keeps_the_students_perplexity(result):
+    int4, int8 = result.stage("int4 (from distilled)"), result.stage("int8 (from pruned)")
+    layers = [m for m in int4.model.modules() if isinstance(m, memkern.nn.Int4WeightOnlyLinear)]
+    assert layers and all(m.group_size == 32 for m in layers)  # the quick student is 32 wide
+    # Its codes are half a byte a weight: fewer bytes than the int8 model, which also
+    # carries no scales per group.
+    assert int4.weight_bytes_by_dtype.get("uint8", 0) > 0
+    assert int4.weight_bytes < int8.weight_bytes
+    ppl = result.stage("student (distilled)").perplexity
+    assert abs(int4.perplexity / ppl - 1) < 0.05  # 4-bit groups of 32: within 5% of the float32 student
+    assert int4.tokens_per_s > 0 and int4.peak_of == "inference"
 
 
 def test_teacher_and_students_learned_something(result):

@@ -170,7 +170,9 @@ def test_compiled_schemas_are_all_defined_in_memkern_cpp():
     assert not hasattr(torch.ops.memkern, "int8_mm_kernel")
 
 
-@pytest.mark.parametrize("m, k, n", [(131, 4097, 9), (4, 64, 8), (3, 65, 2), (260, 2100, 6)])
+@pytest.mark.parametrize(
+    "m, k, n", [(131, 4097, 9), (4, 64, 8), (3, 65, 2), (260, 2100, 6), (1, 4097, 7), (65, 33, 5), (6, 15, 3)]
+)
 def test_cpu_int8_linear_kernel_blocks_and_edges(m, k, n):
     # The fused C++ kernel walks rows in L2-sized blocks (128 rows of 4 KiB), tiles of 4 x 4,
     # and prefetches the next weight group: row counts past a block and not a multiple of 4,
@@ -178,6 +180,8 @@ def test_cpu_int8_linear_kernel_blocks_and_edges(m, k, n):
     # 127 in every row quantise exactly (scale 1), so with unit weight scales the output is
     # the int32 accumulator rounded once to float32: it must equal the int64 product so
     # rounded. Gaussian activations, scales and a bias must then match the float64 reference.
+    # The AVX2 kernel (no VNNI) adds: one row (1 x 4 tiles), 64-row blocks of x (65 rows),
+    # K below one 16-wide step.
     require_backend("int8_linear", "cpp", torch.randn(1, 1))
     x = torch.randint(-127, 128, (m, k)).float()
     x[:, 0] = 127.0

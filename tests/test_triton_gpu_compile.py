@@ -43,6 +43,11 @@ SPILLS = {
     (80, "_block_sparse_fwd_kernel(block_sparse-fp32-64x64)"): (164, 164),
     (80, "_block_sparse_dx_kernel(block_sparse-fp32-64x64)"): (6348, 8176),
     (80, "_block_sparse_dw_kernel(block_sparse-bf16-128x128)"): (24, 12),  # Triton 3.9: 8/4; 3.6: 24/12
+    # The int4 GEMM's float32 path (64 x 64 x 32 tiles, dequantised on the FMA units), as
+    # Triton 3.9.0 compiled it (the only release measured for it); its halves run on
+    # tensor cores with no spill.
+    (80, "_int4_gemm_kernel(int4_linear-fp32-M64-g128-bias)"): (4112, 5372),
+    (90, "_int4_gemm_kernel(int4_linear-fp32-M64-g128-bias)"): (452, 408),
 }
 
 
@@ -71,6 +76,8 @@ WGMMA_ON_SM90 = {
     "_block_sparse_dw_kernel(block_sparse-bf16-128x128)",
     "_sparse24_fwd_kernel(sparse24-fp16)",
     "_sparse24_fwd_kernel(sparse24-bf16-bias)",
+    "_int4_gemm_kernel(int4_linear-fp16-M64-g128)",
+    "_int4_gemm_kernel(int4_linear-bf16-M64-g32)",
 }
 
 

@@ -62,6 +62,7 @@ KERNEL_MODULES = (
     "memkern.kernels.kd_linear",
     "memkern.kernels.kd_linear_stats",
     "memkern.kernels.int8",
+    "memkern.kernels.int4",
     "memkern.kernels.quantize",
     "memkern.kernels.sparse",
 )
@@ -351,6 +352,28 @@ def _lowp_cases():
             return lambda: int8.scaled_linear(g, w_q.t(), ones, None)
 
 
+def _int4_cases():
+    from memkern.kernels import int4
+
+    n, k = 4096, 4096
+    # M = 1 (decode: the row kernel), M = 64 (the GEMM: fp32 on the FMA units, halves on
+    # tensor cores); groups of 128 (the layer's default) and 32 (the smallest BLOCK_K).
+    for name, m, group, bias in (
+        ("fp32", 1, 128, False),
+        ("bf16", 1, 32, True),
+        ("fp32", 64, 128, True),
+        ("fp16", 64, 128, False),
+        ("bf16", 64, 32, False),
+    ):
+
+        @_case(f"int4_linear-{name}-M{m}-g{group}{'-bias' if bias else ''}")
+        def _(fake, dtype=DTYPES[name], m=m, group=group, bias=bias):
+            x, w_int4 = fake((m, k), dtype), fake((n, k // 2), torch.uint8)
+            scales, zeros = fake((n, k // group)), fake((n, k // group))
+            b = fake((n,), dtype) if bias else None
+            return lambda: int4.int4_weight_only_linear(x, w_int4, scales, zeros, group, b)
+
+
 def _sparse_cases():
     from memkern import prune
     from memkern.kernels import sparse
@@ -398,6 +421,7 @@ def cases() -> list[tuple[str, Callable]]:
     if not _CASES:
         _kd_cases()
         _lowp_cases()
+        _int4_cases()
         _sparse_cases()
     return list(_CASES)
 

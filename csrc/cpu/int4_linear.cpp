@@ -55,6 +55,8 @@ struct Simd {
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F broadcast(float v) { return _mm512_set1_ps(v); }
   static float sum(F v) { return _mm512_reduce_add_ps(v); }
   // kLanes packed bytes, one a 32-bit lane.
   static I load_codes(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -64,6 +66,9 @@ struct Simd {
   }
   static F low(I q, const Table& t) { return _mm512_permutexvar_ps(q, t.values); }
   static F high(I q, const Table& t) { return _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t.values); }
+  // The codes themselves as floats (one_row_tile scales per group).
+  static F code_low(I q) { return _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))); }
+  static F code_high(I q) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 struct Simd {
@@ -79,6 +84,8 @@ struct Simd {
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F broadcast(float v) { return _mm256_set1_ps(v); }
   static float sum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -89,12 +96,10 @@ struct Simd {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
   static Table table(float scale, float zero) { return {_mm256_set1_ps(scale), _mm256_set1_ps(-zero * scale)}; }
-  static F low(I q, const Table& t) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15))), t.scale, t.offset);
-  }
-  static F high(I q, const Table& t) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), t.scale, t.offset);
-  }
+  static F low(I q, const Table& t) { return _mm256_fmadd_ps(code_low(q), t.scale, t.offset); }
+  static F high(I q, const Table& t) { return _mm256_fmadd_ps(code_high(q), t.scale, t.offset); }
+  static F code_low(I q) { return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15))); }
+  static F code_high(I q) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)); }
 };
 #else
 struct Simd {
@@ -109,11 +114,15 @@ struct Simd {
   static F load(const float* p) { return *p; }
   static void store(float* p, F v) { *p = v; }
   static F fma(F a, F b, F c) { return a * b + c; }
+  static F add(F a, F b) { return a + b; }
+  static F broadcast(float v) { return v; }
   static float sum(F v) { return v; }
   static I load_codes(const uint8_t* p) { return *p; }
   static Table table(float scale, float zero) { return {scale, zero}; }
   static F low(I q, const Table& t) { return (static_cast<float>(q & 15u) - t.zero) * t.scale; }
   static F high(I q, const Table& t) { return (static_cast<float>(q >> 4) - t.zero) * t.scale; }
+  static F code_low(I q) { return static_cast<float>(q & 15u); }
+  static F code_high(I q) { return static_cast<float>(q >> 4); }
 };
 #endif
 
@@ -220,6 +229,43 @@ void fused_tile(const Problem& p, int64_t m0, const int64_t* rows, float sums[][
     for (int j = 0; j < NR; ++j) sums[i][j] = Simd::sum(acc[i][j]);
 }
 
+// One row of x (decode) against NR weight rows, with scale and zero applied once per group
+// instead of per weight: sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k), the
+// group's sum of x (xsum) computed once per call. Per kLanes bytes (2 * kLanes weights)
+// that leaves the widening load, the nibble split, two conversions and two FMAs; the low
+// and high nibbles feed separate accumulators, so each chunk's two FMAs are independent.
+// Against fused_tile<1, NR> (bench/NOTES.md, "decode"): its two dequantising FMAs per
+// chunk and one chain through both halves made a single row compute-bound well below the
+// weight's memory rate.
+template <int NR>
+void one_row_tile(const Problem& p, const float* xsum, const int64_t* rows, float sums[]) {
+  typename Simd::F acc[NR];
+  float offset[NR] = {};
+  for (int j = 0; j < NR; ++j) acc[j] = Simd::zero();
+  const uint8_t* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = p.w + rows[j] * p.row_bytes;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    typename Simd::F lo_acc[NR], hi_acc[NR];
+    for (int j = 0; j < NR; ++j) lo_acc[j] = hi_acc[j] = Simd::zero();
+    for_each_chunk<NR>(p, w, g, [&](int64_t c, const uint8_t* const* bytes) __attribute__((always_inline)) {
+      const auto x_lo = Simd::load(p.xs + c * kChunk);
+      const auto x_hi = Simd::load(p.xs + c * kChunk + kLanes);
+      for (int j = 0; j < NR; ++j) {
+        const auto q = Simd::load_codes(bytes[j]);
+        lo_acc[j] = Simd::fma(x_lo, Simd::code_low(q), lo_acc[j]);
+        hi_acc[j] = Simd::fma(x_hi, Simd::code_high(q), hi_acc[j]);
+      }
+    });
+    for (int j = 0; j < NR; ++j) {
+      const int64_t at = rows[j] * p.groups + g;
+      const float scale = p.scales[at];
+      acc[j] = Simd::fma(Simd::add(lo_acc[j], hi_acc[j]), Simd::broadcast(scale), acc[j]);
+      offset[j] += scale * p.zeros[at] * xsum[g];
+    }
+  }
+  for (int j = 0; j < NR; ++j) sums[j] = Simd::sum(acc[j]) - offset[j];
+}
+
 // Tile shapes: MR rows of x against NR weight rows, MR x NR accumulators plus NR
 // dequantised pairs in registers (16 ymm with AVX2, 32 zmm with AVX-512). One row of x
 // takes more weight rows so that several independent accumulators hide the FMA latency.
@@ -253,6 +299,31 @@ void fused_rows(const Problem& p, out_t* out) {
             out[(m0 + i) * p.N + n0 + j] = static_cast<out_t>(v);
           }
       }
+    }
+  });
+}
+
+// M = 1: one_row_tile over tiles of kOneRowCols weight rows, one contiguous range of
+// tiles per thread.
+template <typename out_t>
+void one_row(const Problem& p, out_t* out) {
+  constexpr int NR = kOneRowCols;
+  std::vector<float> xsum(static_cast<size_t>(p.groups), 0.0f);  // zero past K: the split x is
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t c1 = std::min(p.chunks, (g + 1) * p.group_chunks);
+    for (int64_t i = g * p.group_chunks * kChunk; i < c1 * kChunk; ++i) xsum[g] += p.xs[i];
+  }
+  const int64_t tiles = (p.N + NR - 1) / NR;
+  const int64_t grain = std::max<int64_t>(1, (tiles + at::get_num_threads() - 1) / at::get_num_threads());
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NR;
+      int64_t rows[NR];
+      for (int j = 0; j < NR; ++j) rows[j] = std::min(n0 + j, p.N - 1);  // past N: repeat the last row
+      float sums[NR];
+      one_row_tile<NR>(p, xsum.data(), rows, sums);
+      for (int j = 0; j < NR && n0 + j < p.N; ++j)
+        out[n0 + j] = static_cast<out_t>(p.bias ? sums[j] + p.bias[n0 + j] : sums[j]);
     }
   });
 }
@@ -330,7 +401,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
     if (M > kFusedRows) {
       blocked_gemm(p, o);
     } else if (M == 1) {
-      fused_rows<kOneRowCols>(p, o);
+      one_row(p, o);
     } else {
       fused_rows<kTileCols>(p, o);
     }

@@ -3,9 +3,10 @@
 //   int8_linear_kernel              W8A8 dynamic: quantise x per row, int8 x int8 -> int32,
 //                                   acc * x_scale * w_scale + bias -> out. With AVX512-VNNI
 //                                   one kernel does all three (the epilogue runs on each
-//                                   tile as it leaves registers); without it, the
-//                                   quantize_rowwise kernel, torch._int_mm (oneDNN) and a
-//                                   fused epilogue pass. Rows longer than kExactChunkK add
+//                                   tile as it leaves registers); with AVX2 but no VNNI,
+//                                   the same in one AVX2 kernel (int8_avx2.h); otherwise
+//                                   the quantize_rowwise kernel, torch._int_mm (oneDNN)
+//                                   and a fused epilogue pass. Rows longer than kExactChunkK add
 //                                   int32 partial sums in int64 (exact for any K).
 //   int8_linear_packed_kernel       the same from the packed weight layout that
 //                                   memkern.nn.Int8Linear keeps on the CPU (vpdpbusd's
@@ -28,6 +29,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/int8_avx2.h"
 #include "cpu/int8_vnni.h"
 #include "cpu/int8_vnni_packed.h"
 #include "cpu/linear_epilogue.h"
@@ -83,7 +85,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b, bool allow_vnni
   return c;
 }
 
-#ifdef MEMKERN_AVX512_VNNI
+#if defined(MEMKERN_AVX512_VNNI) || defined(MEMKERN_INT8_AVX2)
 // out (M x N, out_dtype) = kernel<x_t, out_t>(x, M, K, x strides, w, N, w_scale, bias, out)
 // for the fused VNNI kernels, dispatched on x's dtype and out_dtype.
 template <typename Kernel>
@@ -159,6 +161,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   // int32, so longer rows take the int64 path below.
   if (K <= kExactChunkK)
     return run_fused_int8(x, w_q.contiguous(), ws, b, N, out_dtype, [](auto... args) { int8_linear_vnni(args...); });
+#elif defined(MEMKERN_INT8_AVX2)
+  // Every M: torch._int_mm has no fast path on such a CPU (int8_avx2.h). int32 sums over
+  // all of K, so longer rows take the int64 path below.
+  if (K <= kExactChunkK)
+    return run_fused_int8(x, w_q.contiguous(), ws, b, N, out_dtype, [](auto... args) { int8_linear_avx2(args...); });
 #endif
   auto [x_q, x_scale] = quantize_rowwise(x);
   const float* xs = x_scale.const_data_ptr<float>();

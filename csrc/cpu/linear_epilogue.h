@@ -24,6 +24,13 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
   return bias->to(at::kFloat).contiguous();
 }
 
+// One output of the W8A8 layers: acc * (row_scale * col_scale) + *bias (bias optional).
+// The scales multiply first (reference.int8_linear says why: overflow).
+inline float epilogue_value(float acc, float row_scale, float col_scale, const float* bias) {
+  const float v = acc * (row_scale * col_scale);
+  return bias ? v + *bias : v;
+}
+
 // out[m, n] = (float)acc[m, n] * (row_scale[m] * col_scale[n]) + bias[n]; each factor is
 // optional (nullptr). acc is row-major with leading dimension lda.
 template <typename acc_t, typename out_t>
@@ -37,11 +44,13 @@ void epilogue_rows(const acc_t* acc, int64_t lda, int64_t rows, int64_t cols, co
       const float rs = row_scale ? row_scale[m] : 1.0f;
       for (int64_t n = 0; n < cols; ++n) {
         float v = static_cast<float>(a[n]);
-        // The scales multiply first (reference.int8_linear says why: overflow).
-        if (row_scale && col_scale) v = v * (rs * col_scale[n]);
-        else if (col_scale) v = v * col_scale[n];
-        else if (row_scale) v = v * rs;
-        if (bias) v = v + bias[n];
+        if (row_scale && col_scale) {
+          v = epilogue_value(v, rs, col_scale[n], bias ? bias + n : nullptr);
+        } else {
+          if (col_scale) v = v * col_scale[n];
+          else if (row_scale) v = v * rs;
+          if (bias) v = v + bias[n];
+        }
         o[n] = static_cast<out_t>(v);
       }
     }

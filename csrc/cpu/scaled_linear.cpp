@@ -17,8 +17,10 @@
 #include <optional>
 #include <type_traits>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
+// The register kernel below: 16 lanes with AVX-512F, 8 with AVX2 + FMA + F16C.
+#define MEMKERN_FUSED_SCALED_LINEAR 1
 #endif
 
 #include "cpu/linear_epilogue.h"
@@ -72,6 +74,49 @@ void fused_dot_tile(const float* x, const w_t* const* w, int64_t K, float sums[]
     for (int j = 0; j < NR; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+#elif defined(MEMKERN_FUSED_SCALED_LINEAR)
+// 8 consecutive weights as float32.
+inline __m256 weights8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+inline __m256 weights8(const at::Half* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+inline __m256 weights8(const at::BFloat16* w) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));  // bf16 is fp32's top half
+}
+
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The AVX2 form of the tile above: 8 lanes, the K % 8 tail in scalar arithmetic.
+template <int MR, int NR, typename w_t>
+void fused_dot_tile(const float* x, const w_t* const* w, int64_t K, float sums[][NR]) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = weights8(w[j] + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float s = sum_lanes(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += x[i * K + t] * static_cast<float>(w[j][t]);
+      sums[i][j] = s;
+    }
+}
+#endif
+
+#ifdef MEMKERN_FUSED_SCALED_LINEAR
 // M <= kFusedRows: weight rows in groups of NR (split across threads); each group meets
 // every row of x, four rows at a time, while it is in L1, so the weight is read from
 // memory once. One row of x takes 8 weight rows per tile so that 8 accumulators hide the
@@ -108,13 +153,17 @@ void fused_small_m_linear(const float* x, int64_t M, int64_t K, const w_t* w, in
     }
   });
 }
-#endif
 
-#ifdef __AVX512F__
 // Rows of x up to which the fused kernel runs. Against the widened-block GEMM path below,
 // 4096 x 4096 int8 and fp16 weights, 2 threads (bench/NOTES.md): faster from 1 row (0.36
 // against 0.9-2.4 ms) to 128 (23.3 against 25.0 ms), level at 256, 4% slower at 512.
+// Those are AVX-512 figures; the AVX2 form uses the same limit, not swept on its own.
 constexpr int64_t kFusedRows = 128;
+#ifdef __AVX512F__
+constexpr int kManyRowCols = 4;
+#else
+constexpr int kManyRowCols = 2;
+#endif
 
 template <typename w_t, typename out_t>
 void fused_small_m(const at::Tensor& xf, int64_t M, int64_t K, const at::Tensor& w, int64_t N, const float* sp,
@@ -123,9 +172,11 @@ void fused_small_m(const at::Tensor& xf, int64_t M, int64_t K, const at::Tensor&
   const w_t* wp = w.const_data_ptr<w_t>();
   out_t* op = out.mutable_data_ptr<out_t>();
   if (M == 1) {
+    // 8 weight rows: 8 independent accumulators (AVX2 too: 8 + 8 of the 16 ymm).
     fused_small_m_linear<8>(xp, M, K, wp, N, sp, bp, op);
   } else {
-    fused_small_m_linear<4>(xp, M, K, wp, N, sp, bp, op);
+    // 4 x 4 accumulators with AVX-512 (32 zmm); 4 x 2 with AVX2, whose 16 ymm would spill.
+    fused_small_m_linear<kManyRowCols>(xp, M, K, wp, N, sp, bp, op);
   }
 }
 #endif
@@ -142,7 +193,7 @@ at::Tensor scaled_linear_cpu(const char* op, const at::Tensor& x, const at::Tens
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const float* sp = col_scale.defined() ? col_scale.const_data_ptr<float>() : nullptr;
 
-#ifdef __AVX512F__
+#ifdef MEMKERN_FUSED_SCALED_LINEAR
   if (M <= kFusedRows && w.stride(1) == 1 && w.stride(0) == K) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_small_m_out", [&] {
       using out_t = scalar_t;

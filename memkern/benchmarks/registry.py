@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from memkern.benchmarks import int4, kd, lowp, quantize, sparse, sparse_int8
+from memkern.benchmarks import decode, int4, kd, lowp, quantize, sparse, sparse_int8
 from memkern.benchmarks.harness import Case
 
 FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
@@ -17,6 +17,7 @@ FAMILIES: dict[str, Callable[[bool], list[Case]]] = {
     "fp16_linear": lowp.fp16_linear_cases,
     "int4_weight_only_linear": int4.cases,
     "sparse_int8_linear": sparse_int8.cases,
+    "decode_linear": decode.cases,
 }
 
 
