@@ -145,7 +145,9 @@ def table(results: dict) -> str:
         m, cond, name = key
         nbytes = next(layer for layer in LAYERS if layer.name == name).weight_bytes(K, N)
         gbps = nbytes / (ms * 1e-3) / 1e9
-        lines.append(f"| {m} | {cond} | {name} | {nbytes / measure.MIB:.2f} | {ms:.3f} | {gbps:.1f} | {gbps / bw:.0%} |")
+        lines.append(
+            f"| {m} | {cond} | {name} | {nbytes / measure.MIB:.2f} | {ms:.3f} | {gbps:.1f} | {gbps / bw:.0%} |"
+        )
     return "\n".join(lines)
 
 
