@@ -11,16 +11,16 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import memkern
-from memkern._replace import find_layers, replace_layers
 from memkern.measure import PeakMemory, pin_malloc_thresholds
 from memkern.demo.corpus import CorpusError, Tokenizer, load_corpus
+from memkern.demo.conversions import int4_group_size, quantised_stage
 from memkern.demo.model import TinyLM
 
 MIB = 2**20
@@ -99,7 +99,7 @@ class Stage:
     weight_bytes_by_dtype: dict[str, int]
     peak_mib: float
     peak_of: str
-    """What the peak was measured over: "training" or "inference"."""
+    """What the peak was measured over: "training", "pruning" or "inference"."""
     val_loss: float
     perplexity: float
     bits_per_byte: float
@@ -249,60 +249,8 @@ def _sparse_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _dense_copy(sparse: nn.Module) -> nn.Linear:
-    dense = nn.Linear(
-        sparse.in_features,
-        sparse.out_features,
-        bias=sparse.bias is not None,
-        device=sparse.values.device,
-        dtype=sparse.values.dtype,
-    )
-    with torch.no_grad():
-        dense.weight.copy_(sparse.to_dense())
-        if sparse.bias is not None:
-            dense.bias.copy_(sparse.bias)
-    return dense
-
-
-def _densify(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with each SparseLinear back as an nn.Linear holding W * M (the
-    pruned zeros stay), so it can be converted to int8 or fp16. Shared blocks stay shared."""
-    from memkern.nn import SparseLinear
-
-    model = copy.deepcopy(model)
-    layers = find_layers(model, lambda module: isinstance(module, SparseLinear))
-    replace_layers("densify", layers, lambda layer: _dense_copy(layer.module))
-    return model
-
-
-def quantised_stage(pruned: nn.Module, scheme: str) -> tuple[nn.Module, str]:
-    """A quantised copy of the pruned model, and the stage's note. The int8 schemes keep
-    every saving: each SparseLinear becomes a SparseInt8Linear (kept weights in int8, the
-    index as it was, nothing densified). fp16 has no sparse layer, so the pruned layers are
-    densified first (their zeros kept) and converted as dense layers."""
-    from memkern.convert import SPARSE_SCHEMES
-    from memkern.nn import SparseInt8Linear
-
-    source = copy.deepcopy(pruned) if scheme in SPARSE_SCHEMES else _densify(pruned)
-    converted = memkern.convert(source, scheme=scheme)
-    note = f"memkern.convert scheme={scheme}"
-    sparse = sum(isinstance(m, SparseInt8Linear) for m in converted.modules())
-    if sparse:
-        note += f"; {sparse} pruned layers kept sparse as SparseInt8Linear"
-    elif scheme not in SPARSE_SCHEMES:
-        note += "; pruned layers densified first (no sparse fp16 layer)"
-    return converted, note
-
-
 def _pruned_positions(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: sparse.to_dense() == 0 for name, sparse in _sparse_linears(model)}
-
-
-def _int4_group_size(in_features: Iterable[int]) -> int:
-    """The largest int4 group (32, 64 or 128 inputs) that divides every layer's input width,
-    so no group straddles a row's end: 32 for the quick demo's 32-wide student."""
-    widths = list(in_features)
-    return next((g for g in (128, 64) if all(k % g == 0 for k in widths)), 32)
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
@@ -412,12 +360,22 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         (note + "; " if note else "") + f"LinearKDLoss alpha={cfg.alpha} T={cfg.temperature}",
     )
 
-    # 3. prune the distilled student with Wanda, then fine-tune with the pruned weights held at 0
+    # 3. prune the distilled student one-shot with Wanda and with SparseGPT (which also updates
+    # the kept weights), side by side; then fine-tune Wanda's with the pruned weights held at 0
     calibration = [batches(3).next()[0] for _ in range(4)]
     pattern = {"2:4": "n:m", "block": "block"}[cfg.prune_pattern]
-    pruned = copy.deepcopy(student)
+    one_shot: dict[str, nn.Module] = {}
+    reports = {}
+    for method in ("wanda", "sparsegpt"):
+        one_shot[method] = copy.deepcopy(student)
+        with PeakMemory(cfg.device) as peak:
+            reports[method] = memkern.prune.prune_model(
+                one_shot[method], cfg.sparsity, pattern, method=method, calibration=calibration
+            )
+        name = f"pruned one-shot ({cfg.prune_pattern} {method})"
+        record(name, one_shot[method], peak, "pruning", str(reports[method]))
+    pruned = copy.deepcopy(one_shot["wanda"])
     with PeakMemory(cfg.device) as peak:
-        report = memkern.prune.prune_model(pruned, cfg.sparsity, pattern, method="wanda", calibration=calibration)
         zero_before = _pruned_positions(pruned)
         _train(pruned, cfg.finetune_steps, batches(4), ce_loss(pruned), cfg.lr / 3, "fine-tune (pruned)", cfg.progress)
     revived = [name for name, sparse in _sparse_linears(pruned) if (sparse.to_dense()[zero_before[name]] != 0).any()]
@@ -430,7 +388,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         pruned,
         peak,
         "training",
-        f"{report}; {zeros / total:.1%} of the pruned layers' weights were zero before and "
+        f"{reports['wanda']}; {zeros / total:.1%} of the pruned layers' weights were zero before and "
         f"are still zero after {cfg.finetune_steps} fine-tuning steps",
     )
 
@@ -444,7 +402,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     # 5. 4-bit weights for the distilled student (W4A16, no pruning: group-wise 4-bit codes
     # cannot hold 2:4 zeros for free)
     def int4_stage() -> None:
-        group = _int4_group_size(m.in_features for m in student.modules() if isinstance(m, nn.Linear))
+        group = int4_group_size(m.in_features for m in student.modules() if isinstance(m, nn.Linear))
         converted = memkern.convert(copy.deepcopy(student), scheme="int4_weight_only", group_size=group)
         with PeakMemory(cfg.device) as peak:
             _evaluate(converted, val_tokens, token_bytes, cfg)
