@@ -10,8 +10,50 @@ from memkern.kd_options import check_extras
 from memkern.ops import kd as _kd
 
 
-class _KDLossBase(nn.Module):
-    """Holds the options of a distillation loss, checked once at construction."""
+class _CoreKDLossBase(nn.Module):
+    """Holds the options every distillation loss takes, checked once at construction."""
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        soft_loss_scale: str = "t2",
+    ) -> None:
+        super().__init__()
+        # Whether labels come is only known per call; the op checks alpha == 0 without them.
+        _kd.check_options(
+            type(self).__name__,
+            has_labels=True,
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            soft_loss_scale=soft_loss_scale,
+        )
+        self.options = dict(
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            soft_loss_scale=soft_loss_scale,
+        )
+
+    def extra_repr(self) -> str:
+        # the options left at their defaults (None, False) are not listed
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None and v is not False)
+
+
+class _KDLossBase(_CoreKDLossBase):
+    """The options of :func:`memkern.ops.kd_loss` and :func:`memkern.ops.linear_kd_loss`:
+    the core ones and the logit transforms, shared vocabulary, chunk size and terms."""
 
     def __init__(
         self,
@@ -30,19 +72,7 @@ class _KDLossBase(nn.Module):
         chunk_size: int | None = None,
         return_components: bool = False,
     ) -> None:
-        super().__init__()
-        # Whether labels come is only known per call; the op checks alpha == 0 without them.
-        _kd.check_options(
-            type(self).__name__,
-            has_labels=True,
-            alpha=alpha,
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            soft_loss_scale=soft_loss_scale,
-        )
+        super().__init__(alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)
         extras = dict(
             student_logit_scale=student_logit_scale,
             teacher_logit_scale=teacher_logit_scale,
@@ -53,20 +83,7 @@ class _KDLossBase(nn.Module):
             return_components=return_components,
         )
         check_extras(type(self).__name__, **extras)
-        self.options = dict(
-            alpha=alpha,
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            soft_loss_scale=soft_loss_scale,
-            **extras,
-        )
-
-    def extra_repr(self) -> str:
-        # the options left at their defaults (None, False) are not listed
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None and v is not False)
+        self.options.update(extras)
 
 
 class KDLoss(_KDLossBase):

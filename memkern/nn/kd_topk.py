@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from memkern.nn.kd import _KDLossBase
+from memkern.nn.kd import _CoreKDLossBase
 from memkern.ops import kd_topk as _kd_topk
 
 
-class KDLossTopK(_KDLossBase):
+class KDLossTopK(_CoreKDLossBase):
     """Distillation of student logits from a teacher's top-k log-probabilities over k + 1
     buckets; see :func:`memkern.ops.kd_loss_topk` for the semantics and every argument."""
 
@@ -24,7 +24,7 @@ class KDLossTopK(_KDLossBase):
         )
 
 
-class LinearKDLossTopK(_KDLossBase):
+class LinearKDLossTopK(_CoreKDLossBase):
     """:class:`KDLossTopK` with the student's lm_head fused in (no rows x vocab tensor); see
     :func:`memkern.ops.linear_kd_loss_topk`. Holds no parameters: pass the head's weight (and
     bias) to ``forward``, e.g. ``student.lm_head.weight``."""
