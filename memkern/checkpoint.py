@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from memkern.layer_records import build_layer, dtype_name, layer_record, layer_types, tensor_spec
+
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "memkern.json"
 MANIFEST_FORMAT = "memkern-checkpoint"
@@ -46,107 +48,8 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)
-
-
-def _spec(t: torch.Tensor) -> dict[str, Any]:
-    return {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
-
-
 def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-
-
-# -- memkern layers: what the manifest records to rebuild each one --------------------------
-# The records are shared with memkern.integrations.hf_quantizer (transformers' from_pretrained).
-def layer_types() -> dict[str, type[nn.Module]]:
-    """Every memkern layer a checkpoint can hold, by class name."""
-    from memkern.nn import (
-        Fp16Linear,
-        Int4WeightOnlyLinear,
-        Int8Linear,
-        Int8WeightOnlyLinear,
-        SparseInt8Linear,
-        SparseLinear,
-    )
-    from memkern.nn.smoothed import SmoothedInt8Linear
-
-    classes = (
-        Int8Linear,
-        Int8WeightOnlyLinear,
-        SmoothedInt8Linear,
-        Fp16Linear,
-        Int4WeightOnlyLinear,
-        SparseLinear,
-        SparseInt8Linear,
-    )
-    return {cls.__name__: cls for cls in classes}
-
-
-def layer_record(name: str, layer: nn.Module, tied: list[str] | None = None) -> dict[str, Any]:
-    """What rebuilds ``layer`` (class, constructor settings) and what it holds (tensor
-    shapes and dtypes), as JSON data."""
-    from memkern.nn import Fp16Linear, Int4WeightOnlyLinear, SparseInt8Linear, SparseLinear
-
-    config: dict[str, Any] = {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "bias": layer.bias is not None,
-    }
-    if isinstance(layer, SparseLinear):
-        scheme, fmt = "sparse", layer.format
-        config.update(format=layer.format, block=list(layer.block), dtype=_dtype_name(layer.values.dtype))
-    elif isinstance(layer, SparseInt8Linear):
-        scheme, fmt = layer.scheme.split()[0], layer.format
-        config.update(format=layer.format, block=list(layer.block), weight_only=layer.weight_only)
-        config["bias_dtype"] = None if layer.bias is None else _dtype_name(layer.bias.dtype)
-    else:
-        scheme, fmt = layer.scheme.split()[0], _dtype_name(layer.weight.dtype)
-        config["bias_dtype"] = None if layer.bias is None else _dtype_name(layer.bias.dtype)
-        if isinstance(layer, Fp16Linear):
-            config["weight_dtype"] = _dtype_name(layer.weight.dtype)
-        if isinstance(layer, Int4WeightOnlyLinear):
-            config["group_size"] = layer.group_size
-    tensors = {k: _spec(v) for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {
-        "name": name,
-        "class": type(layer).__name__,
-        "scheme": scheme,
-        "format": fmt,
-        "config": config,
-        "tensors": tensors,
-        "tied": list(tied or []),
-    }
-
-
-def build_layer(record: dict[str, Any], device: torch.device | str) -> nn.Module:
-    """An empty layer of ``record`` (from :func:`layer_record`) on ``device``, ready to
-    load its tensors."""
-    cls = layer_types()[record["class"]]
-    c = dict(record["config"])
-    args = (c.pop("in_features"), c.pop("out_features"), c.pop("bias"))
-    if record["class"] == "SparseLinear":
-        return cls(*args, format=c["format"], block=tuple(c["block"]), dtype=_dtype(c["dtype"]), device=device)
-    if record["class"] == "SparseInt8Linear":
-        return cls(
-            *args,
-            format=c["format"],
-            block=tuple(c["block"]),
-            weight_only=c["weight_only"],
-            bias_dtype=_dtype(c["bias_dtype"]),
-            device=device,
-        )
-    kwargs = {"bias_dtype": _dtype(c["bias_dtype"])}
-    if "weight_dtype" in c:
-        kwargs["weight_dtype"] = _dtype(c["weight_dtype"])
-    if "group_size" in c:
-        kwargs["group_size"] = c["group_size"]
-    return cls(*args, device=device, **kwargs)
 
 
 # -- save ----------------------------------------------------------------------------------
@@ -235,7 +138,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         "tied_modules": list(groups.values()),
         "aliases": aliases,
         "extra_states": extra_states,
-        "tensors": {k: {**_spec(t), "sha256": _sha256(t)} for k, t in tensors.items()},
+        "tensors": {k: {**tensor_spec(t), "sha256": _sha256(t)} for k, t in tensors.items()},
     }
     os.makedirs(directory, exist_ok=True)
     # Write beside, then rename: an interrupted save never leaves a half-written file under the real name.
@@ -357,8 +260,8 @@ def _compare(model: nn.Module, state: dict[str, Any]) -> None:
         if isinstance(value, torch.Tensor) and (value.shape != incoming.shape or value.dtype != incoming.dtype):
             raise ValueError(
                 f"memkern.load: tensor {key!r} has shape {tuple(incoming.shape)} dtype "
-                f"{_dtype_name(incoming.dtype)} in the checkpoint but shape {tuple(value.shape)} "
-                f"dtype {_dtype_name(value.dtype)} in the model"
+                f"{dtype_name(incoming.dtype)} in the checkpoint but shape {tuple(value.shape)} "
+                f"dtype {dtype_name(value.dtype)} in the model"
             )
 
 

@@ -3,7 +3,7 @@
 ``memkern.convert`` and ``memkern.prune.prune_model`` on a transformers model record the
 memkern layers in ``model.config.quantization_config`` (``quant_method: "memkern"``, one
 entry per layer: class, constructor settings, tensor shapes and dtypes, as
-memkern.checkpoint records them) and attach the quantizer below. Then:
+memkern.layer_records writes them) and attach the quantizer below. Then:
 
 * ``model.save_pretrained(d)`` writes config.json with that record and the layers' tensors
   (int8 / uint8 codes, float32 scales) as they are;
@@ -31,7 +31,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from memkern import checkpoint
+from memkern import layer_records
 
 QUANT_METHOD = "memkern"
 # Layers whose index tensors vary in size with the mask: transformers builds each layer
@@ -52,10 +52,10 @@ class MemkernQuantizationConfig(QuantizationConfigMixin):
                     f"memkern quantization_config: each entry of layers must be a layer record with "
                     f"name, class, config and tensors; got {record!r}"
                 )
-            if record["class"] not in checkpoint.layer_types():
+            if record["class"] not in layer_records.layer_types():
                 raise ValueError(
                     f"memkern quantization_config: layer {record['name']!r} has class {record['class']!r}; "
-                    f"known: {', '.join(checkpoint.layer_types())}"
+                    f"known: {', '.join(layer_records.layer_types())}"
                 )
 
 
@@ -82,7 +82,7 @@ class MemkernHfQuantizer(HfQuantizer):
                     f"{type(current).__name__ if current is not None else 'no module'} there"
                 )
             device = current.weight.device
-            setattr(parent, attr, checkpoint.build_layer(record, device))
+            setattr(parent, attr, layer_records.build_layer(record, device))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for record in self.quantization_config.layers:
@@ -125,8 +125,8 @@ class MemkernHfQuantizer(HfQuantizer):
 def attach(model: nn.Module) -> None:
     """Record ``model``'s memkern layers in its config and attach the quantizer (or remove
     both when it holds none)."""
-    types = tuple(checkpoint.layer_types().values())
-    records = [checkpoint.layer_record(name, m) for name, m in model.named_modules() if type(m) in types]
+    types = tuple(layer_records.layer_types().values())
+    records = [layer_records.layer_record(name, m) for name, m in model.named_modules() if type(m) in types]
     if not records:
         if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == QUANT_METHOD:
             del model.config.quantization_config
