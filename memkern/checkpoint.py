@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from memkern.layer_records import build_layer, dtype_name, layer_record, layer_types, tensor_spec
+from memkern.layer_records import (
+    build_layer,
+    dtype_name,
+    layer_record,
+    layer_types,
+    record_for_transformers,
+    tensor_spec,
+)
 
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "memkern.json"
@@ -352,7 +359,5 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
             source, source_attr = _owner_and_attr(model, canonical)
             if owner is not source or attr != source_attr:
                 setattr(owner, attr, getattr(source, source_attr))
-    from memkern.integrations import record_for_transformers
-
     record_for_transformers(model)
     return model

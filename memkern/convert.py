@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from memkern._replace import chosen_layers, find_layers, replace_layers
-from memkern.integrations import record_for_transformers
+from memkern.layer_records import record_for_transformers
 from memkern._validate import dtype_name
 
 
