@@ -1,9 +1,11 @@
 """Replacing layers of a model, as ``convert`` and ``prune_model`` do: a layer shared under
 several names (``share_layers``, tied weights) is replaced once and stays shared, and a
-layer that cannot be replaced leaves the whole model as it was."""
+layer that cannot be replaced leaves the whole model as it was. After a change, a
+transformers model gets its memkern layers recorded in its config (record_for_transformers)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
@@ -105,3 +107,19 @@ def replace_layers(op: str, layers: list[Layer], build: Callable[[Layer], nn.Mod
         for parent, attr in layer.slots:
             setattr(parent, attr, replacement)
     return built
+
+
+def record_for_transformers(model: nn.Module) -> None:
+    """After memkern changed ``model``'s layers (convert, prune_model, memkern.load): if it is a
+    transformers model, record its memkern layers in its config so transformers'
+    save_pretrained / from_pretrained handle them (memkern/integrations/hf_quantizer.py).
+    The one place the model tools reach into integrations/, lazily: a model can only be a
+    transformers model if transformers is already imported, so other models cost nothing
+    and ``import memkern`` still needs no transformers."""
+    transformers = sys.modules.get("transformers")
+    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
+    if pretrained is None or not isinstance(model, pretrained):
+        return
+    from memkern.integrations import hf_quantizer
+
+    hf_quantizer.attach(model)

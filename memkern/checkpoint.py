@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from memkern._replace import record_for_transformers
 from memkern.layer_records import (
     build_layer,
     dtype_name,
     layer_record,
     layer_types,
-    record_for_transformers,
     tensor_spec,
 )
 

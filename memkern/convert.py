@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from memkern._replace import chosen_layers, find_layers, replace_layers
-from memkern.layer_records import record_for_transformers
+from memkern._replace import chosen_layers, find_layers, record_for_transformers, replace_layers
 from memkern._validate import dtype_name
 
 

@@ -5,7 +5,6 @@ memkern.integrations.hf_quantizer into a transformers config."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -107,19 +106,3 @@ def build_layer(record: dict[str, Any], device: torch.device | str) -> nn.Module
     if "group_size" in c:
         kwargs["group_size"] = c["group_size"]
     return cls(*args, device=device, **kwargs)
-
-
-def record_for_transformers(model: nn.Module) -> None:
-    """After memkern changed ``model``'s layers (convert, prune_model, load): if it is a
-    transformers model, record its memkern layers in its config so transformers'
-    save_pretrained / from_pretrained handle them (memkern/integrations/hf_quantizer.py).
-    The one place the model tools reach into integrations/, lazily: a model can only be a
-    transformers model if transformers is already imported, so other models cost nothing
-    and ``import memkern`` still needs no transformers."""
-    transformers = sys.modules.get("transformers")
-    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
-    if pretrained is None or not isinstance(model, pretrained):
-        return
-    from memkern.integrations import hf_quantizer
-
-    hf_quantizer.attach(model)

@@ -13,8 +13,7 @@ from torch import nn
 
 from memkern import _validate, sparsegpt
 from memkern._pruning import PATTERNS, call_model, check_pattern, check_sparsity, lowest, lowest_blocks
-from memkern._replace import Layer, chosen_layers, find_layers, replace_layers
-from memkern.layer_records import record_for_transformers
+from memkern._replace import Layer, chosen_layers, find_layers, record_for_transformers, replace_layers
 from memkern.convert import memory_footprint
 
 __all__ = ["PATTERNS", "METHODS", "PruneReport", "activation_norms", "masks", "prune_model"]
