@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, _validate, backends, reference_topk
-from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range, kept_rows, mean_scale
-from memkern.kernels.kd_chunks import accumulate_fp32, chunk_logits, chunk_rows
+from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range, mean_scale
+from memkern.kernels.kd_chunks import linear_chunk_loop
 from memkern.ops._autograd import refuse_double_backward
 from memkern.ops.kd_ops import _NOT_TWICE, _no_zero_gradients, _reduce, _rows_2d, _row_weights, scale_saved_gradients
 
@@ -187,41 +187,21 @@ _autocast.register("kd_loss_topk")  # logits go in as they are; statistics in fl
 # -- fused-linear form: the chunk loop ---------------------------------------------------------
 def linear_topk_chunks(rows_impl, hs, ws, bs, lp, idx, labels, opts: KDOptions, *, row_scale, grad_scale, want_grad):
     """Loss per row and, when ``want_grad``, the gradients of sum_i w_i l_i (w_i = grad_scale *
-    row_scale[i]) with respect to hs, ws and bs: memkern.kernels.kd_chunks.linear_chunks with
-    the teacher's (rows, k) buckets in place of its logits. Ignored rows stay out of every
+    row_scale[i]) with respect to hs, ws and bs: memkern.kernels.kd_chunks.linear_chunk_loop
+    with the teacher's (rows, k) buckets in place of its logits. Ignored rows stay out of every
     matmul; one chunk of student logits exists at a time, overwritten with its gradient."""
-    rows, vocab = hs.shape[0], ws.shape[0]
-    acc = acc_dtype(hs.dtype)
-    kept = kept_rows(labels, opts)
-    n_kept = rows if kept is None else kept.numel()
-    new = torch.empty if kept is None else torch.zeros  # ignored rows: loss 0, gradient 0
-    loss = new(rows, dtype=acc, device=hs.device)
-    grad_h = new(hs.shape, dtype=hs.dtype, device=hs.device) if want_grad else None
-    grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if want_grad else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=ws.device) if want_grad and bs is not None else None
     none = hs.new_empty(0)
-    step = chunk_rows(max(n_kept, 1), vocab, hs.device)
-    for start in range(0, n_kept, step):
-        if kept is None:
-            sel = slice(start, min(rows, start + step))
-            take = lambda x, sel=sel: x[sel] if x is not None else None  # noqa: E731
-        else:
-            sel = kept[start : start + step]
-            take = lambda x, sel=sel: x.index_select(0, sel) if x is not None else None  # noqa: E731
-        h = take(hs)
-        s = chunk_logits(h, ws, bs)
-        loss[sel] = rows_impl(
-            s, take(lp), take(idx), take(labels), take(row_scale), s if want_grad else none, opts, grad_scale
+
+    def rows_fn(s, _no_teacher_logits, take):
+        return (
+            rows_impl(
+                s, take(lp), take(idx), take(labels), take(row_scale), s if want_grad else none, opts, grad_scale
+            ),
         )
-        if want_grad:
-            gh = chunk_logits(s, ws.t(), None)  # d loss / d h = d loss / d logits @ W
-            if kept is None:
-                grad_h[sel] = gh
-            else:
-                grad_h.index_copy_(0, sel, gh)
-            accumulate_fp32(grad_w, s.t(), h)
-            if grad_b is not None:
-                grad_b += s.sum(0, dtype=acc)
+
+    (loss,), grad_h, grad_w, grad_b = linear_chunk_loop(
+        rows_fn, 1, hs, ws, bs, None, None, None, labels, opts, want_grad
+    )
     return loss, grad_h, grad_w, grad_b
 
 
