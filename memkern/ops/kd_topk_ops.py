@@ -11,8 +11,15 @@ import torch
 from memkern import _autocast, _validate, backends, reference_topk
 from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range, mean_scale
 from memkern.kernels.kd_chunks import linear_chunk_loop
-from memkern.ops._autograd import refuse_double_backward
-from memkern.ops.kd_ops import _NOT_TWICE, _no_zero_gradients, _reduce, _rows_2d, _row_weights, scale_saved_gradients
+from memkern.ops.kd_autograd import (
+    linear_forward_fake,
+    logits_forward_fake,
+    parameter_grads,
+    parameter_grads_fake,
+    register_linear_autograd,
+    register_logits_autograd,
+)
+from memkern.ops.kd_ops import _reduce, _rows_2d, _row_weights
 
 
 def logprob_tolerance(dtype: torch.dtype) -> float:
@@ -158,29 +165,11 @@ kd_loss_topk_op = torch.library.custom_op("memkern::kd_loss_topk", mutates_args=
 
 
 @kd_loss_topk_op.register_fake
-def _kd_loss_topk_fake(student, lp, idx, labels, alpha, temperature, divergence, beta, ignore_index, reduction, *rest):
-    compute_grad = rest[-1]
-    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=acc_dtype(student.dtype))
-    return loss, student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+def _kd_loss_topk_fake(student, *args):
+    return logits_forward_fake(student, reduction=args[-3], compute_grad=args[-1])
 
 
-def _kd_topk_setup_context(ctx, inputs, output):
-    ctx.reduction, ctx.compute_grad = inputs[9], inputs[11]
-    ctx.save_for_backward(output[1])
-    _no_zero_gradients(ctx, output[1:])
-
-
-def _kd_topk_backward(ctx, grad_loss, _grad_of_grad):
-    (g,) = ctx.saved_tensors
-    if not ctx.compute_grad or grad_loss is None:
-        return (None,) * 12
-    per_row = ctx.reduction == "none"
-    (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
-    (g,) = refuse_double_backward("kd_loss_topk", _NOT_TWICE, g)
-    return (g,) + (None,) * 11
-
-
-backends.register_autograd(kd_loss_topk_op, _kd_topk_backward, setup_context=_kd_topk_setup_context)
+register_logits_autograd(kd_loss_topk_op, "kd_loss_topk", n_inputs=12, reduction_at=9)
 _autocast.register("kd_loss_topk")  # logits go in as they are; statistics in float32
 
 
@@ -240,11 +229,6 @@ _linear.register("triton", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("trito
 
 
 # -- operators: fused-linear form ---------------------------------------------------------------
-def _grads_out(hs, ws, bs, gh, gw, gb):
-    """Gradients in the parameters' dtypes (accumulated in fp32 or fp64 before)."""
-    return gh, gw.to(ws.dtype), gb.to(bs.dtype) if gb is not None else hs.new_empty(0)
-
-
 def _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index):
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     lp, idx, y = _kernel_inputs(
@@ -290,7 +274,7 @@ def linear_kd_loss_topk_body(
     empty = hs.new_empty(0)
     if not want_grad:
         return loss, empty, empty.clone(), empty.clone()
-    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
     return loss, gh.view(student_hidden.shape), gw, gb
 
 
@@ -300,14 +284,8 @@ linear_kd_loss_topk_op = torch.library.custom_op("memkern::linear_kd_loss_topk",
 
 
 @linear_kd_loss_topk_op.register_fake
-def _linear_fake(hs, ws, bs, lp, idx, labels, alpha, temperature, divergence, beta, ignore_index, reduction, *rest):
-    compute_grad = rest[-1]
-    loss = hs.new_empty(hs.shape[:-1] if reduction == "none" else (), dtype=acc_dtype(hs.dtype))
-    empty = hs.new_empty(0)
-    if not (compute_grad and reduction != "none"):
-        return loss, empty, empty.clone(), empty.clone()
-    gb = bs.new_empty(bs.shape) if bs is not None else empty.clone()
-    return loss, hs.new_empty(hs.shape), ws.new_empty(ws.shape), gb
+def _linear_fake(hs, ws, bs, *args):
+    return linear_forward_fake(hs, ws, bs, reduction=args[-3], compute_grad=args[-1])
 
 
 @torch.library.custom_op("memkern::linear_kd_loss_topk_backward", mutates_args=())
@@ -334,54 +312,16 @@ def linear_kd_loss_topk_backward_op(
     )
     row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
     _, gh, gw, gb = _linear(hs, student_weight, student_bias, lp, idx, y, opts, row_scale, 1.0, True)
-    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
     return gh.view(student_hidden.shape), gw, gb
 
 
 @linear_kd_loss_topk_backward_op.register_fake
 def _linear_backward_fake(grad_rows, hs, ws, bs, *rest):
-    gb = bs.new_empty(bs.shape) if bs is not None else hs.new_empty(0)
-    return hs.new_empty(hs.shape), ws.new_empty(ws.shape), gb
+    return parameter_grads_fake(hs, ws, bs)
 
 
-_LINEAR_OPT_NAMES = (
-    "alpha",
-    "temperature",
-    "divergence",
-    "beta",
-    "ignore_index",
-    "reduction",
-    "kd_scale",
-    "compute_grad",
-)
-
-
-def _linear_setup_context(ctx, inputs, output):
-    ctx.opts = dict(zip(_LINEAR_OPT_NAMES, inputs[6:]))
-    ctx.has_bias = inputs[2] is not None
-    _no_zero_gradients(ctx, output[1:])
-    if not ctx.opts["compute_grad"]:
-        return
-    if ctx.opts["reduction"] == "none":
-        ctx.save_for_backward(*inputs[:6])
-    else:
-        ctx.save_for_backward(*output[1:])
-
-
-def _linear_backward(ctx, grad_loss, *_grads_of_grads):
-    o = ctx.opts
-    if not o["compute_grad"] or grad_loss is None:
-        return (None,) * 14
-    if o["reduction"] == "none":
-        options = [o[name] for name in _LINEAR_OPT_NAMES if name not in ("reduction", "compute_grad")]
-        gh, gw, gb = linear_kd_loss_topk_backward_op(grad_loss, *ctx.saved_tensors, *options)
-    else:
-        gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
-    gh, gw, gb = refuse_double_backward("linear_kd_loss_topk", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
-    return (gh, gw, gb) + (None,) * 11
-
-
-backends.register_autograd(linear_kd_loss_topk_op, _linear_backward, setup_context=_linear_setup_context)
+register_linear_autograd(linear_kd_loss_topk_op, linear_kd_loss_topk_backward_op, "linear_kd_loss_topk", n_tensors=6)
 # Autocast: the lm_head product runs in the autocast dtype, as torch.nn.functional.linear's would.
 _autocast.register("linear_kd_loss_topk", cast=("student_hidden", "student_weight", "student_bias"))
 _autocast.register("linear_kd_loss_topk_backward")
