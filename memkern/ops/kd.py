@@ -216,7 +216,7 @@ def kd_loss(
     normalizer = check_normalizer(op, normalizer, reduction)
     labels = check_labels(op, labels, tuple(student_logits.shape[:-1]), student_logits.device)
     reduction = "sum" if normalizer is not None else reduction  # the sum, divided by it below
-    args = (student_logits, teacher_logits.detach(), labels, *_op_options(opts, reduction))
+    args = (student_logits, teacher_logits.detach(), labels, *op_options(opts, reduction))
     if extras.needs_options_path:
         out = backends.call(
             kd_options_ops.kd_loss_options_op, kd_options_ops.kd_loss_options_body, *args, *_op_extras(extras)
@@ -227,7 +227,8 @@ def kd_loss(
     return _finish(out, extras, normalizer)
 
 
-def _op_options(opts, reduction: str) -> tuple:
+def op_options(opts, reduction: str) -> tuple:
+    """The options in the order of the operators' schemas (alpha .. kd_scale)."""
     return opts.alpha, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, reduction, opts.kd_scale
 
 
@@ -404,7 +405,7 @@ def linear_kd_loss(
         detach(teacher_weight),
         detach(teacher_bias),
         labels,
-        *_op_options(opts, reduction),
+        *op_options(opts, reduction),
     )
     if extras.needs_options_path:
         out = backends.call(

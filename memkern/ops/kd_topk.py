@@ -17,7 +17,7 @@ import torch
 from memkern import _validate, backends
 from memkern.kd_options import KD_DTYPES, check_labels, check_options
 from memkern.ops import kd_topk_ops
-from memkern.ops.kd import check_head_biases, check_heads
+from memkern.ops.kd import check_head_biases, check_heads, op_options
 
 __all__ = ["kd_loss_topk", "linear_kd_loss_topk"]
 
@@ -128,13 +128,7 @@ def kd_loss_topk(
         teacher_topk_logprobs.detach(),
         teacher_topk_indices,
         labels,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence,
-        opts.beta,
-        opts.ignore_index,
-        reduction,
-        opts.kd_scale,
+        *op_options(opts, reduction),
         compute_grad,
     )
     return loss
@@ -216,13 +210,7 @@ def linear_kd_loss_topk(
         teacher_topk_logprobs.detach(),
         teacher_topk_indices,
         labels,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence,
-        opts.beta,
-        opts.ignore_index,
-        reduction,
-        opts.kd_scale,
+        *op_options(opts, reduction),
         compute_grad,
     )
     return out[0]
