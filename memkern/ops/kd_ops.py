@@ -61,14 +61,14 @@ def _rows_compiled(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: f
         labels,
         row_scale,
         grad,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence_id,
-        opts.beta,
-        opts.ignore_index,
-        opts.kd_scale,
+        *kernel_options(opts),
         grad_scale,
     )
+
+
+def kernel_options(opts: KDOptions) -> tuple:
+    """The options in the order of the compiled per-row kernels' schemas."""
+    return opts.alpha, opts.temperature, opts.divergence_id, opts.beta, opts.ignore_index, opts.kd_scale
 
 
 @_rows.register("triton", dtypes=_validate.FLOAT_DTYPES)

@@ -19,7 +19,7 @@ from memkern.ops.kd_autograd import (
     register_linear_autograd,
     register_logits_autograd,
 )
-from memkern.ops.kd_ops import _reduce, _rows_2d, _row_weights
+from memkern.ops.kd_ops import _reduce, _rows_2d, _row_weights, kernel_options
 
 
 def logprob_tolerance(dtype: torch.dtype) -> float:
@@ -68,12 +68,7 @@ def _rows_compiled(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_sc
         labels,
         row_scale,
         grad,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence_id,
-        opts.beta,
-        opts.ignore_index,
-        opts.kd_scale,
+        *kernel_options(opts),
         grad_scale,
     )
 
