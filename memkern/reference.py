@@ -333,13 +333,24 @@ def kd_loss(
         divergence=divergence,
         beta=beta,
         ignore_index=ignore_index,
-        kd_scale=temperature**2 if soft_loss_scale == "t2" else 1.0,
+        kd_scale=soft_loss_factor(soft_loss_scale, temperature),
     )
+    return reduce_rows(rows, reduction, lead, y, ignore_index)
+
+
+def soft_loss_factor(soft_loss_scale: str, temperature: float) -> float:
+    """k of the soft term: T^2 for ``"t2"``, 1 for ``"none"``."""
+    return temperature**2 if soft_loss_scale == "t2" else 1.0
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str, lead, labels: torch.Tensor | None, ignore_index: int):
+    """Per-row losses reduced: ``none`` in the leading shape, ``sum``, or ``mean`` over the
+    rows whose label is not ignore_index (every row without labels; 0 when none counts)."""
     if reduction == "none":
         return rows.reshape(lead)
     if reduction == "sum":
         return rows.sum()
-    n_valid = rows.shape[0] if y is None else (y != ignore_index).sum().item()
+    n_valid = rows.shape[0] if labels is None else int((labels != ignore_index).sum())
     return rows.sum() / max(n_valid, 1)
 
 

@@ -73,7 +73,7 @@ def kd_loss_terms(
     else:
         divide = lambda x: x.sum() / max(int(counted.sum()), 1)  # noqa: E731
     ce, kd = divide(ce), divide(kd)
-    k = temperature**2 if soft_loss_scale == "t2" else 1.0
+    k = reference.soft_loss_factor(soft_loss_scale, temperature)
     soft = torch.zeros_like(kd) if alpha == 1 else (1 - alpha) * k * kd
     return alpha * ce + soft, ce, kd
 

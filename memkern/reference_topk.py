@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from memkern.reference import _defined_and_counted, _kd_log_mix, kd_divergence_rows
+from memkern.reference import _defined_and_counted, _kd_log_mix, kd_divergence_rows, reduce_rows, soft_loss_factor
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -186,11 +186,6 @@ def kd_loss_topk(
         divergence=divergence,
         beta=beta,
         ignore_index=ignore_index,
-        kd_scale=temperature**2 if soft_loss_scale == "t2" else 1.0,
+        kd_scale=soft_loss_factor(soft_loss_scale, temperature),
     )
-    if reduction == "none":
-        return rows.reshape(lead)
-    if reduction == "sum":
-        return rows.sum()
-    n_valid = rows.shape[0] if y is None else int((y != ignore_index).sum())
-    return rows.sum() / max(n_valid, 1)
+    return reduce_rows(rows, reduction, lead, y, ignore_index)

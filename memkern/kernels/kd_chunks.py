@@ -74,7 +74,10 @@ def linear_chunk_loop(rows_fn, n_out, hs, ws, bs, ht, wt, bt, labels, opts: KDOp
     """The chunk loop: ``rows_fn(s, t, take)`` gets a chunk's student and teacher logits
     (``take`` selects the chunk's rows of any per-row tensor), returns ``n_out`` per-row
     values and, when ``want_grad``, leaves d loss / d logits in ``s``; the matmuls here turn
-    that into the gradients of hs, ws and bs. Returns (per-row values, grad_h, grad_w, grad_b)."""
+    that into the gradients of hs, ws and bs. Returns (per-row values, grad_h, grad_w, grad_b).
+
+    A teacher given as per-row values rather than a head (the top-k buckets) passes ht, wt
+    and bt as None: ``t`` is then None and ``rows_fn`` takes the teacher's rows itself."""
     rows, vocab = hs.shape[0], ws.shape[0]
     acc = acc_dtype(hs.dtype)
     kept = kept_rows(labels, opts)
@@ -84,7 +87,8 @@ def linear_chunk_loop(rows_fn, n_out, hs, ws, bs, ht, wt, bt, labels, opts: KDOp
     grad_h = new(hs.shape, dtype=hs.dtype, device=hs.device) if want_grad else None
     grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if want_grad else None
     grad_b = torch.zeros(vocab, dtype=acc, device=ws.device) if want_grad and bs is not None else None
-    step = chunk_rows(max(n_kept, 1), max(vocab, wt.shape[0]), hs.device, chunk_size)
+    widest = vocab if wt is None else max(vocab, wt.shape[0])
+    step = chunk_rows(max(n_kept, 1), widest, hs.device, chunk_size)
     for start in range(0, n_kept, step):
         if kept is None:
             sel = slice(start, min(rows, start + step))
@@ -94,7 +98,7 @@ def linear_chunk_loop(rows_fn, n_out, hs, ws, bs, ht, wt, bt, labels, opts: KDOp
             take = lambda x, sel=sel: x.index_select(0, sel) if x is not None else None
         h = take(hs)
         s = chunk_logits(h, ws, bs)
-        t = chunk_logits(take(ht), wt, bt)
+        t = chunk_logits(take(ht), wt, bt) if wt is not None else None
         for out, value in zip(outs, rows_fn(s, t, take)):
             out[sel] = value
         del t

@@ -24,18 +24,6 @@ class _CoreKDLossBase(nn.Module):
         soft_loss_scale: str = "t2",
     ) -> None:
         super().__init__()
-        # Whether labels come is only known per call; the op checks alpha == 0 without them.
-        _kd.check_options(
-            type(self).__name__,
-            has_labels=True,
-            alpha=alpha,
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            soft_loss_scale=soft_loss_scale,
-        )
         self.options = dict(
             alpha=alpha,
             temperature=temperature,
@@ -45,6 +33,8 @@ class _CoreKDLossBase(nn.Module):
             reduction=reduction,
             soft_loss_scale=soft_loss_scale,
         )
+        # Whether labels come is only known per call; the op checks alpha == 0 without them.
+        _kd.check_options(type(self).__name__, has_labels=True, **self.options)
 
     def extra_repr(self) -> str:
         # the options left at their defaults (None, False) are not listed

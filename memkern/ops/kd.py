@@ -216,7 +216,7 @@ def kd_loss(
     normalizer = check_normalizer(op, normalizer, reduction)
     labels = check_labels(op, labels, tuple(student_logits.shape[:-1]), student_logits.device)
     reduction = "sum" if normalizer is not None else reduction  # the sum, divided by it below
-    args = (student_logits, teacher_logits.detach(), labels, *_op_options(opts, reduction))
+    args = (student_logits, teacher_logits.detach(), labels, *op_options(opts, reduction))
     if extras.needs_options_path:
         out = backends.call(
             kd_options_ops.kd_loss_options_op, kd_options_ops.kd_loss_options_body, *args, *_op_extras(extras)
@@ -227,7 +227,8 @@ def kd_loss(
     return _finish(out, extras, normalizer)
 
 
-def _op_options(opts, reduction: str) -> tuple:
+def op_options(opts, reduction: str) -> tuple:
+    """The options in the order of the operators' schemas (alpha .. kd_scale)."""
     return opts.alpha, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, reduction, opts.kd_scale
 
 
@@ -267,6 +268,44 @@ kd_loss.__doc__ = (
     upstream gradient (reduction="none") is applied out of place.
 """
 )
+
+
+def check_heads(op: str, *heads: tuple[str, torch.Tensor, torch.Tensor]) -> None:
+    """The (who, hidden, weight) pairs of the fused-linear losses: tensors of a KD dtype,
+    hidden (N, H) or (B, T, H), weight (V, H) of the hidden's size and dtype (as autocast
+    sees them: it casts both). Each check runs over every pair before the next."""
+    for who, h, w in heads:
+        for name, x in ((f"{who}_hidden", h), (f"{who}_weight", w)):
+            _validate.check_tensor(op, name, x)
+            _validate.check_dtype(op, name, x, KD_DTYPES)
+    for who, h, _ in heads:
+        _validate.check_dim(op, f"{who}_hidden", h, (2, 3))
+    for who, _, w in heads:
+        _validate.check_dim(op, f"{who}_weight", w, 2)
+    for who, h, w in heads:
+        if h.shape[-1] != w.shape[1]:
+            raise ValueError(
+                f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
+                f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))"
+            )
+        if _autocast.dtype_seen(h) != _autocast.dtype_seen(w):  # autocast casts both
+            raise TypeError(
+                f"{op}: {who}_hidden ({_validate.dtype_name(h.dtype)}) and {who}_weight "
+                f"({_validate.dtype_name(w.dtype)}) must have the same dtype"
+            )
+
+
+def check_head_biases(op: str, *biases: tuple[str, torch.Tensor | None, torch.Tensor]) -> None:
+    """Each (who, bias, weight): a bias, where given, is (V,) in its weight's dtype."""
+    for who, b, w in biases:
+        if b is not None:
+            _validate.check_tensor(op, f"{who}_bias", b)
+            if tuple(b.shape) != (w.shape[0],) or _autocast.dtype_seen(b) != _autocast.dtype_seen(w):
+                raise ValueError(
+                    f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
+                    f"{_validate.dtype_name(w.dtype)}, got {tuple(b.shape)} "
+                    f"{_validate.dtype_name(b.dtype)}"
+                )
 
 
 def linear_kd_loss(
@@ -318,29 +357,7 @@ def linear_kd_loss(
         chunk_size=chunk_size,
         return_components=return_components,
     )
-    for name, x in (
-        ("student_hidden", student_hidden),
-        ("student_weight", student_weight),
-        ("teacher_hidden", teacher_hidden),
-        ("teacher_weight", teacher_weight),
-    ):
-        _validate.check_tensor(op, name, x)
-        _validate.check_dtype(op, name, x, KD_DTYPES)
-    _validate.check_dim(op, "student_hidden", student_hidden, (2, 3))
-    _validate.check_dim(op, "teacher_hidden", teacher_hidden, (2, 3))
-    _validate.check_dim(op, "student_weight", student_weight, 2)
-    _validate.check_dim(op, "teacher_weight", teacher_weight, 2)
-    for who, h, w in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
-        if h.shape[-1] != w.shape[1]:
-            raise ValueError(
-                f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
-                f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))"
-            )
-        if _autocast.dtype_seen(h) != _autocast.dtype_seen(w):  # autocast casts both
-            raise TypeError(
-                f"{op}: {who}_hidden ({_validate.dtype_name(h.dtype)}) and {who}_weight "
-                f"({_validate.dtype_name(w.dtype)}) must have the same dtype"
-            )
+    check_heads(op, ("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight))
     check_vocabularies(
         op,
         student_weight.shape[0],
@@ -355,15 +372,7 @@ def linear_kd_loss(
             f"{op}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
             f"{tuple(teacher_hidden.shape)} must have the same leading shape (the same rows)"
         )
-    for who, b, w in (("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight)):
-        if b is not None:
-            _validate.check_tensor(op, f"{who}_bias", b)
-            if tuple(b.shape) != (w.shape[0],) or _autocast.dtype_seen(b) != _autocast.dtype_seen(w):
-                raise ValueError(
-                    f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
-                    f"{_validate.dtype_name(w.dtype)}, got {tuple(b.shape)} "
-                    f"{_validate.dtype_name(b.dtype)}"
-                )
+    check_head_biases(op, ("student", student_bias, student_weight), ("teacher", teacher_bias, teacher_weight))
     _validate.check_same_device(
         op,
         student_hidden=student_hidden,
@@ -396,7 +405,7 @@ def linear_kd_loss(
         detach(teacher_weight),
         detach(teacher_bias),
         labels,
-        *_op_options(opts, reduction),
+        *op_options(opts, reduction),
     )
     if extras.needs_options_path:
         out = backends.call(

@@ -18,7 +18,14 @@ from memkern.kd_options import (
     mean_scale,
 )
 from memkern.kernels.kd_chunks import linear_chunks
-from memkern.ops._autograd import refuse_double_backward
+from memkern.ops.kd_autograd import (
+    linear_forward_fake,
+    logits_forward_fake,
+    parameter_grads,
+    parameter_grads_fake,
+    register_linear_autograd,
+    register_logits_autograd,
+)
 
 
 # -- per-row kernel: loss of each row, gradient written into `grad` -------------------------
@@ -54,14 +61,14 @@ def _rows_compiled(s, t, labels, row_scale, grad, opts: KDOptions, grad_scale: f
         labels,
         row_scale,
         grad,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence_id,
-        opts.beta,
-        opts.ignore_index,
-        opts.kd_scale,
+        *kernel_options(opts),
         grad_scale,
     )
+
+
+def kernel_options(opts: KDOptions) -> tuple:
+    """The options in the order of the compiled per-row kernels' schemas."""
+    return opts.alpha, opts.temperature, opts.divergence_id, opts.beta, opts.ignore_index, opts.kd_scale
 
 
 @_rows.register("triton", dtypes=_validate.FLOAT_DTYPES)
@@ -114,66 +121,11 @@ kd_loss_op = torch.library.custom_op("memkern::kd_loss", mutates_args=())(kd_los
 
 
 @kd_loss_op.register_fake
-def _kd_loss_fake(
-    student, teacher, labels, alpha, temperature, divergence, beta, ignore_index, reduction, kd_scale, compute_grad
-):
-    shape = student.shape[:-1] if reduction == "none" else ()
-    loss = student.new_empty(shape, dtype=acc_dtype(student.dtype))
-    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
-    return loss, grad
+def _kd_loss_fake(student, *args):
+    return logits_forward_fake(student, reduction=args[-3], compute_grad=args[-1])
 
 
-def _no_zero_gradients(ctx, gradient_outputs) -> None:
-    """The gradient outputs are not differentiable, and autograd must not build a zero
-    "gradient" of their size for backward (with materialised grads it does: +1x memory)."""
-    ctx.mark_non_differentiable(*gradient_outputs)
-    ctx.set_materialize_grads(False)
-
-
-def _kd_setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[8]
-    ctx.compute_grad = inputs[10]
-    ctx.save_for_backward(output[1])
-    _no_zero_gradients(ctx, output[1:])
-
-
-def scale_saved_gradients(grads: list[torch.Tensor], upstream: torch.Tensor, *, per_row: bool) -> list[torch.Tensor]:
-    """The gradients computed in forward (for a unit upstream gradient) times ``upstream``.
-
-    Memory is the point of these ops, so the saved buffers are handed on as they are when
-    the upstream gradient is exactly 1 (``loss.backward()``), and scaled in place for any
-    other scalar, so no second gradient-sized buffer ever exists. The price of the in-place
-    case: a second backward through the same graph (retain_graph=True) is refused by
-    autograd's saved-tensor version check. Per-row upstream gradients (reduction="none")
-    and traced graphs (torch.compile, which cannot read values) get an out-of-place product.
-    """
-    if type(upstream) is not torch.Tensor:  # FakeTensor / FunctionalTensor while tracing
-        return [g * upstream.to(g.dtype) for g in grads]
-    if bool((upstream == 1).all()):
-        return grads
-    if per_row:
-        return [g * upstream.to(g.dtype) for g in grads]
-    for g in grads:
-        g.mul_(upstream.to(g.dtype))
-    return grads
-
-
-# Double backward would need the second derivative of the loss, i.e. the logits (or hidden
-# states and weights) kept until backward: the memory these ops exist to save.
-_NOT_TWICE = "its gradient is computed by a fused kernel, which keeps no inputs for a second derivative"
-
-
-def _kd_backward(ctx, grad_loss, _grad_of_grad):
-    (g,) = ctx.saved_tensors
-    if not ctx.compute_grad or grad_loss is None:
-        return (None,) * 11
-    per_row = ctx.reduction == "none"
-    (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
-    (g,) = refuse_double_backward("kd_loss", _NOT_TWICE, g)
-    return (g,) + (None,) * 10
-
-
-backends.register_autograd(kd_loss_op, _kd_backward, setup_context=_kd_setup_context)
+register_logits_autograd(kd_loss_op, "kd_loss", n_inputs=11, reduction_at=8)
 # Autocast: the logits go in as they are (the kernels read any float dtype and keep their
 # statistics in float32; a float32 copy would double the largest tensor of a step).
 _autocast.register("kd_loss")
@@ -228,12 +180,6 @@ def _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale) -
     return KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
 
 
-def _grads_out(hs, ws, bs, gh, gw, gb):
-    """Gradients in the parameters' dtypes (accumulated in fp32 or fp64 before)."""
-    gb_out = gb.to(bs.dtype) if gb is not None else hs.new_empty(0)
-    return gh, gw.to(ws.dtype), gb_out
-
-
 def linear_kd_loss_body(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -280,7 +226,7 @@ def linear_kd_loss_body(
     empty = hs.new_empty(0)
     if not want_grad:
         return loss, empty, empty.clone(), empty.clone()
-    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
     return loss, gh.view(student_hidden.shape), gw, gb
 
 
@@ -288,30 +234,9 @@ linear_kd_loss_op = torch.library.custom_op("memkern::linear_kd_loss", mutates_a
 
 
 @linear_kd_loss_op.register_fake
-def _linear_kd_loss_fake(
-    student_hidden,
-    student_weight,
-    student_bias,
-    teacher_hidden,
-    teacher_weight,
-    teacher_bias,
-    labels,
-    alpha,
-    temperature,
-    divergence,
-    beta,
-    ignore_index,
-    reduction,
-    kd_scale,
-    compute_grad,
-):
-    lead = student_hidden.shape[:-1]
-    loss = student_hidden.new_empty(lead if reduction == "none" else (), dtype=acc_dtype(student_hidden.dtype))
-    empty = student_hidden.new_empty(0)
-    if not (compute_grad and reduction != "none"):
-        return loss, empty, empty.clone(), empty.clone()
-    gb = student_bias.new_empty(student_bias.shape) if student_bias is not None else empty.clone()
-    return loss, student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(student_weight.shape), gb
+def _linear_kd_loss_fake(student_hidden, student_weight, student_bias, *args):
+    reduction, compute_grad = args[-3], args[-1]
+    return linear_forward_fake(student_hidden, student_weight, student_bias, reduction, compute_grad)
 
 
 @torch.library.custom_op("memkern::linear_kd_loss_backward", mutates_args=())
@@ -342,70 +267,16 @@ def linear_kd_loss_backward_op(
     _, gh, gw, gb = _linear(
         hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y, opts, row_scale, 1.0, True
     )
-    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
     return gh.view(student_hidden.shape), gw, gb
 
 
 @linear_kd_loss_backward_op.register_fake
 def _linear_kd_loss_backward_fake(grad_rows, student_hidden, student_weight, student_bias, *rest):
-    gb = student_bias.new_empty(student_bias.shape) if student_bias is not None else student_hidden.new_empty(0)
-    return student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(student_weight.shape), gb
+    return parameter_grads_fake(student_hidden, student_weight, student_bias)
 
 
-_LINEAR_OPT_NAMES = (
-    "alpha",
-    "temperature",
-    "divergence",
-    "beta",
-    "ignore_index",
-    "reduction",
-    "kd_scale",
-    "compute_grad",
-)
-
-
-def _linear_setup_context(ctx, inputs, output):
-    hs, ws, bs, ht, wt, bt, labels = inputs[:7]
-    ctx.opts = dict(zip(_LINEAR_OPT_NAMES, inputs[7:]))
-    ctx.has_bias = bs is not None
-    _no_zero_gradients(ctx, output[1:])
-    if not ctx.opts["compute_grad"]:
-        return
-    if ctx.opts["reduction"] == "none":
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
-    else:
-        ctx.save_for_backward(*output[1:])
-
-
-def _linear_backward(ctx, grad_loss, *_grads_of_grads):
-    o = ctx.opts
-    if not o["compute_grad"] or grad_loss is None:
-        return (None,) * 15
-    if o["reduction"] == "none":
-        hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
-        gh, gw, gb = linear_kd_loss_backward_op(
-            grad_loss,
-            hs,
-            ws,
-            bs,
-            ht,
-            wt,
-            bt,
-            labels,
-            o["alpha"],
-            o["temperature"],
-            o["divergence"],
-            o["beta"],
-            o["ignore_index"],
-            o["kd_scale"],
-        )
-    else:
-        gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
-    gh, gw, gb = refuse_double_backward("linear_kd_loss", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
-    return (gh, gw, gb) + (None,) * 12
-
-
-backends.register_autograd(linear_kd_loss_op, _linear_backward, setup_context=_linear_setup_context)
+register_linear_autograd(linear_kd_loss_op, linear_kd_loss_backward_op, "linear_kd_loss", n_tensors=7)
 # Autocast: the lm_head products run in the autocast dtype, as torch.nn.functional.linear's
 # would (the usual loop: bf16 hidden states, float32 lm_head weights); statistics in float32.
 _autocast.register(

@@ -23,7 +23,8 @@ from memkern import _autocast, backends
 from memkern.kd_options import KDExtras, KDOptions, acc_dtype, check_label_range, mean_scale
 from memkern.kernels.kd_chunks import linear_chunk_loop, logits_option_chunks, option_rows
 from memkern.ops._autograd import refuse_double_backward
-from memkern.ops.kd_ops import _NOT_TWICE, _grads_out, _linear, _reduce, _rows, _rows_2d
+from memkern.ops.kd_autograd import NOT_TWICE, parameter_grads, parameter_grads_fake
+from memkern.ops.kd_ops import _linear, _reduce, _rows, _rows_2d
 
 
 def _extras(transform: list[float], shared_vocab: int, chunk_size: int) -> KDExtras:
@@ -150,7 +151,7 @@ def _kd_options_backward(ctx, *grads):
         return (None,) * 13
     student, teacher, labels = ctx.saved_tensors
     grad = kd_loss_options_backward_op(*upstream, student, teacher, labels, *ctx.options)
-    (grad,) = refuse_double_backward("kd_loss", _NOT_TWICE, grad)
+    (grad,) = refuse_double_backward("kd_loss", NOT_TWICE, grad)
     return (grad,) + (None,) * 12
 
 
@@ -261,7 +262,7 @@ def linear_kd_loss_options_backward_op(
             return option_rows(_rows, s, t, take(y), opts, extras, take(w_ce), take(w_kd), s)
 
         _, gh, gw, gb = linear_chunk_loop(rows_fn, 2, *heads, y, opts, True, chunk_size)
-    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
     return gh.view(student_hidden.shape), gw, gb
 
 
@@ -269,8 +270,7 @@ def linear_kd_loss_options_backward_op(
 def _linear_kd_loss_options_backward_fake(
     grad_loss, grad_ce, grad_kd, student_hidden, student_weight, student_bias, *_
 ):
-    gb = student_bias.new_empty(student_bias.shape) if student_bias is not None else student_hidden.new_empty(0)
-    return student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(student_weight.shape), gb
+    return parameter_grads_fake(student_hidden, student_weight, student_bias)
 
 
 def _linear_options_setup_context(ctx, inputs, output):
@@ -285,7 +285,7 @@ def _linear_options_backward(ctx, *grads):
     if upstream is None or not any(ctx.needs_input_grad[:3]):
         return (None,) * 17
     gh, gw, gb = linear_kd_loss_options_backward_op(*upstream, *ctx.saved_tensors, *ctx.options)
-    gh, gw, gb = refuse_double_backward("linear_kd_loss", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
+    gh, gw, gb = refuse_double_backward("linear_kd_loss", NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
     return (gh, gw, gb) + (None,) * 14
 
 

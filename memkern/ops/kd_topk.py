@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from memkern import _autocast, _validate, backends
+from memkern import _validate, backends
 from memkern.kd_options import KD_DTYPES, check_labels, check_options
 from memkern.ops import kd_topk_ops
+from memkern.ops.kd import check_head_biases, check_heads, op_options
 
 __all__ = ["kd_loss_topk", "linear_kd_loss_topk"]
 
@@ -127,13 +128,7 @@ def kd_loss_topk(
         teacher_topk_logprobs.detach(),
         teacher_topk_indices,
         labels,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence,
-        opts.beta,
-        opts.ignore_index,
-        reduction,
-        opts.kd_scale,
+        *op_options(opts, reduction),
         compute_grad,
     )
     return loss
@@ -178,32 +173,9 @@ def linear_kd_loss_topk(
     soft_loss_scale: str = "t2",
 ) -> torch.Tensor:
     op = "linear_kd_loss_topk"
-    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
-        _validate.check_tensor(op, name, x)
-        _validate.check_dtype(op, name, x, KD_DTYPES)
-    _validate.check_dim(op, "student_hidden", student_hidden, (2, 3))
-    _validate.check_dim(op, "student_weight", student_weight, 2)
-    if student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(
-            f"{op}: student_hidden has hidden size {student_hidden.shape[-1]} but student_weight "
-            f"{tuple(student_weight.shape)} expects {student_weight.shape[1]} (weight is (vocab, hidden))"
-        )
-    if _autocast.dtype_seen(student_hidden) != _autocast.dtype_seen(student_weight):  # autocast casts both
-        raise TypeError(
-            f"{op}: student_hidden ({_validate.dtype_name(student_hidden.dtype)}) and student_weight "
-            f"({_validate.dtype_name(student_weight.dtype)}) must have the same dtype"
-        )
+    check_heads(op, ("student", student_hidden, student_weight))
     vocab = student_weight.shape[0]
-    if student_bias is not None:
-        _validate.check_tensor(op, "student_bias", student_bias)
-        if tuple(student_bias.shape) != (vocab,) or _autocast.dtype_seen(student_bias) != _autocast.dtype_seen(
-            student_weight
-        ):
-            raise ValueError(
-                f"{op}: student_bias must have shape ({vocab},) and dtype "
-                f"{_validate.dtype_name(student_weight.dtype)}, got {tuple(student_bias.shape)} "
-                f"{_validate.dtype_name(student_bias.dtype)}"
-            )
+    check_head_biases(op, ("student", student_bias, student_weight))
     lead = tuple(student_hidden.shape[:-1])
     _check_topk_teacher(op, teacher_topk_logprobs, teacher_topk_indices, lead, vocab)
     _validate.check_same_device(
@@ -238,13 +210,7 @@ def linear_kd_loss_topk(
         teacher_topk_logprobs.detach(),
         teacher_topk_indices,
         labels,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence,
-        opts.beta,
-        opts.ignore_index,
-        reduction,
-        opts.kd_scale,
+        *op_options(opts, reduction),
         compute_grad,
     )
     return out[0]

@@ -9,10 +9,17 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, _validate, backends, reference_topk
-from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range, kept_rows, mean_scale
-from memkern.kernels.kd_chunks import accumulate_fp32, chunk_logits, chunk_rows
-from memkern.ops._autograd import refuse_double_backward
-from memkern.ops.kd_ops import _NOT_TWICE, _no_zero_gradients, _reduce, _rows_2d, _row_weights, scale_saved_gradients
+from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range, mean_scale
+from memkern.kernels.kd_chunks import linear_chunk_loop
+from memkern.ops.kd_autograd import (
+    linear_forward_fake,
+    logits_forward_fake,
+    parameter_grads,
+    parameter_grads_fake,
+    register_linear_autograd,
+    register_logits_autograd,
+)
+from memkern.ops.kd_ops import _reduce, _rows_2d, _row_weights, kernel_options
 
 
 def logprob_tolerance(dtype: torch.dtype) -> float:
@@ -61,12 +68,7 @@ def _rows_compiled(s, lp, idx, labels, row_scale, grad, opts: KDOptions, grad_sc
         labels,
         row_scale,
         grad,
-        opts.alpha,
-        opts.temperature,
-        opts.divergence_id,
-        opts.beta,
-        opts.ignore_index,
-        opts.kd_scale,
+        *kernel_options(opts),
         grad_scale,
     )
 
@@ -158,70 +160,32 @@ kd_loss_topk_op = torch.library.custom_op("memkern::kd_loss_topk", mutates_args=
 
 
 @kd_loss_topk_op.register_fake
-def _kd_loss_topk_fake(student, lp, idx, labels, alpha, temperature, divergence, beta, ignore_index, reduction, *rest):
-    compute_grad = rest[-1]
-    loss = student.new_empty(student.shape[:-1] if reduction == "none" else (), dtype=acc_dtype(student.dtype))
-    return loss, student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+def _kd_loss_topk_fake(student, *args):
+    return logits_forward_fake(student, reduction=args[-3], compute_grad=args[-1])
 
 
-def _kd_topk_setup_context(ctx, inputs, output):
-    ctx.reduction, ctx.compute_grad = inputs[9], inputs[11]
-    ctx.save_for_backward(output[1])
-    _no_zero_gradients(ctx, output[1:])
-
-
-def _kd_topk_backward(ctx, grad_loss, _grad_of_grad):
-    (g,) = ctx.saved_tensors
-    if not ctx.compute_grad or grad_loss is None:
-        return (None,) * 12
-    per_row = ctx.reduction == "none"
-    (g,) = scale_saved_gradients([g], grad_loss.unsqueeze(-1) if per_row else grad_loss, per_row=per_row)
-    (g,) = refuse_double_backward("kd_loss_topk", _NOT_TWICE, g)
-    return (g,) + (None,) * 11
-
-
-backends.register_autograd(kd_loss_topk_op, _kd_topk_backward, setup_context=_kd_topk_setup_context)
+register_logits_autograd(kd_loss_topk_op, "kd_loss_topk", n_inputs=12, reduction_at=9)
 _autocast.register("kd_loss_topk")  # logits go in as they are; statistics in float32
 
 
 # -- fused-linear form: the chunk loop ---------------------------------------------------------
 def linear_topk_chunks(rows_impl, hs, ws, bs, lp, idx, labels, opts: KDOptions, *, row_scale, grad_scale, want_grad):
     """Loss per row and, when ``want_grad``, the gradients of sum_i w_i l_i (w_i = grad_scale *
-    row_scale[i]) with respect to hs, ws and bs: memkern.kernels.kd_chunks.linear_chunks with
-    the teacher's (rows, k) buckets in place of its logits. Ignored rows stay out of every
+    row_scale[i]) with respect to hs, ws and bs: memkern.kernels.kd_chunks.linear_chunk_loop
+    with the teacher's (rows, k) buckets in place of its logits. Ignored rows stay out of every
     matmul; one chunk of student logits exists at a time, overwritten with its gradient."""
-    rows, vocab = hs.shape[0], ws.shape[0]
-    acc = acc_dtype(hs.dtype)
-    kept = kept_rows(labels, opts)
-    n_kept = rows if kept is None else kept.numel()
-    new = torch.empty if kept is None else torch.zeros  # ignored rows: loss 0, gradient 0
-    loss = new(rows, dtype=acc, device=hs.device)
-    grad_h = new(hs.shape, dtype=hs.dtype, device=hs.device) if want_grad else None
-    grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if want_grad else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=ws.device) if want_grad and bs is not None else None
     none = hs.new_empty(0)
-    step = chunk_rows(max(n_kept, 1), vocab, hs.device)
-    for start in range(0, n_kept, step):
-        if kept is None:
-            sel = slice(start, min(rows, start + step))
-            take = lambda x, sel=sel: x[sel] if x is not None else None  # noqa: E731
-        else:
-            sel = kept[start : start + step]
-            take = lambda x, sel=sel: x.index_select(0, sel) if x is not None else None  # noqa: E731
-        h = take(hs)
-        s = chunk_logits(h, ws, bs)
-        loss[sel] = rows_impl(
-            s, take(lp), take(idx), take(labels), take(row_scale), s if want_grad else none, opts, grad_scale
+
+    def rows_fn(s, _no_teacher_logits, take):
+        return (
+            rows_impl(
+                s, take(lp), take(idx), take(labels), take(row_scale), s if want_grad else none, opts, grad_scale
+            ),
         )
-        if want_grad:
-            gh = chunk_logits(s, ws.t(), None)  # d loss / d h = d loss / d logits @ W
-            if kept is None:
-                grad_h[sel] = gh
-            else:
-                grad_h.index_copy_(0, sel, gh)
-            accumulate_fp32(grad_w, s.t(), h)
-            if grad_b is not None:
-                grad_b += s.sum(0, dtype=acc)
+
+    (loss,), grad_h, grad_w, grad_b = linear_chunk_loop(
+        rows_fn, 1, hs, ws, bs, None, None, None, labels, opts, want_grad
+    )
     return loss, grad_h, grad_w, grad_b
 
 
@@ -260,11 +224,6 @@ _linear.register("triton", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("trito
 
 
 # -- operators: fused-linear form ---------------------------------------------------------------
-def _grads_out(hs, ws, bs, gh, gw, gb):
-    """Gradients in the parameters' dtypes (accumulated in fp32 or fp64 before)."""
-    return gh, gw.to(ws.dtype), gb.to(bs.dtype) if gb is not None else hs.new_empty(0)
-
-
 def _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index):
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     lp, idx, y = _kernel_inputs(
@@ -310,7 +269,7 @@ def linear_kd_loss_topk_body(
     empty = hs.new_empty(0)
     if not want_grad:
         return loss, empty, empty.clone(), empty.clone()
-    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
     return loss, gh.view(student_hidden.shape), gw, gb
 
 
@@ -320,14 +279,8 @@ linear_kd_loss_topk_op = torch.library.custom_op("memkern::linear_kd_loss_topk",
 
 
 @linear_kd_loss_topk_op.register_fake
-def _linear_fake(hs, ws, bs, lp, idx, labels, alpha, temperature, divergence, beta, ignore_index, reduction, *rest):
-    compute_grad = rest[-1]
-    loss = hs.new_empty(hs.shape[:-1] if reduction == "none" else (), dtype=acc_dtype(hs.dtype))
-    empty = hs.new_empty(0)
-    if not (compute_grad and reduction != "none"):
-        return loss, empty, empty.clone(), empty.clone()
-    gb = bs.new_empty(bs.shape) if bs is not None else empty.clone()
-    return loss, hs.new_empty(hs.shape), ws.new_empty(ws.shape), gb
+def _linear_fake(hs, ws, bs, *args):
+    return linear_forward_fake(hs, ws, bs, reduction=args[-3], compute_grad=args[-1])
 
 
 @torch.library.custom_op("memkern::linear_kd_loss_topk_backward", mutates_args=())
@@ -354,54 +307,16 @@ def linear_kd_loss_topk_backward_op(
     )
     row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
     _, gh, gw, gb = _linear(hs, student_weight, student_bias, lp, idx, y, opts, row_scale, 1.0, True)
-    gh, gw, gb = _grads_out(hs, student_weight, student_bias, gh, gw, gb)
+    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
     return gh.view(student_hidden.shape), gw, gb
 
 
 @linear_kd_loss_topk_backward_op.register_fake
 def _linear_backward_fake(grad_rows, hs, ws, bs, *rest):
-    gb = bs.new_empty(bs.shape) if bs is not None else hs.new_empty(0)
-    return hs.new_empty(hs.shape), ws.new_empty(ws.shape), gb
+    return parameter_grads_fake(hs, ws, bs)
 
 
-_LINEAR_OPT_NAMES = (
-    "alpha",
-    "temperature",
-    "divergence",
-    "beta",
-    "ignore_index",
-    "reduction",
-    "kd_scale",
-    "compute_grad",
-)
-
-
-def _linear_setup_context(ctx, inputs, output):
-    ctx.opts = dict(zip(_LINEAR_OPT_NAMES, inputs[6:]))
-    ctx.has_bias = inputs[2] is not None
-    _no_zero_gradients(ctx, output[1:])
-    if not ctx.opts["compute_grad"]:
-        return
-    if ctx.opts["reduction"] == "none":
-        ctx.save_for_backward(*inputs[:6])
-    else:
-        ctx.save_for_backward(*output[1:])
-
-
-def _linear_backward(ctx, grad_loss, *_grads_of_grads):
-    o = ctx.opts
-    if not o["compute_grad"] or grad_loss is None:
-        return (None,) * 14
-    if o["reduction"] == "none":
-        options = [o[name] for name in _LINEAR_OPT_NAMES if name not in ("reduction", "compute_grad")]
-        gh, gw, gb = linear_kd_loss_topk_backward_op(grad_loss, *ctx.saved_tensors, *options)
-    else:
-        gh, gw, gb = scale_saved_gradients(list(ctx.saved_tensors), grad_loss, per_row=False)
-    gh, gw, gb = refuse_double_backward("linear_kd_loss_topk", _NOT_TWICE, gh, gw, gb if ctx.has_bias else None)
-    return (gh, gw, gb) + (None,) * 11
-
-
-backends.register_autograd(linear_kd_loss_topk_op, _linear_backward, setup_context=_linear_setup_context)
+register_linear_autograd(linear_kd_loss_topk_op, linear_kd_loss_topk_backward_op, "linear_kd_loss_topk", n_tensors=6)
 # Autocast: the lm_head product runs in the autocast dtype, as torch.nn.functional.linear's would.
 _autocast.register("linear_kd_loss_topk", cast=("student_hidden", "student_weight", "student_bias"))
 _autocast.register("linear_kd_loss_topk_backward")
