@@ -30,7 +30,7 @@ from memkern import _autocast, _validate, backends, reference
 from memkern.ops import semi_structured
 from memkern.ops.linear_checks import as_2d, check_bias, check_x, restore_leading_dims
 from memkern.ops.quantize import quantize_rowwise
-from memkern.ops.semi_structured import semi_structured_int8_reason
+from memkern.ops.semi_structured import semi_structured_int8_reason  # noqa: F401 - the layers' reason, here too
 from memkern.ops.sparse_format import BLOCK_SIZES
 from memkern.ops.sparse_weights import BlockSparseWeight, Sparse24Weight
 
@@ -244,7 +244,7 @@ class _SemiStructuredInt8Product(torch.autograd.Function):
 def _sparse24_semi_structured(x, values, meta, scales, bias, weight_only):
     """The 2:4 product on PyTorch's semi-structured int8 kernels, or None where they do not
     run it (the caller then runs the op)."""
-    if semi_structured_int8_reason(x, values, meta, weight_only=weight_only) is not None:
+    if semi_structured.semi_structured_int8_reason(x, values, meta, weight_only=weight_only) is not None:
         semi_structured.release_int8_copy(values)
         return None
     w_semi = semi_structured.semi_structured_int8_weight(values, meta, x.shape[1])
