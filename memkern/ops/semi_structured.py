@@ -84,6 +84,11 @@ def _semi_structured_key(weight: Sparse24Weight) -> tuple:
     )
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
+
+
 def _semi_structured_class():
     """The SparseSemiStructuredTensor subclass to build, or None if this torch has none.
 
@@ -125,8 +130,7 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
         return "only 2:4 (Sparse24Weight) weights have a semi-structured form"
     # Checked before anything else: tracing would build a copy from fake tensors, and the
     # checks below read process state that torch.compile does not trace.
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and compiler.is_compiling():
+    if _compiling():
         return "traced by torch.compile: the memkern op is what gets compiled"
     if x.dtype not in _SEMI_STRUCTURED_DTYPES:
         return f"dtype {_validate.dtype_name(x.dtype)} not supported (supports bfloat16, float16)"
@@ -280,8 +284,7 @@ def semi_structured_int8_reason(
     CUTLASS 16 x 128); int32 sums of K/2 int8 products cannot overflow (K <= 266,288); and
     building or running it has not already failed for these tensors.
     """
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and compiler.is_compiling():
+    if _compiling():
         return "traced by torch.compile: the memkern op is what gets compiled"
     if weight_only:
         return "W8A16: PyTorch's semi-structured kernels multiply int8 by int8 only, not by float activations"
@@ -351,7 +354,10 @@ def remember_int8_failure(values: torch.Tensor, meta: torch.Tensor, in_features:
 
 def release_int8_copy(values: torch.Tensor) -> None:
     """Free the copy of a weight whose call took the memkern op (a remembered failure stays,
-    so it is not retried every call)."""
+    so it is not retried every call). Nothing under torch.compile: the compiled graph holds
+    no copy, and reading the cache would break the graph."""
+    if _compiling():
+        return
     cache = _INT8_COPIES.get(values)
     if cache is not None and cache.failure is None:
         del _INT8_COPIES[values]
