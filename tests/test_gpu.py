@@ -384,7 +384,7 @@ def test_sparse24_int8_runs_on_the_semi_structured_kernels(dtype, monkeypatch):
 
     w_q, w_scale, bias = layer.int8_weight().cpu(), layer.scales.cpu(), layer.bias.detach().cpu()
     y_ref = reference.int8_linear(x, w_q, w_scale, bias, out_dtype=torch.float64, compute_dtype=torch.float64)
-    assert y.dtype == dtype and y.shape == (m, n)
+    assert y.dtype == dtype and y.shape == (m, n) and y.is_contiguous()
     assert_rel_close(y.detach().cpu(), y_ref, dtype)
     assert_rel_close(x_dev.grad.cpu(), grad.double() @ (w_q.double() * w_scale.double()[:, None]), dtype)
 

@@ -512,7 +512,7 @@ def test_int8_path_matches_float64_and_builds_once(monkeypatch, like, with_bias)
         y = layer(x)
         y.backward(grad)
     assert kernels.builds == 1 and kernels.products == 2
-    assert y.shape == (2, 7, 32) and y.dtype == torch.float32
+    assert y.shape == (2, 7, 32) and y.dtype == torch.float32 and y.is_contiguous()
     expected = _w8a8_float64(x.reshape(14, 128), layer).reshape(2, 7, 32)
     assert_rel_close(y, expected, torch.float32)
     assert (y[..., 0] == (layer.bias[0] if with_bias else 0)).all()  # the row with no kept weight

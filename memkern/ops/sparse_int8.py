@@ -231,7 +231,9 @@ class _SemiStructuredInt8Product(torch.autograd.Function):
         x_q, x_scale = quantize_rowwise(x)
         acc = semi_structured.semi_structured_int8_mm(x_q, boxed_w_semi[0])
         # The epilogue of every int8 kernel: scales multiplied first (reference.int8_linear).
-        out = acc.float() * (x_scale[:, None] * scales[None, :])
+        # acc is a transposed view: widened into a row-major tensor, so y is contiguous too.
+        out = acc.to(torch.float32, memory_format=torch.contiguous_format)
+        out = out * (x_scale[:, None] * scales[None, :])
         if bias is not None:
             out = out + bias.float()
         return out.to(x.dtype)
