@@ -481,6 +481,7 @@ def test_int8_reason_on_a_faked_cuda_device(monkeypatch, like, capability, shape
     assert reason is None if words is None else words in reason, reason
     if words is None:
         assert "empty batch" in int8_mod.semi_structured_int8_reason(torch.ones(0, k), values, meta)
+        assert "weight is on meta" in int8_mod.semi_structured_int8_reason(torch.ones(1, k), values.to("meta"), meta)
         with memkern.use_backend("torch"):
             assert "forced" in int8_mod.semi_structured_int8_reason(torch.ones(1, k), values, meta)
 

@@ -291,6 +291,8 @@ def semi_structured_int8_reason(
     # Before anything that calls torch.cuda, which would initialise CUDA for CPU tensors.
     if not _on_cuda(x):
         return f"runs on CUDA tensors only, got {x.device.type}"
+    if values.device != x.device:
+        return f"the weight is on {values.device}, x on {x.device}: the memkern op reports it"
     forced = backends.forced_backend()
     if forced is not None:
         return f"backend {forced!r} is forced"
