@@ -276,9 +276,9 @@ def semi_structured_int8_reason(
     int8 kernels; None when it does. The one place that decides.
 
     It does when: the product is W8A8 (PyTorch has no int8-weight x float-activation
-    semi-structured product, so W8A16 never does); x is a non-empty CUDA tensor on a device
-    of compute capability 8.0 or newer (8.x only where this torch has no cuSPARSELt and the
-    CUTLASS kernels run); no memkern backend is forced; the call is not being traced by
+    semi-structured product, so W8A16 never does); x is a non-empty CUDA tensor on the
+    weight's device, of compute capability 8.0 or newer (8.x only where this torch has no
+    cuSPARSELt and the CUTLASS kernels run); no memkern backend is forced; the call is not being traced by
     ``torch.compile``; this torch has the int8 product; the weight's shape ``(N, K)`` is a
     multiple of (and at least) the kernel's int8 tile (in torch 2.13: cuSPARSELt 32 x 32,
     CUTLASS 16 x 128); int32 sums of K/2 int8 products cannot overflow (K <= 266,288); and
