@@ -352,6 +352,34 @@ def test_block_sparse_large_and_rectangular_blocks(device, backend, block, dtype
     assert_rel_close(b_dev.grad.cpu(), g64.sum(0), dtype)
 
 
+# -- bitmask weights: the Triton product reading the bits a tile at a time ----------------------
+@pytest.mark.parametrize(
+    "device, backend, dtype",
+    cases("bitmask_matmul", cpu=[("triton", F32), ("triton", BF16)], cuda=grid(CUDA_BACKENDS, (F32, F16, BF16))),
+)
+def test_bitmask_product_across_tiles(device, backend, dtype):
+    from memkern.ops.sparse_bitmask import BitmaskWeight, bitmask_matmul
+
+    # 150 outputs: three 64-row tiles, the last partial; 270 columns: 8 full 32-column
+    # steps and a partial one; 37 rows of x
+    n_out, n_in, rows = 150, 270, 37
+    w = torch.randn(n_out, n_in)
+    mask = torch.rand(n_out, n_in) < 0.3
+    mask[5] = False
+    mask[6] = True
+    weight = BitmaskWeight.from_dense(w.to(device, dtype), mask.to(device))
+    x = torch.randn(rows, n_in).to(dtype)
+    bias = torch.randn(n_out).to(dtype)
+    x_dev, b_dev = _leaves(x.to(device), bias.to(device))
+    require_backend("bitmask_matmul", backend, x_dev.detach())
+    with memkern.use_backend(backend):
+        y = bitmask_matmul(x_dev, weight, b_dev)
+    w_kept = (w.to(dtype) * mask).double()
+    assert y.dtype == dtype and y.shape == (rows, n_out)
+    assert_rel_close(y.detach().cpu(), x.double() @ w_kept.t() + bias.double(), dtype)
+    assert torch.equal(y[:, 5].detach().cpu(), bias[5].expand(rows))
+
+
 # -- 2:4 int8 on PyTorch's semi-structured int8 kernels -------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (F32, F16, BF16))
