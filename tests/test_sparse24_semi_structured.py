@@ -75,6 +75,26 @@ def test_reason_for_cpu_tensors_never_asks_cuda(monkeypatch):
         assert sparse_mod.semi_structured_reason(torch.randn(64, 256).to(dtype), sw) is not None
 
 
+@pytest.mark.parametrize(
+    "like, capability, words",
+    [
+        ("SparseSemiStructuredTensorCUTLASS", (9, 0), "compute capability 8.x, device has 9.0"),
+        ("SparseSemiStructuredTensorCUTLASS", (8, 6), None),
+        ("SparseSemiStructuredTensorCUSPARSELT", (9, 0), None),
+        ("SparseSemiStructuredTensorCUSPARSELT", (7, 5), "compute capability >= 8.0, device has 7.5"),
+    ],
+)
+def test_reason_on_a_faked_cuda_device_knows_cutlass_runs_on_8x_only(monkeypatch, like, capability, words):
+    # PyTorch's CUTLASS sparse kernels refuse any device but sm_8x when the product runs,
+    # after the copy was built: the predicate must say no first.
+    monkeypatch.setattr(sparse_mod, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(sparse_mod, "_semi_structured_class", lambda: getattr(torch.sparse, like))
+    sw, _ = _weight(64, 128, torch.float16)
+    reason = sparse_mod.semi_structured_reason(torch.randn(4, 128).half(), sw)
+    assert reason is None if words is None else words in reason, reason
+
+
 # -- CPU calls never take the path -----------------------------------------------------------
 @pytest.mark.parametrize("dtype", (torch.float32, *HALF_DTYPES))
 @pytest.mark.parametrize("batch", ((64,), (3, 50)), ids=["NK", "BTK"])

@@ -84,6 +84,10 @@ def _semi_structured_key(weight: Sparse24Weight) -> tuple:
     )
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return compiler is not None and compiler.is_compiling()
@@ -108,6 +112,22 @@ def _semi_structured_class():
     return cutlass
 
 
+def _uses_cusparselt(cls) -> bool:
+    return cls is getattr(torch.sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
+
+
+def _capability_reason(cls, device: torch.device) -> str | None:
+    """Why the device cannot run ``cls``'s kernels, or None."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < _SEMI_STRUCTURED_MIN_CAPABILITY:
+        return f"needs compute capability >= 8.0, device has {major}.{minor}"
+    if not _uses_cusparselt(cls) and major != 8:
+        # PyTorch builds its CUTLASS sparse kernels for sm_8x only; elsewhere the product
+        # itself fails ("Supported only on GPUs with compute capability 8.x").
+        return f"CUTLASS's semi-structured kernels need compute capability 8.x, device has {major}.{minor}"
+    return None
+
+
 def _semi_structured_constraints(cls, dtype: torch.dtype):
     table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) or {}
     return table.get(dtype)
@@ -118,7 +138,8 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
     kernels; None when it does. The one place that decides.
 
     It does when: ``weight`` is a :class:`Sparse24Weight`; x is a non-empty CUDA
-    float16/bfloat16 tensor on a device of compute capability 8.0 or newer; no gradient
+    float16/bfloat16 tensor on a device of compute capability 8.0 or newer (8.x only where
+    this torch has no cuSPARSELt and the CUTLASS kernels run); no gradient
     of ``weight.values`` is needed (``values.requires_grad`` is False or grad mode is off;
     gradients of x and bias are fine); no memkern backend is forced; the call is not being
     traced by ``torch.compile``; this torch has ``torch.sparse.to_sparse_semi_structured``;
@@ -135,7 +156,7 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
     if x.dtype not in _SEMI_STRUCTURED_DTYPES:
         return f"dtype {_validate.dtype_name(x.dtype)} not supported (supports bfloat16, float16)"
     # Before anything that calls torch.cuda, which would initialise CUDA for CPU tensors.
-    if x.device.type != "cuda":
+    if not _on_cuda(x):
         return f"runs on CUDA tensors only, got {x.device.type}"
     if weight.values.requires_grad and torch.is_grad_enabled():
         return "weight.values needs a gradient: the memkern op computes it"
@@ -154,9 +175,9 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
         return f"weight shape ({n}, {k}) is not a positive multiple of ({rows}, {cols}) ({cls.__name__})"
     if x.numel() == 0:
         return "empty batch"
-    capability = torch.cuda.get_device_capability(x.device)
-    if capability < _SEMI_STRUCTURED_MIN_CAPABILITY:
-        return f"needs compute capability >= 8.0, device has {capability[0]}.{capability[1]}"
+    reason = _capability_reason(cls, x.device)
+    if reason is not None:
+        return reason
     cache = weight.semi_structured_cache
     if cache is not None and cache.failure is not None and cache.matches(weight):
         return cache.failure
@@ -256,14 +277,6 @@ class Int8Sparse24(NamedTuple):
     mask: None = None
 
 
-def _on_cuda(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
-
-
-def _uses_cusparselt(cls) -> bool:
-    return cls is getattr(torch.sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
-
-
 def _int8_product_name(cls) -> str:
     return "_cslt_sparse_mm" if _uses_cusparselt(cls) else "_sparse_semi_structured_mm"
 
@@ -313,14 +326,9 @@ def semi_structured_int8_reason(
         return f"in_features {k}: int32 sums of {k // 2} int8 products could overflow"
     if x.numel() == 0:
         return "empty batch"
-    capability = torch.cuda.get_device_capability(x.device)
-    if capability < _SEMI_STRUCTURED_MIN_CAPABILITY:
-        return f"needs compute capability >= 8.0, device has {capability[0]}.{capability[1]}"
-    if not _uses_cusparselt(cls) and capability[0] != 8:
-        # PyTorch's CUTLASS sparse kernels are built for sm_8x only.
-        return (
-            f"CUTLASS's semi-structured kernels need compute capability 8.x, device has {capability[0]}.{capability[1]}"
-        )
+    reason = _capability_reason(cls, x.device)
+    if reason is not None:
+        return reason
     cache = _INT8_COPIES.get(values)
     if cache is not None and cache.failure is not None and cache.matches(Int8Sparse24(values, meta, (n, k))):
         return cache.failure
