@@ -405,8 +405,8 @@ def sparse24_int8_linear(
       int8 kept values on PyTorch's semi-structured kernels (cuSPARSELt, or CUTLASS) summed
       exactly in int32, then the float32 epilogue of every backend; the semi-structured
       copy is built once per state of ``values``/``meta`` and kept while ``values`` lives.
-      The arithmetic of the memkern op (exact integer sums, the same epilogue), with
-      sparse tensor-core speed. A build or product failure is
+      The arithmetic of the memkern op (exact integer sums, the same epilogue). A build
+      or product failure is
       remembered (the reason says it), warned once, and the call runs the op.
     * Otherwise (CPU; W8A16, which PyTorch's semi-structured kernels do not multiply;
       CUDA where the reason says no): every backend expands the int8 weight (N x K bytes,
