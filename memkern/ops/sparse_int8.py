@@ -406,8 +406,8 @@ def sparse24_int8_linear(
       exactly in int32, then the float32 epilogue of every backend; the semi-structured
       copy is built once per state of ``values``/``meta`` and kept while ``values`` lives.
       The arithmetic of the memkern op (exact integer sums, the same epilogue). A build
-      or product failure is
-      remembered (the reason says it), warned once, and the call runs the op.
+      or product failure is remembered (the reason says it), warned once, and the call
+      runs the op.
     * Otherwise (CPU; W8A16, which PyTorch's semi-structured kernels do not multiply;
       CUDA where the reason says no): every backend expands the int8 weight (N x K bytes,
       for the call only) and runs its dense int8 kernel (:func:`memkern.ops.int8_linear`,
