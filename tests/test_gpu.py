@@ -17,6 +17,7 @@ import itertools
 import math
 import subprocess
 import sys
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -349,6 +350,82 @@ def test_block_sparse_large_and_rectangular_blocks(device, backend, block, dtype
     )
     assert_rel_close(dw * mask, (g64.t() @ x64) * mask, dtype)
     assert_rel_close(b_dev.grad.cpu(), g64.sum(0), dtype)
+
+
+# -- bitmask weights: the Triton product reading the bits a tile at a time ----------------------
+@pytest.mark.parametrize(
+    "device, backend, dtype",
+    cases("bitmask_matmul", cpu=[("triton", F32), ("triton", BF16)], cuda=grid(CUDA_BACKENDS, (F32, F16, BF16))),
+)
+def test_bitmask_product_across_tiles(device, backend, dtype):
+    from memkern.ops.sparse_bitmask import BitmaskWeight, bitmask_matmul
+
+    # 150 outputs: three 64-row tiles, the last partial; 270 columns: 8 full 32-column
+    # steps and a partial one; 37 rows of x
+    n_out, n_in, rows = 150, 270, 37
+    w = torch.randn(n_out, n_in)
+    mask = torch.rand(n_out, n_in) < 0.3
+    mask[5] = False
+    mask[6] = True
+    weight = BitmaskWeight.from_dense(w.to(device, dtype), mask.to(device))
+    x = torch.randn(rows, n_in).to(dtype)
+    bias = torch.randn(n_out).to(dtype)
+    x_dev, b_dev = _leaves(x.to(device), bias.to(device))
+    require_backend("bitmask_matmul", backend, x_dev.detach())
+    with memkern.use_backend(backend):
+        y = bitmask_matmul(x_dev, weight, b_dev)
+    w_kept = (w.to(dtype) * mask).double()
+    assert y.dtype == dtype and y.shape == (rows, n_out)
+    assert_rel_close(y.detach().cpu(), x.double() @ w_kept.t() + bias.double(), dtype)
+    assert torch.equal(y[:, 5].detach().cpu(), bias[5].expand(rows))
+
+
+# -- 2:4 int8 on PyTorch's semi-structured int8 kernels -------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (F32, F16, BF16))
+def test_sparse24_int8_runs_on_the_semi_structured_kernels(dtype, monkeypatch):
+    from memkern.nn import SparseInt8Linear, SparseLinear
+    from memkern.ops import semi_structured, sparse_int8
+
+    # N and K multiples of both int8 tiles (cuSPARSELt 32 x 32, CUTLASS 16 x 128); M odd,
+    # so the dense operand is padded to the kernel's 16.
+    n, k, m = 96, 256, 37
+    linear = nn.Linear(k, n)
+    sparse = SparseLinear.from_dense(linear, prune.masks(linear.weight, 0.5, "n:m"), format="2:4")
+    layer = SparseInt8Linear.from_sparse(sparse).cuda()
+    x = (torch.randn(m, k) * 2).to(dtype)
+    x_dev = x.cuda().requires_grad_(True)
+    reason = sparse_int8.semi_structured_int8_reason(x_dev, layer.values, layer.meta)
+    if reason is not None and ("compute capability" in reason or "this torch has no" in reason):
+        pytest.skip(reason)
+    assert reason is None, reason
+    products = []
+    real_mm = semi_structured.semi_structured_int8_mm
+    monkeypatch.setattr(semi_structured, "semi_structured_int8_mm", lambda *a: products.append(1) or real_mm(*a))
+    grad = torch.randn(m, n).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed build or product warns
+        y = layer(x_dev)
+        y.backward(grad.cuda())
+    assert products, "the semi-structured int8 product did not run"
+    assert sparse_int8.semi_structured_int8_reason(x_dev, layer.values, layer.meta) is None
+
+    w_q, w_scale, bias = layer.int8_weight().cpu(), layer.scales.cpu(), layer.bias.detach().cpu()
+    y_ref = reference.int8_linear(x, w_q, w_scale, bias, out_dtype=torch.float64, compute_dtype=torch.float64)
+    assert y.dtype == dtype and y.shape == (m, n) and y.is_contiguous()
+    assert_rel_close(y.detach().cpu(), y_ref, dtype)
+    assert_rel_close(x_dev.grad.cpu(), grad.double() @ (w_q.double() * w_scale.double()[:, None]), dtype)
+
+    # The int32 sums bit for bit: integer activations whose row maximum is 127 quantise
+    # with scale 1, and unit weight scales leave the exact integer product.
+    x_int = torch.randint(-127, 128, (m, k))
+    x_int[:, 0] = 127
+    with torch.no_grad():
+        layer.scales.fill_(1)
+        layer.bias.zero_()
+        exact = layer(x_int.float().cuda())
+    assert len(products) == 2
+    assert torch.equal(exact.cpu().long(), x_int.long() @ w_q.long().t())
 
 
 # -- kd_loss: half precision and every divergence on the row kernel --------------------------

@@ -1,20 +1,28 @@
 """masked_matmul on 2:4 weights through PyTorch's semi-structured sparse kernels: when the
 path is taken (semi_structured_reason), that CPU calls never reach it, the cached copy and
-its invalidation, the product's gradients, and on a GPU the outputs against float64."""
+its invalidation, the product's gradients, and on a GPU the outputs against float64.
+
+The 2:4 int8 layers' W8A8 path (semi_structured_int8_reason) likewise, with the device,
+its capability and PyTorch's two int8 products faked on the CPU: the gate's decisions,
+the call's layout (padding, column-major operand, int32 sums), the epilogue and gradient
+against float64, the cache, and the fallback after a failed build or product. Its GPU
+test is in test_gpu.py."""
 
 from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
 
 import memkern
 from memkern import prune
-from memkern.nn import SparseLinear
+from memkern.nn import SparseInt8Linear, SparseLinear
 from memkern.ops import Sparse24Weight, masked_matmul
 from memkern.ops import semi_structured as sparse_mod
+from memkern.ops import sparse_int8 as int8_mod
 from conftest import assert_rel_close
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -65,6 +73,26 @@ def test_reason_for_cpu_tensors_never_asks_cuda(monkeypatch):
     for dtype in HALF_DTYPES:
         sw, _ = _weight(128, 256, dtype)
         assert sparse_mod.semi_structured_reason(torch.randn(64, 256).to(dtype), sw) is not None
+
+
+@pytest.mark.parametrize(
+    "like, capability, words",
+    [
+        ("SparseSemiStructuredTensorCUTLASS", (9, 0), "compute capability 8.x, device has 9.0"),
+        ("SparseSemiStructuredTensorCUTLASS", (8, 6), None),
+        ("SparseSemiStructuredTensorCUSPARSELT", (9, 0), None),
+        ("SparseSemiStructuredTensorCUSPARSELT", (7, 5), "compute capability >= 8.0, device has 7.5"),
+    ],
+)
+def test_reason_on_a_faked_cuda_device_knows_cutlass_runs_on_8x_only(monkeypatch, like, capability, words):
+    # PyTorch's CUTLASS sparse kernels refuse any device but sm_8x when the product runs,
+    # after the copy was built: the predicate must say no first.
+    monkeypatch.setattr(sparse_mod, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(sparse_mod, "_semi_structured_class", lambda: getattr(torch.sparse, like))
+    sw, _ = _weight(64, 128, torch.float16)
+    reason = sparse_mod.semi_structured_reason(torch.randn(4, 128).half(), sw)
+    assert reason is None if words is None else words in reason, reason
 
 
 # -- CPU calls never take the path -----------------------------------------------------------
@@ -363,3 +391,227 @@ def test_free_slots_stay_out_of_the_semi_structured_product(monkeypatch):
     assert (dense[~mask] == 0).all()
     assert_rel_close(y, x.detach().double() @ dense.t(), torch.float32)
     assert_rel_close(x.grad, grad.double() @ dense, torch.float32)
+
+
+# -- int8 2:4 (W8A8) on PyTorch's semi-structured int8 kernels ----------------------------------
+CUSPARSELT = torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+CUTLASS = torch.sparse.SparseSemiStructuredTensorCUTLASS
+
+
+def _int8_layer(out: int, inp: int, device: str = "cpu", bias: bool = True) -> SparseInt8Linear:
+    linear = torch.nn.Linear(inp, out, bias=bias)
+    mask = prune.masks(linear.weight, 0.5, "n:m")
+    mask[0] = False  # a row with no kept weight: scale 1, int8 zeros
+    mask[1, 4:8] &= torch.tensor([True, False, False, False])  # a group keeping one weight
+    layer = SparseInt8Linear.from_sparse(SparseLinear.from_dense(linear, mask, format="2:4"))
+    return layer.to(device)
+
+
+def _w8a8_float64(x, layer):
+    """The W8A8 math written out: x quantised per row (absmax / 127, round half to even,
+    scale 1 for a zero row), exact integer sums, the float32 epilogue, bias in float32."""
+    x = x.detach().cpu().float()
+    x_scale = x.abs().amax(dim=1) / 127
+    x_scale = torch.where(x_scale == 0, torch.ones_like(x_scale), x_scale)
+    x_q = torch.round(x / x_scale[:, None]).clamp(-127, 127)
+    w_q = memkern.reference.sparse24_decompress(layer.values.cpu().double(), layer.meta.cpu(), layer.in_features)
+    acc = x_q.double() @ w_q.t()
+    out = acc.float() * (x_scale[:, None] * layer.scales.cpu()[None, :])
+    return out if layer.bias is None else out + layer.bias.detach().cpu().float()
+
+
+def _fake_int8_copy(dense, like):
+    """Stands in for a semi-structured int8 copy on the CPU: the dense int8 weight, of a
+    class with the int8 tile of the one it imitates (and no meta for cuSPARSELt)."""
+    cls = type("FakeInt8Copy", (), {"_DTYPE_SHAPE_CONSTRAINTS": like._DTYPE_SHAPE_CONSTRAINTS})
+    copy_ = cls()
+    copy_.packed, copy_.meta = dense, None if like is CUSPARSELT else torch.zeros(1)
+    return copy_
+
+
+class _FakeInt8Kernels:
+    """The two int8 products, on the CPU: each checks the layout the real kernel needs
+    (int8 operands, a column-major dense operand padded to 16 columns, int32 output) and
+    returns the exact sums; ``fail`` makes them raise as a missing kernel does."""
+
+    def __init__(self, monkeypatch, like, fail: bool = False):
+        self.builds = self.products = 0
+        self.fail, self.like = fail, like
+        monkeypatch.setattr(sparse_mod, "_on_cuda", lambda t: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        monkeypatch.setattr(sparse_mod, "_semi_structured_class", lambda: like)
+        monkeypatch.setattr(sparse_mod, "_build_int8_semi_structured", self.build)
+        monkeypatch.setattr(torch, "_cslt_sparse_mm", self.cusparselt)
+        monkeypatch.setattr(torch, "_sparse_semi_structured_mm", self.cutlass)
+
+    def build(self, dense):
+        self.builds += 1
+        assert dense.dtype == torch.int8 and dense.is_contiguous()
+        return _fake_int8_copy(dense, self.like)
+
+    def _product(self, packed, dense, out_dtype):
+        self.products += 1
+        if self.fail:
+            raise RuntimeError("no int32 output in this cuSPARSELt")
+        assert out_dtype == torch.int32 and dense.dtype == torch.int8
+        assert dense.stride(0) == 1 and dense.shape[1] % 16 == 0, "dense operand not column-major, padded"
+        return (packed.long() @ dense.long()).to(torch.int32)
+
+    def cusparselt(self, packed, dense, out_dtype=None):
+        assert self.like is CUSPARSELT
+        return self._product(packed, dense, out_dtype)
+
+    def cutlass(self, packed, meta, dense, out_dtype=None):
+        assert self.like is CUTLASS
+        return self._product(packed, dense, out_dtype)
+
+
+def test_int8_reason_for_cpu_tensors_and_w8a16_never_asks_cuda(monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda was called for CPU tensors")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_cuda)
+    layer = _int8_layer(32, 128)
+    x = torch.randn(3, 128)
+    assert "CUDA" in int8_mod.semi_structured_int8_reason(x, layer.values, layer.meta)
+    assert "W8A16" in int8_mod.semi_structured_int8_reason(x, layer.values, layer.meta, weight_only=True)
+
+
+@pytest.mark.parametrize(
+    "like, capability, shape, words",
+    [
+        (CUSPARSELT, (7, 5), (32, 128), "compute capability >= 8.0, device has 7.5"),
+        (CUTLASS, (9, 0), (32, 128), "compute capability 8.x, device has 9.0"),
+        (CUSPARSELT, (9, 0), (32, 128), None),  # cuSPARSELt runs on Hopper
+        (CUTLASS, (8, 6), (32, 128), None),
+        (CUSPARSELT, (8, 0), (48, 128), "(48, 128) is not a positive multiple of (32, 32)"),
+        (CUTLASS, (8, 0), (32, 96), "(32, 96) is not a positive multiple of (16, 128)"),
+        (CUSPARSELT, (8, 0), (32, 266_272), None),  # 133,136 products of 127 * 127 fit int32
+        (CUSPARSELT, (8, 0), (32, 266_304), "int32 sums of 133152 int8 products could overflow"),
+    ],
+)
+def test_int8_reason_on_a_faked_cuda_device(monkeypatch, like, capability, shape, words):
+    monkeypatch.setattr(sparse_mod, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(sparse_mod, "_semi_structured_class", lambda: like)
+    n, k = shape
+    values = torch.zeros(n, k // 2, dtype=torch.int8)
+    meta = torch.zeros(n, k // 8, dtype=torch.uint8)
+    reason = int8_mod.semi_structured_int8_reason(torch.ones(1, k), values, meta)
+    assert reason is None if words is None else words in reason, reason
+    if words is None:
+        assert "empty batch" in int8_mod.semi_structured_int8_reason(torch.ones(0, k), values, meta)
+        assert "weight is on meta" in int8_mod.semi_structured_int8_reason(torch.ones(1, k), values.to("meta"), meta)
+        with memkern.use_backend("torch"):
+            assert "forced" in int8_mod.semi_structured_int8_reason(torch.ones(1, k), values, meta)
+
+
+def test_cpu_int8_calls_never_build_a_copy(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the semi-structured int8 path was entered on the CPU")
+
+    monkeypatch.setattr(sparse_mod, "_build_int8_semi_structured", refuse)
+    monkeypatch.setattr(sparse_mod, "semi_structured_int8_mm", refuse)
+    layer = _int8_layer(32, 128)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.values not in sparse_mod._INT8_COPIES
+    assert_rel_close(y, _w8a8_float64(x, layer), torch.float32)
+
+
+@pytest.mark.parametrize("like", (CUSPARSELT, CUTLASS), ids=["cusparselt", "cutlass"])
+@pytest.mark.parametrize("with_bias", (True, False), ids=["bias", "no-bias"])
+def test_int8_path_matches_float64_and_builds_once(monkeypatch, like, with_bias):
+    kernels = _FakeInt8Kernels(monkeypatch, like)
+    layer = _int8_layer(32, 128, bias=with_bias)
+    x = torch.randn(2, 7, 128, requires_grad=True)  # 14 rows: padded to 16 for the kernel
+    grad = torch.randn(2, 7, 32)
+    assert int8_mod.semi_structured_int8_reason(x, layer.values, layer.meta) is None
+    for _ in range(2):
+        x.grad = None
+        y = layer(x)
+        y.backward(grad)
+    assert kernels.builds == 1 and kernels.products == 2
+    assert y.shape == (2, 7, 32) and y.dtype == torch.float32 and y.is_contiguous()
+    expected = _w8a8_float64(x.reshape(14, 128), layer).reshape(2, 7, 32)
+    assert_rel_close(y, expected, torch.float32)
+    assert (y[..., 0] == (layer.bias[0] if with_bias else 0)).all()  # the row with no kept weight
+    # d/dx straight through the quantisation: grad @ (W_q * scales)
+    w = memkern.reference.sparse24_decompress(layer.values.double(), layer.meta, 128) * layer.scales.double()[:, None]
+    assert_rel_close(x.grad, grad.double() @ w, torch.float32)
+
+    with torch.no_grad():
+        layer.values.copy_(-layer.values)  # in place: what load_state_dict does
+        y2 = layer(x)
+    assert kernels.builds == 2
+    assert_rel_close(y2, _w8a8_float64(x.reshape(14, 128), layer).reshape(2, 7, 32), torch.float32)
+
+
+def test_int8_path_under_autocast_casts_like_the_op(monkeypatch):
+    _FakeInt8Kernels(monkeypatch, CUSPARSELT)
+    layer = _int8_layer(32, 128)
+    x = torch.randn(3, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_rel_close(y, _w8a8_float64(x.bfloat16(), layer), torch.bfloat16)
+
+
+def test_int8_call_off_the_path_frees_the_copy(monkeypatch):
+    kernels = _FakeInt8Kernels(monkeypatch, CUSPARSELT)
+    layer = _int8_layer(32, 128)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        layer(x)
+        assert sparse_mod._INT8_COPIES[layer.values].tensor is not None
+        with memkern.use_backend("torch"):
+            y = layer(x)
+        assert layer.values not in sparse_mod._INT8_COPIES
+        layer(x)
+    assert kernels.builds == 2 and kernels.products == 2
+    assert_rel_close(y, _w8a8_float64(x, layer), torch.float32)
+
+
+@pytest.mark.parametrize("where", ("build", "product"))
+def test_int8_failure_is_remembered_warned_once_and_falls_back(monkeypatch, where):
+    kernels = _FakeInt8Kernels(monkeypatch, CUSPARSELT, fail=where == "product")
+    if where == "build":
+
+        def failing_build(dense):
+            kernels.builds += 1
+            raise RuntimeError("no kernel for this device")
+
+        monkeypatch.setattr(sparse_mod, "_build_int8_semi_structured", failing_build)
+    layer = _int8_layer(32, 128)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="no kernel for this device|no int32 output"):
+            y = layer(x)
+        reason = int8_mod.semi_structured_int8_reason(x, layer.values, layer.meta)
+        assert ("building" if where == "build" else "product failed") in reason
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning for the same weight
+            y2 = layer(x)
+    assert kernels.builds == 1 and kernels.products == (1 if where == "product" else 0)
+    assert_rel_close(y, _w8a8_float64(x, layer), torch.float32)
+    assert torch.equal(y, y2)
+    with torch.no_grad():
+        layer.values.add_(1)  # a changed weight is tried again
+    assert int8_mod.semi_structured_int8_reason(x, layer.values, layer.meta) is None
+
+
+def test_cutlass_int8_layout_keeps_groups_with_fewer_than_two_nonzeros():
+    # Kept int8 values may quantise to 0, leaving a group with one or no nonzero: the
+    # CUTLASS layout built from the dense int8 weight must still give that weight back.
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass,
+        sparse_semi_structured_to_dense_cutlass,
+    )
+
+    layer = _int8_layer(32, 128)
+    with torch.no_grad():
+        layer.values[2, :10] = 0
+    dense = memkern.reference.sparse24_decompress(layer.values, layer.meta, 128)
+    packed, meta = sparse_semi_structured_from_dense_cutlass(dense)
+    assert torch.equal(sparse_semi_structured_to_dense_cutlass(packed, meta), dense)

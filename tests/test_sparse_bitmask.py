@@ -82,6 +82,60 @@ def test_a_miscounted_weight_is_refused_before_any_read(backend):
         torch.ops.memkern.bitmask_matmul(torch.randn(2, 16), w.values[:-1], w.bits, None)
 
 
+# -- the Triton product: the bits and kept values a tile at a time -----------------------------
+def _refuse_expansion(monkeypatch):
+    from memkern.kernels import sparse_bitmask as kernels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton product expanded the whole weight")
+
+    monkeypatch.setattr(kernels, "decompress_from_starts", refuse)
+    monkeypatch.setattr(kernels, "_bitmask_decompress_kernel", refuse)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize(
+    "shape, rows",
+    # odd shapes: a K tail inside one 32-column step (5, 45, 93), fewer columns than a byte
+    # (5), outputs past one 64-row tile (70, 131), a single row of x (1)
+    [((70, 45), 7), ((131, 93), 1), ((9, 5), 3), ((64, 64), 33)],
+)
+def test_triton_product_reads_tiles_and_matches_float64(monkeypatch, dtype, shape, rows):
+    torch.manual_seed(3)
+    n, k = shape
+    w = torch.randn(n, k).to(dtype)
+    mask = torch.rand(n, k) < 0.3
+    mask[1] = False  # an empty row: its outputs are the bias
+    mask[2] = True  # a row keeping every weight
+    mask[4, : min(k, 40)] = True  # kept columns across a step boundary
+    weight = BitmaskWeight.from_dense(w, mask)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    _refuse_expansion(monkeypatch)
+    with memkern.use_backend("triton"), torch.no_grad():
+        y = bitmask_matmul(x, weight, bias)
+        y_strided = bitmask_matmul(torch.randn(k, rows).to(dtype).t(), weight)  # column-major x
+    ref = x.double() @ (w.double() * mask).t() + bias.double()
+    assert y.shape == (rows, n) and y.dtype == dtype
+    assert rel_error(y, ref) <= REL_TOL[dtype]
+    assert torch.equal(y[:, 1], bias[1].expand(rows))
+    assert rel_error(y[:, 2], x.double() @ w[2].double() + bias[2].double()) <= REL_TOL[dtype]
+    assert y_strided.shape == (rows, n) and torch.equal(y_strided[:, 1], torch.zeros(rows, dtype=dtype))
+
+
+def test_triton_product_of_a_weight_keeping_nothing_or_everything(monkeypatch):
+    _refuse_expansion(monkeypatch)
+    x = torch.randn(6, 40)
+    bias = torch.randn(17)
+    nothing = BitmaskWeight.from_dense(torch.randn(17, 40), torch.zeros(17, 40, dtype=torch.bool))
+    everything_w = torch.randn(17, 40)
+    everything = BitmaskWeight.from_dense(everything_w, torch.ones(17, 40, dtype=torch.bool))
+    with memkern.use_backend("triton"), torch.no_grad():
+        assert torch.equal(bitmask_matmul(x, nothing, bias), bias.expand(6, 17))
+        y = bitmask_matmul(x, everything, bias)
+    assert rel_error(y, x.double() @ everything_w.double().t() + bias.double()) <= REL_TOL[torch.float32]
+
+
 # -- SparseLinear ------------------------------------------------------------------------------
 def _layer(sparsity=0.5, out=96, inp=80, bias=True) -> tuple[SparseLinear, nn.Linear, torch.Tensor]:
     torch.manual_seed(2)

@@ -315,6 +315,17 @@ def test_compiles_without_graph_breaks():
     assert_compiles_like_eager(f, torch.randn(2, 3, IN, requires_grad=True))
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_sparse24_compiles_without_graph_breaks(weight_only):
+    # The CUDA semi-structured path's checks and cache stay out of the traced graph.
+    layer = _layer("2:4", weight_only=weight_only)
+
+    def f(x):
+        return layer(x * 2).relu().sum()
+
+    assert_compiles_like_eager(f, torch.randn(2, 3, layer.in_features, requires_grad=True))
+
+
 def test_module_refuses_bad_arguments():
     with pytest.raises(TypeError, match="SparseInt8Linear.from_sparse: sparse must be a memkern.nn.SparseLinear"):
         SparseInt8Linear.from_sparse(nn.Linear(4, 4))

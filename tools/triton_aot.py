@@ -65,6 +65,7 @@ KERNEL_MODULES = (
     "memkern.kernels.int4",
     "memkern.kernels.quantize",
     "memkern.kernels.sparse",
+    "memkern.kernels.sparse_bitmask",
 )
 
 
@@ -416,6 +417,31 @@ def _sparse_cases():
             return launch
 
 
+def _bitmask_cases():
+    from memkern.kernels import sparse_bitmask
+    from memkern.ops.sparse_bitmask import BitmaskWeight
+
+    m, n, k = 128, 512, 512  # m >= 64: the launcher's largest row block
+    for name, bias in (("fp32", False), ("fp16", True), ("bf16", False)):
+
+        @_case(f"bitmask-{name}{'-bias' if bias else ''}")
+        def _(fake, dtype=DTYPES[name], bias=bias):
+            weight = BitmaskWeight.from_dense(torch.randn(n, k).to(dtype), torch.rand(n, k) < 0.5)
+            values, bits, x = fake(weight.values), fake(weight.bits), fake((m, k), dtype)
+            # The prefix counts read the bits' values, so they are computed here on the CPU
+            # (the launchers' checked entry points do the same) and passed on as fakes.
+            product_starts, _ = sparse_bitmask.block_starts(weight.bits, sparse_bitmask.MATMUL_BLOCK_K)
+            expand_starts, _ = sparse_bitmask.block_starts(weight.bits, sparse_bitmask.BLOCK_K)
+            product_starts, expand_starts = fake(product_starts), fake(expand_starts)
+            b = fake((n,), dtype) if bias else None
+
+            def launch():
+                sparse_bitmask.matmul_from_starts(x, values, bits, product_starts, b)
+                sparse_bitmask.decompress_from_starts(values, bits, expand_starts, k)
+
+            return launch
+
+
 def cases() -> list[tuple[str, Callable]]:
     """(name, case) of every launcher call :func:`capture` makes."""
     if not _CASES:
@@ -423,6 +449,7 @@ def cases() -> list[tuple[str, Callable]]:
         _lowp_cases()
         _int4_cases()
         _sparse_cases()
+        _bitmask_cases()
     return list(_CASES)
 
 

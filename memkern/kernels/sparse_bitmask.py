@@ -1,7 +1,13 @@
-"""Triton kernel expanding a bitmask weight (memkern.ops.sparse_bitmask) to dense: each
-program expands one block of columns of one row, finding each kept value's position from
-the number of set bits before its block (computed once per call) plus a prefix sum inside
-the block."""
+"""Triton kernels of the bitmask weight (memkern.ops.sparse_bitmask): expanding it to dense,
+and the product ``x @ W^T + bias`` that reads the bits and kept values a tile at a time.
+
+Both find each kept value's index in ``values`` from the number of set bits before its
+block of columns in its row (``block_starts``, computed once per call) plus a prefix sum
+of the block's bits. The product never builds the dense weight: one program computes a
+(BM x BN) tile of the output and, for each block of BK columns, expands the (BN x BK) tile
+of the weight in registers (BK / 8 bytes of bits per row) and adds its product with x's
+tile in float32.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_K = 128  # columns per program: 16 bytes of bits
+from memkern.kernels.sparse import _block_m, _mma, _precision
+
+BLOCK_K = 128  # columns per program of the expansion: 16 bytes of bits
+MATMUL_BLOCK_N = 64  # weight rows (outputs) per program of the product
+MATMUL_BLOCK_K = 32  # columns per step of the product: one 32-bit word of bits per row
 _POPCOUNT = [bin(b).count("1") for b in range(256)]
 
 
@@ -27,6 +37,63 @@ def _bitmask_decompress_kernel(v_ptr, bits_ptr, start_ptr, w_ptr, K, BYTES, NBLK
     tl.store(w_ptr + row * K + offs, v, mask=ok)
 
 
+@triton.jit
+def _bitmask_matmul_kernel(
+    x_ptr,
+    v_ptr,
+    bits_ptr,
+    start_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    BYTES,
+    NBLK,
+    NVALUES,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for blk in range(0, NBLK):
+        offs_k = blk * BK + tl.arange(0, BK)
+        k_ok = offs_k < K
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+        byte = tl.load(bits_ptr + offs_n[:, None] * BYTES + (offs_k // 8)[None, :], mask=tile_ok, other=0)
+        bit = (byte.to(tl.int32) >> (offs_k % 8).to(tl.int32)[None, :]) & 1  # (BN, BK)
+        # index in values of each kept weight: the row's kept values before this block,
+        # plus those before it inside the block
+        base = tl.load(start_ptr + offs_n * NBLK + blk, mask=n_ok, other=0)
+        index = base[:, None] + (tl.cumsum(bit, axis=1) - bit)
+        # index < NVALUES: even bits that keep more weights than values holds stay inside it
+        w = tl.load(v_ptr + index, mask=(bit != 0) & (index < NVALUES), other=0.0)
+        a = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc += _mma(a, tl.trans(w).to(a.dtype), IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
 def block_starts(bits: torch.Tensor, block: int = BLOCK_K) -> tuple[torch.Tensor, int]:
     """``(rows, ceil(cols / block))`` int64: the index in ``values`` of each block's first
     kept value; and the number of kept values."""
@@ -40,11 +107,20 @@ def block_starts(bits: torch.Tensor, block: int = BLOCK_K) -> tuple[torch.Tensor
     return (ends - totals).reshape(rows, nblk), int(ends[-1]) if ends.numel() else 0
 
 
+def _checked_starts(op: str, values: torch.Tensor, bits: torch.Tensor, block: int) -> torch.Tensor:
+    starts, kept = block_starts(bits, block)
+    if kept != values.numel():  # a wrong count would read past values
+        raise ValueError(f"{op}: bits keep {kept} weights, values holds {values.numel()}")
+    return starts
+
+
 def bitmask_decompress(values: torch.Tensor, bits: torch.Tensor, cols: int) -> torch.Tensor:
     values, bits = values.contiguous(), bits.contiguous()
-    starts, kept = block_starts(bits)
-    if kept != values.numel():  # a wrong count would read past values
-        raise ValueError(f"bitmask_decompress: bits keep {kept} weights, values holds {values.numel()}")
+    return decompress_from_starts(values, bits, _checked_starts("bitmask_decompress", values, bits, BLOCK_K), cols)
+
+
+def decompress_from_starts(values, bits, starts, cols: int) -> torch.Tensor:
+    """:func:`bitmask_decompress` given ``block_starts(bits, BLOCK_K)`` (already checked)."""
     rows = bits.shape[0]
     w = torch.empty((rows, cols), dtype=values.dtype, device=values.device)
     if rows and cols:
@@ -52,3 +128,45 @@ def bitmask_decompress(values: torch.Tensor, bits: torch.Tensor, cols: int) -> t
             values, bits, starts, w, cols, bits.shape[1], starts.shape[1], BK=BLOCK_K
         )
     return w
+
+
+def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, bias) -> torch.Tensor:
+    """``x @ W^T + bias`` in x's dtype (float32 accumulation), W never expanded beyond a
+    (BN x BK) tile in registers. x ``(M, K)`` float32, float16 or bfloat16."""
+    values, bits = values.contiguous(), bits.contiguous()
+    starts = _checked_starts("bitmask_matmul", values, bits, MATMUL_BLOCK_K)
+    return matmul_from_starts(x, values, bits, starts, bias)
+
+
+def matmul_from_starts(x, values, bits, starts, bias) -> torch.Tensor:
+    """:func:`bitmask_matmul` given ``block_starts(bits, MATMUL_BLOCK_K)`` (already checked)."""
+    m, k = x.shape
+    n = bits.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    bm = _block_m(m)
+    _bitmask_matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, MATMUL_BLOCK_N))](
+        x,
+        values,
+        bits,
+        starts,
+        bias.contiguous() if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        bits.shape[1],
+        starts.shape[1],
+        values.numel(),
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        HAS_BIAS=bias is not None,
+        BM=bm,
+        BN=MATMUL_BLOCK_N,
+        BK=MATMUL_BLOCK_K,
+        **_precision(x.dtype),
+    )
+    return y

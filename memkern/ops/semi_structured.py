@@ -1,16 +1,19 @@
 """2:4 weights on PyTorch's semi-structured sparse kernels (CUDA): when a product may take
-them (semi_structured_reason), the cached semi-structured copy of a weight, and the
-autograd function that runs the product on it.
+them (semi_structured_reason; semi_structured_int8_reason for the int8 layers), the cached
+semi-structured copy of a weight, the autograd function that runs the float product on it,
+and the int8 product summed in int32.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from memkern import _validate, backends
+from memkern import _validate, backends, reference
 from memkern.ops.sparse_ops import sparse24_decompress_op
 from memkern.ops.sparse_weights import BlockSparseWeight, Sparse24Weight
 
@@ -32,8 +35,9 @@ _SEMI_STRUCTURED_MIN_CAPABILITY = (8, 0)  # sparse tensor cores arrived with Amp
 
 
 class SemiStructuredCache:
-    """One weight's semi-structured copy (or why building it failed) and the state of
-    ``values`` / ``meta`` it was built from."""
+    """One weight's semi-structured copy (or why building or using it failed) and the
+    state of ``values`` / ``meta`` it was built from. ``weight``: a Sparse24Weight, or
+    the int8 layout's tensors as an :class:`Int8Sparse24`."""
 
     __slots__ = ("values_ref", "meta_ref", "key", "tensor", "failure")
 
@@ -80,6 +84,15 @@ def _semi_structured_key(weight: Sparse24Weight) -> tuple:
     )
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
+
+
 def _semi_structured_class():
     """The SparseSemiStructuredTensor subclass to build, or None if this torch has none.
 
@@ -99,6 +112,22 @@ def _semi_structured_class():
     return cutlass
 
 
+def _uses_cusparselt(cls) -> bool:
+    return cls is getattr(torch.sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
+
+
+def _capability_reason(cls, device: torch.device) -> str | None:
+    """Why the device cannot run ``cls``'s kernels, or None."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < _SEMI_STRUCTURED_MIN_CAPABILITY:
+        return f"needs compute capability >= 8.0, device has {major}.{minor}"
+    if not _uses_cusparselt(cls) and major != 8:
+        # PyTorch builds its CUTLASS sparse kernels for sm_8x only; elsewhere the product
+        # itself fails ("Supported only on GPUs with compute capability 8.x").
+        return f"CUTLASS's semi-structured kernels need compute capability 8.x, device has {major}.{minor}"
+    return None
+
+
 def _semi_structured_constraints(cls, dtype: torch.dtype):
     table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) or {}
     return table.get(dtype)
@@ -109,7 +138,8 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
     kernels; None when it does. The one place that decides.
 
     It does when: ``weight`` is a :class:`Sparse24Weight`; x is a non-empty CUDA
-    float16/bfloat16 tensor on a device of compute capability 8.0 or newer; no gradient
+    float16/bfloat16 tensor on a device of compute capability 8.0 or newer (8.x only where
+    this torch has no cuSPARSELt and the CUTLASS kernels run); no gradient
     of ``weight.values`` is needed (``values.requires_grad`` is False or grad mode is off;
     gradients of x and bias are fine); no memkern backend is forced; the call is not being
     traced by ``torch.compile``; this torch has ``torch.sparse.to_sparse_semi_structured``;
@@ -121,13 +151,12 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
         return "only 2:4 (Sparse24Weight) weights have a semi-structured form"
     # Checked before anything else: tracing would build a copy from fake tensors, and the
     # checks below read process state that torch.compile does not trace.
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and compiler.is_compiling():
+    if _compiling():
         return "traced by torch.compile: the memkern op is what gets compiled"
     if x.dtype not in _SEMI_STRUCTURED_DTYPES:
         return f"dtype {_validate.dtype_name(x.dtype)} not supported (supports bfloat16, float16)"
     # Before anything that calls torch.cuda, which would initialise CUDA for CPU tensors.
-    if x.device.type != "cuda":
+    if not _on_cuda(x):
         return f"runs on CUDA tensors only, got {x.device.type}"
     if weight.values.requires_grad and torch.is_grad_enabled():
         return "weight.values needs a gradient: the memkern op computes it"
@@ -146,9 +175,9 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
         return f"weight shape ({n}, {k}) is not a positive multiple of ({rows}, {cols}) ({cls.__name__})"
     if x.numel() == 0:
         return "empty batch"
-    capability = torch.cuda.get_device_capability(x.device)
-    if capability < _SEMI_STRUCTURED_MIN_CAPABILITY:
-        return f"needs compute capability >= 8.0, device has {capability[0]}.{capability[1]}"
+    reason = _capability_reason(cls, x.device)
+    if reason is not None:
+        return reason
     cache = weight.semi_structured_cache
     if cache is not None and cache.failure is not None and cache.matches(weight):
         return cache.failure
@@ -167,16 +196,22 @@ def semi_structured_weight(weight: Sparse24Weight):
         return cache.tensor
     weight.semi_structured_cache = None  # release the stale copy before building the new one
     with torch.no_grad():
-        dense = weight.to_dense().contiguous()
-        try:
-            tensor, failure = _build_semi_structured(dense), None
-        except RuntimeError as exc:  # unimplemented-kernel errors are RuntimeErrors too
-            # The predicate cannot see every build limit (a torch built without the
-            # kernels for this architecture, say); the memkern op still gives the answer.
-            tensor, failure = None, f"building the semi-structured weight failed: {exc}"
-            warnings.warn(f"masked_matmul: {failure}; using the memkern 2:4 op", RuntimeWarning, stacklevel=3)
-    weight.semi_structured_cache = SemiStructuredCache(weight, tensor, failure)
-    return tensor
+        weight.semi_structured_cache = _built(
+            weight, weight.to_dense().contiguous(), _build_semi_structured, "masked_matmul"
+        )
+    return weight.semi_structured_cache.tensor
+
+
+def _built(weight, dense: torch.Tensor, build, op: str) -> SemiStructuredCache:
+    """The cache entry of ``build(dense)``: the copy, or why building it failed (warned once)."""
+    try:
+        return SemiStructuredCache(weight, build(dense), None)
+    except RuntimeError as exc:  # unimplemented-kernel errors are RuntimeErrors too
+        # The predicate cannot see every build limit (a torch built without the kernels
+        # for this architecture, say); the memkern op still gives the answer.
+        failure = f"building the semi-structured weight failed: {exc}"
+        warnings.warn(f"{op}: {failure}; using the memkern 2:4 op", RuntimeWarning, stacklevel=4)
+        return SemiStructuredCache(weight, None, failure)
 
 
 def _semi_structured_linear(x: torch.Tensor, w_semi, bias: torch.Tensor | None) -> torch.Tensor:
@@ -217,3 +252,139 @@ class SemiStructuredProduct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             db = grad.float().sum(0).to(grad.dtype)
         return dx, db, None, None, None
+
+
+# -- int8 2:4 (W8A8) on CUDA: PyTorch's semi-structured int8 product -----------------------
+# The 2:4 layout of the int8 layers (sparse24_int8_linear, SparseInt8Linear) on sparse
+# tensor cores: the int8 kept values as a semi-structured copy, multiplied by the int8
+# activations with int32 sums (cuSPARSELt's torch._cslt_sparse_mm or CUTLASS's
+# torch._sparse_semi_structured_mm, out_dtype int32); memkern quantises x and applies the
+# scales. Neither kernel multiplies int8 weights by float activations, so W8A16 keeps the
+# memkern op. Outside the op's backend table for the reasons of the float path: the custom
+# op is called with tensors that may be fake (tracing, opcheck), and nothing in it holds
+# the copy; here the copy is kept per tensor of kept values, for as long as that lives.
+_INT8_MAX_ABS = 127  # quantize_rowwise and quantize_sparse24 never produce -128
+_INT32_MAX = 2**31 - 1
+_INT8_COPIES = WeakIdKeyDictionary()  # values tensor -> SemiStructuredCache
+
+
+class Int8Sparse24(NamedTuple):
+    """The int8 2:4 layout's tensors, seen as a weight by SemiStructuredCache."""
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, int]
+    mask: None = None
+
+
+def _int8_product_name(cls) -> str:
+    return "_cslt_sparse_mm" if _uses_cusparselt(cls) else "_sparse_semi_structured_mm"
+
+
+def semi_structured_int8_reason(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, *, weight_only: bool = False
+) -> str | None:
+    """Why the 2:4 int8 product of ``x`` (``sparse24_int8_linear(x, values, meta, ...)``,
+    a 2:4 :class:`memkern.nn.SparseInt8Linear`) does not run on PyTorch's semi-structured
+    int8 kernels; None when it does. The one place that decides.
+
+    It does when: the product is W8A8 (PyTorch has no int8-weight x float-activation
+    semi-structured product, so W8A16 never does); x is a non-empty CUDA tensor on the
+    weight's device, of compute capability 8.0 or newer (8.x only where this torch has no
+    cuSPARSELt and the CUTLASS kernels run); no memkern backend is forced; the call is not being traced by
+    ``torch.compile``; this torch has the int8 product; the weight's shape ``(N, K)`` is a
+    multiple of (and at least) the kernel's int8 tile (in torch 2.13: cuSPARSELt 32 x 32,
+    CUTLASS 16 x 128); int32 sums of K/2 int8 products cannot overflow (K <= 266,288); and
+    building or running it has not already failed for these tensors.
+    """
+    if _compiling():
+        return "traced by torch.compile: the memkern op is what gets compiled"
+    if weight_only:
+        return "W8A16: PyTorch's semi-structured kernels multiply int8 by int8 only, not by float activations"
+    # Before anything that calls torch.cuda, which would initialise CUDA for CPU tensors.
+    if not _on_cuda(x):
+        return f"runs on CUDA tensors only, got {x.device.type}"
+    if values.device != x.device:
+        return f"the weight is on {values.device}, x on {x.device}: the memkern op reports it"
+    forced = backends.forced_backend()
+    if forced is not None:
+        return f"backend {forced!r} is forced"
+    cls = _semi_structured_class()
+    if cls is None:
+        return "this torch has no torch.sparse.to_sparse_semi_structured"
+    product = _int8_product_name(cls)
+    if not hasattr(torch, product):
+        return f"this torch has no torch.{product}"
+    constraints = _semi_structured_constraints(cls, torch.int8)
+    if constraints is None:
+        return f"{cls.__name__} does not take int8"
+    n, k = values.shape[0], x.shape[-1]
+    rows, cols = constraints.sparse_min_rows, constraints.sparse_min_cols
+    if n < rows or n % rows or k < cols or k % cols:
+        return f"weight shape ({n}, {k}) is not a positive multiple of ({rows}, {cols}) ({cls.__name__}, int8)"
+    if k // 2 * _INT8_MAX_ABS**2 > _INT32_MAX:
+        return f"in_features {k}: int32 sums of {k // 2} int8 products could overflow"
+    if x.numel() == 0:
+        return "empty batch"
+    reason = _capability_reason(cls, x.device)
+    if reason is not None:
+        return reason
+    cache = _INT8_COPIES.get(values)
+    if cache is not None and cache.failure is not None and cache.matches(Int8Sparse24(values, meta, (n, k))):
+        return cache.failure
+    return None
+
+
+def _build_int8_semi_structured(dense: torch.Tensor):
+    return _semi_structured_class().from_dense(dense)
+
+
+def semi_structured_int8_weight(values: torch.Tensor, meta: torch.Tensor, in_features: int):
+    """The semi-structured copy of the int8 weight ``(values, meta)``, built once per state
+    of the two tensors; None if building failed (the reason is kept, as for a float weight)."""
+    layout = Int8Sparse24(values, meta, (values.shape[0], in_features))
+    cache = _INT8_COPIES.get(values)
+    if cache is not None and cache.matches(layout):
+        return cache.tensor
+    _INT8_COPIES.pop(values, None)  # release the stale copy before building the new one
+    with torch.no_grad():
+        dense = reference.sparse24_decompress(values, meta, in_features).contiguous()
+        cache = _built(layout, dense, _build_int8_semi_structured, "sparse24_int8_linear")
+    _INT8_COPIES[values] = cache
+    return cache.tensor
+
+
+def remember_int8_failure(values: torch.Tensor, meta: torch.Tensor, in_features: int, failure: str) -> None:
+    """Remember that the product failed for these tensors (until they change), and warn once."""
+    _INT8_COPIES[values] = SemiStructuredCache(
+        Int8Sparse24(values, meta, (values.shape[0], in_features)), None, failure
+    )
+    warnings.warn(f"sparse24_int8_linear: {failure}; using the memkern 2:4 op", RuntimeWarning, stacklevel=4)
+
+
+def release_int8_copy(values: torch.Tensor) -> None:
+    """Free the copy of a weight whose call took the memkern op (a remembered failure stays,
+    so it is not retried every call). Nothing under torch.compile: the compiled graph holds
+    no copy, and reading the cache would break the graph."""
+    if _compiling():
+        return
+    cache = _INT8_COPIES.get(values)
+    if cache is not None and cache.failure is None:
+        del _INT8_COPIES[values]
+
+
+def semi_structured_int8_mm(x_q: torch.Tensor, w_semi) -> torch.Tensor:
+    """``x_q @ W^T`` summed in int32: x_q ``(M, K)`` int8, ``w_semi`` the int8 weight's
+    semi-structured copy; returns ``(M, N)`` int32 (a transposed view)."""
+    # The dense operand is padded to the kernel's tile (PyTorch's own wrappers do the same)
+    # and passed column-major, x_q^T of a row-major x_q: the one layout both int8 kernels
+    # take with a row-major sparse operand.
+    constraints = _semi_structured_constraints(type(w_semi), torch.int8)
+    tile = constraints.dense_min_cols if constraints is not None else 1
+    rows = x_q.shape[0]
+    x_q = torch.nn.functional.pad(x_q, (0, 0, 0, -rows % tile)).contiguous()
+    if w_semi.meta is None:  # cuSPARSELt: kept values and positions in one tensor
+        acc = torch._cslt_sparse_mm(w_semi.packed, x_q.t(), out_dtype=torch.int32)
+    else:  # CUTLASS: positions in meta
+        acc = torch._sparse_semi_structured_mm(w_semi.packed, w_semi.meta, x_q.t(), out_dtype=torch.int32)
+    return acc[:, :rows].t()

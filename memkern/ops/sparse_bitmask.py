@@ -9,7 +9,8 @@ A ``(rows, cols)`` weight W with keep-mask M is stored as
 At 50% sparsity that is 0.5 + 1/32 = 0.53 of a dense float32 weight (0.56 of float16),
 whatever the mask looks like, where kept blocks with an element mask inside hold nearly the
 whole weight. The product ``x @ W^T`` expands a tile of rows at a time into a small buffer
-and multiplies it (C++), so the dense weight never exists in the forward pass; the backward
+and multiplies it (C++), or expands a (64 x 32) tile of W in registers per step (Triton),
+so the dense weight never exists in the forward pass; the backward
 pass expands W once for ``dx`` and gathers ``dW`` at the kept positions, so pruned weights
 get no gradient and stay pruned.
 """
@@ -177,14 +178,15 @@ def _matmul_cpp(x, values, bits, bias):
 
 @_matmul.register("triton", dtypes=_DTYPES)
 def _matmul_triton(x, values, bits, bias):
-    # Expand with the Triton kernel, then one dense product: the dense weight exists for
-    # the duration of the call (the C++ kernel expands a tile of rows at a time instead).
-    w = _decompress_triton(values, bits, x.shape[1])
-    if x.device.type == "cpu" or x.dtype == torch.float64:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = torch.nn.functional.linear(x.to(acc), w.to(acc), None if bias is None else bias.to(acc))
-        return y.to(x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+    if x.dtype == torch.float64:
+        # tl.dot has no float64 product on every target: expand with the Triton kernel,
+        # then one float64 product (the dense weight exists for the call).
+        w = _decompress_triton(values, bits, x.shape[1])
+        return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    # The bits and kept values read a (64 x 32) tile at a time: no dense weight.
+    from memkern.kernels.sparse_bitmask import bitmask_matmul as launch
+
+    return launch(x, values, bits, bias)
 
 
 # -- operators -------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ scale per output channel (symmetric absmax over the row's kept values, the arith
   :func:`block_sparse_int8_linear` visits the kept blocks only.
 * 2:4: ``values`` ``(N, K/2)`` int8 kept values and the 2-bit positions ``meta``;
   :func:`sparse24_int8_linear` expands the int8 weight (N x K bytes, transient) and runs
-  the dense int8 kernels of :mod:`memkern.ops.lowp`.
+  the dense int8 kernels of :mod:`memkern.ops.lowp`; on CUDA, W8A8 runs on PyTorch's
+  semi-structured int8 kernels where :func:`semi_structured_int8_reason` allows it.
 
 Each product is W8A8 (activations quantised per token, int8 x int8 summed exactly in
 int32/int64, ``acc * x_scale * w_scale + bias`` in float32) or, with ``weight_only``, W8A16
@@ -26,8 +27,10 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, _validate, backends, reference
+from memkern.ops import semi_structured
 from memkern.ops.linear_checks import as_2d, check_bias, check_x, restore_leading_dims
 from memkern.ops.quantize import quantize_rowwise
+from memkern.ops.semi_structured import semi_structured_int8_reason  # noqa: F401 - the layers' reason, here too
 from memkern.ops.sparse_format import BLOCK_SIZES
 from memkern.ops.sparse_weights import BlockSparseWeight, Sparse24Weight
 
@@ -216,6 +219,55 @@ for _name in ("block_sparse_int8_linear", "sparse24_int8_linear"):
     _autocast.register(_name, cast=("x", "bias"))
 
 
+# -- 2:4 W8A8 on PyTorch's semi-structured int8 kernels (CUDA; semi_structured_int8_reason) ---
+class _SemiStructuredInt8Product(torch.autograd.Function):
+    """The op's W8A8 arithmetic with the int32 sums from the semi-structured copy; the
+    arguments in the op's order (the copy, boxed so autograd ignores it, last), so its
+    setup and backward serve unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, values, meta, scales, bias, boxed_w_semi):
+        _setup(ctx, (x, values, meta, scales, bias, boxed_w_semi), None, (values, meta, scales))
+        x_q, x_scale = quantize_rowwise(x)
+        acc = semi_structured.semi_structured_int8_mm(x_q, boxed_w_semi[0])
+        # The epilogue of every int8 kernel: scales multiplied first (reference.int8_linear).
+        # acc is a transposed view: widened into a row-major tensor, so y is contiguous too.
+        out = acc.to(torch.float32, memory_format=torch.contiguous_format)
+        out = out * (x_scale[:, None] * scales[None, :])
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _s24_backward(ctx, grad)
+
+
+def _sparse24_semi_structured(x, values, meta, scales, bias, weight_only):
+    """The 2:4 product on PyTorch's semi-structured int8 kernels, or None where they do not
+    run it (the caller then runs the op)."""
+    if semi_structured.semi_structured_int8_reason(x, values, meta, weight_only=weight_only) is not None:
+        semi_structured.release_int8_copy(values)
+        return None
+    w_semi = semi_structured.semi_structured_int8_weight(values, meta, x.shape[1])
+    if w_semi is None:
+        return None
+    # The casts the op's autocast rule makes (recorded by autograd); nothing after them is cast.
+    x = x.to(_autocast.dtype_seen(x))
+    bias = None if bias is None else bias.to(_autocast.dtype_seen(bias))
+    try:
+        return _SemiStructuredInt8Product.apply(x, values, meta, scales, bias, (w_semi,))
+    except torch.cuda.OutOfMemoryError:
+        raise  # this call's trouble, not the kernel's: the next call may fit
+    except RuntimeError as exc:
+        # A limit the predicate cannot see (a cuSPARSELt without int32 output, say): the
+        # op gives the answer, now and until the tensors change.
+        semi_structured.remember_int8_failure(
+            values, meta, x.shape[1], f"the semi-structured int8 product failed: {exc}"
+        )
+        return None
+
+
 # -- argument checks ----------------------------------------------------------------------------
 def _check_scales(op: str, scales) -> int:
     _validate.check_tensor(op, "scales", scales)
@@ -288,7 +340,10 @@ def run_block_sparse(x, values, scales, crow, col, bias, weight_only: bool) -> t
 
 def run_sparse24(x, values, meta, scales, bias, weight_only: bool) -> torch.Tensor:
     """:func:`sparse24_int8_linear` on arguments already checked."""
-    y = backends.call(sparse24_int8_linear_op, _s24_table, as_2d(x), values, meta, scales, bias, weight_only)
+    x2 = as_2d(x)
+    y = _sparse24_semi_structured(x2, values, meta, scales, bias, weight_only)
+    if y is None:
+        y = backends.call(sparse24_int8_linear_op, _s24_table, x2, values, meta, scales, bias, weight_only)
     return restore_leading_dims(y, x)
 
 
@@ -342,8 +397,21 @@ def sparse24_int8_linear(
             (as :class:`memkern.ops.Sparse24Weight`).
         scales, bias, weight_only: as :func:`block_sparse_int8_linear`.
 
-    Every backend expands the int8 weight (N x K bytes, for the call only) and runs its
-    dense int8 kernel (:func:`memkern.ops.int8_linear`, :func:`memkern.ops.int8_weight_only_linear`).
+    What runs:
+
+    * CUDA, W8A8, when :func:`semi_structured_int8_reason` returns None (compute capability
+      >= 8.0, a shape the kernel takes, no forced backend, not under ``torch.compile``):
+      x quantised per token by :func:`memkern.ops.quantize_rowwise`, its product with the
+      int8 kept values on PyTorch's semi-structured kernels (cuSPARSELt, or CUTLASS) summed
+      exactly in int32, then the float32 epilogue of every backend; the semi-structured
+      copy is built once per state of ``values``/``meta`` and kept while ``values`` lives.
+      The arithmetic of the memkern op (exact integer sums, the same epilogue). A build
+      or product failure is remembered (the reason says it), warned once, and the call
+      runs the op.
+    * Otherwise (CPU; W8A16, which PyTorch's semi-structured kernels do not multiply;
+      CUDA where the reason says no): every backend expands the int8 weight (N x K bytes,
+      for the call only) and runs its dense int8 kernel (:func:`memkern.ops.int8_linear`,
+      :func:`memkern.ops.int8_weight_only_linear`).
     """
     check_sparse24_args("sparse24_int8_linear", x, values, meta, scales, bias)
     return run_sparse24(x, values, meta, scales, bias, weight_only)
