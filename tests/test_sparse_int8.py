@@ -230,6 +230,27 @@ def test_cpp_int8_product_is_exact_on_every_path():
         assert_bit_equal(mm(a, layer.values, layer.crow, layer.col, OUT, allow_vnni), expected)
 
 
+@pytest.mark.parametrize("block", [(16, 32), (32, 16), (64, 64)])
+@pytest.mark.parametrize("rows", [31, 32, 37])
+def test_cpp_int8_product_exact_around_the_packed_tile_threshold(block, rows):
+    # From 32 rows of x the AVX2 kernel packs each kept block (16-column panels) and sums
+    # over a block row's kept blocks in registers, 4 rows at a time: 37 leaves a 1-row tile,
+    # OUT = 47 a block row past the matrix edge, IN = 123 a partial block column.
+    require_backend("block_sparse_int8_linear", "cpp", torch.randn(1, IN))
+    sparse, dense = _sparse_linear(_block_mask(block=block), block=block)
+    layer = SparseInt8Linear.from_sparse(sparse)
+    a = torch.randint(-127, 128, (rows, IN), dtype=torch.int8)
+    a[-1] = -127  # extreme products in the last (short) tile
+    expected = (a.long() @ layer.int8_weight().long().t()).int()
+    mm = torch.ops.memkern_internal.block_sparse_int8_mm_kernel
+    assert_bit_equal(mm(a, layer.values, layer.crow, layer.col, OUT, False), expected)
+    x = torch.randn(rows, IN)
+    w_q, w_scale = _quantise_rows(dense)
+    with memkern.use_backend("cpp"), torch.no_grad():
+        y = layer(x)
+    assert_rel_close(y, _w8a8_expected(x, w_q, w_scale, layer.bias), torch.float32, 0.1)
+
+
 def test_cpp_long_rows_sum_in_int64():
     # K past 2^17: the W8A8 sums leave int32 (each block's int32 sum is added in int64).
     require_backend("block_sparse_int8_linear", "cpp", torch.randn(1, 8))

@@ -46,6 +46,7 @@
 #define MEMKERN_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #endif
 
+#include "cpu/int8_avx2_packed.h"
 #include "cpu/linear_epilogue.h"
 #include "cpu/quantize_row.h"
 
@@ -169,6 +170,52 @@ void avx2_block_row(const int8_t* a, int64_t lda, int64_t M, const KeptBlocks& w
     }
   }
 }
+
+// Calls with at least this many rows of x pack each kept block for int8_avx2_packed.h's
+// tile (a permutation of every kept byte, once per call, which fewer rows do not repay);
+// blocks whose rows are not a multiple of 16, or columns of 4, keep the tile above.
+constexpr int64_t kPackedMinRows = 32;
+
+bool packed_tile_fits(int64_t M, const KeptBlocks& w) {
+  return M >= kPackedMinRows && w.BN % kPackedPanelCols == 0 && w.BK % 4 == 0;
+}
+
+// acc (M x N, int32) = a @ W^T through the packed tile: per block row, its kept blocks
+// packed into one buffer (at most a block row of the weight: in L2), then every tile of
+// rows of x against each 8-column half of the block row, summed over all of the row's
+// kept blocks in registers. A block row without kept blocks writes zeros.
+void avx2_packed_product(const int8_t* a, int64_t lda, int64_t M, const KeptBlocks& w, int32_t* acc) {
+  const int64_t tiles = (M + kPackedTileRows - 1) / kPackedTileRows;
+  const int64_t tile_elems = packed_tile_elems(lda / 4);
+  std::vector<int16_t> x16(static_cast<size_t>(tiles * tile_elems), 0);
+  int8_rows_into_tiles(a, lda, M, x16.data());
+  const int64_t groups = w.BK / 4, block_bytes = w.BN * w.BK;
+  at::parallel_for(0, w.n_block_rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> packed;
+    std::vector<int64_t> x_group;
+    std::vector<int32_t> sums(static_cast<size_t>(kPackedTileRows * w.BN));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b0 = w.crow[r], kept = w.crow[r + 1] - b0;
+      const int64_t n0 = r * w.BN, cols = std::min(w.BN, w.N - n0);
+      packed.resize(static_cast<size_t>(kept * block_bytes));
+      x_group.resize(static_cast<size_t>(kept));
+      for (int64_t b = 0; b < kept; ++b) {
+        pack_int8_block(w.values + (b0 + b) * w.block_stride, w.row_stride, w.BN, w.BK, packed.data() + b * block_bytes);
+        x_group[b] = w.col[b0 + b] * groups;
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int rows = static_cast<int>(std::min<int64_t>(kPackedTileRows, M - t * kPackedTileRows));
+        std::fill(sums.begin(), sums.end(), 0);
+        for (int64_t h = 0; h < w.BN / 8; ++h)  // 8-column halves of the block row's panels
+          packed_half_tile_rows(rows, x16.data() + t * tile_elems, x_group.data(),
+                                packed.data() + (h / 2) * groups * kPackedBlockBytes + (h % 2) * 32, block_bytes, kept,
+                                groups, sums.data() + h * 8, w.BN);
+        for (int i = 0; i < rows; ++i)
+          std::copy(sums.data() + i * w.BN, sums.data() + i * w.BN + cols, acc + (t * kPackedTileRows + i) * w.N + n0);
+      }
+    }
+  });
+}
 #endif
 
 // -- AVX512-VNNI path -----------------------------------------------------------------------
@@ -259,6 +306,10 @@ void int8_product(const int8_t* a, int64_t lda, int64_t M, const KeptBlocks& w, 
   }
 #endif
 #ifdef __AVX2__
+  if (packed_tile_fits(M, w)) {
+    avx2_packed_product(a, lda, M, w, acc);
+    return;
+  }
   at::parallel_for(0, w.n_block_rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) avx2_block_row(a, lda, M, w, r, acc);
   });
