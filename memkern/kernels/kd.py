@@ -5,8 +5,8 @@
 same launch, w * d loss / d student logits. Same passes as csrc/cpu/kd_loss.cpp: maxima,
 normalisers and KL numerators relative to the maxima (exact cancellation of huge logits),
 the JSD pass, the gradient pass; each pass streams the row in BLOCK-wide tiles. The
-@triton.jit helpers below (log_mix, kl_term, undefined_row, soft_weight) and the columns
-of the per-row statistics (ST_*) are the fused-linear kernels' too.
+@triton.jit helpers below (log_mix, kl_term, undefined_row, soft_weight, ...) are the other
+distillation kernels' too (top-k, vocabulary shards, fused linear).
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ import triton.language as tl
 from memkern import kd_options
 
 FKL, RKL, JSD = 0, 1, 2
-
-# Columns of the per-row statistics (rows x N_STATS float32) that the fused-linear forward
-# leaves for the gradient kernel: the maxima of the student and teacher logits, the logs of
-# the temperature-T normalisers and the temperature-1 normaliser of the cross entropy
-# (all relative to the maxima), reverse KL's E_q[a - b] (its gradient needs it), JSD's
-# KL(q || m) term kq, and whether the row is undefined (NaN, +inf or all -inf: undefined_row).
-ST_MS, ST_MT, ST_LOG_ZS, ST_LOG_ZT, ST_Z1, ST_MEAN_AB, ST_KQ, ST_UNDEFINED = (tl.constexpr(i) for i in range(8))
-N_STATS = tl.constexpr(8)
 
 
 @triton.jit

@@ -6,10 +6,10 @@
   running (online) maxima and normalisers at once, so logits never reach memory (the JSD
   takes a second sweep with the final statistics). It writes the loss per row and, when
   gradients are wanted, eight float32 statistics per row (columns ``ST_*`` of
-  memkern.kernels.kd): what the gradient needs besides the logits themselves.
+  memkern.kernels.kd_linear_stats): what the gradient needs besides the logits themselves.
 * ``_linear_kd_grad_kernel``: the fused-linear gradient, with the structure of "cut cross-
   entropy" (Wijmans et al., 2024). Grid (row tiles x vocabulary tiles); a program recomputes
-  its student and teacher logit tiles with the same ``logits_tile``
+  its student and teacher logit tiles with the same ``logit_tiles``
   (memkern.kernels.kd_linear_stats) and hidden tile as the stats kernel, turns them and the
   row statistics into g = w_i d l_i / d s (the formulas of the gradient pass of
   memkern.kernels.kd's ``_kd_rows_kernel``), and adds g @ ws[cols] into grad_h[rows], g.T @
@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from memkern import kd_options
-from memkern.kernels.kd import (
+from memkern.kernels.kd import kernel_scalars, kl_term, log_mix
+from memkern.kernels.kd_linear_stats import (
     N_STATS,
     ST_KQ,
     ST_LOG_ZS,
@@ -51,17 +52,12 @@ from memkern.kernels.kd import (
     ST_MT,
     ST_UNDEFINED,
     ST_Z1,
-    kernel_scalars,
-    kl_term,
-    log_mix,
-)
-from memkern.kernels.kd_linear_stats import (
     contiguous_all,
     grad_launch_config,
     linear_flags,
     linear_kd_stats,
     logit_slope,
-    logits_tile,
+    logit_tiles,
     transform_args,
 )
 
@@ -128,7 +124,6 @@ def _linear_kd_grad_kernel(
     rows_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = V0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     mask_m = rows_m < N
-    mask_v = cols < V
     valid = mask_m
     y = tl.zeros([BLOCK_M], tl.int64)
     if HAS_LABELS:
@@ -145,48 +140,10 @@ def _linear_kd_grad_kernel(
         w = w * tl.load(rs_ptr + rows_m, mask=mask_m, other=0.0).to(tl.float32)
     w = tl.where(valid, w, 0.0)
 
-    s = logits_tile(
-        hs_ptr,
-        ws_ptr,
-        bs_ptr,
-        rows_m,
-        mask_m,
-        cols,
-        mask_v,
-        HS,
-        stride_hs,
-        stride_ws,
-        HAS_BS,
-        BLOCK_M,
-        BLOCK_V,
-        BLOCK_K,
-        PREC_S,
-        UPCAST_S,
-        s_scale,
-        s_cap,
-        HAS_S_CAP,
-    )
-    t = logits_tile(
-        ht_ptr,
-        wt_ptr,
-        bt_ptr,
-        rows_m,
-        mask_m,
-        cols,
-        mask_v,
-        HT,
-        stride_ht,
-        stride_wt,
-        HAS_BT,
-        BLOCK_M,
-        BLOCK_V,
-        BLOCK_K,
-        PREC_T,
-        UPCAST_T,
-        t_scale,
-        t_cap,
-        HAS_T_CAP,
-    )
+    mask_v, s, t = logit_tiles(cols, V, rows_m, mask_m, BLOCK_M, BLOCK_V, BLOCK_K,
+        hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap, HAS_BS, PREC_S, UPCAST_S, HAS_S_CAP,
+        ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap, HAS_BT, PREC_T, UPCAST_T, HAS_T_CAP,
+    )  # fmt: skip
     ds = s - ms[:, None]
     a = ds * inv_t
     b = (t - mt[:, None]) * inv_t

@@ -1,8 +1,8 @@
 """The forward of the fused-linear distillation loss in Triton: ``_linear_kd_stats_kernel``
 computes logit tiles with tl.dot and folds them into online per-row statistics (the loss per
-row and eight float32 statistics for the gradient), so logits never reach memory; and what
-the gradient kernel (memkern.kernels.kd_linear) shares with it: ``logits_tile``, the launch
-flags and the contiguity rule. memkern.kernels.kd_linear describes the design.
+row and eight float32 statistics for the gradient, columns ST_*), so logits never reach
+memory; and what the gradient kernel (memkern.kernels.kd_linear) shares with it: the
+statistics' columns, ``logit_tiles``, the launch flags and the contiguity rule. memkern.kernels.kd_linear describes the design.
 """
 
 from __future__ import annotations
@@ -13,21 +13,21 @@ import triton.language as tl
 
 from memkern import _library
 from memkern.kernels.kd import (
-    N_STATS,
-    ST_KQ,
-    ST_LOG_ZS,
-    ST_LOG_ZT,
-    ST_MEAN_AB,
-    ST_MS,
-    ST_MT,
-    ST_UNDEFINED,
-    ST_Z1,
     kernel_scalars,
     kl_term,
     log_mix,
     soft_weight,
     undefined_row,
 )
+
+# Columns of the per-row statistics (rows x N_STATS float32) that the stats kernel leaves for
+# the gradient kernel (memkern.kernels.kd_linear): the maxima of the student and teacher
+# logits, the logs of the temperature-T normalisers and the temperature-1 normaliser of the
+# cross entropy (all relative to the maxima), reverse KL's E_q[a - b] (its gradient needs
+# it), JSD's KL(q || m) term kq, and whether the row is undefined (memkern.kernels.kd's
+# undefined_row).
+ST_MS, ST_MT, ST_LOG_ZS, ST_LOG_ZT, ST_Z1, ST_MEAN_AB, ST_KQ, ST_UNDEFINED = (tl.constexpr(i) for i in range(8))
+N_STATS = tl.constexpr(8)
 
 
 @triton.jit
@@ -86,6 +86,26 @@ def logit_slope(z, scale, cap, HAS_CAP: tl.constexpr):
         th = z / cap
         return tl.where(z == float("-inf"), 0.0, scale * (1.0 - th * th))
     return tl.zeros_like(z) + scale
+
+
+@triton.jit
+def logit_tiles(
+    cols, V, rows_m, mask_m, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap,
+    HAS_BS: tl.constexpr, PREC_S: tl.constexpr, UPCAST_S: tl.constexpr, HAS_S_CAP: tl.constexpr,
+    ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap,
+    HAS_BT: tl.constexpr, PREC_T: tl.constexpr, UPCAST_T: tl.constexpr, HAS_T_CAP: tl.constexpr,
+):  # fmt: skip
+    """(mask_v, s, t): which of the vocabulary columns ``cols`` are below V, and the student's
+    and the teacher's (BLOCK_M x BLOCK_V) logit tiles there, each head's through logits_tile.
+    The stats and gradient kernels both take their tiles here, so that the gradient's
+    recomputed logits are the very ones the statistics were taken from."""
+    mask_v = cols < V
+    s = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws, HAS_BS,
+                    BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S, s_scale, s_cap, HAS_S_CAP)  # fmt: skip
+    t = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt, HAS_BT,
+                    BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T, t_scale, t_cap, HAS_T_CAP)  # fmt: skip
+    return mask_v, s, t
 
 
 @triton.jit
@@ -162,49 +182,10 @@ def _linear_kd_stats_kernel(
     nan = tl.zeros([BLOCK_M], tl.int32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs_v
-        mask_v = cols < V
-        s = logits_tile(
-            hs_ptr,
-            ws_ptr,
-            bs_ptr,
-            rows_m,
-            mask_m,
-            cols,
-            mask_v,
-            HS,
-            stride_hs,
-            stride_ws,
-            HAS_BS,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PREC_S,
-            UPCAST_S,
-            s_scale,
-            s_cap,
-            HAS_S_CAP,
-        )
-        t = logits_tile(
-            ht_ptr,
-            wt_ptr,
-            bt_ptr,
-            rows_m,
-            mask_m,
-            cols,
-            mask_v,
-            HT,
-            stride_ht,
-            stride_wt,
-            HAS_BT,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PREC_T,
-            UPCAST_T,
-            t_scale,
-            t_cap,
-            HAS_T_CAP,
-        )
+        mask_v, s, t = logit_tiles(cols, V, rows_m, mask_m, BLOCK_M, BLOCK_V, BLOCK_K,
+            hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap, HAS_BS, PREC_S, UPCAST_S, HAS_S_CAP,
+            ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap, HAS_BT, PREC_T, UPCAST_T, HAS_T_CAP,
+        )  # fmt: skip
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
         ms_new = tl.maximum(ms, tl.max(tl.where(mask_v[None, :], s, neg_inf), axis=1))
         mt_new = tl.maximum(mt, tl.max(tl.where(mask_v[None, :], t, neg_inf), axis=1))
@@ -254,50 +235,10 @@ def _linear_kd_stats_kernel(
         dp = tl.zeros([BLOCK_M], tl.float32)
         dq = tl.zeros([BLOCK_M], tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + offs_v
-            mask_v = cols < V
-            s = logits_tile(
-                hs_ptr,
-                ws_ptr,
-                bs_ptr,
-                rows_m,
-                mask_m,
-                cols,
-                mask_v,
-                HS,
-                stride_hs,
-                stride_ws,
-                HAS_BS,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_K,
-                PREC_S,
-                UPCAST_S,
-                s_scale,
-                s_cap,
-                HAS_S_CAP,
-            )
-            t = logits_tile(
-                ht_ptr,
-                wt_ptr,
-                bt_ptr,
-                rows_m,
-                mask_m,
-                cols,
-                mask_v,
-                HT,
-                stride_ht,
-                stride_wt,
-                HAS_BT,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_K,
-                PREC_T,
-                UPCAST_T,
-                t_scale,
-                t_cap,
-                HAS_T_CAP,
-            )
+            mask_v, s, t = logit_tiles(v0 + offs_v, V, rows_m, mask_m, BLOCK_M, BLOCK_V, BLOCK_K,
+                hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap, HAS_BS, PREC_S, UPCAST_S, HAS_S_CAP,
+                ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap, HAS_BT, PREC_T, UPCAST_T, HAS_T_CAP,
+            )  # fmt: skip
             lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
             lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
             lm = log_mix(lp, lq, log_beta, log_1mb)
