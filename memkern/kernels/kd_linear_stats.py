@@ -2,7 +2,8 @@
 computes logit tiles with tl.dot and folds them into online per-row statistics (the loss per
 row and eight float32 statistics for the gradient, columns ST_*), so logits never reach
 memory; and what the gradient kernel (memkern.kernels.kd_linear) shares with it: the
-statistics' columns, ``logit_tiles``, the launch flags and the contiguity rule. memkern.kernels.kd_linear describes the design.
+statistics' columns, ``logit_tiles``, the launch flags and the contiguity rule.
+memkern.kernels.kd_linear describes the design.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from memkern.kernels.kd import (
     kernel_scalars,
     kl_term,
     log_mix,
-    soft_weight,
+    row_loss,
     undefined_row,
 )
 
@@ -110,52 +111,16 @@ def logit_tiles(
 
 @triton.jit
 def _linear_kd_stats_kernel(
-    hs_ptr,
-    ws_ptr,
-    bs_ptr,
-    ht_ptr,
-    wt_ptr,
-    bt_ptr,
-    y_ptr,
-    loss_ptr,
-    stats_ptr,
-    N,
-    V,
-    HS,
-    HT,
-    stride_hs,
-    stride_ws,
-    stride_ht,
-    stride_wt,
-    inv_t,
-    alpha,
-    c_kd,
-    beta,
-    log_beta,
-    log_1mb,
-    ignore_index,
-    s_scale,
-    s_cap,
-    t_scale,
-    t_cap,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, loss_ptr, stats_ptr,
+    N, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,  # kernel_scalars(opts)
+    s_scale, s_cap, t_scale, t_cap,  # transform_args(transform), with its HAS_*_CAP
     parts_ptr,
-    HAS_LABELS: tl.constexpr,
-    CE: tl.constexpr,
-    DIV: tl.constexpr,
-    HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr,
-    PREC_S: tl.constexpr,
-    PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr,
-    UPCAST_T: tl.constexpr,
-    HAS_S_CAP: tl.constexpr,
-    HAS_T_CAP: tl.constexpr,
-    WRITE_STATS: tl.constexpr,
-    WRITE_PARTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr, WRITE_STATS: tl.constexpr, WRITE_PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     rows_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = rows_m < N
@@ -247,10 +212,7 @@ def _linear_kd_stats_kernel(
         kq = dq
         d = beta * dp + (1.0 - beta) * dq
     undefined = undefined_row(nan > 0, ms, mt)
-    loss = alpha * ce + soft_weight(c_kd, d)
-    loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(valid & undefined, float("nan"), loss)
-    tl.store(loss_ptr + rows_m, loss, mask=mask_m)
+    tl.store(loss_ptr + rows_m, row_loss(alpha, ce, c_kd, d, valid, undefined), mask=mask_m)
     if WRITE_PARTS:
         # the two terms apart (rows x 2: ce, D), each 0 for ignored rows and NaN for undefined ones
         for_row = valid & undefined
@@ -288,6 +250,27 @@ def transform_args(transform) -> dict:
     )
 
 
+def linear_operands(hs, ws, bs, ht, wt, bt, labels, dummy) -> dict:
+    """The two heads and the labels as the fused-linear kernels take them, by name: pointers
+    (``dummy`` standing in for an absent bias or labels, never read: the flags say so),
+    hidden sizes and row strides."""
+    return dict(
+        hs_ptr=hs,
+        ws_ptr=ws,
+        bs_ptr=bs if bs is not None else dummy,
+        ht_ptr=ht,
+        wt_ptr=wt,
+        bt_ptr=bt if bt is not None else dummy,
+        y_ptr=labels if labels is not None else dummy,
+        HS=hs.shape[1],
+        HT=ht.shape[1],
+        stride_hs=hs.stride(0),
+        stride_ws=ws.stride(0),
+        stride_ht=ht.stride(0),
+        stride_wt=wt.stride(0),
+    )
+
+
 def linear_flags(hs, bs, ht, bt, labels, opts, *, terms_apart: bool = False) -> dict:
     """Compile-time flags shared by the fused-linear kernels. ``terms_apart``: the cross
     entropy is computed whatever alpha (its weights come per row)."""
@@ -321,23 +304,11 @@ def linear_kd_stats(
     config = stats_launch_config(hs.dtype, ht.dtype)
     dummy = loss
     _linear_kd_stats_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
-        hs,
-        ws,
-        bs if bs is not None else dummy,
-        ht,
-        wt,
-        bt if bt is not None else dummy,
-        labels if labels is not None else dummy,
-        loss,
-        stats if stats is not None else dummy,
-        rows,
-        vocab,
-        hs.shape[1],
-        ht.shape[1],
-        hs.stride(0),
-        ws.stride(0),
-        ht.stride(0),
-        wt.stride(0),
+        **linear_operands(hs, ws, bs, ht, wt, bt, labels, dummy),
+        loss_ptr=loss,
+        stats_ptr=stats if stats is not None else dummy,
+        N=rows,
+        V=vocab,
         **kernel_scalars(opts),
         **transform_args(transform),
         parts_ptr=parts if parts is not None else dummy,
