@@ -64,8 +64,8 @@ def tile_columns(start, offs, V):
     return cols, cols < V
 
 
-# What the row kernels (this one and memkern.kernels.kd_topk's) do alike with a row's label,
-# its loss and its gradient tiles.
+# What the row kernels (_kd_rows_kernel below, memkern.kernels.kd_topk's) do alike with a
+# row's label, its loss and its gradient tiles; the fused-linear stats kernel takes row_loss too.
 @triton.jit
 def row_label(y_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
     """(y, valid): the row's label (0 where it is ignored, so that it still indexes) and
