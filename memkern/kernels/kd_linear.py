@@ -6,10 +6,10 @@
   running (online) maxima and normalisers at once, so logits never reach memory (the JSD
   takes a second sweep with the final statistics). It writes the loss per row and, when
   gradients are wanted, eight float32 statistics per row (columns ``ST_*`` of
-  memkern.kernels.kd): what the gradient needs besides the logits themselves.
+  memkern.kernels.kd_linear_stats): what the gradient needs besides the logits themselves.
 * ``_linear_kd_grad_kernel``: the fused-linear gradient, with the structure of "cut cross-
   entropy" (Wijmans et al., 2024). Grid (row tiles x vocabulary tiles); a program recomputes
-  its student and teacher logit tiles with the same ``logits_tile``
+  its student and teacher logit tiles with the same ``logit_tiles``
   (memkern.kernels.kd_linear_stats) and hidden tile as the stats kernel, turns them and the
   row statistics into g = w_i d l_i / d s (the formulas of the gradient pass of
   memkern.kernels.kd's ``_kd_rows_kernel``), and adds g @ ws[cols] into grad_h[rows], g.T @
@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from memkern import kd_options
-from memkern.kernels.kd import (
+from memkern.kernels.kd import kernel_scalars, kl_term, log_mix
+from memkern.kernels.kd_linear_stats import (
     N_STATS,
     ST_KQ,
     ST_LOG_ZS,
@@ -51,74 +52,31 @@ from memkern.kernels.kd import (
     ST_MT,
     ST_UNDEFINED,
     ST_Z1,
-    kernel_scalars,
-    kl_term,
-    log_mix,
-)
-from memkern.kernels.kd_linear_stats import (
     contiguous_all,
     grad_launch_config,
     linear_flags,
     linear_kd_stats,
+    linear_operands,
     logit_slope,
-    logits_tile,
+    logit_tiles,
     transform_args,
 )
 
 
 @triton.jit
 def _linear_kd_grad_kernel(
-    hs_ptr,
-    ws_ptr,
-    bs_ptr,
-    ht_ptr,
-    wt_ptr,
-    bt_ptr,
-    y_ptr,
-    rs_ptr,
-    stats_ptr,
-    gh_ptr,
-    gw_ptr,
-    gb_ptr,
-    N,
-    V0,
-    V,
-    HS,
-    HT,
-    stride_hs,
-    stride_ws,
-    stride_ht,
-    stride_wt,
-    inv_t,
-    alpha,
-    c_kd,
-    beta,
-    log_beta,
-    log_1mb,
-    ignore_index,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, rs_ptr, stats_ptr, gh_ptr, gw_ptr, gb_ptr,
+    N, V0, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,  # kernel_scalars(opts)
     grad_scale,
-    s_scale,
-    s_cap,
-    t_scale,
-    t_cap,
+    s_scale, s_cap, t_scale, t_cap,  # transform_args(transform), with its HAS_*_CAP
     ce_rs_ptr,
-    HAS_LABELS: tl.constexpr,
-    CE: tl.constexpr,
-    DIV: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr,
-    HAS_CE_ROW_SCALE: tl.constexpr,
-    HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr,
-    PREC_S: tl.constexpr,
-    PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr,
-    UPCAST_T: tl.constexpr,
-    HAS_S_CAP: tl.constexpr,
-    HAS_T_CAP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    HAS_CE_ROW_SCALE: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     """One (BLOCK_M rows x BLOCK_V columns) tile of g = w_i * d l_i / d s (pass 4 of
     ``_kd_rows_kernel``, from recomputed logits and the saved row statistics), added into
     grad_h[rows] (g @ ws[cols]), grad_w[cols] (g.T @ hs[rows]) and grad_b[cols] (column sums
@@ -128,7 +86,6 @@ def _linear_kd_grad_kernel(
     rows_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = V0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     mask_m = rows_m < N
-    mask_v = cols < V
     valid = mask_m
     y = tl.zeros([BLOCK_M], tl.int64)
     if HAS_LABELS:
@@ -145,48 +102,10 @@ def _linear_kd_grad_kernel(
         w = w * tl.load(rs_ptr + rows_m, mask=mask_m, other=0.0).to(tl.float32)
     w = tl.where(valid, w, 0.0)
 
-    s = logits_tile(
-        hs_ptr,
-        ws_ptr,
-        bs_ptr,
-        rows_m,
-        mask_m,
-        cols,
-        mask_v,
-        HS,
-        stride_hs,
-        stride_ws,
-        HAS_BS,
-        BLOCK_M,
-        BLOCK_V,
-        BLOCK_K,
-        PREC_S,
-        UPCAST_S,
-        s_scale,
-        s_cap,
-        HAS_S_CAP,
-    )
-    t = logits_tile(
-        ht_ptr,
-        wt_ptr,
-        bt_ptr,
-        rows_m,
-        mask_m,
-        cols,
-        mask_v,
-        HT,
-        stride_ht,
-        stride_wt,
-        HAS_BT,
-        BLOCK_M,
-        BLOCK_V,
-        BLOCK_K,
-        PREC_T,
-        UPCAST_T,
-        t_scale,
-        t_cap,
-        HAS_T_CAP,
-    )
+    mask_v, s, t = logit_tiles(cols, V, rows_m, mask_m, BLOCK_M, BLOCK_V, BLOCK_K,
+        hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap, HAS_BS, PREC_S, UPCAST_S, HAS_S_CAP,
+        ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap, HAS_BT, PREC_T, UPCAST_T, HAS_T_CAP,
+    )  # fmt: skip
     ds = s - ms[:, None]
     a = ds * inv_t
     b = (t - mt[:, None]) * inv_t
@@ -290,27 +209,15 @@ def linear_kd_grad(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, 
         if rows > 0:
             grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(v1 - v0, config["BLOCK_V"]))
             _linear_kd_grad_kernel[grid](
-                hs,
-                ws,
-                bs if bs is not None else dummy,
-                ht,
-                wt,
-                bt if bt is not None else dummy,
-                labels if labels is not None else dummy,
-                row_scale if row_scale is not None else dummy,
-                stats,
-                grad_h,
-                acc,
-                grad_b if grad_b is not None else dummy,
-                rows,
-                v0,
-                v1,
-                hidden,
-                ht.shape[1],
-                hs.stride(0),
-                ws.stride(0),
-                ht.stride(0),
-                wt.stride(0),
+                **linear_operands(hs, ws, bs, ht, wt, bt, labels, dummy),
+                rs_ptr=row_scale if row_scale is not None else dummy,
+                stats_ptr=stats,
+                gh_ptr=grad_h,
+                gw_ptr=acc,
+                gb_ptr=grad_b if grad_b is not None else dummy,
+                N=rows,
+                V0=v0,
+                V=v1,
                 grad_scale=grad_scale,
                 **kernel_scalars(opts),
                 **transform_args(transform),

@@ -1,8 +1,9 @@
 """The forward of the fused-linear distillation loss in Triton: ``_linear_kd_stats_kernel``
 computes logit tiles with tl.dot and folds them into online per-row statistics (the loss per
-row and eight float32 statistics for the gradient), so logits never reach memory; and what
-the gradient kernel (memkern.kernels.kd_linear) shares with it: ``logits_tile``, the launch
-flags and the contiguity rule. memkern.kernels.kd_linear describes the design.
+row and eight float32 statistics for the gradient, columns ST_*), so logits never reach
+memory; and what the gradient kernel (memkern.kernels.kd_linear) shares with it: the
+statistics' columns, ``logit_tiles``, the launch flags and the contiguity rule.
+memkern.kernels.kd_linear describes the design.
 """
 
 from __future__ import annotations
@@ -13,21 +14,21 @@ import triton.language as tl
 
 from memkern import _library
 from memkern.kernels.kd import (
-    N_STATS,
-    ST_KQ,
-    ST_LOG_ZS,
-    ST_LOG_ZT,
-    ST_MEAN_AB,
-    ST_MS,
-    ST_MT,
-    ST_UNDEFINED,
-    ST_Z1,
     kernel_scalars,
     kl_term,
     log_mix,
-    soft_weight,
+    row_loss,
     undefined_row,
 )
+
+# Columns of the per-row statistics (rows x N_STATS float32) that the stats kernel leaves for
+# the gradient kernel (memkern.kernels.kd_linear): the maxima of the student and teacher
+# logits, the logs of the temperature-T normalisers and the temperature-1 normaliser of the
+# cross entropy (all relative to the maxima), reverse KL's E_q[a - b] (its gradient needs
+# it), JSD's KL(q || m) term kq, and whether the row is undefined (memkern.kernels.kd's
+# undefined_row).
+ST_MS, ST_MT, ST_LOG_ZS, ST_LOG_ZT, ST_Z1, ST_MEAN_AB, ST_KQ, ST_UNDEFINED = (tl.constexpr(i) for i in range(8))
+N_STATS = tl.constexpr(8)
 
 
 @triton.jit
@@ -89,53 +90,37 @@ def logit_slope(z, scale, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
+def logit_tiles(
+    cols, V, rows_m, mask_m, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap,
+    HAS_BS: tl.constexpr, PREC_S: tl.constexpr, UPCAST_S: tl.constexpr, HAS_S_CAP: tl.constexpr,
+    ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap,
+    HAS_BT: tl.constexpr, PREC_T: tl.constexpr, UPCAST_T: tl.constexpr, HAS_T_CAP: tl.constexpr,
+):  # fmt: skip
+    """(mask_v, s, t): which of the vocabulary columns ``cols`` are below V, and the student's
+    and the teacher's (BLOCK_M x BLOCK_V) logit tiles there, each head's through logits_tile.
+    The stats and gradient kernels both take their tiles here, so that the gradient's
+    recomputed logits are the very ones the statistics were taken from."""
+    mask_v = cols < V
+    s = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows_m, mask_m, cols, mask_v, HS, stride_hs, stride_ws, HAS_BS,
+                    BLOCK_M, BLOCK_V, BLOCK_K, PREC_S, UPCAST_S, s_scale, s_cap, HAS_S_CAP)  # fmt: skip
+    t = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows_m, mask_m, cols, mask_v, HT, stride_ht, stride_wt, HAS_BT,
+                    BLOCK_M, BLOCK_V, BLOCK_K, PREC_T, UPCAST_T, t_scale, t_cap, HAS_T_CAP)  # fmt: skip
+    return mask_v, s, t
+
+
+@triton.jit
 def _linear_kd_stats_kernel(
-    hs_ptr,
-    ws_ptr,
-    bs_ptr,
-    ht_ptr,
-    wt_ptr,
-    bt_ptr,
-    y_ptr,
-    loss_ptr,
-    stats_ptr,
-    N,
-    V,
-    HS,
-    HT,
-    stride_hs,
-    stride_ws,
-    stride_ht,
-    stride_wt,
-    inv_t,
-    alpha,
-    c_kd,
-    beta,
-    log_beta,
-    log_1mb,
-    ignore_index,
-    s_scale,
-    s_cap,
-    t_scale,
-    t_cap,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, loss_ptr, stats_ptr,
+    N, V, HS, HT, stride_hs, stride_ws, stride_ht, stride_wt,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,  # kernel_scalars(opts)
+    s_scale, s_cap, t_scale, t_cap,  # transform_args(transform), with its HAS_*_CAP
     parts_ptr,
-    HAS_LABELS: tl.constexpr,
-    CE: tl.constexpr,
-    DIV: tl.constexpr,
-    HAS_BS: tl.constexpr,
-    HAS_BT: tl.constexpr,
-    PREC_S: tl.constexpr,
-    PREC_T: tl.constexpr,
-    UPCAST_S: tl.constexpr,
-    UPCAST_T: tl.constexpr,
-    HAS_S_CAP: tl.constexpr,
-    HAS_T_CAP: tl.constexpr,
-    WRITE_STATS: tl.constexpr,
-    WRITE_PARTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+    HAS_S_CAP: tl.constexpr, HAS_T_CAP: tl.constexpr, WRITE_STATS: tl.constexpr, WRITE_PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     rows_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = rows_m < N
@@ -162,49 +147,10 @@ def _linear_kd_stats_kernel(
     nan = tl.zeros([BLOCK_M], tl.int32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs_v
-        mask_v = cols < V
-        s = logits_tile(
-            hs_ptr,
-            ws_ptr,
-            bs_ptr,
-            rows_m,
-            mask_m,
-            cols,
-            mask_v,
-            HS,
-            stride_hs,
-            stride_ws,
-            HAS_BS,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PREC_S,
-            UPCAST_S,
-            s_scale,
-            s_cap,
-            HAS_S_CAP,
-        )
-        t = logits_tile(
-            ht_ptr,
-            wt_ptr,
-            bt_ptr,
-            rows_m,
-            mask_m,
-            cols,
-            mask_v,
-            HT,
-            stride_ht,
-            stride_wt,
-            HAS_BT,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PREC_T,
-            UPCAST_T,
-            t_scale,
-            t_cap,
-            HAS_T_CAP,
-        )
+        mask_v, s, t = logit_tiles(cols, V, rows_m, mask_m, BLOCK_M, BLOCK_V, BLOCK_K,
+            hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap, HAS_BS, PREC_S, UPCAST_S, HAS_S_CAP,
+            ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap, HAS_BT, PREC_T, UPCAST_T, HAS_T_CAP,
+        )  # fmt: skip
         nan = nan | tl.max(((s != s) | (t != t)).to(tl.int32), axis=1)
         ms_new = tl.maximum(ms, tl.max(tl.where(mask_v[None, :], s, neg_inf), axis=1))
         mt_new = tl.maximum(mt, tl.max(tl.where(mask_v[None, :], t, neg_inf), axis=1))
@@ -254,50 +200,10 @@ def _linear_kd_stats_kernel(
         dp = tl.zeros([BLOCK_M], tl.float32)
         dq = tl.zeros([BLOCK_M], tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + offs_v
-            mask_v = cols < V
-            s = logits_tile(
-                hs_ptr,
-                ws_ptr,
-                bs_ptr,
-                rows_m,
-                mask_m,
-                cols,
-                mask_v,
-                HS,
-                stride_hs,
-                stride_ws,
-                HAS_BS,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_K,
-                PREC_S,
-                UPCAST_S,
-                s_scale,
-                s_cap,
-                HAS_S_CAP,
-            )
-            t = logits_tile(
-                ht_ptr,
-                wt_ptr,
-                bt_ptr,
-                rows_m,
-                mask_m,
-                cols,
-                mask_v,
-                HT,
-                stride_ht,
-                stride_wt,
-                HAS_BT,
-                BLOCK_M,
-                BLOCK_V,
-                BLOCK_K,
-                PREC_T,
-                UPCAST_T,
-                t_scale,
-                t_cap,
-                HAS_T_CAP,
-            )
+            mask_v, s, t = logit_tiles(v0 + offs_v, V, rows_m, mask_m, BLOCK_M, BLOCK_V, BLOCK_K,
+                hs_ptr, ws_ptr, bs_ptr, HS, stride_hs, stride_ws, s_scale, s_cap, HAS_BS, PREC_S, UPCAST_S, HAS_S_CAP,
+                ht_ptr, wt_ptr, bt_ptr, HT, stride_ht, stride_wt, t_scale, t_cap, HAS_BT, PREC_T, UPCAST_T, HAS_T_CAP,
+            )  # fmt: skip
             lq = (s - ms[:, None]) * inv_t - log_zs[:, None]
             lp = (t - mt[:, None]) * inv_t - log_zt[:, None]
             lm = log_mix(lp, lq, log_beta, log_1mb)
@@ -306,10 +212,7 @@ def _linear_kd_stats_kernel(
         kq = dq
         d = beta * dp + (1.0 - beta) * dq
     undefined = undefined_row(nan > 0, ms, mt)
-    loss = alpha * ce + soft_weight(c_kd, d)
-    loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(valid & undefined, float("nan"), loss)
-    tl.store(loss_ptr + rows_m, loss, mask=mask_m)
+    tl.store(loss_ptr + rows_m, row_loss(alpha, ce, c_kd, d, valid, undefined), mask=mask_m)
     if WRITE_PARTS:
         # the two terms apart (rows x 2: ce, D), each 0 for ignored rows and NaN for undefined ones
         for_row = valid & undefined
@@ -347,6 +250,27 @@ def transform_args(transform) -> dict:
     )
 
 
+def linear_operands(hs, ws, bs, ht, wt, bt, labels, dummy) -> dict:
+    """The two heads and the labels as the fused-linear kernels take them, by name: pointers
+    (``dummy`` standing in for an absent bias or labels, never read: the flags say so),
+    hidden sizes and row strides."""
+    return dict(
+        hs_ptr=hs,
+        ws_ptr=ws,
+        bs_ptr=bs if bs is not None else dummy,
+        ht_ptr=ht,
+        wt_ptr=wt,
+        bt_ptr=bt if bt is not None else dummy,
+        y_ptr=labels if labels is not None else dummy,
+        HS=hs.shape[1],
+        HT=ht.shape[1],
+        stride_hs=hs.stride(0),
+        stride_ws=ws.stride(0),
+        stride_ht=ht.stride(0),
+        stride_wt=wt.stride(0),
+    )
+
+
 def linear_flags(hs, bs, ht, bt, labels, opts, *, terms_apart: bool = False) -> dict:
     """Compile-time flags shared by the fused-linear kernels. ``terms_apart``: the cross
     entropy is computed whatever alpha (its weights come per row)."""
@@ -380,23 +304,11 @@ def linear_kd_stats(
     config = stats_launch_config(hs.dtype, ht.dtype)
     dummy = loss
     _linear_kd_stats_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
-        hs,
-        ws,
-        bs if bs is not None else dummy,
-        ht,
-        wt,
-        bt if bt is not None else dummy,
-        labels if labels is not None else dummy,
-        loss,
-        stats if stats is not None else dummy,
-        rows,
-        vocab,
-        hs.shape[1],
-        ht.shape[1],
-        hs.stride(0),
-        ws.stride(0),
-        ht.stride(0),
-        wt.stride(0),
+        **linear_operands(hs, ws, bs, ht, wt, bt, labels, dummy),
+        loss_ptr=loss,
+        stats_ptr=stats if stats is not None else dummy,
+        N=rows,
+        V=vocab,
         **kernel_scalars(opts),
         **transform_args(transform),
         parts_ptr=parts if parts is not None else dummy,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from memkern.kd_options import KDOptions
-from memkern.kernels.kd import _block, kl_term, log_mix
+from memkern.kernels.kd import _block, kl_term, log_mix, tile_columns
 
 N_STATS = 5
 
@@ -29,8 +29,7 @@ def _row_stats_kernel(s_ptr, t_ptr, out_ptr, V, stride_s, stride_t, inv_t, BLOCK
     nan_s = tl.zeros([BLOCK], tl.int32)
     nan_t = tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        mask = cols < V
+        cols, mask = tile_columns(start, offs, V)
         s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         nan_s = nan_s | (s != s).to(tl.int32)
@@ -47,8 +46,7 @@ def _row_stats_kernel(s_ptr, t_ptr, out_ptr, V, stride_s, stride_t, inv_t, BLOCK
     zs_v = tl.zeros([BLOCK], tl.float32)
     zt_v = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        mask = cols < V
+        cols, mask = tile_columns(start, offs, V)
         ds = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) - shift_s
         dt = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - shift_t
         z1_v += tl.where(mask, tl.exp(ds), 0.0)
@@ -72,19 +70,9 @@ def _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_zs, log_zt, inv_t):
 
 @triton.jit
 def _partials_kernel(
-    s_ptr,
-    t_ptr,
-    g_ptr,
-    out_ptr,
-    V,
-    stride_s,
-    stride_t,
-    inv_t,
-    log_beta,
-    log_1mb,
-    DIV: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    s_ptr, t_ptr, g_ptr, out_ptr, V, stride_s, stride_t, inv_t, log_beta, log_1mb,
+    DIV: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
@@ -95,8 +83,7 @@ def _partials_kernel(
     a_v = tl.zeros([BLOCK], tl.float32)
     b_v = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        mask = cols < V
+        cols, mask = tile_columns(start, offs, V)
         lq, lp = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_zs, log_zt, inv_t)
         if DIV == 0:
             a_v += tl.where(mask, kl_term(tl.exp(lp), lp - lq), 0.0)
@@ -112,27 +99,10 @@ def _partials_kernel(
 
 @triton.jit
 def _grad_kernel(
-    s_ptr,
-    t_ptr,
-    y_ptr,
-    g_ptr,
-    tot_ptr,
-    w_ptr,
-    out_ptr,
-    V,
-    stride_s,
-    stride_t,
-    stride_o,
-    inv_t,
-    alpha,
-    c_kd,
-    beta,
-    log_beta,
-    log_1mb,
-    CE: tl.constexpr,
-    DIV: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    s_ptr, t_ptr, y_ptr, g_ptr, tot_ptr, w_ptr, out_ptr, V, stride_s, stride_t, stride_o,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb,
+    CE: tl.constexpr, DIV: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
@@ -150,8 +120,7 @@ def _grad_kernel(
     no_grad = (DIV == 1) & (c_kd != 0.0) & (total_a == float("inf"))
     offs = tl.arange(0, BLOCK).to(tl.int64)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        mask = cols < V
+        cols, mask = tile_columns(start, offs, V)
         lq, lp = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_zs, log_zt, inv_t)
         q = tl.exp(lq)
         if DIV == 0:

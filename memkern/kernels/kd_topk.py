@@ -16,7 +16,16 @@ import triton
 import triton.language as tl
 
 from memkern import kd_options
-from memkern.kernels.kd import kernel_scalars, kl_term, log_mix, soft_weight
+from memkern.kernels.kd import (
+    kl_term,
+    log_mix,
+    row_kernel_args,
+    row_label,
+    row_loss,
+    row_weight,
+    store_grad_tile,
+    tile_columns,
+)
 
 
 @triton.jit
@@ -51,34 +60,12 @@ def _member(cols, idx):
 
 @triton.jit
 def _kd_topk_rows_kernel(
-    s_ptr,
-    lp_ptr,
-    idx_ptr,
-    y_ptr,
-    rs_ptr,
-    g_ptr,
-    loss_ptr,
-    V,
-    K,
-    stride_s,
-    stride_g,
-    inv_t,
-    alpha,
-    c_kd,
-    beta,
-    log_beta,
-    log_1mb,
-    ignore_index,
+    s_ptr, lp_ptr, idx_ptr, y_ptr, rs_ptr, g_ptr, loss_ptr, V, K, stride_s, stride_g,
+    inv_t, alpha, c_kd, beta, log_beta, log_1mb, ignore_index,  # kernel_scalars(opts)
     grad_scale,
-    HAS_LABELS: tl.constexpr,
-    CE: tl.constexpr,
-    DIV: tl.constexpr,
-    COVERS_VOCAB: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-    K_PAD: tl.constexpr,
-):
+    HAS_LABELS: tl.constexpr, CE: tl.constexpr, DIV: tl.constexpr, COVERS_VOCAB: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, K_PAD: tl.constexpr,
+):  # fmt: skip
     inf = float("inf")
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -87,12 +74,7 @@ def _kd_topk_rows_kernel(
     kmask = ks < K
     idx = tl.load(idx_ptr + row * K + ks, mask=kmask, other=-1)
     lp = tl.load(lp_ptr + row * K + ks, mask=kmask, other=-inf).to(tl.float32)
-    valid = True
-    y = 0
-    if HAS_LABELS:
-        y = tl.load(y_ptr + row)
-        valid = y != ignore_index
-        y = tl.where(valid, y, 0)
+    y, valid = row_label(y_ptr, row, ignore_index, HAS_LABELS)
     idx = tl.where(valid, idx, -1)  # an ignored row's indices are never followed
 
     # pass 1: maxima of the row and of its tail, and NaN
@@ -100,8 +82,8 @@ def _kd_topk_rows_kernel(
     mc_v = tl.full([BLOCK], -inf, tl.float32)
     nan_v = tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        s = tl.load(s_row + cols, mask=cols < V, other=-inf).to(tl.float32)
+        cols, mask = tile_columns(start, offs, V)
+        s = tl.load(s_row + cols, mask=mask, other=-inf).to(tl.float32)
         _, member = _member(cols, idx)
         nan_v = nan_v | (s != s).to(tl.int32)
         s = tl.where(s == s, s, -inf)
@@ -119,8 +101,7 @@ def _kd_topk_rows_kernel(
     zc_v = tl.zeros([BLOCK], tl.float32)
     z1_v = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        mask = cols < V
+        cols, mask = tile_columns(start, offs, V)
         s = tl.load(s_row + cols, mask=mask, other=-inf).to(tl.float32)
         _, member = _member(cols, idx)
         z_v += tl.where(mask, tl.exp((s - m_safe) * inv_t), 0.0)
@@ -176,18 +157,12 @@ def _kd_topk_rows_kernel(
     if CE:
         z1 = tl.sum(z1_v, axis=0)
         ce = tl.log(z1) - (tl.load(s_row + y).to(tl.float32) - m_safe)
-    loss = alpha * ce + soft_weight(c_kd, d)
-    loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(undefined & valid, float("nan"), loss)
-    tl.store(loss_ptr + row, loss)
+    tl.store(loss_ptr + row, row_loss(alpha, ce, c_kd, d, valid, undefined))
 
     if WRITE_GRAD:
         # pass 3: the gradient (each tile is read before its slots are written, so g may be
         # the student tensor itself)
-        w = grad_scale
-        if HAS_ROW_SCALE:
-            w = w * tl.load(rs_ptr + row).to(tl.float32)
-        w = tl.where(valid, w, 0.0)
+        w = row_weight(grad_scale, rs_ptr, row, valid, HAS_ROW_SCALE)
         w_ce = alpha * w / z1
         w_kd = c_kd * inv_t * w
         if DIV == 2:
@@ -195,8 +170,7 @@ def _kd_topk_rows_kernel(
         no_grad = undefined | ((DIV == 1) & (c_kd != 0.0) & (d == inf))
         g_row = g_ptr + row * stride_g
         for start in range(0, V, BLOCK):
-            cols = start + offs
-            mask = cols < V
+            cols, mask = tile_columns(start, offs, V)
             s = tl.load(s_row + cols, mask=mask, other=-inf).to(tl.float32)
             eq, member = _member(cols, idx)
             q = tl.exp((s - m_safe) * inv_t - log_z)
@@ -209,12 +183,7 @@ def _kd_topk_rows_kernel(
             else:
                 g_top = tl.sum(tl.where(eq, (gb - G)[None, :], 0.0), axis=1)
                 g = kl_term(q, tl.where(member, g_top, gb_t - G))
-            g = tl.where(w_kd == 0.0, 0.0, w_kd * g)  # no soft term (alpha = 1), even if +inf
-            if CE:
-                g += w_ce * tl.exp(s - m_safe) - tl.where(cols == y, alpha * w, 0.0)
-            g = tl.where(valid, g, 0.0)
-            g = tl.where(no_grad & valid, float("nan"), g)
-            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+            store_grad_tile(g_row, cols, mask, g, w_kd, s - m_safe, w_ce, y, alpha * w, valid, no_grad, CE)
 
 
 def _tiles(vocab: int, k: int) -> tuple[int, int]:
@@ -232,29 +201,16 @@ def kd_topk_loss_rows(
     loss = torch.empty(rows, dtype=torch.float32, device=s.device)
     if rows == 0:
         return loss
-    write_grad = grad.dim() == 2
-    dummy = loss  # stands in for absent pointers (never read: the constexpr flags say so)
     block, k_pad = _tiles(vocab, k)
     _kd_topk_rows_kernel[(rows,)](
         s,
         lp,
         idx,
-        labels if labels is not None else dummy,
-        row_scale if row_scale is not None else dummy,
-        grad if write_grad else dummy,
-        loss,
-        vocab,
-        k,
-        s.stride(0),
-        grad.stride(0) if write_grad else 0,
-        grad_scale=grad_scale,
-        **kernel_scalars(opts),
-        HAS_LABELS=labels is not None,
-        CE=labels is not None and opts.alpha != 0.0,
-        DIV=opts.divergence_id,
+        V=vocab,
+        K=k,
+        stride_s=s.stride(0),
+        **row_kernel_args(labels, row_scale, grad, loss, opts, grad_scale),
         COVERS_VOCAB=k >= vocab,
-        HAS_ROW_SCALE=row_scale is not None,
-        WRITE_GRAD=write_grad,
         BLOCK=block,
         K_PAD=k_pad,
     )
