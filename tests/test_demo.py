@@ -22,6 +22,8 @@ STAGES = [
     "student (distilled)",
     "pruned one-shot (2:4 wanda)",
     "pruned one-shot (2:4 sparsegpt)",
+    "pruned one-shot (50% unstructured wanda)",
+    "pruned one-shot (50% unstructured sparsegpt)",
     "pruned (2:4 wanda)",
     "int8 (from pruned)",
     "fp16 (from pruned)",
@@ -46,6 +48,16 @@ def test_report_has_every_stage_with_finite_figures(result):
         elif s.name.startswith("pruned one-shot"):
             expected = "pruning"
         assert s.peak_of == expected, s.name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_unstructured_one_shot_stages_prune_half_of_every_layer(result, method):
+    stage = result.stage(f"pruned one-shot (50% unstructured {method})")
+    layers = [m for m in stage.model.modules() if isinstance(m, memkern.nn.SparseLinear)]
+    assert layers and stage.note.endswith("ms per layer")
+    for layer in layers:
+        dense = layer.to_dense()
+        assert (dense == 0).float().mean().item() == pytest.approx(0.5, abs=1 / dense.shape[1])
 
 
 def test_each_stage_reports_the_footprint_of_its_model(result):

@@ -361,19 +361,26 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     )
 
     # 3. prune the distilled student one-shot with Wanda and with SparseGPT (which also updates
-    # the kept weights), side by side; then fine-tune Wanda's with the pruned weights held at 0
+    # the kept weights), side by side, in the chosen pattern and unstructured at the same
+    # sparsity; then fine-tune Wanda's (chosen pattern) with the pruned weights held at 0
     calibration = [batches(3).next()[0] for _ in range(4)]
-    pattern = {"2:4": "n:m", "block": "block"}[cfg.prune_pattern]
+    patterns = {
+        cfg.prune_pattern: {"2:4": "n:m", "block": "block"}[cfg.prune_pattern],
+        f"{cfg.sparsity:.0%} unstructured": "unstructured",
+    }
     one_shot: dict[str, nn.Module] = {}
     reports = {}
-    for method in ("wanda", "sparsegpt"):
-        one_shot[method] = copy.deepcopy(student)
-        with PeakMemory(cfg.device) as peak:
-            reports[method] = memkern.prune.prune_model(
-                one_shot[method], cfg.sparsity, pattern, method=method, calibration=calibration
-            )
-        name = f"pruned one-shot ({cfg.prune_pattern} {method})"
-        record(name, one_shot[method], peak, "pruning", str(reports[method]))
+    for label, pattern in patterns.items():
+        for method in ("wanda", "sparsegpt"):
+            model = copy.deepcopy(student)
+            started_pruning = time.perf_counter()
+            with PeakMemory(cfg.device) as peak:
+                report = memkern.prune.prune_model(model, cfg.sparsity, pattern, method=method, calibration=calibration)
+            per_layer = (time.perf_counter() - started_pruning) / max(1, len(report.layers))
+            if label == cfg.prune_pattern:
+                one_shot[method], reports[method] = model, report
+            note = f"{report}; {per_layer * 1e3:.1f} ms per layer"
+            record(f"pruned one-shot ({label} {method})", model, peak, "pruning", note)
     pruned = copy.deepcopy(one_shot["wanda"])
     with PeakMemory(cfg.device) as peak:
         zero_before = _pruned_positions(pruned)
