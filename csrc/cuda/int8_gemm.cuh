@@ -35,6 +35,17 @@ __device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// A warp's 4 x 4 mma tiles of 4 accumulators each, set to zero (in registers: unrolled).
+template <typename T>
+__device__ __forceinline__ void zero_fragments(T (&frag)[4][4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) frag[i][j][r] = 0;
+}
+
 __device__ __forceinline__ void mma_s8_m16n8k32(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -79,22 +90,12 @@ int8_linear_gemm_kernel(const int8_t* __restrict__ xq, const float* __restrict__
   const int g = lane / 4, t = lane % 4;    // mma fragment coordinates
 
   int32_t acc[4][4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+  zero_fragments(acc);
   // K > kExactChunkK only: the int64 sum of acc's stretches. ptxas for sm_90: 240
   // registers a thread and no spill with it, 98-105 in the instantiations without it.
   int64_t total[4][4][4];
   if constexpr (kLongK) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) total[i][j][r] = 0;
+    zero_fragments(total);
   }
 
   for (int64_t k0 = 0; k0 < K; k0 += kGemmBK) {

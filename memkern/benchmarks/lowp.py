@@ -64,7 +64,7 @@ def _int_mm_eager(inp):
     return call
 
 
-_WEIGHT_BYTES = {"int8_weight_only_linear": 1, "fp16_linear": 2}
+_WEIGHT_BYTES = {"int8_linear": 1, "int8_weight_only_linear": 1, "fp16_linear": 2}
 
 
 def _inputs(m: int, k: int, n: int):
@@ -84,20 +84,17 @@ def _work(m: int, k: int, n: int, x_dtype: torch.dtype, weight_bytes: int) -> Wo
     return Work(flops=2 * m * k * n, bytes=m * k * e + n * k * weight_bytes + scales + 4 * n + m * n * e)
 
 
+def _case(op: str, m: int, k: int, n: int, dtype: torch.dtype, providers: tuple[Provider, ...], device: str) -> Case:
+    work = _work(m, k, n, dtype, _WEIGHT_BYTES[op])
+    return Case(op, f"{m}x{k}x{n}", dtype, _inputs(m, k, n), providers, devices=(device,), work=work)
+
+
 def _weight_only_cases(
     rows: tuple[int, ...], k: int, n: int, dtype: torch.dtype, dense_label: str, device: str
 ) -> list[Case]:
     """W8A16 and fp16 weights beside the dense layer of x's dtype, at each of ``rows``."""
     return [
-        Case(
-            op,
-            f"{m}x{k}x{n}",
-            dtype,
-            _inputs(m, k, n),
-            (_dense(dtype, dense_label), _memkern(layer, dtype)),
-            devices=(device,),
-            work=_work(m, k, n, dtype, _WEIGHT_BYTES[op]),
-        )
+        _case(op, m, k, n, dtype, (_dense(dtype, dense_label), _memkern(layer, dtype)), device)
         for m in rows
         for op, layer in (
             ("int8_weight_only_linear", memkern.nn.Int8WeightOnlyLinear),
@@ -110,21 +107,12 @@ def _cpu_cases(quick: bool) -> list[Case]:
     k = n = 4096
     out = []
     for m in (16,) if quick else (1, 16, 512):
-        out.append(
-            Case(
-                "int8_linear",
-                f"{m}x{k}x{n}",
-                torch.float32,
-                _inputs(m, k, n),
-                (
-                    _dense(torch.float32, "fp32 nn.Linear"),
-                    Provider("quantize_dynamic", _quantize_dynamic),
-                    _memkern(memkern.nn.Int8Linear, torch.float32),
-                ),
-                devices=("cpu",),
-                work=_work(m, k, n, torch.float32, 1),
-            )
+        providers = (
+            _dense(torch.float32, "fp32 nn.Linear"),
+            Provider("quantize_dynamic", _quantize_dynamic),
+            _memkern(memkern.nn.Int8Linear, torch.float32),
         )
+        out.append(_case("int8_linear", m, k, n, torch.float32, providers, "cpu"))
     out += _weight_only_cases((1,) if quick else (1, 16, 512), k, n, torch.float32, "fp32 nn.Linear", "cpu")
     return out
 
@@ -136,22 +124,13 @@ def _cuda_cases(quick: bool) -> list[Case]:
         # torch._int_mm takes only more than 16 rows on CUDA ("self.size(0) needs to be
         # greater than 16"), so it is no baseline for decode shapes.
         int_mm = (Provider("torch._int_mm eager", _int_mm_eager),) if m > 16 else ()
-        out.append(
-            Case(
-                "int8_linear",
-                f"{m}x{k}x{n}",
-                torch.float16,
-                _inputs(m, k, n),
-                (
-                    _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
-                    *int_mm,
-                    _memkern(memkern.nn.Int8Linear, torch.float16),  # Triton (wgmma on Hopper)
-                    _memkern(memkern.nn.Int8Linear, torch.float16, backend="cuda"),  # the .cu kernel (mma.sync)
-                ),
-                devices=("cuda",),
-                work=_work(m, k, n, torch.float16, 1),
-            )
+        providers = (
+            _dense(torch.float16, "fp16 nn.Linear (cuBLAS)"),
+            *int_mm,
+            _memkern(memkern.nn.Int8Linear, torch.float16),  # Triton (wgmma on Hopper)
+            _memkern(memkern.nn.Int8Linear, torch.float16, backend="cuda"),  # the .cu kernel (mma.sync)
         )
+        out.append(_case("int8_linear", m, k, n, torch.float16, providers, "cuda"))
     out += _weight_only_cases(
         (1, 16) if quick else (1, 16, 512), k, n, torch.float16, "fp16 nn.Linear (cuBLAS)", "cuda"
     )

@@ -120,6 +120,20 @@ def _work(m: int, k: int, n: int, kept: float, dtype: torch.dtype, backward: boo
     return Work(flops=3 * fwd.flops, bytes=fwd.bytes + m * n * e + m * k * e + values)
 
 
+def _block_case(shape: str, m: int, k: int, n: int, sparsity: float, dtype, providers, device: str, backward=False):
+    """masked_matmul of an (n x k) weight keeping 1 - sparsity of its BLOCK blocks."""
+    return Case(
+        "masked_matmul",
+        shape,
+        dtype,
+        _block_inputs(m, k, n, sparsity, dtype, backward),
+        providers,
+        mode="fwd+bwd" if backward else "fwd",
+        devices=(device,),
+        work=_work(m, k, n, 1 - sparsity, dtype, backward),  # prune.masks keeps 1 - sparsity of the blocks
+    )
+
+
 def cases(quick: bool) -> list[Case]:
     out = []
     # --quick keeps to ~20 s on 2 CPU cores: a quarter-size problem, no torch.sparse (its CPU
@@ -131,42 +145,11 @@ def cases(quick: bool) -> list[Case]:
     cpu_fwd = _fwd_providers()[:2] if quick else _fwd_providers()
     for sparsity in (0.5, 0.9):
         shape = f"{m}x{k}@{n}x{k} block{BLOCK[0]} s{sparsity}"
-        kept = 1 - sparsity  # the fraction of 64 x 64 blocks prune.masks keeps
-        out.append(
-            Case(
-                "masked_matmul",
-                shape,
-                torch.float32,
-                _block_inputs(m, k, n, sparsity, torch.float32, False),
-                cpu_fwd,
-                devices=("cpu",),
-                work=_work(m, k, n, kept, torch.float32, False),
-            )
-        )
+        out.append(_block_case(shape, m, k, n, sparsity, torch.float32, cpu_fwd, "cpu"))
         if not quick:
-            out.append(
-                Case(
-                    "masked_matmul",
-                    shape,
-                    torch.float32,
-                    _block_inputs(m, k, n, sparsity, torch.float32, True),
-                    _fwd_bwd_providers(),
-                    mode="fwd+bwd",
-                    devices=("cpu",),
-                    work=_work(m, k, n, kept, torch.float32, True),
-                )
-            )
-        out.append(
-            Case(
-                "masked_matmul",
-                f"{gm}x{gk}@{gn}x{gk} block{BLOCK[0]} s{sparsity}",
-                torch.bfloat16,
-                _block_inputs(gm, gk, gn, sparsity, torch.bfloat16, False),
-                _fwd_providers()[:2],
-                devices=("cuda",),
-                work=_work(gm, gk, gn, kept, torch.bfloat16, False),
-            )
-        )
+            out.append(_block_case(shape, m, k, n, sparsity, torch.float32, _fwd_bwd_providers(), "cpu", True))
+        gpu_shape = f"{gm}x{gk}@{gn}x{gk} block{BLOCK[0]} s{sparsity}"
+        out.append(_block_case(gpu_shape, gm, gk, gn, sparsity, torch.bfloat16, _fwd_providers()[:2], "cuda"))
     out.append(
         Case(
             "masked_matmul",

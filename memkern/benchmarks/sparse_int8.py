@@ -17,6 +17,7 @@ from torch import nn
 
 from memkern import prune
 from memkern.benchmarks.harness import Case, Provider, Work
+from memkern.benchmarks.lowp import _no_grad
 from memkern.nn import Int8Linear, SparseInt8Linear, SparseLinear
 
 BLOCK = (64, 64)
@@ -57,13 +58,7 @@ def _inputs(m: int, k: int, n: int):
 
 def _provider(layer: str, weight_bytes: int) -> Provider:
     def build(inp):
-        module, x = inp[layer], inp["x"]
-
-        def call():
-            with torch.no_grad():
-                return module(x)
-
-        return call
+        return _no_grad(inp[layer], inp["x"])
 
     owner = "fp32" if layer == "nn.Linear" else "memkern"
     return Provider(f"{owner} {layer} ({weight_bytes / 2**20:.2f} MiB weights)", build, baseline=layer == "nn.Linear")

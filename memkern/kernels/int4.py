@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from memkern.kernels.int8 import GEMV_MAX_ROWS
+from memkern.kernels.tiles import launch_on_tiles, output_tile, scale_and_bias, store_tile
 
 
 @triton.jit
@@ -55,13 +56,8 @@ def _int4_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rm, rn, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
     rb = tl.arange(0, BLOCK_K // 2).to(tl.int64)
-    m_ok = rm < M
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kb = k0 // 2 + rb  # byte index; inputs 2 kb (low nibble) and 2 kb + 1 (high)
@@ -79,13 +75,8 @@ def _int4_gemm_kernel(
             # half activations: the dequantised weight rounded to x's type, tensor cores.
             acc += tl.dot(x_even, tl.trans(low).to(x_even.dtype))
             acc += tl.dot(x_odd, tl.trans(high).to(x_odd.dtype))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    out = scale_and_bias(acc, s_ptr, b_ptr, rn, n_ok, False, HAS_BIAS)
+    store_tile(out_ptr, out, rm, rn, m_ok, n_ok, stride_om, stride_on)
 
 
 @triton.jit
@@ -124,9 +115,8 @@ def _int4_gemv_kernel(
         x_even = tl.load(x_ptr + m * stride_xm + 2 * kb * stride_xk, mask=even_ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptr + m * stride_xm + (2 * kb + 1) * stride_xk, mask=odd_ok, other=0.0).to(tl.float32)
         acc += tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + rn * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    out = scale_and_bias(acc, s_ptr, b_ptr, rn, n_ok, False, HAS_BIAS)
+    tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _block_k(group_size: int, largest: int) -> int:
@@ -138,14 +128,8 @@ def _block_k(group_size: int, largest: int) -> int:
     return block
 
 
-def int4_weight_only_linear(
-    x: torch.Tensor,
-    w_int4: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
+def int4_weight_only_linear(x, w_int4, scales, zeros, group_size: int, bias) -> torch.Tensor:
+    """memkern.ops.int4_weight_only_linear on 2-D x (its checks done), in x's dtype."""
     M, K = x.shape
     N = w_int4.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -176,21 +160,9 @@ def int4_weight_only_linear(
     if on_gpu:
         # float32: the FMA units with operand tiles in registers, kept small (see
         # kernels/int8.py's _gemm_blocks on register spills); halves: tensor-core tiles.
-        bm, bn, bk, warps = (64, 64, 32, 4) if dot_fp32 else (128, 128, _block_k(group_size, 64), 8)
+        blocks = (64, 64, 32, 4) if dot_fp32 else (128, 128, _block_k(group_size, 64), 8)
     else:
-        bm, bn, bk, warps = 32, 32, 32, 4  # the interpreter: few, larger tiles
-    _int4_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        *args,
-        M,
-        N,
-        K,
-        group_size,
-        *strides,
-        HAS_BIAS=bias is not None,
-        DOT_FP32=dot_fp32,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        num_warps=warps,
-    )
+        blocks = 32, 32, 32, 4  # the interpreter: few, larger tiles
+    flags = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32)
+    launch_on_tiles(_int4_gemm_kernel, (M, N), blocks, *args, M, N, K, group_size, *strides, **flags)
     return out

@@ -18,6 +18,14 @@ import triton
 import triton.language as tl
 
 from memkern.kernels.quantize import quantize_rowwise
+from memkern.kernels.tiles import (
+    launch_on_tiles,
+    load_tile,
+    matrix_strides,
+    output_tile,
+    scale_and_bias,
+    store_tile,
+)
 
 # Rows of x up to which scaled_linear runs the GEMV kernel: tl.dot needs tiles of at
 # least 16 rows, so below that the GEMM would compute mostly padding.
@@ -38,8 +46,8 @@ def _int8_block_product(
     # x_q[rm, k0:k0 + BLOCK_K] @ w[rn, k0:k0 + BLOCK_K].T in int32, zero past M, N and K.
     kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
     k_ok = kk < K
-    a = tl.load(xq_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0)
-    b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0)
+    a = load_tile(xq_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
+    b = load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
     return tl.dot(a, b, out_dtype=tl.int32)
 
 
@@ -67,12 +75,7 @@ def _int8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     CHUNK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
     if LONG_K:
         # K > CHUNK_K: int32 sums over CHUNK_K (a multiple of BLOCK_K), added in int64.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int64)
@@ -94,13 +97,8 @@ def _int8_gemm_kernel(
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
     out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-        out.to(out_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    out = scale_and_bias(out, ws_ptr, b_ptr, rn, n_ok, False, HAS_BIAS)
+    store_tile(out_ptr, out, rm, rn, m_ok, n_ok, stride_om, stride_on)
 
 
 @triton.jit
@@ -126,23 +124,14 @@ def _scaled_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rm, rn, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    m_ok = rm < M
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        a = tl.load(
-            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        b = tl.load(
-            w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0
-        )
+        a = load_tile(x_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
+        b = load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
         if DOT_FP32:
             # float32 activations, or a half weight of the other half type: widen both
             # (IEEE fp32 products, no tf32 rounding of x).
@@ -152,16 +141,8 @@ def _scaled_gemm_kernel(
             # The detour through fp32 is exact and costs nothing on the GPU; Triton's
             # interpreter turns a direct int8 -> bfloat16 cast into garbage.
             acc += tl.dot(a, b.to(tl.float32).to(a.dtype))
-    out = acc
-    if HAS_SCALE:
-        out = out * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-        out.to(out_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    out = scale_and_bias(acc, ws_ptr, b_ptr, rn, n_ok, HAS_SCALE, HAS_BIAS)
+    store_tile(out_ptr, out, rm, rn, m_ok, n_ok, stride_om, stride_on)
 
 
 @triton.jit
@@ -199,11 +180,7 @@ def _scaled_gemv_kernel(
             w_ptr + rn[:, None] * stride_wn + kk[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0
         ).to(tl.float32)
         acc += tl.sum(w * a[None, :], axis=1)
-    out = acc
-    if HAS_SCALE:
-        out = out * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    out = scale_and_bias(acc, ws_ptr, b_ptr, rn, n_ok, HAS_SCALE, HAS_BIAS)
     tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -245,33 +222,11 @@ def int8_linear(
     w_scale = w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     long_k = K > EXACT_CHUNK_K
-    bm, bn, bk, warps = _gemm_blocks(x.device, 128, long_k=long_k)
-    assert EXACT_CHUNK_K % bk == 0, "int32 partial sums must end on a block boundary"
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _int8_gemm_kernel[grid](
-        x_q,
-        x_scale,
-        w_q,
-        w_scale,
-        bias if bias is not None else w_scale,
-        out,
-        M,
-        N,
-        K,
-        x_q.stride(0),
-        x_q.stride(1),
-        w_q.stride(0),
-        w_q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        HAS_BIAS=bias is not None,
-        LONG_K=long_k,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        CHUNK_K=EXACT_CHUNK_K,
-        num_warps=warps,
-    )
+    blocks = _gemm_blocks(x.device, 128, long_k=long_k)
+    assert EXACT_CHUNK_K % blocks[2] == 0, "int32 partial sums must end on a block boundary"
+    args = (x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, M, N, K)
+    flags = dict(HAS_BIAS=bias is not None, LONG_K=long_k, CHUNK_K=EXACT_CHUNK_K)
+    launch_on_tiles(_int8_gemm_kernel, (M, N), blocks, *args, *matrix_strides(x_q, w_q, out), **flags)
     return out
 
 
@@ -292,42 +247,14 @@ def scaled_linear(
     if M <= GEMV_MAX_ROWS:
         bn, bk = (64, 128) if x.device.type == "cuda" else (32, 64)
         _scaled_gemv_kernel[(M, triton.cdiv(N, bn))](
-            *args,
-            N,
-            K,
-            x.stride(0),
-            x.stride(1),
-            w.stride(0),
-            w.stride(1),
-            out.stride(0),
-            out.stride(1),
-            **common,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            num_warps=4,
+            *args, N, K, *matrix_strides(x, w, out), **common, BLOCK_N=bn, BLOCK_K=bk, num_warps=4
         )
         return out
     dot_fp32 = x.dtype == torch.float32 or (w.dtype != torch.int8 and w.dtype != x.dtype)
     # Triton's interpreter (CPU tensors) returns garbage from a bfloat16 tl.dot; widening
     # to fp32 computes the same products exactly (a bf16 x bf16 product fits fp32).
     dot_fp32 = dot_fp32 or (x.device.type != "cuda" and x.dtype == torch.bfloat16)
-    bm, bn, bk, warps = _gemm_blocks(x.device, 32 if dot_fp32 else 64, x.dtype == torch.float32)
-    _scaled_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        *args,
-        M,
-        N,
-        K,
-        x.stride(0),
-        x.stride(1),
-        w.stride(0),
-        w.stride(1),
-        out.stride(0),
-        out.stride(1),
-        **common,
-        DOT_FP32=dot_fp32,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        num_warps=warps,
-    )
+    blocks = _gemm_blocks(x.device, 32 if dot_fp32 else 64, x.dtype == torch.float32)
+    strides = matrix_strides(x, w, out)
+    launch_on_tiles(_scaled_gemm_kernel, (M, N), blocks, *args, M, N, K, *strides, **common, DOT_FP32=dot_fp32)
     return out

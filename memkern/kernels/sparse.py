@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memkern.kernels.tiles import load_tile, scale_and_bias, store_tile
+
 # Rows of x per program: 64 keeps a (64 x BN) fp32 accumulator in registers for BN <= 128.
 BLOCK_M = 64
 
@@ -32,6 +34,16 @@ def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _block_panel(index_ptr, BM: tl.constexpr):
+    """Of program (i, p): its BM rows of x, its panel p (a block row of the weight, or a
+    block column) and the range [start, end) of the panel's kept blocks in ``index_ptr``
+    (crow, or ccol)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    p = tl.program_id(1).to(tl.int64)
+    return offs_m, p, tl.load(index_ptr + p), tl.load(index_ptr + p + 1)
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
     x_ptr,
     v_ptr,
@@ -54,31 +66,18 @@ def _block_sparse_fwd_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_m, r, start, end = _block_panel(crow_ptr, BM)
     offs_bn = tl.arange(0, BN)
     offs_bk = tl.arange(0, BK)
     offs_n = r * BN + offs_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    start = tl.load(crow_ptr + r)
-    end = tl.load(crow_ptr + r + 1)
     for j in range(start, end):  # kept blocks of block row r only
         kk = tl.load(col_ptr + j) * BK + offs_bk
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
-            other=0.0,
-        )
+        xt = load_tile(x_ptr, offs_m, kk, offs_m < M, kk < K, stride_xm, stride_xk)
         wt = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
         acc += _mma(xt, tl.trans(wt), IEEE, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
-    )
+    out = scale_and_bias(acc, bias_ptr, bias_ptr, offs_n, offs_n < N, False, HAS_BIAS)
+    store_tile(y_ptr, out, offs_m, offs_n, offs_m < M, offs_n < N, stride_ym, 1)
 
 
 @triton.jit
@@ -103,30 +102,18 @@ def _block_sparse_dx_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_m, c, start, end = _block_panel(ccol_ptr, BM)
     offs_bn = tl.arange(0, BN)
     offs_bk = tl.arange(0, BK)
     offs_k = c * BK + offs_bk
     acc = tl.zeros((BM, BK), dtype=tl.float32)
-    start = tl.load(ccol_ptr + c)
-    end = tl.load(ccol_ptr + c + 1)
     for j in range(start, end):  # kept blocks of block column c only
         nn = tl.load(crow_of_ptr + j) * BN + offs_bn
         b = tl.load(cblock_ptr + j)
-        gt = tl.load(
-            g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
-            mask=(offs_m[:, None] < M) & (nn[None, :] < N),
-            other=0.0,
-        )
+        gt = load_tile(g_ptr, offs_m, nn, offs_m < M, nn < N, stride_gm, stride_gn)
         wt = tl.load(v_ptr + b * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
         acc += _mma(gt, wt, IEEE, UPCAST)
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :],
-        acc.to(dx_ptr.dtype.element_ty),
-        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-    )
+    store_tile(dx_ptr, acc, offs_m, offs_k, offs_m < M, offs_k < K, stride_dxm, 1)
 
 
 @triton.jit
@@ -159,16 +146,9 @@ def _block_sparse_dw_kernel(
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     for m0 in range(0, M, BM):
         offs_m = m0 + tl.arange(0, BM).to(tl.int64)
-        gt = tl.load(
-            g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
-            mask=(offs_m[:, None] < M) & (nn[None, :] < N),
-            other=0.0,
-        )
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
-            other=0.0,
-        )
+        m_ok = offs_m < M
+        gt = load_tile(g_ptr, offs_m, nn, m_ok, nn < N, stride_gm, stride_gn)
+        xt = load_tile(x_ptr, offs_m, kk, m_ok, kk < K, stride_xm, stride_xk)
         acc += _mma(tl.trans(gt), xt, IEEE, UPCAST)
     # Rows/columns past the matrix edge saw only zeros, so the padding is written as 0.
     tl.store(dv_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :], acc.to(dv_ptr.dtype.element_ty))
@@ -272,6 +252,21 @@ def block_sparse_matmul_backward(grad, x, values, crow, col, ccol, csc_row, csc_
 
 
 @triton.jit
+def _expand_sparse24(v_ptr, meta_ptr, offs_n, offs_k, ok, stride_vn, stride_metan):
+    """The dense (rows offs_n, columns offs_k) tile of a compressed 2:4 weight, zero outside
+    ``ok``, expanded in registers: dense column k is group g = k // 4 at position
+    p = k % 4; it takes kept value 2g if p == i0 and 2g + 1 if p == i1."""
+    g = offs_k // 4
+    p = (offs_k % 4).to(tl.int32)
+    v0 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :], mask=ok, other=0.0)
+    v1 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :] + 1, mask=ok, other=0.0)
+    byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + g[None, :] // 2, mask=ok, other=0).to(tl.int32)
+    code = (byte >> (4 * (g[None, :] % 2)).to(tl.int32)) & 15
+    zero = tl.zeros_like(v0)
+    return tl.where((code & 3) == p[None, :], v0, zero) + tl.where((code >> 2) == p[None, :], v1, zero)
+
+
+@triton.jit
 def _sparse24_fwd_kernel(
     x_ptr,
     v_ptr,
@@ -296,34 +291,16 @@ def _sparse24_fwd_kernel(
     offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    n_ok = offs_n[:, None] < N
+    m_ok = offs_m < M
+    n_ok = offs_n < N
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK).to(tl.int64)
-        k_ok = offs_k[None, :] < K
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=(offs_m[:, None] < M) & k_ok,
-            other=0.0,
-        )
-        # Expand the compressed tile in registers: dense column k is group g = k // 4 at
-        # position p = k % 4; it takes kept value 2g if p == i0 and 2g + 1 if p == i1.
-        g = offs_k // 4
-        p = (offs_k % 4).to(tl.int32)
-        ok = n_ok & k_ok
-        v0 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :], mask=ok, other=0.0)
-        v1 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :] + 1, mask=ok, other=0.0)
-        byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + g[None, :] // 2, mask=ok, other=0).to(tl.int32)
-        code = (byte >> (4 * (g[None, :] % 2)).to(tl.int32)) & 15
-        zero = tl.zeros_like(v0)
-        w = tl.where((code & 3) == p[None, :], v0, zero) + tl.where((code >> 2) == p[None, :], v1, zero)
+        k_ok = offs_k < K
+        xt = load_tile(x_ptr, offs_m, offs_k, m_ok, k_ok, stride_xm, stride_xk)
+        w = _expand_sparse24(v_ptr, meta_ptr, offs_n, offs_k, n_ok[:, None] & k_ok[None, :], stride_vn, stride_metan)
         acc += _mma(xt, tl.trans(w), IEEE, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
-    )
+    out = scale_and_bias(acc, bias_ptr, bias_ptr, offs_n, n_ok, False, HAS_BIAS)
+    store_tile(y_ptr, out, offs_m, offs_n, m_ok, n_ok, stride_ym, 1)
 
 
 def _sparse24_blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -372,14 +349,7 @@ def _sparse24_decompress_kernel(
     offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     offs_k = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    g = offs_k // 4
-    p = (offs_k % 4).to(tl.int32)
-    v0 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :], mask=ok, other=0.0)
-    v1 = tl.load(v_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :] + 1, mask=ok, other=0.0)
-    byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + g[None, :] // 2, mask=ok, other=0).to(tl.int32)
-    code = (byte >> (4 * (g[None, :] % 2)).to(tl.int32)) & 15
-    zero = tl.zeros_like(v0)
-    w = tl.where((code & 3) == p[None, :], v0, zero) + tl.where((code >> 2) == p[None, :], v1, zero)
+    w = _expand_sparse24(v_ptr, meta_ptr, offs_n, offs_k, ok, stride_vn, stride_metan)
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=ok)
 
 

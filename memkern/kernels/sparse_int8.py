@@ -20,7 +20,8 @@ import triton.language as tl
 
 from memkern.kernels.int8 import EXACT_CHUNK_K
 from memkern.kernels.quantize import quantize_rowwise
-from memkern.kernels.sparse import _block_m, _mma, _precision
+from memkern.kernels.sparse import _block_m, _block_panel, _mma, _precision
+from memkern.kernels.tiles import load_tile, scale_and_bias, store_tile
 
 
 @triton.jit
@@ -52,16 +53,12 @@ def _block_sparse_int8_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_m, r, start, end = _block_panel(crow_ptr, BM)
     offs_bn = tl.arange(0, BN).to(tl.int64)
     offs_bk = tl.arange(0, BK).to(tl.int64)
     offs_n = r * BN + offs_bn
     m_ok = offs_m < M
     n_ok = offs_n < N
-    start = tl.load(crow_ptr + r)
-    end = tl.load(crow_ptr + r + 1)
     if WEIGHT_ONLY:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     elif LONG_K:
@@ -70,11 +67,7 @@ def _block_sparse_int8_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.int32)
     for j in range(start, end):  # kept blocks of block row r only
         kk = tl.load(col_ptr + j) * BK + offs_bk
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
-            mask=m_ok[:, None] & (kk[None, :] < K),
-            other=0,
-        )
+        a = load_tile(a_ptr, offs_m, kk, m_ok, kk < K, stride_am, stride_ak)
         w = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :] * stride_vk)
         if WEIGHT_ONLY:
             # int8 -> x's dtype is exact; through float32, since Triton's interpreter turns a
@@ -84,19 +77,14 @@ def _block_sparse_int8_kernel(
             acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.int64)  # one block: <= 128 products
         else:
             acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     if WEIGHT_ONLY:
-        out = acc * ws[None, :]
+        out = scale_and_bias(acc, ws_ptr, bias_ptr, offs_n, n_ok, True, HAS_BIAS)
     else:
+        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
         xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
         out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        out.to(y_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+        out = scale_and_bias(out, ws_ptr, bias_ptr, offs_n, n_ok, False, HAS_BIAS)
+    store_tile(y_ptr, out, offs_m, offs_n, m_ok, n_ok, stride_ym, stride_yn)
 
 
 def block_sparse_int8_linear(x, values, scales, crow, col, bias, weight_only: bool) -> torch.Tensor:

@@ -50,7 +50,7 @@ class Int4WeightOnlyLinear(LowPrecisionLinear):
         bias_dtype: torch.dtype | None = None,
     ) -> None:
         group_size = check_group_size(type(self).__name__, group_size)
-        super().__init__(in_features, out_features, bias, device, bias_dtype)
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
         self.group_size = group_size
         groups = -(-in_features // group_size)
         self.register_buffer(
@@ -65,15 +65,7 @@ class Int4WeightOnlyLinear(LowPrecisionLinear):
         (:func:`memkern.ops.quantize_int4`), keep its bias. Works on the meta device."""
         linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
-        bias_dtype = linear.bias.dtype if linear.bias is not None else None
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group_size=group_size,
-            device=weight.device,
-            bias_dtype=bias_dtype,
-        )
+        layer = cls._fresh_like(linear, weight.device, group_size=group_size)
         layer.weight, layer.weight_scale, layer.weight_zero = ops.quantize_int4(weight, layer.group_size)
         layer._set_bias(linear)
         return layer

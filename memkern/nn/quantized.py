@@ -52,7 +52,15 @@ class LowPrecisionLinear(nn.Module):
     # Buffers whose dtype is the storage format: module casts move them, never convert them.
     _storage_buffers: tuple[str, ...] = ("weight",)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, device, bias_dtype) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
         _check_features(type(self).__name__, "in_features", in_features)
         _check_features(type(self).__name__, "out_features", out_features)
         super().__init__()
@@ -62,6 +70,25 @@ class LowPrecisionLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=bias_dtype or torch.float32))
         else:
             self.register_parameter("bias", None)
+        self._init_storage(device)
+
+    def _init_storage(self, device) -> None:
+        """Register the storage of a fresh layer on ``device``. Layers whose storage depends
+        on constructor arguments of their own register it in their ``__init__`` instead."""
+
+    @classmethod
+    def _fresh_like(cls, linear: nn.Module, device, **options):
+        """A fresh layer of ``linear``'s features, with a bias of its bias's dtype if it
+        has one, on ``device``; ``options`` are the layer's own constructor arguments."""
+        bias_dtype = linear.bias.dtype if linear.bias is not None else None
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=device,
+            bias_dtype=bias_dtype,
+            **options,
+        )
 
     def _set_bias(self, linear: nn.Linear) -> None:
         if linear.bias is not None:
@@ -120,18 +147,10 @@ class LowPrecisionLinear(nn.Module):
 class _Int8WeightLinear(LowPrecisionLinear):
     _storage_buffers = ("weight", "weight_scale")
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        device=None,
-        bias_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, device, bias_dtype)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+    def _init_storage(self, device) -> None:
+        n, k = self.out_features, self.in_features
+        self.register_buffer("weight", torch.zeros(n, k, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(n, dtype=torch.float32, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear):
@@ -139,14 +158,7 @@ class _Int8WeightLinear(LowPrecisionLinear):
         :func:`memkern.ops.quantize_rowwise`), keep its bias. Works on the meta device."""
         linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
-        bias_dtype = linear.bias.dtype if linear.bias is not None else None
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            device=weight.device,
-            bias_dtype=bias_dtype,
-        )
+        layer = cls._fresh_like(linear, weight.device)
         w = weight if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else weight.float()
         layer.weight, layer.weight_scale = ops.quantize_rowwise(w)
         layer._set_bias(linear)
@@ -179,21 +191,13 @@ class Int8Linear(_Int8WeightLinear):
 
     scheme = "int8 (W8A8 dynamic: per-token int8 activations, per-channel int8 weights)"
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        device=None,
-        bias_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
+    def _init_storage(self, device) -> None:
+        super()._init_storage(device)
         self.register_state_dict_post_hook(_plain_weight_in_state_dict)
         self.register_load_state_dict_pre_hook(_state_dict_weight_in_module_layout)
         self.register_load_state_dict_post_hook(_settle_layout_after_load)
         if ops.int8_packed_kernel_native(self.weight.device):  # the zero weight, packed without a pass over it
-            self.weight = self.weight.new_zeros(ops.int8_packing.packed_shape(out_features, in_features))
+            self.weight = self.weight.new_zeros(ops.int8_packing.packed_shape(self.out_features, self.in_features))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -296,7 +300,7 @@ class Fp16Linear(LowPrecisionLinear):
     ) -> None:
         if weight_dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"Fp16Linear: weight_dtype must be float16 or bfloat16, got {weight_dtype}")
-        super().__init__(in_features, out_features, bias, device, bias_dtype)
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
 
     @classmethod
@@ -304,15 +308,7 @@ class Fp16Linear(LowPrecisionLinear):
         """Round ``linear``'s weight to ``weight_dtype`` (float16 or bfloat16), keep its bias."""
         linear = check_linear(cls.__name__, linear)
         weight = linear.weight.detach()
-        bias_dtype = linear.bias.dtype if linear.bias is not None else None
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            device=weight.device,
-            bias_dtype=bias_dtype,
-            weight_dtype=weight_dtype,
-        )
+        layer = cls._fresh_like(linear, weight.device, weight_dtype=weight_dtype)
         layer.weight = weight.to(weight_dtype).contiguous()
         layer._set_bias(linear)
         return layer

@@ -24,17 +24,9 @@ class SmoothedInt8Linear(Int8Linear):
 
     scheme = "int8 (W8A8 dynamic with SmoothQuant input scaling)"
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        device=None,
-        bias_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
-        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
+    def _init_storage(self, device) -> None:
+        super()._init_storage(device)
+        self.register_buffer("input_scale", torch.ones(self.in_features, dtype=torch.float32, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth_scale: torch.Tensor | None = None) -> SmoothedInt8Linear:

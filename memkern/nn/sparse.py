@@ -250,24 +250,9 @@ class SparseLinear(nn.Module):
         tensors = {n: state_dict.get(prefix + n, getattr(self, n)) for n in names}
         fmt, block = self.format, self.block
         if extra is not None:
-            if not (isinstance(extra, dict) and {"format", "block", "shape"} <= extra.keys()):
-                raise ValueError(f"{op}: {prefix}_extra_state must be a dict of format, block and shape, got {extra!r}")
-            fmt = extra["format"]
-            if fmt not in FORMATS:
-                raise ValueError(
-                    f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}"
-                )
-            block = sparse_format.check_block(f"{op}: {prefix}_extra_state", extra["block"])
-            stored = sparse_format.check_shape(f"{op}: {prefix}_extra_state", extra["shape"])
-            if stored != shape:
-                raise ValueError(
-                    f"size mismatch for {prefix}values: copying a SparseLinear of (out_features, "
-                    f"in_features) {stored} from checkpoint, the shape in current model is {shape}"
-                )
-            tensors = {n: state_dict.get(prefix + n) for n in ("values", *_BUFFERS[fmt])}
-            for name in ("values", *(n for n in _BUFFERS[fmt] if n != "mask")):  # the mask is optional
-                if tensors[name] is None:
-                    raise ValueError(f"{op}: {prefix}{name} is missing from a {fmt!r} SparseLinear state")
+            fmt = stored_format(op, prefix, extra, ("format", "block", "shape"))
+            names = ("values", *_BUFFERS[fmt])
+            block, tensors = stored_layout(op, "SparseLinear", prefix, extra, state_dict, shape, names)
         if fmt == "bitmask":
             check_bitmask(op, tensors["values"], tensors["bits"], shape, prefix)
             return
@@ -281,6 +266,36 @@ class SparseLinear(nn.Module):
                 f"{op}: {prefix}values must hold blocks of {block} ({prefix}_extra_state's block), "
                 f"got shape {tuple(tensors['values'].shape)}"
             )
+
+
+def stored_format(op: str, prefix: str, extra: object, keys: tuple[str, ...]) -> str:
+    """The format a state's ``_extra_state`` names, once it is checked to be a dict of
+    ``keys`` (the first being "format") naming one of FORMATS."""
+    if not (isinstance(extra, dict) and set(keys) <= extra.keys()):
+        listed = f"{', '.join(keys[:-1])} and {keys[-1]}"
+        raise ValueError(f"{op}: {prefix}_extra_state must be a dict of {listed}, got {extra!r}")
+    fmt = extra["format"]
+    if fmt not in FORMATS:
+        raise ValueError(f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    return fmt
+
+
+def stored_layout(op: str, layer: str, prefix: str, extra: dict, state_dict, shape, names: tuple[str, ...]):
+    """(block, tensors) of a ``layer`` state whose ``_extra_state`` ``extra`` names its
+    format: the block it names and the state's tensors ``names``, once the state is
+    checked to be of this layer's ``shape`` and to hold every tensor but the optional mask."""
+    block = sparse_format.check_block(f"{op}: {prefix}_extra_state", extra["block"])
+    stored = sparse_format.check_shape(f"{op}: {prefix}_extra_state", extra["shape"])
+    if stored != shape:
+        raise ValueError(
+            f"size mismatch for {prefix}values: copying a {layer} of (out_features, "
+            f"in_features) {stored} from checkpoint, the shape in current model is {shape}"
+        )
+    tensors = {n: state_dict.get(prefix + n) for n in names}
+    for name in names:
+        if name != "mask" and tensors[name] is None:  # the mask is optional
+            raise ValueError(f"{op}: {prefix}{name} is missing from a {extra['format']!r} {layer} state")
+    return block, tensors
 
 
 def is_sharded(t: torch.Tensor) -> bool:

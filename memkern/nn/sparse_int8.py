@@ -15,7 +15,7 @@ from torch import nn
 
 from memkern import reference
 from memkern.nn.quantized import LowPrecisionLinear
-from memkern.nn.sparse import FORMATS, SparseLinear
+from memkern.nn.sparse import FORMATS, SparseLinear, stored_format, stored_layout
 from memkern.ops import sparse_format
 from memkern.ops import sparse_int8 as ops
 from memkern.ops.linear_checks import check_x
@@ -76,7 +76,7 @@ class SparseInt8Linear(LowPrecisionLinear):
         device=None,
         bias_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias, device, bias_dtype)
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
         op = "SparseInt8Linear"
         if format not in FORMATS:
             raise ValueError(f"{op}: format must be one of {', '.join(FORMATS)}; got {format!r}")
@@ -118,17 +118,8 @@ class SparseInt8Linear(LowPrecisionLinear):
                 f"SparseInt8Linear.from_sparse: sparse must be a memkern.nn.SparseLinear, got {type(sparse).__name__}"
             )
         weight = sparse.weight  # its structure checked
-        bias_dtype = sparse.bias.dtype if sparse.bias is not None else None
-        layer = cls(
-            sparse.in_features,
-            sparse.out_features,
-            sparse.bias is not None,
-            format=sparse.format,
-            block=sparse.block,
-            weight_only=weight_only,
-            device="meta",  # a layout to replace: nothing allocated for it
-            bias_dtype=bias_dtype,
-        )
+        # device="meta": a layout to replace, nothing allocated for it
+        layer = cls._fresh_like(sparse, "meta", format=sparse.format, block=sparse.block, weight_only=weight_only)
         if sparse.format == "2:4":
             values, scales = ops.quantize_sparse24(weight)
             layout = {"meta": weight.meta.clone()}
@@ -230,30 +221,13 @@ class SparseInt8Linear(LowPrecisionLinear):
         names = ("values", "scales", *_LAYOUT[fmt])
         tensors = {n: state_dict.get(prefix + n, getattr(self, n)) for n in names}
         if extra is not None:
-            if not (isinstance(extra, dict) and {"format", "block", "shape", "weight_only"} <= extra.keys()):
-                raise ValueError(
-                    f"{op}: {prefix}_extra_state must be a dict of format, block, shape and weight_only, got {extra!r}"
-                )
-            fmt = extra["format"]
-            if fmt not in FORMATS:
-                raise ValueError(
-                    f"{op}: {prefix}_extra_state's format must be one of {', '.join(FORMATS)}; got {fmt!r}"
-                )
+            fmt = stored_format(op, prefix, extra, ("format", "block", "shape", "weight_only"))
             if not isinstance(extra["weight_only"], bool):
                 raise ValueError(
                     f"{op}: {prefix}_extra_state's weight_only must be a bool, got {extra['weight_only']!r}"
                 )
-            block = sparse_format.check_block(f"{op}: {prefix}_extra_state", extra["block"])
-            stored = sparse_format.check_shape(f"{op}: {prefix}_extra_state", extra["shape"])
-            if stored != shape:
-                raise ValueError(
-                    f"size mismatch for {prefix}values: copying a SparseInt8Linear of (out_features, "
-                    f"in_features) {stored} from checkpoint, the shape in current model is {shape}"
-                )
-            tensors = {n: state_dict.get(prefix + n) for n in ("values", "scales", *_LAYOUT[fmt])}
-            for name in ("values", "scales", *_LAYOUT[fmt][:-1]):  # all but the optional mask
-                if tensors[name] is None:
-                    raise ValueError(f"{op}: {prefix}{name} is missing from a {fmt!r} SparseInt8Linear state")
+            names = ("values", "scales", *_LAYOUT[fmt])
+            block, tensors = stored_layout(op, "SparseInt8Linear", prefix, extra, state_dict, shape, names)
         _check_layout(op, tensors, fmt, block, shape, prefix)
         return fmt
 
