@@ -27,12 +27,12 @@ def kd_loss_terms(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    student_logit_scale=None,
-    teacher_logit_scale=None,
-    student_softcap=None,
-    teacher_softcap=None,
-    shared_vocab=None,
-    normalizer=None,
+    student_logit_scale: float | None = None,
+    teacher_logit_scale: float | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    shared_vocab: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, kd), reduced alike, with loss = alpha * ce + (1 - alpha) * k * kd;
