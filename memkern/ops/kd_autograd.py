@@ -1,5 +1,6 @@
-"""The autograd plumbing the distillation operators share (memkern.ops.kd_ops,
-memkern.ops.kd_topk_ops, memkern.ops.kd_options_ops): the logits form, whose forward
+"""The schemas and autograd plumbing the distillation operators share (memkern.ops.kd_ops,
+memkern.ops.kd_topk_ops, memkern.ops.kd_options_ops): their argument lists, each written
+once and joined by ``declare``; the logits form, whose forward
 returns (loss, gradient for a unit upstream gradient), and the fused-linear form, whose
 forward returns (loss, grad_hidden, grad_weight, grad_bias) and whose reduction='none'
 backward recomputes the chunks through a backward operator. Each op differs only in its
