@@ -22,18 +22,18 @@ KD_DTYPES = (*_validate.FLOAT_DTYPES, torch.float64)  # float64 for gradcheck an
 # 1e-4, exp(-gap / T) underflows float32 for every gap above 0.01, so both distributions are
 # one-hot and the T^2-scaled soft term vanishes below float32's resolution.
 TEMPERATURE_RANGE = (1e-4, 100.0)
+# The keyword options of every distillation loss and module, in their signatures' order, and
+# those of kd_loss / linear_kd_loss besides (normalizer, a per-call value, is in neither).
+CORE_OPTIONS = ("alpha", "temperature", "divergence", "beta", "ignore_index", "reduction", "soft_loss_scale")
+_SCALES, _CAPS = ("student_logit_scale", "teacher_logit_scale"), ("student_softcap", "teacher_softcap")
+EXTRA_OPTIONS = (*_SCALES, *_CAPS, "shared_vocab", "chunk_size", "return_components")
 
 
-@dataclass(frozen=True)
-class KDOptions:
-    """The scalar options of a call, checked. ``kd_scale`` is T^2 or 1."""
+class KDOptions(reference.RowOptions):
+    """The scalar options of a call, checked: the fields of the per-row references
+    (memkern.reference.RowOptions); ``kd_scale`` is T^2 or 1."""
 
-    alpha: float
-    temperature: float
-    divergence: str
-    beta: float
-    ignore_index: int
-    kd_scale: float
+    __slots__ = ()
 
     @property
     def divergence_id(self) -> int:
@@ -46,14 +46,7 @@ class KDOptions:
 
     def reference_options(self) -> dict:
         """The keyword arguments of reference.kd_loss_rows and kd_loss_rows_grad."""
-        return dict(
-            alpha=self.alpha,
-            temperature=self.temperature,
-            divergence=self.divergence,
-            beta=self.beta,
-            ignore_index=self.ignore_index,
-            kd_scale=self.kd_scale,
-        )
+        return self._asdict()
 
 
 def check_options(
@@ -189,34 +182,17 @@ def _positive_int(op: str, name: str, value) -> int:
     return value
 
 
-def check_extras(
-    op: str,
-    *,
-    student_logit_scale=None,
-    teacher_logit_scale=None,
-    student_softcap=None,
-    teacher_softcap=None,
-    shared_vocab=None,
-    chunk_size=None,
-    return_components=False,
-) -> KDExtras:
-    scales = {
-        name: 1.0 if value is None else float(_positive_finite(op, name, value))
-        for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale))
+def check_extras(op: str, given: dict) -> KDExtras:
+    """``given``: a call's EXTRA_OPTIONS by name (None, or False for return_components: off)."""
+    scales = {name: 1.0 if given[name] is None else float(_positive_finite(op, name, given[name])) for name in _SCALES}
+    caps = {name: 0.0 if given[name] is None else float(_positive_finite(op, name, given[name])) for name in _CAPS}
+    if not isinstance(given["return_components"], bool):
+        raise TypeError(f"{op}: return_components must be a bool, got {type(given['return_components']).__name__}")
+    counts = {
+        name: 0 if given[name] is None else _positive_int(op, name, given[name])
+        for name in ("shared_vocab", "chunk_size")
     }
-    caps = {
-        name: 0.0 if value is None else float(_positive_finite(op, name, value))
-        for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap))
-    }
-    if not isinstance(return_components, bool):
-        raise TypeError(f"{op}: return_components must be a bool, got {type(return_components).__name__}")
-    return KDExtras(
-        **scales,
-        **caps,
-        shared_vocab=0 if shared_vocab is None else _positive_int(op, "shared_vocab", shared_vocab),
-        chunk_size=0 if chunk_size is None else _positive_int(op, "chunk_size", chunk_size),
-        return_components=return_components,
-    )
+    return KDExtras(**scales, **caps, **counts, return_components=given["return_components"])
 
 
 def check_vocabularies(op: str, student_vocab: int, teacher_vocab: int, shared_vocab: int, what: str) -> None:

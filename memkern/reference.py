@@ -7,7 +7,9 @@ floating outputs).
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -200,37 +202,61 @@ def kd_divergence_rows(
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def kd_loss_rows(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    kd_scale: float,
-) -> torch.Tensor:
+class RowOptions(NamedTuple):
+    """The keyword options of the per-row references (kd_scale: k of the soft term)."""
+
+    alpha: float
+    temperature: float
+    divergence: str
+    beta: float
+    ignore_index: int
+    kd_scale: float
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64: where the references compute."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)
+
+
+def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels, **options) -> torch.Tensor:
     """Per-row loss l_i of 2-D (rows, V) logits (see :func:`kd_loss`); 0 for ignored rows,
-    NaN for rows that are not (kd_rows_defined)."""
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    NaN for rows that are not (kd_rows_defined). ``options``: the fields of RowOptions."""
+    o = RowOptions(**options)
+    dtype = compute_dtype(student_logits, teacher_logits)
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
-    rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
-    if alpha != 1:  # with weight 0 the soft term adds 0, even where it is +inf
-        rows = (
-            (1 - alpha) * kd_scale * kd_divergence_rows(s, t, temperature=temperature, divergence=divergence, beta=beta)
-        )
-    if labels is not None and alpha != 0:
-        safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
+    soft = lambda: kd_divergence_rows(s, t, temperature=o.temperature, divergence=o.divergence, beta=o.beta)  # noqa: E731
+    return combine_rows(s, t, labels, soft, o)
+
+
+def combine_rows(s: torch.Tensor, teacher: torch.Tensor, labels, soft, o: RowOptions) -> torch.Tensor:
+    """alpha * CE + (1 - alpha) * k * soft() per row of the student logits ``s`` (in the
+    compute dtype), NaN in rows undefined in ``s`` or ``teacher``, 0 in ignored ones."""
+    rows = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+    if o.alpha != 1:  # with weight 0 the soft term adds 0, even where it is +inf
+        rows = (1 - o.alpha) * o.kd_scale * soft()
+    if labels is not None and o.alpha != 0:
+        safe = torch.where(labels != o.ignore_index, labels, torch.zeros_like(labels))
         # -log softmax(s)[y]: shifted by the max first, like lse(s) - s_y but exact for huge logits
-        rows = rows - alpha * torch.log_softmax(s, dim=-1).gather(1, safe[:, None]).squeeze(1)
-    return _defined_and_counted(rows, s, t, labels, ignore_index)
+        rows = rows - o.alpha * torch.log_softmax(s, dim=-1).gather(1, safe[:, None]).squeeze(1)
+    return _defined_and_counted(rows, s, teacher, labels, o.ignore_index)
 
 
-def _defined_and_counted(
-    per_row: torch.Tensor, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
-) -> torch.Tensor:
+def combine_grads(s: torch.Tensor, teacher: torch.Tensor, labels, row_weight, soft_grad, o: RowOptions):
+    """The gradient of :func:`combine_rows`, each row times row_weight: c * soft_grad() +
+    alpha * (softmax(s) - onehot(y)) with c = (1 - alpha) * k / T."""
+    grad = torch.zeros_like(s)
+    c = (1 - o.alpha) * o.kd_scale / o.temperature
+    if c != 0:  # with weight 0 the soft term adds 0, even where it is +inf
+        grad = c * soft_grad()
+    if labels is not None and o.alpha != 0:
+        safe = torch.where(labels != o.ignore_index, labels, torch.zeros_like(labels))
+        ce = torch.softmax(s, dim=-1)
+        ce.scatter_add_(1, safe[:, None], -torch.ones_like(ce[:, :1]))
+        grad = grad + o.alpha * ce
+    return _defined_and_counted(grad, s, teacher, labels, o.ignore_index) * row_weight.to(s.dtype)[:, None]
+
+
+def _defined_and_counted(per_row: torch.Tensor, s, t, labels, ignore_index: int) -> torch.Tensor:
     """``per_row`` (rows or rows x V) with NaN in undefined rows, then 0 in ignored ones."""
     defined = kd_rows_defined(s, t).reshape(-1, *([1] * (per_row.dim() - 1)))
     per_row = torch.where(defined, per_row, torch.full_like(per_row, math.nan))
@@ -240,19 +266,7 @@ def _defined_and_counted(
     return torch.where(counted, per_row, torch.zeros_like(per_row))
 
 
-def kd_loss_rows_grad(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    row_weight: torch.Tensor,
-    *,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    kd_scale: float,
-) -> torch.Tensor:
+def kd_loss_rows_grad(student_logits, teacher_logits, labels, row_weight: torch.Tensor, **options) -> torch.Tensor:
     """d(sum_i row_weight[i] * l_i) / d student_logits for :func:`kd_loss_rows`, in closed form
     (the formulas the compiled kernels use), in the compute dtype of kd_loss_rows.
 
@@ -268,49 +282,59 @@ def kd_loss_rows_grad(
 
     Rows whose label is ignore_index get zeros, undefined rows NaN.
     """
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    o = RowOptions(**options)
+    dtype = compute_dtype(student_logits, teacher_logits)
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
-    grad = torch.zeros_like(s)
-    c = (1 - alpha) * kd_scale / temperature
-    if c != 0:  # with weight 0 the soft term adds 0, even where it is +inf
-        log_q = kd_log_probs(s, temperature)
-        log_p = kd_log_probs(t, temperature)
+
+    def soft_grad() -> torch.Tensor:
+        log_q = kd_log_probs(s, o.temperature)
+        log_p = kd_log_probs(t, o.temperature)
         q = log_q.exp()
-        if divergence == "forward_kl":
-            grad = c * (q - log_p.exp())
-        elif divergence in ("reverse_kl", "jsd"):
-            if divergence == "reverse_kl":
-                g = log_q - log_p
-            else:
-                g = (1 - beta) * (log_q - _kd_log_mix(log_p, log_q, beta))
-            qg = torch.where(q == 0, torch.zeros_like(q), q * g)
-            total = qg.sum(-1, keepdim=True)
-            grad = c * (qg - q * total)
-            grad = torch.where(total == math.inf, torch.full_like(grad, math.nan), grad)
-        else:
-            raise ValueError(f"unknown divergence {divergence!r}")
-    if labels is not None and alpha != 0:
-        safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
-        ce = torch.softmax(s, dim=-1)
-        ce.scatter_add_(1, safe[:, None], -torch.ones_like(ce[:, :1]))
-        grad = grad + alpha * ce
-    return _defined_and_counted(grad, s, t, labels, ignore_index) * row_weight.to(dtype)[:, None]
+        if o.divergence == "forward_kl":
+            return q - log_p.exp()
+        g = chain_rule_g(log_q, log_p, o)
+        qg = torch.where(q == 0, torch.zeros_like(q), q * g)
+        total = qg.sum(-1, keepdim=True)
+        return torch.where(total == math.inf, torch.full_like(q, math.nan), qg - q * total)
+
+    return combine_grads(s, t, labels, row_weight, soft_grad, o)
 
 
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    soft_loss_scale: str = "t2",
-) -> torch.Tensor:
-    """Distillation loss on logits of shape (..., V), differentiable in plain PyTorch.
+def chain_rule_g(log_q: torch.Tensor, log_p: torch.Tensor, o: RowOptions) -> torch.Tensor:
+    """g of the softmax chain rule: df/dq of reverse_kl or jsd up to a constant of the row."""
+    if o.divergence == "reverse_kl":
+        return log_q - log_p
+    if o.divergence == "jsd":
+        return (1 - o.beta) * (log_q - _kd_log_mix(log_p, log_q, o.beta))
+    raise ValueError(f"unknown divergence {o.divergence!r}")
+
+
+class LossOptions(NamedTuple):
+    """The keyword options of the reference losses, with the defaults of memkern.ops.kd_loss."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    ignore_index: int = -100
+    reduction: str = "mean"
+    soft_loss_scale: str = "t2"
+
+    def rows(self) -> dict:  # the keyword options of the per-row references
+        k = soft_loss_factor(self.soft_loss_scale, self.temperature)
+        return RowOptions(self.alpha, self.temperature, self.divergence, self.beta, self.ignore_index, k)._asdict()
+
+
+def reduced_loss(rows_of, lead, labels: torch.Tensor | None, **options) -> torch.Tensor:
+    """``rows_of(labels as rows, **RowOptions)`` reduced as ``options`` (LossOptions) say."""
+    o = LossOptions(**options)
+    y = labels.reshape(-1) if labels is not None else None
+    return reduce_rows(rows_of(y, **o.rows()), o.reduction, lead, y, o.ignore_index)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels=None, **options) -> torch.Tensor:
+    """Distillation loss on logits of shape (..., V), differentiable in plain PyTorch;
+    ``options``: the fields of LossOptions (keyword), those of memkern.ops.kd_loss.
 
     Per row i with label y_i that is not ``ignore_index`` (every row when labels is None):
 
@@ -322,20 +346,8 @@ def kd_loss(
     logits' leading shape. Computed in float32, or float64 for float64 inputs.
     """
     vocab = student_logits.shape[-1]
-    lead = student_logits.shape[:-1]
-    y = labels.reshape(-1) if labels is not None else None
-    rows = kd_loss_rows(
-        student_logits.reshape(-1, vocab),
-        teacher_logits.reshape(-1, vocab),
-        y,
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        ignore_index=ignore_index,
-        kd_scale=soft_loss_factor(soft_loss_scale, temperature),
-    )
-    return reduce_rows(rows, reduction, lead, y, ignore_index)
+    s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    return reduced_loss(lambda y, **o: kd_loss_rows(s, t, y, **o), student_logits.shape[:-1], labels, **options)
 
 
 def soft_loss_factor(soft_loss_scale: str, temperature: float) -> float:
@@ -354,21 +366,19 @@ def reduce_rows(rows: torch.Tensor, reduction: str, lead, labels: torch.Tensor |
     return rows.sum() / max(n_valid, 1)
 
 
-def linear_kd_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    **options,
-) -> torch.Tensor:
-    """:func:`kd_loss` of the logits ``hidden @ weight.T + bias`` of student and teacher."""
-    s = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
-    t = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
-    return kd_loss(s, t, labels, **options)
+def of_linear_heads(loss_of_logits):
+    """``loss_of_logits`` of the logits ``hidden @ weight.T + bias``, as memkern.ops.linear_kd_loss."""
+
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, **options):
+        s = torch.nn.functional.linear(student_hidden, student_weight, options.pop("student_bias", None))
+        t = torch.nn.functional.linear(teacher_hidden, teacher_weight, options.pop("teacher_bias", None))
+        return loss_of_logits(s, t, labels, **options)
+
+    loss.__doc__ = f":func:`{loss_of_logits.__name__}` of the logits ``hidden @ weight.T + bias`` of both."
+    return loss
+
+
+linear_kd_loss = of_linear_heads(kd_loss)
 
 
 # -- low-precision linear layers (memkern/ops/lowp.py) ------------------------------------

@@ -27,69 +27,48 @@ def kd_loss_terms(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    soft_loss_scale: str = "t2",
     student_logit_scale: float | None = None,
     teacher_logit_scale: float | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     shared_vocab: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, kd), reduced alike, with loss = alpha * ce + (1 - alpha) * k * kd.
+    """(loss, ce, kd), reduced alike, with loss = alpha * ce + (1 - alpha) * k * kd;
+    ``options``: the fields of memkern.reference.LossOptions (keyword).
 
     ce_i = logsumexp(s'_i) - s'_i[y_i] over the student's whole vocabulary; kd_i =
     D(softmax(t'_i[:n] / T), softmax(s'_i[:n] / T)) over the first n = shared_vocab entries
     (each side renormalised over them); s', t' the transformed logits. Ignored rows are 0
     in both terms; with a normalizer each term is its sum divided by it."""
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    o = reference.LossOptions(**options)
+    dtype = reference.compute_dtype(student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     s = transform_logits(student_logits.to(dtype), student_logit_scale, student_softcap)
     t = transform_logits(teacher_logits.to(dtype), teacher_logit_scale, teacher_softcap)
     s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     n = shared_vocab or s.shape[-1]
-    kd = reference.kd_divergence_rows(s[:, :n], t[:, :n], temperature=temperature, divergence=divergence, beta=beta)
+    kd = reference.kd_divergence_rows(
+        s[:, :n], t[:, :n], temperature=o.temperature, divergence=o.divergence, beta=o.beta
+    )
     y = labels.reshape(-1) if labels is not None else None
     if y is None:
         counted = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         ce = torch.zeros_like(kd)
     else:
-        counted = y != ignore_index
+        counted = y != o.ignore_index
         target = torch.where(counted, y, torch.zeros_like(y))
         ce = -torch.log_softmax(s, dim=-1).gather(1, target[:, None]).squeeze(1)
     zero = torch.zeros_like(kd)
     ce, kd = torch.where(counted, ce, zero), torch.where(counted, kd, zero)
     if normalizer is not None:
-        divide = lambda x: x.sum() / normalizer  # noqa: E731
-    elif reduction == "none":
-        divide = lambda x: x.reshape(lead)  # noqa: E731
-    elif reduction == "sum":
-        divide = lambda x: x.sum()  # noqa: E731
+        ce, kd = ce.sum() / normalizer, kd.sum() / normalizer
     else:
-        divide = lambda x: x.sum() / max(int(counted.sum()), 1)  # noqa: E731
-    ce, kd = divide(ce), divide(kd)
-    k = reference.soft_loss_factor(soft_loss_scale, temperature)
-    soft = torch.zeros_like(kd) if alpha == 1 else (1 - alpha) * k * kd
-    return alpha * ce + soft, ce, kd
+        ce, kd = (reference.reduce_rows(x, o.reduction, lead, y, o.ignore_index) for x in (ce, kd))
+    k = reference.soft_loss_factor(o.soft_loss_scale, o.temperature)
+    soft = torch.zeros_like(kd) if o.alpha == 1 else (1 - o.alpha) * k * kd
+    return o.alpha * ce + soft, ce, kd
 
 
-def linear_kd_loss_terms(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    **options,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`kd_loss_terms` of the logits ``hidden @ weight.T + bias`` of student and teacher."""
-    s = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
-    t = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
-    return kd_loss_terms(s, t, labels, **options)
+linear_kd_loss_terms = reference.of_linear_heads(kd_loss_terms)

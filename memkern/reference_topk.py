@@ -23,7 +23,15 @@ import math
 
 import torch
 
-from memkern.reference import _defined_and_counted, _kd_log_mix, kd_divergence_rows, reduce_rows, soft_loss_factor
+from memkern.reference import (
+    RowOptions,
+    chain_rule_g,
+    combine_grads,
+    combine_rows,
+    compute_dtype,
+    kd_divergence_rows,
+    reduced_loss,
+)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -62,33 +70,22 @@ def topk_student_log_buckets(student_logits: torch.Tensor, indices: torch.Tensor
 
 
 def kd_topk_loss_rows(
-    student_logits: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    teacher_indices: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    kd_scale: float,
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, labels, **options
 ) -> torch.Tensor:
     """Per-row loss of 2-D (rows, V) student logits against (rows, k) top-k log-probabilities;
-    0 for ignored rows, NaN for undefined ones (student or teacher without a distribution)."""
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    0 for ignored rows, NaN for undefined ones (student or teacher without a distribution).
+    ``options``: the fields of memkern.reference.RowOptions."""
+    o = RowOptions(**options)
+    dtype = compute_dtype(student_logits)
     s = student_logits.to(dtype)
-    log_p = topk_teacher_log_buckets(teacher_logprobs.to(dtype), temperature, s.shape[-1])
-    rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
-    if alpha != 1:  # with weight 0 the soft term adds 0, even where it is +inf
-        log_q = topk_student_log_buckets(s, teacher_indices, temperature)
+    log_p = topk_teacher_log_buckets(teacher_logprobs.to(dtype), o.temperature, s.shape[-1])
+
+    def soft() -> torch.Tensor:
+        log_q = topk_student_log_buckets(s, teacher_indices, o.temperature)
         # bucket log-probabilities are their own logits at T = 1 (log_softmax leaves them be)
-        div = kd_divergence_rows(log_q, log_p, temperature=1.0, divergence=divergence, beta=beta)
-        rows = (1 - alpha) * kd_scale * div
-    if labels is not None and alpha != 0:
-        safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
-        rows = rows - alpha * torch.log_softmax(s, dim=-1).gather(1, safe[:, None]).squeeze(1)
-    return _defined_and_counted(rows, s, log_p, labels, ignore_index)
+        return kd_divergence_rows(log_q, log_p, temperature=1.0, divergence=o.divergence, beta=o.beta)
+
+    return combine_rows(s, log_p, labels, soft, o)
 
 
 def kd_topk_loss_rows_grad(
@@ -97,13 +94,7 @@ def kd_topk_loss_rows_grad(
     teacher_indices: torch.Tensor,
     labels: torch.Tensor | None,
     row_weight: torch.Tensor,
-    *,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    kd_scale: float,
+    **options,
 ) -> torch.Tensor:
     """d(sum_i row_weight[i] * l_i) / d student_logits for :func:`kd_topk_loss_rows` in closed
     form (the formulas of the kernels). With q = softmax(s / T), Q and P the buckets,
@@ -115,77 +106,47 @@ def kd_topk_loss_rows_grad(
       reverse_kl and (1 - beta) * (log Q - log M) for jsd (NaN rows where reverse_kl is +inf);
     * cross entropy: alpha * (softmax(s) - onehot(y)).
     """
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    o = RowOptions(**options)
+    dtype = compute_dtype(student_logits)
     s = student_logits.to(dtype)
     idx = teacher_indices
-    log_p = topk_teacher_log_buckets(teacher_logprobs.to(dtype), temperature, s.shape[-1])
-    grad = torch.zeros_like(s)
-    c = (1 - alpha) * kd_scale / temperature
-    if c != 0:
-        shifted = (s - s.amax(-1, keepdim=True)) / temperature
+    log_p = topk_teacher_log_buckets(teacher_logprobs.to(dtype), o.temperature, s.shape[-1])
+
+    def per_entry(bucket_values: torch.Tensor) -> torch.Tensor:
+        """(rows, V): the tail's value everywhere, each index's at its entry."""
+        return bucket_values[:, -1:].expand_as(s).clone().scatter_(1, idx, bucket_values[:, :-1])
+
+    def soft_grad() -> torch.Tensor:
+        shifted = (s - s.amax(-1, keepdim=True)) / o.temperature
         q = torch.softmax(shifted, dim=-1)
-        log_q = topk_student_log_buckets(s, idx, temperature)
-
-        def per_entry(bucket_values: torch.Tensor) -> torch.Tensor:
-            """(rows, V): the tail's value everywhere, each index's at its entry."""
-            return bucket_values[:, -1:].expand_as(s).clone().scatter_(1, idx, bucket_values[:, :-1])
-
-        if divergence == "forward_kl":
+        log_q = topk_student_log_buckets(s, idx, o.temperature)
+        if o.divergence == "forward_kl":
             tail = shifted.masked_fill(~_complement_mask(s, idx), -math.inf)
             tail_lse = torch.logsumexp(tail, dim=-1, keepdim=True)
             # the entry's share of the student's tail (q_v / Q_tail without dividing by a Q
             # that may underflow); no tail entries at all: nothing to share
             share = torch.where(tail_lse == -math.inf, torch.zeros_like(tail), (tail - tail_lse).exp())
             share = share.scatter_(1, idx, torch.ones_like(log_p[:, :-1]))
-            grad = c * (q - per_entry(log_p.exp()) * share)
-        elif divergence in ("reverse_kl", "jsd"):
-            if divergence == "reverse_kl":
-                g = log_q - log_p
-            else:
-                g = (1 - beta) * (log_q - _kd_log_mix(log_p, log_q, beta))
-            big_q = log_q.exp()
-            total = torch.where(big_q == 0, torch.zeros_like(g), big_q * g).sum(-1, keepdim=True)
-            grad = c * torch.where(q == 0, torch.zeros_like(q), q * (per_entry(g) - total))
-            grad = torch.where(total == math.inf, torch.full_like(grad, math.nan), grad)
-        else:
-            raise ValueError(f"unknown divergence {divergence!r}")
-    if labels is not None and alpha != 0:
-        safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
-        ce = torch.softmax(s, dim=-1)
-        ce.scatter_add_(1, safe[:, None], -torch.ones_like(ce[:, :1]))
-        grad = grad + alpha * ce
-    return _defined_and_counted(grad, s, log_p, labels, ignore_index) * row_weight.to(dtype)[:, None]
+            return q - per_entry(log_p.exp()) * share
+        g = chain_rule_g(log_q, log_p, o)
+        big_q = log_q.exp()
+        total = torch.where(big_q == 0, torch.zeros_like(g), big_q * g).sum(-1, keepdim=True)
+        grad = torch.where(q == 0, torch.zeros_like(q), q * (per_entry(g) - total))
+        return torch.where(total == math.inf, torch.full_like(grad, math.nan), grad)
+
+    return combine_grads(s, log_p, labels, row_weight, soft_grad, o)
 
 
 def kd_loss_topk(
-    student_logits: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    teacher_topk_indices: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    soft_loss_scale: str = "t2",
-) -> torch.Tensor:
+    student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor, teacher_topk_indices: torch.Tensor,
+    labels=None, **options
+) -> torch.Tensor:  # fmt: skip
     """The top-k distillation loss of logits (..., V), differentiable in plain PyTorch
-    (unchecked: the public op validates its arguments)."""
+    (unchecked: the public op validates its arguments); ``options``: the fields of
+    memkern.reference.LossOptions (keyword), those of memkern.ops.kd_loss_topk."""
     vocab, k = student_logits.shape[-1], teacher_topk_logprobs.shape[-1]
-    lead = student_logits.shape[:-1]
-    y = labels.reshape(-1) if labels is not None else None
-    rows = kd_topk_loss_rows(
-        student_logits.reshape(-1, vocab),
-        teacher_topk_logprobs.reshape(-1, k),
-        teacher_topk_indices.reshape(-1, k).long(),
-        y,
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        ignore_index=ignore_index,
-        kd_scale=soft_loss_factor(soft_loss_scale, temperature),
+    s = student_logits.reshape(-1, vocab)
+    lp, idx = teacher_topk_logprobs.reshape(-1, k), teacher_topk_indices.reshape(-1, k).long()
+    return reduced_loss(
+        lambda y, **o: kd_topk_loss_rows(s, lp, idx, y, **o), student_logits.shape[:-1], labels, **options
     )
-    return reduce_rows(rows, reduction, lead, y, ignore_index)

@@ -1,5 +1,6 @@
 // Host-side entry point of the distillation-loss CUDA kernel (torch-free; see launchers.h).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
@@ -20,6 +21,23 @@ struct KDParams {
   int divergence;    // 0 forward_kl, 1 reverse_kl, 2 jsd
   bool ce;           // labels given and alpha != 0
 };
+
+// The KDParams of an operator's options (kd_loss_rows_kernel and kd_loss_topk_rows_kernel).
+inline KDParams make_kd_params(double alpha, double temperature, int64_t divergence, double beta,
+                               int64_t ignore_index, double kd_scale, double grad_scale, bool has_labels) {
+  KDParams p;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.alpha = static_cast<float>(alpha);
+  p.c_kd = static_cast<float>((1.0 - alpha) * kd_scale);
+  p.beta = static_cast<float>(beta);
+  p.log_beta = divergence == 2 ? static_cast<float>(std::log(beta)) : 0.0f;
+  p.log_1mb = divergence == 2 ? static_cast<float>(std::log1p(-beta)) : 0.0f;
+  p.grad_scale = static_cast<float>(grad_scale);
+  p.ignore_index = ignore_index;
+  p.divergence = static_cast<int>(divergence);
+  p.ce = has_labels && alpha != 0.0;
+  return p;
+}
 
 // Per-row loss of (rows x V) student and teacher logits (row strides in elements, unit
 // column stride) into loss (rows, fp32), and grad_scale * row_scale[r] * d loss_r / d s_r

@@ -51,6 +51,18 @@ __device__ __forceinline__ float log_mix(float lp, float lq, float log_beta, flo
   return hi + log1pf(expf(lo - hi));
 }
 
+// A row whose label is ignore_index: loss 0 and a zero gradient, written by the whole block,
+// which then leaves together. True for such a row.
+template <int kThreads, typename G>
+__device__ __forceinline__ bool ignored_row(const int64_t* labels, int64_t row, const KDParams& p, float* loss, G* g,
+                                            int64_t V) {
+  if (!labels || labels[row] != p.ignore_index) return false;
+  if (threadIdx.x == 0) loss[row] = 0.0f;
+  if (g)
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) store_f(g + j, 0.0f);
+  return true;
+}
+
 template <typename S, typename T, typename G, int kThreads>
 __global__ void __launch_bounds__(kThreads) kd_rows_kernel(
     const S* __restrict__ s_base, int64_t s_stride, const T* __restrict__ t_base, int64_t t_stride,
@@ -63,12 +75,7 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(
   const T* t = t_base + row * t_stride;
   G* g = g_base ? g_base + row * g_stride : nullptr;
   const int64_t y = labels ? labels[row] : -1;
-  if (labels && y == p.ignore_index) {  // the whole block leaves together
-    if (threadIdx.x == 0) loss[row] = 0.0f;
-    if (g)
-      for (int64_t j = threadIdx.x; j < V; j += kThreads) store_f(g + j, 0.0f);
-    return;
-  }
+  if (ignored_row<kThreads>(labels, row, p, loss, g, V)) return;
 
   // pass 1: maxima and NaN
   float ms = -INFINITY, mt = -INFINITY, nan = 0.0f;

@@ -48,12 +48,7 @@ __global__ void __launch_bounds__(kThreads) kd_topk_rows_kernel(
   const S* s = s_base + row * s_stride;
   GradT* g = g_base ? g_base + row * g_stride : nullptr;
   const int64_t y = labels ? labels[row] : -1;
-  if (labels && y == p.ignore_index) {  // the whole block leaves together
-    if (threadIdx.x == 0) loss[row] = 0.0f;
-    if (g)
-      for (int64_t v = threadIdx.x; v < V; v += kThreads) kd::store_f(g + v, 0.0f);
-    return;
-  }
+  if (kd::ignored_row<kThreads>(labels, row, p, loss, g, V)) return;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) idx[j] = idx_base[row * k + j];
   __syncthreads();
 

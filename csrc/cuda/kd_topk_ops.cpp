@@ -3,8 +3,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "cuda/kd_topk_launchers.h"
 #include "cuda/torch_utils.h"
 
@@ -47,17 +45,8 @@ at::Tensor kd_loss_topk_rows_cuda(const at::Tensor& s, const at::Tensor& lp, con
   }
   const c10::cuda::CUDAGuard guard(s.device());
   auto loss = at::empty({rows}, s.options().dtype(at::kFloat));
-  cuda::KDParams p;
-  p.inv_t = static_cast<float>(1.0 / temperature);
-  p.alpha = static_cast<float>(alpha);
-  p.c_kd = static_cast<float>((1.0 - alpha) * kd_scale);
-  p.beta = static_cast<float>(beta);
-  p.log_beta = divergence == 2 ? static_cast<float>(std::log(beta)) : 0.0f;
-  p.log_1mb = divergence == 2 ? static_cast<float>(std::log1p(-beta)) : 0.0f;
-  p.grad_scale = static_cast<float>(grad_scale);
-  p.ignore_index = ignore_index;
-  p.divergence = static_cast<int>(divergence);
-  p.ce = labels.has_value() && alpha != 0.0;
+  const cuda::KDParams p = cuda::make_kd_params(alpha, temperature, divergence, beta, ignore_index, kd_scale,
+                                                grad_scale, labels.has_value());
   const auto s_kind = float_kind(s, "kd_loss_topk_rows", "student");
   check_launch(cuda::launch_kd_topk_rows(s.const_data_ptr(), s_kind, s.stride(0), lp.const_data_ptr<float>(),
                                          idx.const_data_ptr<int64_t>(), lp.size(1),

@@ -119,9 +119,12 @@ def check_normalizer(op: str, normalizer, reduction: str, device: torch.device):
     return 1.0 / normalizer
 
 
-def _finish(
-    op, opts, reduction, ref: DTensor, mesh_dim, vocab, start, lead, labels, normalizer, compute_grad, dtype, device
-):
+def _finish(op, opts, reduction, ref: DTensor, mesh_dim, vocab, start, rows, labels, normalizer, grad_inputs):
+    """The checked Call; ``rows``: the student's logits or hidden states (the leading shape,
+    the local dtype and device), ``grad_inputs``: the student's tensors."""
+    lead, local = tuple(rows.shape[:-1]), Call.local(rows)
+    dtype, device = local.dtype, local.device
+    compute_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in grad_inputs)
     labels = check_labels(op, Call.local(labels), lead, device)
     labels = labels.reshape(-1) if labels is not None else None
     scale = check_normalizer(op, normalizer, reduction, device)
@@ -165,24 +168,7 @@ def check_kd_call(student, teacher, labels, normalizer, options) -> Call:
     opts, reduction = _options(op, labels is not None, options)
     vocab = student.shape[-1]
     start = _shard_start(op, "student_logits", student, mesh_dim, vocab, student.to_local().shape[-1])
-    local = student.to_local()
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    lead = tuple(student.shape[:-1])
-    return _finish(
-        op,
-        opts,
-        reduction,
-        student,
-        mesh_dim,
-        vocab,
-        start,
-        lead,
-        labels,
-        normalizer,
-        compute_grad,
-        local.dtype,
-        local.device,
-    )
+    return _finish(op, opts, reduction, student, mesh_dim, vocab, start, student, labels, normalizer, (student,))
 
 
 def check_linear_call(hs, ws, ht, wt, labels, bs, bt, normalizer, options) -> Call:
@@ -252,20 +238,4 @@ def check_linear_call(hs, ws, ht, wt, labels, bs, bt, normalizer, options) -> Ca
         teacher_hidden=Call.local(ht),
         teacher_weight=wt.to_local(),
     )
-    compute_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, bs))
-    lead = tuple(hs.shape[:-1])
-    return _finish(
-        op,
-        opts,
-        reduction,
-        ws,
-        mesh_dim,
-        ws.shape[0],
-        start,
-        lead,
-        labels,
-        normalizer,
-        compute_grad,
-        local_h.dtype,
-        local_h.device,
-    )
+    return _finish(op, opts, reduction, ws, mesh_dim, ws.shape[0], start, hs, labels, normalizer, (hs, ws, bs))

@@ -3,8 +3,9 @@
 
 Where each part lives: the options and their checks in memkern.kd_options, the operators
 and their backend tables in memkern.ops.kd_ops, the chunk loop of the fused-linear form in
-memkern.kernels.kd_chunks and its Triton kernels in memkern.kernels.kd; this module holds the
-public functions and their argument checks.
+memkern.kernels.kd_chunks and its Triton kernels in memkern.kernels.kd, the checks and the
+call path shared with the top-k losses in memkern.ops.kd_args; this module holds the public
+functions and the checks of their logits.
 
 How memory is saved:
 
@@ -28,20 +29,19 @@ from __future__ import annotations
 
 import torch
 
-from memkern import _autocast, _validate, backends
+from memkern import _validate
 from memkern.distributed import detect
 from memkern.kd_options import (
+    CORE_OPTIONS,
+    EXTRA_OPTIONS,
     KD_DTYPES,
     TEMPERATURE_RANGE,
-    KDExtras,
     check_extras,
-    check_labels,
-    check_normalizer,
     check_options,
     check_vocabularies,
-    divide_by_normalizer,
 )
 from memkern.ops import kd_ops, kd_options_ops
+from memkern.ops.kd_args import check_head_biases, check_heads, check_vocab, refuse_sharded_extras, run_loss
 
 __all__ = ["TEMPERATURE_RANGE", "check_options", "kd_loss", "linear_kd_loss"]
 
@@ -95,13 +95,6 @@ _SEMANTICS = """
 """
 
 
-def _check_vocab(op: str, vocab: int, what: str) -> None:
-    if vocab < 1:
-        raise ValueError(
-            f"{op}: the vocabulary must hold at least one entry (a softmax over none is undefined), got {what}"
-        )
-
-
 def _check_logits(op: str, student: torch.Tensor, teacher: torch.Tensor, shared_vocab: int) -> None:
     _validate.check_tensor(op, "student_logits", student)
     _validate.check_tensor(op, "teacher_logits", teacher)
@@ -120,41 +113,9 @@ def _check_logits(op: str, student: torch.Tensor, teacher: torch.Tensor, shared_
             f"{op}: student_logits and teacher_logits must have the same shape, got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)}"
         )
-    _check_vocab(op, student.shape[-1], f"student_logits of shape {tuple(student.shape)}")
-    _check_vocab(op, teacher.shape[-1], f"teacher_logits of shape {tuple(teacher.shape)}")
+    check_vocab(op, student.shape[-1], f"student_logits of shape {tuple(student.shape)}")
+    check_vocab(op, teacher.shape[-1], f"teacher_logits of shape {tuple(teacher.shape)}")
     _validate.check_same_device(op, student_logits=student, teacher_logits=teacher)
-
-
-def _finish(out, extras: KDExtras, normalizer):
-    """The public result: (loss, ce, kd) or the loss, each divided by the normalizer."""
-    terms = out if extras.needs_options_path else (out[0],)
-    if normalizer is not None:
-        terms = tuple(divide_by_normalizer(x, normalizer) for x in terms)
-    return tuple(terms) if extras.return_components else terms[0]
-
-
-def _refuse_sharded_extras(
-    op: str, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, shared_vocab, components
-) -> None:
-    """The vocabulary-parallel path (memkern.distributed.vocab_parallel) takes the core
-    options and normalizer; the logit transforms, shared_vocab and return_components are
-    refused there, on every rank alike, before any collective."""
-    given = {
-        "student_logit_scale": student_logit_scale,
-        "teacher_logit_scale": teacher_logit_scale,
-        "student_softcap": student_softcap,
-        "teacher_softcap": teacher_softcap,
-        "shared_vocab": shared_vocab,
-    }
-    unsupported = [name for name, value in given.items() if value is not None] + (
-        ["return_components"] if components else []
-    )
-    if unsupported:
-        raise ValueError(
-            f"{op}: {', '.join(unsupported)} cannot be used with DTensor (vocabulary-parallel) inputs; "
-            "the sharded loss takes alpha, temperature, divergence, beta, ignore_index, reduction, "
-            "soft_loss_scale and normalizer"
-        )
 
 
 def kd_loss(
@@ -178,62 +139,21 @@ def kd_loss(
     normalizer: float | torch.Tensor | None = None,
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "kd_loss"
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
+    given = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, shared_vocab, chunk_size)
+    given = dict(zip(EXTRA_OPTIONS, (*given, return_components)))
     if detect.any_dtensor(student_logits, teacher_logits, labels):
         from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops
 
-        _refuse_sharded_extras(
-            "kd_loss", student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-            shared_vocab, return_components,
-        )  # fmt: skip
-        return vocab_parallel.kd_loss(
-            student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature, divergence=divergence,
-            beta=beta, ignore_index=ignore_index, reduction=reduction, soft_loss_scale=soft_loss_scale,
-            normalizer=normalizer,
-        )  # fmt: skip
-    op = "kd_loss"
-    extras = check_extras(
-        op,
-        student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
-        shared_vocab=shared_vocab,
-        chunk_size=chunk_size,
-        return_components=return_components,
-    )
+        refuse_sharded_extras(op, given)
+        return vocab_parallel.kd_loss(student_logits, teacher_logits, labels, **core, normalizer=normalizer)
+    extras = check_extras(op, given)
     _check_logits(op, student_logits, teacher_logits, extras.shared_vocab)
-    opts = check_options(
-        op,
-        has_labels=labels is not None,
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        soft_loss_scale=soft_loss_scale,
-    )
-    normalizer = check_normalizer(op, normalizer, reduction)
-    labels = check_labels(op, labels, tuple(student_logits.shape[:-1]), student_logits.device)
-    reduction = "sum" if normalizer is not None else reduction  # the sum, divided by it below
-    args = (student_logits, teacher_logits.detach(), labels, *op_options(opts, reduction))
-    if extras.needs_options_path:
-        out = backends.call(
-            kd_options_ops.kd_loss_options_op, kd_options_ops.kd_loss_options_body, *args, *_op_extras(extras)
-        )
-    else:
-        compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-        out = backends.call(kd_ops.kd_loss_op, kd_ops.kd_loss_body, *args, compute_grad)
-    return _finish(out, extras, normalizer)
-
-
-def op_options(opts, reduction: str) -> tuple:
-    """The options in the order of the operators' schemas (alpha .. kd_scale)."""
-    return opts.alpha, opts.temperature, opts.divergence, opts.beta, opts.ignore_index, reduction, opts.kd_scale
-
-
-def _op_extras(extras: KDExtras) -> tuple:
-    return extras.transform, extras.shared_vocab, extras.chunk_size
+    operators = (kd_ops.kd_loss_op, kd_ops.kd_loss_body)
+    operators += (kd_options_ops.kd_loss_options_op, kd_options_ops.kd_loss_options_body)
+    tensors = (student_logits, teacher_logits.detach())
+    return run_loss(op, operators, tensors, labels, (student_logits,), core, extras, normalizer)
 
 
 kd_loss.__doc__ = (
@@ -270,44 +190,6 @@ kd_loss.__doc__ = (
 )
 
 
-def check_heads(op: str, *heads: tuple[str, torch.Tensor, torch.Tensor]) -> None:
-    """The (who, hidden, weight) pairs of the fused-linear losses: tensors of a KD dtype,
-    hidden (N, H) or (B, T, H), weight (V, H) of the hidden's size and dtype (as autocast
-    sees them: it casts both). Each check runs over every pair before the next."""
-    for who, h, w in heads:
-        for name, x in ((f"{who}_hidden", h), (f"{who}_weight", w)):
-            _validate.check_tensor(op, name, x)
-            _validate.check_dtype(op, name, x, KD_DTYPES)
-    for who, h, _ in heads:
-        _validate.check_dim(op, f"{who}_hidden", h, (2, 3))
-    for who, _, w in heads:
-        _validate.check_dim(op, f"{who}_weight", w, 2)
-    for who, h, w in heads:
-        if h.shape[-1] != w.shape[1]:
-            raise ValueError(
-                f"{op}: {who}_hidden has hidden size {h.shape[-1]} but {who}_weight "
-                f"{tuple(w.shape)} expects {w.shape[1]} (weight is (vocab, hidden))"
-            )
-        if _autocast.dtype_seen(h) != _autocast.dtype_seen(w):  # autocast casts both
-            raise TypeError(
-                f"{op}: {who}_hidden ({_validate.dtype_name(h.dtype)}) and {who}_weight "
-                f"({_validate.dtype_name(w.dtype)}) must have the same dtype"
-            )
-
-
-def check_head_biases(op: str, *biases: tuple[str, torch.Tensor | None, torch.Tensor]) -> None:
-    """Each (who, bias, weight): a bias, where given, is (V,) in its weight's dtype."""
-    for who, b, w in biases:
-        if b is not None:
-            _validate.check_tensor(op, f"{who}_bias", b)
-            if tuple(b.shape) != (w.shape[0],) or _autocast.dtype_seen(b) != _autocast.dtype_seen(w):
-                raise ValueError(
-                    f"{op}: {who}_bias must have shape ({w.shape[0]},) and dtype "
-                    f"{_validate.dtype_name(w.dtype)}, got {tuple(b.shape)} "
-                    f"{_validate.dtype_name(b.dtype)}"
-                )
-
-
 def linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -333,30 +215,19 @@ def linear_kd_loss(
     normalizer: float | torch.Tensor | None = None,
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "linear_kd_loss"
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
+    given = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, shared_vocab, chunk_size)
+    given = dict(zip(EXTRA_OPTIONS, (*given, return_components)))
     sharded = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias)
     if detect.any_dtensor(*sharded):
         from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops
 
-        _refuse_sharded_extras(
-            "linear_kd_loss", student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
-            shared_vocab, return_components,
-        )  # fmt: skip
+        refuse_sharded_extras(op, given)
         return vocab_parallel.linear_kd_loss(
-            *sharded[:5], student_bias=student_bias, teacher_bias=teacher_bias, alpha=alpha, temperature=temperature,
-            divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
-            soft_loss_scale=soft_loss_scale, normalizer=normalizer,
-        )  # fmt: skip
-    op = "linear_kd_loss"
-    extras = check_extras(
-        op,
-        student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
-        shared_vocab=shared_vocab,
-        chunk_size=chunk_size,
-        return_components=return_components,
-    )
+            *sharded[:5], student_bias=student_bias, teacher_bias=teacher_bias, **core, normalizer=normalizer
+        )
+    extras = check_extras(op, given)
     check_heads(op, ("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight))
     check_vocabularies(
         op,
@@ -365,8 +236,8 @@ def linear_kd_loss(
         extras.shared_vocab,
         f"student_weight {tuple(student_weight.shape)}, teacher_weight {tuple(teacher_weight.shape)}",
     )
-    _check_vocab(op, student_weight.shape[0], f"student_weight of shape {tuple(student_weight.shape)}")
-    _check_vocab(op, teacher_weight.shape[0], f"teacher_weight of shape {tuple(teacher_weight.shape)}")
+    check_vocab(op, student_weight.shape[0], f"student_weight of shape {tuple(student_weight.shape)}")
+    check_vocab(op, teacher_weight.shape[0], f"teacher_weight of shape {tuple(teacher_weight.shape)}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"{op}: student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
@@ -382,44 +253,12 @@ def linear_kd_loss(
         student_bias=student_bias,
         teacher_bias=teacher_bias,
     )
-    opts = check_options(
-        op,
-        has_labels=labels is not None,
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        soft_loss_scale=soft_loss_scale,
-    )
-    normalizer = check_normalizer(op, normalizer, reduction)
-    labels = check_labels(op, labels, tuple(student_hidden.shape[:-1]), student_hidden.device)
-    reduction = "sum" if normalizer is not None else reduction  # the sum, divided by it below
     detach = lambda x: x.detach() if x is not None else None  # noqa: E731
-    args = (
-        student_hidden,
-        student_weight,
-        student_bias,
-        detach(teacher_hidden),
-        detach(teacher_weight),
-        detach(teacher_bias),
-        labels,
-        *op_options(opts, reduction),
-    )
-    if extras.needs_options_path:
-        out = backends.call(
-            kd_options_ops.linear_kd_loss_options_op,
-            kd_options_ops.linear_kd_loss_options_body,
-            *args,
-            *_op_extras(extras),
-        )
-    else:
-        compute_grad = torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
-        )
-        out = backends.call(kd_ops.linear_kd_loss_op, kd_ops.linear_kd_loss_body, *args, compute_grad)
-    return _finish(out, extras, normalizer)
+    teacher = (detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias))
+    operators = (kd_ops.linear_kd_loss_op, kd_ops.linear_kd_loss_body)
+    operators += (kd_options_ops.linear_kd_loss_options_op, kd_options_ops.linear_kd_loss_options_body)
+    student = (student_hidden, student_weight, student_bias)
+    return run_loss(op, operators, (*student, *teacher), labels, student, core, extras, normalizer)
 
 
 linear_kd_loss.__doc__ = (

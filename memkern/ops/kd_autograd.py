@@ -1,5 +1,6 @@
-"""The autograd plumbing the distillation operators share (memkern.ops.kd_ops,
-memkern.ops.kd_topk_ops, memkern.ops.kd_options_ops): the logits form, whose forward
+"""The schemas and autograd plumbing the distillation operators share (memkern.ops.kd_ops,
+memkern.ops.kd_topk_ops, memkern.ops.kd_options_ops): their argument lists, each written
+once and joined by ``declare``; the logits form, whose forward
 returns (loss, gradient for a unit upstream gradient), and the fused-linear form, whose
 forward returns (loss, grad_hidden, grad_weight, grad_bias) and whose reduction='none'
 backward recomputes the chunks through a backward operator. Each op differs only in its
@@ -11,8 +12,33 @@ from __future__ import annotations
 import torch
 
 from memkern import backends
-from memkern.kd_options import acc_dtype
+from memkern.kd_options import KDOptions, acc_dtype
 from memkern.ops._autograd import refuse_double_backward
+
+# -- schemas: the argument lists the operators share, each written once ---------------------------
+OPTIONS = (
+    "float alpha, float temperature, str divergence, float beta, SymInt ignore_index, str reduction, float kd_scale"
+)
+BACKWARD_OPTIONS = OPTIONS.replace(", str reduction", "")  # KDOptions' fields, in their order
+EXTRAS = "float[] transform, SymInt shared_vocab, SymInt chunk_size"
+LOGITS = "Tensor student, Tensor teacher, Tensor? labels"
+STUDENT_HEAD = "Tensor student_hidden, Tensor student_weight, Tensor? student_bias"
+TEACHER_HEAD = "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias"
+TOPK_TEACHER = "Tensor teacher_logprobs, Tensor teacher_indices"
+TERM_GRADS = "Tensor grad_loss, Tensor grad_ce, Tensor grad_kd"
+PARAMETER_GRADS = "(Tensor, Tensor, Tensor)"
+
+
+def declare(name: str, inputs: tuple[str, ...], outputs: str):
+    """Decorator: the function as the operator ``memkern::name(inputs) -> outputs``."""
+    return torch.library.custom_op(f"memkern::{name}", mutates_args=(), schema=f"({', '.join(inputs)}) -> {outputs}")
+
+
+def split_options(options: tuple) -> tuple[KDOptions, str, tuple]:
+    """(KDOptions, reduction, what follows) of an operator's arguments from OPTIONS on."""
+    alpha, temperature, divergence, beta, ignore_index, reduction, kd_scale, *rest = options
+    return KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale), reduction, tuple(rest)
+
 
 # Double backward would need the second derivative of the loss, i.e. the logits (or hidden
 # states and weights) kept until backward: the memory these ops exist to save.
@@ -90,10 +116,12 @@ LINEAR_OPT_NAMES = (
 _BACKWARD_OPT_NAMES = tuple(name for name in LINEAR_OPT_NAMES if name not in ("reduction", "compute_grad"))
 
 
-def parameter_grads(hs, ws, bs, gh, gw, gb):
-    """Gradients in the parameters' dtypes (accumulated in fp32 or fp64 before)."""
-    gb_out = gb.to(bs.dtype) if gb is not None else hs.new_empty(0)
-    return gh, gw.to(ws.dtype), gb_out
+def parameter_grads(head, gh, gw, gb):
+    """Gradients of the student's (hidden, weight, bias) ``head`` from those of its rows
+    (accumulated in fp32 or fp64): in the hidden's shape and the parameters' dtypes."""
+    hidden, weight, bias = head
+    gb_out = gb.to(bias.dtype) if gb is not None else hidden.new_empty(0)
+    return gh.view(hidden.shape), gw.to(weight.dtype), gb_out
 
 
 def parameter_grads_fake(hidden, weight, bias):

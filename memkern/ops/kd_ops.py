@@ -19,12 +19,20 @@ from memkern.kd_options import (
 )
 from memkern.kernels.kd_chunks import linear_chunks
 from memkern.ops.kd_autograd import (
+    BACKWARD_OPTIONS,
+    LOGITS,
+    OPTIONS,
+    PARAMETER_GRADS,
+    STUDENT_HEAD,
+    TEACHER_HEAD,
+    declare,
     linear_forward_fake,
     logits_forward_fake,
     parameter_grads,
     parameter_grads_fake,
     register_linear_autograd,
     register_logits_autograd,
+    split_options,
 )
 
 
@@ -91,33 +99,34 @@ def _reduce(loss_rows: torch.Tensor, reduction: str, lead: tuple[int, ...], n_va
 
 
 # -- operator: logits form -------------------------------------------------------------------
-def kd_loss_body(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_loss_body(student, teacher, labels, *options) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss / d student) where the gradient is for a unit upstream
-    gradient (per row for reduction='none'); an empty tensor when compute_grad is False."""
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    vocab, lead = student.shape[-1], tuple(student.shape[:-1])
-    s, t = _rows_2d(student, vocab), _rows_2d(teacher, vocab)
-    y = labels.reshape(-1).contiguous() if labels is not None else None
-    check_label_range("kd_loss", y, vocab, ignore_index)
+    gradient (per row for reduction='none'); an empty tensor when compute_grad (the
+    argument after the OPTIONS) is False."""
+    opts, reduction, (compute_grad,) = split_options(options)
+    s, t, y = logit_rows(student, teacher, labels, opts)
+    return logits_forward(_rows, student, s, (t,), y, opts, reduction, compute_grad)
+
+
+def logits_forward(rows, student, s, teacher: tuple, y, opts: KDOptions, reduction: str, compute_grad: bool):
+    """(loss, gradient) of a logits-form operator: its per-row table ``rows`` over the
+    student rows ``s`` and the teacher's row inputs."""
     n_valid, inv_n = mean_scale(y, s.shape[0], opts)
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if compute_grad else s.new_empty(0)
-    loss_rows = _rows(s, t, y, None, grad, opts, inv_n if reduction == "mean" else 1.0)
-    return _reduce(loss_rows, reduction, lead, n_valid), grad.view(student.shape) if compute_grad else grad
+    loss_rows = rows(s, *teacher, y, None, grad, opts, inv_n if reduction == "mean" else 1.0)
+    loss = _reduce(loss_rows, reduction, tuple(student.shape[:-1]), n_valid)
+    return loss, grad.view(student.shape) if compute_grad else grad
 
 
-kd_loss_op = torch.library.custom_op("memkern::kd_loss", mutates_args=())(kd_loss_body)
+def logit_rows(student, teacher, labels, opts: KDOptions):
+    """(student rows, teacher rows, labels) of the logits-form operators, the labels checked."""
+    s, t = _rows_2d(student, student.shape[-1]), _rows_2d(teacher, teacher.shape[-1])
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    check_label_range("kd_loss", y, student.shape[-1], opts.ignore_index)
+    return s, t, y
+
+
+kd_loss_op = declare("kd_loss", (LOGITS, OPTIONS, "bool compute_grad"), "(Tensor, Tensor)")(kd_loss_body)
 
 
 @kd_loss_op.register_fake
@@ -140,22 +149,14 @@ _autocast.register("kd_loss")
 _linear = backends.op_table("linear_kd_loss", preference=backends.TRITON_FIRST)
 
 
-def _linear_chunked(backend: str):
-    def impl(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, want_grad):
-        return linear_chunks(
-            _rows.impls[backend].fn,
-            hs,
-            ws,
-            bs,
-            ht,
-            wt,
-            bt,
-            labels,
-            opts,
-            row_scale=row_scale,
-            grad_scale=grad_scale,
-            want_grad=want_grad,
-        )
+def chunked(chunks, rows: backends.OpTable, backend: str):
+    """The fused-linear implementation of ``backend``: ``chunks`` (linear_chunks, or the
+    top-k form's) over that backend's per-row kernel in ``rows``."""
+
+    def impl(*args):
+        *inputs, row_scale, grad_scale, want_grad = args
+        rows_impl = rows.impls[backend].fn
+        return chunks(rows_impl, *inputs, row_scale=row_scale, grad_scale=grad_scale, want_grad=want_grad)
 
     return impl
 
@@ -163,9 +164,9 @@ def _linear_chunked(backend: str):
 # The torch backend runs the same chunk loop over the reference's rows: ignored rows stay
 # out of every product there too (a NaN hidden state in one must not reach the weight
 # gradient), and without memkern._C or Triton no rows x V tensor exists either.
-_linear.register("torch")(_linear_chunked("torch"))
-_linear.register("cpp", dtypes=KD_DTYPES)(_linear_chunked("cpp"))
-_linear.register("cuda", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("cuda"))
+_linear.register("torch")(chunked(linear_chunks, _rows, "torch"))
+_linear.register("cpp", dtypes=KD_DTYPES)(chunked(linear_chunks, _rows, "cpp"))
+_linear.register("cuda", dtypes=_validate.FLOAT_DTYPES)(chunked(linear_chunks, _rows, "cuda"))
 
 
 @_linear.register("triton", dtypes=_validate.FLOAT_DTYPES)
@@ -176,61 +177,53 @@ def _linear_triton(hs, ws, bs, ht, wt, bt, labels, opts, row_scale, grad_scale, 
 
 
 # -- operators: fused-linear form ---------------------------------------------------------------
-def _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale) -> KDOptions:
-    return KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-
-
 def linear_kd_loss_body(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    compute_grad: bool,
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, *options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, grad_hidden, grad_weight, grad_bias). With compute_grad and reduction
     'mean' or 'sum' the gradients (for a unit upstream gradient) are computed here, in the
     same pass; otherwise they are empty and backward recomputes."""
-    opts = _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    hidden, vocab = student_hidden.shape[-1], student_weight.shape[0]
-    lead = tuple(student_hidden.shape[:-1])
-    hs = student_hidden.reshape(-1, hidden)
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    y = labels.reshape(-1).contiguous() if labels is not None else None
-    check_label_range("linear_kd_loss", y, vocab, ignore_index)
+    opts, reduction, (compute_grad,) = split_options(options)
+    hs, ht, y = linear_rows("linear_kd_loss", student_hidden, teacher_hidden, labels, student_weight.shape[0], opts)
+    head, teacher = (student_hidden, student_weight, student_bias), (ht, teacher_weight, teacher_bias)
+    return linear_forward(_linear, head, hs, teacher, y, opts, reduction, compute_grad)
+
+
+def linear_forward(table, head, hs, teacher: tuple, y, opts: KDOptions, reduction: str, compute_grad: bool):
+    """(loss, grad_hidden, grad_weight, grad_bias) of a fused-linear operator: its table over
+    the student's (hidden, weight, bias) ``head``, hidden rows ``hs``, and the teacher's inputs."""
     n_valid, inv_n = mean_scale(y, hs.shape[0], opts)
     want_grad = compute_grad and reduction != "none"
-    loss_rows, gh, gw, gb = _linear(
-        hs,
-        student_weight,
-        student_bias,
-        ht,
-        teacher_weight,
-        teacher_bias,
-        y,
-        opts,
-        None,
-        inv_n if reduction == "mean" else 1.0,
-        want_grad,
-    )
-    loss = _reduce(loss_rows, reduction, lead, n_valid)
-    empty = hs.new_empty(0)
+    scale = inv_n if reduction == "mean" else 1.0
+    loss_rows, gh, gw, gb = table(hs, *head[1:], *teacher, y, opts, None, scale, want_grad)
+    loss = _reduce(loss_rows, reduction, tuple(head[0].shape[:-1]), n_valid)
     if not want_grad:
+        empty = hs.new_empty(0)
         return loss, empty, empty.clone(), empty.clone()
-    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
-    return loss, gh.view(student_hidden.shape), gw, gb
+    return loss, *parameter_grads(head, gh, gw, gb)
 
 
-linear_kd_loss_op = torch.library.custom_op("memkern::linear_kd_loss", mutates_args=())(linear_kd_loss_body)
+def linear_backward(table, grad_rows, head, hs, teacher: tuple, y, opts: KDOptions):
+    """Gradients of sum_i grad_rows[i] * l_i for the student's ``head``, recomputed by a
+    fused-linear table (reduction='none', whose upstream gradient differs per row)."""
+    row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
+    _, gh, gw, gb = table(hs, *head[1:], *teacher, y, opts, row_scale, 1.0, True)
+    return parameter_grads(head, gh, gw, gb)
+
+
+def linear_rows(op: str, student_hidden, teacher_hidden, labels, vocab: int, opts: KDOptions):
+    """(student rows, teacher rows, labels) of the fused-linear operators, the labels checked."""
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    check_label_range(op, y, vocab, opts.ignore_index)
+    return hs, ht, y
+
+
+_LINEAR_INPUTS = (STUDENT_HEAD, TEACHER_HEAD, "Tensor? labels")
+linear_kd_loss_op = declare(
+    "linear_kd_loss", (*_LINEAR_INPUTS, OPTIONS, "bool compute_grad"), "(Tensor, Tensor, Tensor, Tensor)"
+)(linear_kd_loss_body)
 
 
 @linear_kd_loss_op.register_fake
@@ -239,36 +232,24 @@ def _linear_kd_loss_fake(student_hidden, student_weight, student_bias, *args):
     return linear_forward_fake(student_hidden, student_weight, student_bias, reduction, compute_grad)
 
 
-@torch.library.custom_op("memkern::linear_kd_loss_backward", mutates_args=())
+@declare("linear_kd_loss_backward", ("Tensor grad_rows", *_LINEAR_INPUTS, BACKWARD_OPTIONS), PARAMETER_GRADS)
 def linear_kd_loss_backward_op(
-    grad_rows: torch.Tensor,
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    kd_scale: float,
+    grad_rows,
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    labels,
+    *options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_rows[i] * l_i, recomputing the logits chunk by chunk
     (reduction='none', whose upstream gradient differs per row)."""
-    opts = _linear_opts(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    hidden = student_hidden.shape[-1]
-    hs = student_hidden.reshape(-1, hidden)
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    y = labels.reshape(-1).contiguous() if labels is not None else None
-    row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
-    _, gh, gw, gb = _linear(
-        hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, y, opts, row_scale, 1.0, True
-    )
-    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
-    return gh.view(student_hidden.shape), gw, gb
+    opts = KDOptions(*options)
+    hs, ht, y = linear_rows("linear_kd_loss", student_hidden, teacher_hidden, labels, student_weight.shape[0], opts)
+    head, teacher = (student_hidden, student_weight, student_bias), (ht, teacher_weight, teacher_bias)
+    return linear_backward(_linear, grad_rows, head, hs, teacher, y, opts)
 
 
 @linear_kd_loss_backward_op.register_fake

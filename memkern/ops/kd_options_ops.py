@@ -20,16 +20,35 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, backends
-from memkern.kd_options import KDExtras, KDOptions, acc_dtype, check_label_range, mean_scale
+from memkern.kd_options import KDExtras, KDOptions, acc_dtype, mean_scale
 from memkern.kernels.kd_chunks import linear_chunk_loop, logits_option_chunks, option_rows
 from memkern.ops._autograd import refuse_double_backward
-from memkern.ops.kd_autograd import NOT_TWICE, parameter_grads, parameter_grads_fake
-from memkern.ops.kd_ops import _linear, _reduce, _rows, _rows_2d
+from memkern.ops.kd_autograd import (
+    EXTRAS,
+    LOGITS,
+    NOT_TWICE,
+    OPTIONS,
+    PARAMETER_GRADS,
+    STUDENT_HEAD,
+    TEACHER_HEAD,
+    TERM_GRADS,
+    declare,
+    parameter_grads,
+    parameter_grads_fake,
+    split_options,
+)
+from memkern.ops.kd_ops import _linear, _reduce, _rows, linear_rows, logit_rows
 
 
-def _extras(transform: list[float], shared_vocab: int, chunk_size: int) -> KDExtras:
+_TERMS = "(Tensor, Tensor, Tensor)"  # loss, ce, kd
+_REDUCTION_AT = 5  # in OPTIONS
+
+
+def _split(options: tuple) -> tuple[KDOptions, str, KDExtras]:
+    """(KDOptions, reduction, KDExtras) of an operator's arguments from OPTIONS on."""
+    opts, reduction, (transform, shared_vocab, chunk_size) = split_options(options)
     s_scale, s_cap, t_scale, t_cap = transform
-    return KDExtras(s_scale, t_scale, s_cap, t_cap, shared_vocab, chunk_size)
+    return opts, reduction, KDExtras(s_scale, t_scale, s_cap, t_cap, shared_vocab, chunk_size)
 
 
 def _terms(ce_rows, kd_rows, opts: KDOptions, reduction: str, lead, n_valid: int):
@@ -62,37 +81,15 @@ def _upstream(grads):
 
 
 # -- logits form ------------------------------------------------------------------------------
-def _logit_rows(student, teacher, labels, ignore_index):
-    vocab = student.shape[-1]
-    s, t = _rows_2d(student, vocab), _rows_2d(teacher, teacher.shape[-1])
-    y = labels.reshape(-1).contiguous() if labels is not None else None
-    check_label_range("kd_loss", y, vocab, ignore_index)
-    return s, t, y
-
-
-def kd_loss_options_body(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    transform: list[float],
-    shared_vocab: int,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    s, t, y = _logit_rows(student, teacher, labels, ignore_index)
+def kd_loss_options_body(student, teacher, labels, *options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts, reduction, extras = _split(options)
+    s, t, y = logit_rows(student, teacher, labels, opts)
     n_valid, _ = mean_scale(y, s.shape[0], opts)
-    ce, kd, _ = logits_option_chunks(_rows, s, t, y, opts, _extras(transform, shared_vocab, chunk_size))
+    ce, kd, _ = logits_option_chunks(_rows, s, t, y, opts, extras)
     return _terms(ce, kd, opts, reduction, tuple(student.shape[:-1]), n_valid)
 
 
-kd_loss_options_op = torch.library.custom_op("memkern::kd_loss_options", mutates_args=())(kd_loss_options_body)
+kd_loss_options_op = declare("kd_loss_options", (LOGITS, OPTIONS, EXTRAS), _TERMS)(kd_loss_options_body)
 
 
 def _terms_fake(lead_input: torch.Tensor, reduction: str):
@@ -102,34 +99,16 @@ def _terms_fake(lead_input: torch.Tensor, reduction: str):
 
 
 @kd_loss_options_op.register_fake
-def _kd_loss_options_fake(student, teacher, labels, alpha, temperature, divergence, beta, ignore_index, reduction, *_):
-    return _terms_fake(student, reduction)
+def _kd_loss_options_fake(student, teacher, labels, *options):
+    return _terms_fake(student, options[_REDUCTION_AT])
 
 
-@torch.library.custom_op("memkern::kd_loss_options_backward", mutates_args=())
-def kd_loss_options_backward_op(
-    grad_loss: torch.Tensor,
-    grad_ce: torch.Tensor,
-    grad_kd: torch.Tensor,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    transform: list[float],
-    shared_vocab: int,
-    chunk_size: int,
-) -> torch.Tensor:
+@declare("kd_loss_options_backward", (TERM_GRADS, LOGITS, OPTIONS, EXTRAS), "Tensor")
+def kd_loss_options_backward_op(grad_loss, grad_ce, grad_kd, student, teacher, labels, *options) -> torch.Tensor:
     """d (sum of the upstream gradients times the three outputs) / d student, recomputed in chunks."""
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    s, t, y = _logit_rows(student, teacher, labels, ignore_index)
+    opts, reduction, extras = _split(options)
+    s, t, y = logit_rows(student, teacher, labels, opts)
     w_ce, w_kd = _term_weights(grad_loss, grad_ce, grad_kd, opts, reduction, y, s.shape[0], acc_dtype(s.dtype))
-    extras = _extras(transform, shared_vocab, chunk_size)
     _, _, grad = logits_option_chunks(_rows, s, t, y, opts, extras, w_ce, w_kd)
     return grad.view(student.shape)
 
@@ -171,36 +150,11 @@ def _tiled_triton(hs, ws, bs, ht, wt, bt, y, opts: KDOptions, extras: KDExtras) 
     return _linear.select(hs, ws, bs, ht, wt, bt, y, opts, None, 1.0, False).backend == "triton"
 
 
-def _linear_rows(student_hidden, teacher_hidden, labels, vocab: int, ignore_index: int):
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    y = labels.reshape(-1).contiguous() if labels is not None else None
-    check_label_range("linear_kd_loss", y, vocab, ignore_index)
-    return hs, ht, y
-
-
 def linear_kd_loss_options_body(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    transform: list[float],
-    shared_vocab: int,
-    chunk_size: int,
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, *options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    extras = _extras(transform, shared_vocab, chunk_size)
-    hs, ht, y = _linear_rows(student_hidden, teacher_hidden, labels, student_weight.shape[0], ignore_index)
+    opts, reduction, extras = _split(options)
+    hs, ht, y = linear_rows("linear_kd_loss", student_hidden, teacher_hidden, labels, student_weight.shape[0], opts)
     n_valid, _ = mean_scale(y, hs.shape[0], opts)
     heads = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
     if _tiled_triton(*heads, y, opts, extras):
@@ -209,47 +163,27 @@ def linear_kd_loss_options_body(
         ce, kd = linear_kd_terms(*heads, y, opts.divergence_alone(), extras.transform)
     else:
         rows_fn = lambda s, t, take: option_rows(_rows, s, t, take(y), opts, extras)  # noqa: E731
-        (ce, kd), *_ = linear_chunk_loop(rows_fn, 2, *heads, y, opts, False, chunk_size)
+        (ce, kd), *_ = linear_chunk_loop(rows_fn, 2, *heads, y, opts, False, extras.chunk_size)
     return _terms(ce, kd, opts, reduction, tuple(student_hidden.shape[:-1]), n_valid)
 
 
-linear_kd_loss_options_op = torch.library.custom_op("memkern::linear_kd_loss_options", mutates_args=())(
-    linear_kd_loss_options_body
-)
+_LINEAR_INPUTS = (STUDENT_HEAD, TEACHER_HEAD, "Tensor? labels", OPTIONS, EXTRAS)
+linear_kd_loss_options_op = declare("linear_kd_loss_options", _LINEAR_INPUTS, _TERMS)(linear_kd_loss_options_body)
 
 
 @linear_kd_loss_options_op.register_fake
-def _linear_kd_loss_options_fake(student_hidden, *args):
-    return _terms_fake(student_hidden, args[11])
+def _linear_kd_loss_options_fake(student_hidden, student_weight, student_bias, teacher_hidden, *args):
+    return _terms_fake(student_hidden, args[3 + _REDUCTION_AT])
 
 
-@torch.library.custom_op("memkern::linear_kd_loss_options_backward", mutates_args=())
+@declare("linear_kd_loss_options_backward", (TERM_GRADS, *_LINEAR_INPUTS), PARAMETER_GRADS)
 def linear_kd_loss_options_backward_op(
-    grad_loss: torch.Tensor,
-    grad_ce: torch.Tensor,
-    grad_kd: torch.Tensor,
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    transform: list[float],
-    shared_vocab: int,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_loss, grad_ce, grad_kd, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+    teacher_bias, labels, *options
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients of hidden states, weight and bias, recomputing the logits chunk by chunk."""
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    extras = _extras(transform, shared_vocab, chunk_size)
-    hs, ht, y = _linear_rows(student_hidden, teacher_hidden, labels, student_weight.shape[0], ignore_index)
+    opts, reduction, extras = _split(options)
+    hs, ht, y = linear_rows("linear_kd_loss", student_hidden, teacher_hidden, labels, student_weight.shape[0], opts)
     w_ce, w_kd = _term_weights(grad_loss, grad_ce, grad_kd, opts, reduction, y, hs.shape[0], acc_dtype(hs.dtype))
     heads = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
     if _tiled_triton(*heads, y, opts, extras):
@@ -261,9 +195,8 @@ def linear_kd_loss_options_backward_op(
         def rows_fn(s, t, take):  # leaves the gradient in the logits chunk s
             return option_rows(_rows, s, t, take(y), opts, extras, take(w_ce), take(w_kd), s)
 
-        _, gh, gw, gb = linear_chunk_loop(rows_fn, 2, *heads, y, opts, True, chunk_size)
-    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
-    return gh.view(student_hidden.shape), gw, gb
+        _, gh, gw, gb = linear_chunk_loop(rows_fn, 2, *heads, y, opts, True, extras.chunk_size)
+    return parameter_grads((student_hidden, student_weight, student_bias), gh, gw, gb)
 
 
 @linear_kd_loss_options_backward_op.register_fake

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from memkern import _validate, backends
-from memkern.kd_options import KD_DTYPES, check_labels, check_options
+from memkern import _validate
+from memkern.kd_options import CORE_OPTIONS, KD_DTYPES
 from memkern.ops import kd_topk_ops
-from memkern.ops.kd import check_head_biases, check_heads, op_options
+from memkern.ops.kd_args import check_head_biases, check_heads, run_loss
 
 __all__ = ["kd_loss_topk", "linear_kd_loss_topk"]
 
@@ -108,30 +108,10 @@ def kd_loss_topk(
         teacher_topk_logprobs=teacher_topk_logprobs,
         teacher_topk_indices=teacher_topk_indices,
     )
-    opts = check_options(
-        op,
-        has_labels=labels is not None,
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        soft_loss_scale=soft_loss_scale,
-    )
-    labels = check_labels(op, labels, lead, student_logits.device)
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = backends.call(
-        kd_topk_ops.kd_loss_topk_op,
-        kd_topk_ops.kd_loss_topk_body,
-        student_logits,
-        teacher_topk_logprobs.detach(),
-        teacher_topk_indices,
-        labels,
-        *op_options(opts, reduction),
-        compute_grad,
-    )
-    return loss
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
+    tensors = (student_logits, teacher_topk_logprobs.detach(), teacher_topk_indices)
+    operators = (kd_topk_ops.kd_loss_topk_op, kd_topk_ops.kd_loss_topk_body)
+    return run_loss(op, operators, tensors, labels, (student_logits,), core)
 
 
 kd_loss_topk.__doc__ = (
@@ -186,34 +166,11 @@ def linear_kd_loss_topk(
         teacher_topk_logprobs=teacher_topk_logprobs,
         teacher_topk_indices=teacher_topk_indices,
     )
-    opts = check_options(
-        op,
-        has_labels=labels is not None,
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        soft_loss_scale=soft_loss_scale,
-    )
-    labels = check_labels(op, labels, lead, student_hidden.device)
-    compute_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
-    )
-    out = backends.call(
-        kd_topk_ops.linear_kd_loss_topk_op,
-        kd_topk_ops.linear_kd_loss_topk_body,
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_topk_logprobs.detach(),
-        teacher_topk_indices,
-        labels,
-        *op_options(opts, reduction),
-        compute_grad,
-    )
-    return out[0]
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
+    student = (student_hidden, student_weight, student_bias)
+    tensors = (*student, teacher_topk_logprobs.detach(), teacher_topk_indices)
+    operators = (kd_topk_ops.linear_kd_loss_topk_op, kd_topk_ops.linear_kd_loss_topk_body)
+    return run_loss(op, operators, tensors, labels, student, core)
 
 
 linear_kd_loss_topk.__doc__ = (

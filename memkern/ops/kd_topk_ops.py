@@ -9,17 +9,32 @@ from __future__ import annotations
 import torch
 
 from memkern import _autocast, _validate, backends, reference_topk
-from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range, mean_scale
+from memkern.kd_options import KD_DTYPES, KDOptions, acc_dtype, check_label_range
 from memkern.kernels.kd_chunks import linear_chunk_loop
 from memkern.ops.kd_autograd import (
+    BACKWARD_OPTIONS,
+    OPTIONS,
+    PARAMETER_GRADS,
+    STUDENT_HEAD,
+    TOPK_TEACHER,
+    declare,
     linear_forward_fake,
     logits_forward_fake,
-    parameter_grads,
     parameter_grads_fake,
     register_linear_autograd,
     register_logits_autograd,
+    split_options,
 )
-from memkern.ops.kd_ops import _reduce, _rows_2d, _row_weights, kernel_options
+from memkern.ops.kd_ops import (
+    _row_weights,
+    _rows_2d,
+    chunked,
+    kernel_options,
+    linear_backward,
+    linear_forward,
+    linear_rows,
+    logits_forward,
+)
 
 
 def logprob_tolerance(dtype: torch.dtype) -> float:
@@ -117,46 +132,34 @@ def check_topk_values(op: str, logprobs: torch.Tensor, indices: torch.Tensor, vo
         )
 
 
-def _kernel_inputs(op, logprobs, indices, labels, vocab, ignore_index, compute: torch.dtype):
+def _kernel_inputs(op, logprobs, indices, labels, vocab, opts: KDOptions, compute: torch.dtype):
     """The teacher's (rows, k) inputs in the kernels' layout, checked."""
     k = logprobs.shape[-1]
     lp = logprobs.reshape(-1, k).to(compute).contiguous()
     idx = indices.reshape(-1, k).long().contiguous()
     y = labels.reshape(-1).contiguous() if labels is not None else None
-    check_label_range(op, y, vocab, ignore_index)
+    check_label_range(op, y, vocab, opts.ignore_index)
     check_topk_values(op, lp, idx, vocab, logprob_tolerance(logprobs.dtype))
     return lp, idx, y
 
 
 # -- operator: logits form -------------------------------------------------------------------
 def kd_loss_topk_body(
-    student: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    teacher_indices: torch.Tensor,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    compute_grad: bool,
+    student, teacher_logprobs, teacher_indices, labels, *options
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, d loss / d student for a unit upstream gradient, or an empty tensor)."""
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    vocab, lead = student.shape[-1], tuple(student.shape[:-1])
+    opts, reduction, (compute_grad,) = split_options(options)
+    vocab = student.shape[-1]
     s = _rows_2d(student, vocab)
-    lp, idx, y = _kernel_inputs(
-        "kd_loss_topk", teacher_logprobs, teacher_indices, labels, vocab, ignore_index, acc_dtype(student.dtype)
-    )
-    n_valid, inv_n = mean_scale(y, s.shape[0], opts)
-    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if compute_grad else s.new_empty(0)
-    loss_rows = _rows(s, lp, idx, y, None, grad, opts, inv_n if reduction == "mean" else 1.0)
-    return _reduce(loss_rows, reduction, lead, n_valid), grad.view(student.shape) if compute_grad else grad
+    compute = acc_dtype(student.dtype)
+    lp, idx, y = _kernel_inputs("kd_loss_topk", teacher_logprobs, teacher_indices, labels, vocab, opts, compute)
+    return logits_forward(_rows, student, s, (lp, idx), y, opts, reduction, compute_grad)
 
 
-kd_loss_topk_op = torch.library.custom_op("memkern::kd_loss_topk", mutates_args=())(kd_loss_topk_body)
+_TOPK_INPUTS = (TOPK_TEACHER, "Tensor? labels", OPTIONS)
+kd_loss_topk_op = declare("kd_loss_topk", ("Tensor student", *_TOPK_INPUTS, "bool compute_grad"), "(Tensor, Tensor)")(
+    kd_loss_topk_body
+)
 
 
 @kd_loss_topk_op.register_fake
@@ -195,87 +198,39 @@ def linear_topk_chunks(rows_impl, hs, ws, bs, lp, idx, labels, opts: KDOptions, 
 _linear = backends.op_table("linear_kd_loss_topk", preference=backends.TRITON_FIRST)
 
 
-def _linear_chunked(backend: str):
-    def impl(hs, ws, bs, lp, idx, labels, opts, row_scale, grad_scale, want_grad):
-        rows_impl = _rows.impls[backend].fn
-        return linear_topk_chunks(
-            rows_impl,
-            hs,
-            ws,
-            bs,
-            lp,
-            idx,
-            labels,
-            opts,
-            row_scale=row_scale,
-            grad_scale=grad_scale,
-            want_grad=want_grad,
-        )
-
-    return impl
-
-
-_linear.register("torch")(_linear_chunked("torch"))
-_linear.register("cpp", dtypes=KD_DTYPES)(_linear_chunked("cpp"))
+_linear.register("torch")(chunked(linear_topk_chunks, _rows, "torch"))
+_linear.register("cpp", dtypes=KD_DTYPES)(chunked(linear_topk_chunks, _rows, "cpp"))
 _linear.register("cuda", dtypes=_validate.FLOAT_DTYPES, check=lambda hs, ws, bs, lp, *rest: _cuda_reason(hs, lp))(
-    _linear_chunked("cuda")
+    chunked(linear_topk_chunks, _rows, "cuda")
 )
-_linear.register("triton", dtypes=_validate.FLOAT_DTYPES)(_linear_chunked("triton"))
+_linear.register("triton", dtypes=_validate.FLOAT_DTYPES)(chunked(linear_topk_chunks, _rows, "triton"))
 
 
 # -- operators: fused-linear form ---------------------------------------------------------------
-def _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index):
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    lp, idx, y = _kernel_inputs(
-        "linear_kd_loss_topk",
-        teacher_logprobs,
-        teacher_indices,
-        labels,
-        student_weight.shape[0],
-        ignore_index,
-        acc_dtype(student_hidden.dtype),
+def _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, opts: KDOptions):
+    hs, _, y = linear_rows("linear_kd_loss_topk", student_hidden, None, labels, student_weight.shape[0], opts)
+    compute = acc_dtype(student_hidden.dtype)
+    lp, idx, _ = _kernel_inputs(
+        "linear_kd_loss_topk", teacher_logprobs, teacher_indices, None, student_weight.shape[0], opts, compute
     )
     return hs, lp, idx, y
 
 
 def linear_kd_loss_topk_body(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_logprobs: torch.Tensor,
-    teacher_indices: torch.Tensor,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    reduction: str,
-    kd_scale: float,
-    compute_grad: bool,
+    student_hidden, student_weight, student_bias, teacher_logprobs, teacher_indices, labels, *options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias); the gradients (for a unit upstream
     gradient) with compute_grad and reduction 'mean' or 'sum', else empty: backward
     recomputes the chunks."""
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    hs, lp, idx, y = _linear_inputs(
-        student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index
-    )
-    n_valid, inv_n = mean_scale(y, hs.shape[0], opts)
-    want_grad = compute_grad and reduction != "none"
-    scale = inv_n if reduction == "mean" else 1.0
-    loss_rows, gh, gw, gb = _linear(hs, student_weight, student_bias, lp, idx, y, opts, None, scale, want_grad)
-    loss = _reduce(loss_rows, reduction, tuple(student_hidden.shape[:-1]), n_valid)
-    empty = hs.new_empty(0)
-    if not want_grad:
-        return loss, empty, empty.clone(), empty.clone()
-    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
-    return loss, gh.view(student_hidden.shape), gw, gb
+    opts, reduction, (compute_grad,) = split_options(options)
+    hs, lp, idx, y = _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, opts)
+    head = (student_hidden, student_weight, student_bias)
+    return linear_forward(_linear, head, hs, (lp, idx), y, opts, reduction, compute_grad)
 
 
-linear_kd_loss_topk_op = torch.library.custom_op("memkern::linear_kd_loss_topk", mutates_args=())(
-    linear_kd_loss_topk_body
-)
+linear_kd_loss_topk_op = declare(
+    "linear_kd_loss_topk", (STUDENT_HEAD, *_TOPK_INPUTS, "bool compute_grad"), "(Tensor, Tensor, Tensor, Tensor)"
+)(linear_kd_loss_topk_body)
 
 
 @linear_kd_loss_topk_op.register_fake
@@ -283,32 +238,19 @@ def _linear_fake(hs, ws, bs, *args):
     return linear_forward_fake(hs, ws, bs, reduction=args[-3], compute_grad=args[-1])
 
 
-@torch.library.custom_op("memkern::linear_kd_loss_topk_backward", mutates_args=())
+_BACKWARD_INPUTS = ("Tensor grad_rows", STUDENT_HEAD, TOPK_TEACHER, "Tensor? labels", BACKWARD_OPTIONS)
+
+
+@declare("linear_kd_loss_topk_backward", _BACKWARD_INPUTS, PARAMETER_GRADS)
 def linear_kd_loss_topk_backward_op(
-    grad_rows: torch.Tensor,
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_logprobs: torch.Tensor,
-    teacher_indices: torch.Tensor,
-    labels: torch.Tensor | None,
-    alpha: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    kd_scale: float,
+    grad_rows, student_hidden, student_weight, student_bias, teacher_logprobs, teacher_indices, labels, *options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_rows[i] * l_i, recomputing the logit chunks (reduction
     'none', whose upstream gradient differs per row)."""
-    opts = KDOptions(alpha, temperature, divergence, beta, ignore_index, kd_scale)
-    hs, lp, idx, y = _linear_inputs(
-        student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, ignore_index
-    )
-    row_scale = grad_rows.reshape(-1).to(acc_dtype(hs.dtype)).contiguous()  # may be an expanded 0-stride view
-    _, gh, gw, gb = _linear(hs, student_weight, student_bias, lp, idx, y, opts, row_scale, 1.0, True)
-    gh, gw, gb = parameter_grads(hs, student_weight, student_bias, gh, gw, gb)
-    return gh.view(student_hidden.shape), gw, gb
+    opts = KDOptions(*options)
+    hs, lp, idx, y = _linear_inputs(student_hidden, student_weight, teacher_logprobs, teacher_indices, labels, opts)
+    head = (student_hidden, student_weight, student_bias)
+    return linear_backward(_linear, grad_rows, head, hs, (lp, idx), y, opts)
 
 
 @linear_kd_loss_topk_backward_op.register_fake
