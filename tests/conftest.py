@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zlib
@@ -72,6 +73,53 @@ def require_backend(op: str, backend: str, *args) -> None:
     if backend in REQUIRED_BACKENDS:
         pytest.fail(f"backend {backend} is required (MEMKERN_REQUIRE_BACKENDS) but cannot run {op}: {reason}")
     pytest.skip(f"{backend} cannot run {op} here: {reason}")
+
+
+@contextlib.contextmanager
+def raises_naming(error: type[Exception], words, **raises_kwargs):
+    """``pytest.raises(error, **raises_kwargs)`` around the block, and then every one of ``words``
+    (the argument, the expected and the actual value) in the message."""
+    with pytest.raises(error, **raises_kwargs) as info:
+        yield info
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+_DTYPE_NAMES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_pairs(*names: str) -> list:
+    """Parameters (student dtype, teacher dtype) from names like "bf16-f32", which are their ids."""
+    return [pytest.param(*(_DTYPE_NAMES[part] for part in name.split("-")), id=name) for name in names]
+
+
+def assert_compiled_close_to_eager(f, grad_inputs, *other_inputs) -> None:
+    """``f(*grad_inputs, *other_inputs)`` compiled with ``fullgraph=True`` (no graph break) gives
+    eager's value and gradients with respect to ``grad_inputs``, within assert_close's tolerance."""
+    ins_c = [x.clone().requires_grad_() for x in grad_inputs]
+    ins_e = [x.clone().requires_grad_() for x in grad_inputs]
+    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins_c, *other_inputs)
+    out_e = f(*ins_e, *other_inputs)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(ins_c, ins_e):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def tiny_decoder_config(vocab_size: int, hidden_size: int = 32, **overrides) -> dict:
+    """Keyword arguments of a two-layer Llama-style transformers config (LlamaConfig, Qwen2Config)
+    small enough for the CPU, with grouped-query attention: 4 query heads on 2 key-value heads."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **overrides,
+    )
 
 
 @pytest.fixture(autouse=True)
