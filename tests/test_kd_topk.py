@@ -14,7 +14,7 @@ from memkern import reference_topk
 from memkern.kernels import kd_chunks
 from memkern.ops import kd_topk_ops
 from memkern.ops.kd_topk import kd_loss_topk, linear_kd_loss_topk
-from conftest import CPU_BACKENDS, LargestTensor, assert_rel_close, require_backend
+from conftest import CPU_BACKENDS, LargestTensor, assert_compiled_close_to_eager, assert_rel_close, require_backend
 
 
 # -- the expected values, from the definition --------------------------------------------------
@@ -450,15 +450,7 @@ def test_compiles_without_graph_breaks():
     lp, idx = teacher_topk((3, 4), 23, 5)
     y = torch.randint(0, 23, (3, 4))
     s, h, w = torch.randn(3, 4, 23), torch.randn(3, 4, 6), torch.randn(23, 6)
-    ins_c = [x.clone().requires_grad_() for x in (s, h, w)]
-    ins_e = [x.clone().requires_grad_() for x in (s, h, w)]
-    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins_c, lp, idx, y)
-    out_e = f(*ins_e, lp, idx, y)
-    out_c.backward()
-    out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
-    for a, b in zip(ins_c, ins_e):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_close_to_eager(f, [s, h, w], lp, idx, y)
 
 
 def test_double_backward_is_refused():

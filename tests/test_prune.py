@@ -10,7 +10,7 @@ import memkern
 from memkern import prune
 from memkern.nn import SparseLinear
 from memkern.prune import METHODS
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, raises_naming
 
 
 # -- masks -------------------------------------------------------------------------------------
@@ -115,10 +115,8 @@ def test_block_masks_are_whole_blocks_at_the_closest_sparsity(sparsity, block):
     ],
 )
 def test_bad_mask_arguments(kwargs, error, words):
-    with pytest.raises(error) as info:
+    with raises_naming(error, words):
         prune.masks(torch.randn(16, 48), **kwargs)
-    for w in words:
-        assert w in str(info.value), f"{w!r} not in {info.value}"
 
 
 # -- SparseLinear ------------------------------------------------------------------------------
@@ -242,9 +240,8 @@ def test_prune_model_checks_every_layer_before_replacing_any(method):
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = [torch.randn(3, 8)] if method != "magnitude" else None
-    with pytest.raises(ValueError) as info:
+    with raises_naming(ValueError, ["prune_model: layer '2'", "divisible by 4, got 6"]):
         prune.prune_model(model, 0.5, "n:m", method, calibration=calibration)
-    assert "prune_model: layer '2'" in str(info.value) and "divisible by 4, got 6" in str(info.value)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     after = model.state_dict()
     assert list(after) == list(state)
