@@ -275,122 +275,140 @@ def _s():
     return torch.randn(4, 10)
 
 
-@pytest.mark.parametrize(
-    "call, error, words",
-    [
-        (
-            lambda: memkern.ops.kd_loss(_s(), torch.randn(4, 12), torch.arange(4)),
-            ValueError,
-            ["10", "12", "vocabulary"],
+BAD_CALLS = {
+    "vocab-mismatch": (
+        lambda: memkern.ops.kd_loss(_s(), torch.randn(4, 12), torch.arange(4)),
+        ValueError,
+        ["10", "12", "vocabulary"],
+    ),
+    "T-zero": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=0.0),
+        ValueError,
+        ["temperature", "0.0"],
+    ),
+    "T-negative": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=-1.0),
+        ValueError,
+        ["temperature"],
+    ),
+    "alpha-above-1": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), alpha=1.5),
+        ValueError,
+        ["alpha", "[0, 1]", "1.5"],
+    ),
+    "alpha-negative": (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), alpha=-0.1), ValueError, ["alpha"]),
+    "label-too-big": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.tensor([0, 1, 10, 2])),
+        ValueError,
+        ["labels", "[0, 10)", "10"],
+    ),
+    "label-negative": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.tensor([0, -5, 1, 2])),
+        ValueError,
+        ["labels", "-5"],
+    ),
+    "no-labels-with-alpha": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), None, alpha=0.5),
+        ValueError,
+        ["labels=None", "alpha"],
+    ),
+    "labels-shape": (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(3)), ValueError, ["labels", "(4,)", "(3,)"]),
+    "labels-float": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4.0)),
+        TypeError,
+        ["labels", "int64", "float32"],
+    ),
+    "divergence": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), divergence="kl"),
+        ValueError,
+        ["divergence", "'kl'"],
+    ),
+    "jsd-beta": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), divergence="jsd", beta=0.0),
+        ValueError,
+        ["beta", "(0, 1)"],
+    ),
+    "reduction": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), reduction="avg"),
+        ValueError,
+        ["reduction", "'avg'"],
+    ),
+    "soft-loss-scale": (
+        lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), soft_loss_scale="T2"),
+        ValueError,
+        ["soft_loss_scale"],
+    ),
+    "int-logits": (
+        lambda: memkern.ops.kd_loss(_s().long(), _s(), torch.arange(4)),
+        TypeError,
+        ["student_logits", "int64"],
+    ),
+    "1-D": (lambda: memkern.ops.kd_loss(torch.randn(10), torch.randn(10)), ValueError, ["student_logits", "1-D"]),
+    "shape-mismatch": (
+        lambda: memkern.ops.kd_loss(torch.randn(2, 2, 10), torch.randn(4, 10), alpha=0.0),
+        ValueError,
+        ["shape"],
+    ),
+    "hidden-weight-mismatch": (
+        lambda: memkern.ops.linear_kd_loss(
+            torch.randn(4, 8), torch.randn(10, 6), torch.randn(4, 5), torch.randn(10, 5), torch.arange(4)
         ),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=0.0), ValueError, ["temperature", "0.0"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), temperature=-1.0), ValueError, ["temperature"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), alpha=1.5), ValueError, ["alpha", "[0, 1]", "1.5"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), alpha=-0.1), ValueError, ["alpha"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.tensor([0, 1, 10, 2])), ValueError, ["labels", "[0, 10)", "10"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.tensor([0, -5, 1, 2])), ValueError, ["labels", "-5"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), None, alpha=0.5), ValueError, ["labels=None", "alpha"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(3)), ValueError, ["labels", "(4,)", "(3,)"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4.0)), TypeError, ["labels", "int64", "float32"]),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), divergence="kl"), ValueError, ["divergence", "'kl'"]),
-        (
-            lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), divergence="jsd", beta=0.0),
-            ValueError,
-            ["beta", "(0, 1)"],
+        ValueError,
+        ["student_hidden", "8", "student_weight", "6"],
+    ),
+    "linear-vocab-mismatch": (
+        lambda: memkern.ops.linear_kd_loss(
+            torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5), torch.randn(12, 5), torch.arange(4)
         ),
-        (lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), reduction="avg"), ValueError, ["reduction", "'avg'"]),
-        (
-            lambda: memkern.ops.kd_loss(_s(), _s(), torch.arange(4), soft_loss_scale="T2"),
-            ValueError,
-            ["soft_loss_scale"],
+        ValueError,
+        ["10", "12", "vocabulary"],
+    ),
+    "linear-rows-mismatch": (
+        lambda: memkern.ops.linear_kd_loss(
+            torch.randn(4, 8), torch.randn(10, 8), torch.randn(3, 5), torch.randn(10, 5), torch.arange(4)
         ),
-        (lambda: memkern.ops.kd_loss(_s().long(), _s(), torch.arange(4)), TypeError, ["student_logits", "int64"]),
-        (lambda: memkern.ops.kd_loss(torch.randn(10), torch.randn(10)), ValueError, ["student_logits", "1-D"]),
-        (lambda: memkern.ops.kd_loss(torch.randn(2, 2, 10), torch.randn(4, 10), alpha=0.0), ValueError, ["shape"]),
-        (
-            lambda: memkern.ops.linear_kd_loss(
-                torch.randn(4, 8), torch.randn(10, 6), torch.randn(4, 5), torch.randn(10, 5), torch.arange(4)
-            ),
-            ValueError,
-            ["student_hidden", "8", "student_weight", "6"],
+        ValueError,
+        ["teacher_hidden", "rows"],
+    ),
+    "bias-shape": (
+        lambda: memkern.ops.linear_kd_loss(
+            torch.randn(4, 8),
+            torch.randn(10, 8),
+            torch.randn(4, 5),
+            torch.randn(10, 5),
+            torch.arange(4),
+            student_bias=torch.randn(9),
         ),
-        (
-            lambda: memkern.ops.linear_kd_loss(
-                torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5), torch.randn(12, 5), torch.arange(4)
-            ),
-            ValueError,
-            ["10", "12", "vocabulary"],
+        ValueError,
+        ["student_bias", "(10,)", "(9,)"],
+    ),
+    "linear-label-range": (
+        lambda: memkern.ops.linear_kd_loss(
+            torch.randn(4, 8),
+            torch.randn(10, 8),
+            torch.randn(4, 5),
+            torch.randn(10, 5),
+            torch.tensor([0, 1, 2, 10]),
         ),
-        (
-            lambda: memkern.ops.linear_kd_loss(
-                torch.randn(4, 8), torch.randn(10, 8), torch.randn(3, 5), torch.randn(10, 5), torch.arange(4)
-            ),
-            ValueError,
-            ["teacher_hidden", "rows"],
+        ValueError,
+        ["labels", "[0, 10)"],
+    ),
+    "empty-vocab": (
+        lambda: memkern.ops.kd_loss(torch.randn(4, 0), torch.randn(4, 0), None, alpha=0.0),
+        ValueError,
+        ["vocabulary", "at least one", "(4, 0)"],
+    ),
+    "linear-empty-vocab": (
+        lambda: memkern.ops.linear_kd_loss(
+            torch.randn(4, 8), torch.randn(0, 8), torch.randn(4, 5), torch.randn(0, 5), None, alpha=0.0
         ),
-        (
-            lambda: memkern.ops.linear_kd_loss(
-                torch.randn(4, 8),
-                torch.randn(10, 8),
-                torch.randn(4, 5),
-                torch.randn(10, 5),
-                torch.arange(4),
-                student_bias=torch.randn(9),
-            ),
-            ValueError,
-            ["student_bias", "(10,)", "(9,)"],
-        ),
-        (
-            lambda: memkern.ops.linear_kd_loss(
-                torch.randn(4, 8),
-                torch.randn(10, 8),
-                torch.randn(4, 5),
-                torch.randn(10, 5),
-                torch.tensor([0, 1, 2, 10]),
-            ),
-            ValueError,
-            ["labels", "[0, 10)"],
-        ),
-        (
-            lambda: memkern.ops.kd_loss(torch.randn(4, 0), torch.randn(4, 0), None, alpha=0.0),
-            ValueError,
-            ["vocabulary", "at least one", "(4, 0)"],
-        ),
-        (
-            lambda: memkern.ops.linear_kd_loss(
-                torch.randn(4, 8), torch.randn(0, 8), torch.randn(4, 5), torch.randn(0, 5), None, alpha=0.0
-            ),
-            ValueError,
-            ["vocabulary", "at least one", "student_weight", "(0, 8)"],
-        ),
-    ],
-    ids=[
-        "vocab-mismatch",
-        "T-zero",
-        "T-negative",
-        "alpha-above-1",
-        "alpha-negative",
-        "label-too-big",
-        "label-negative",
-        "no-labels-with-alpha",
-        "labels-shape",
-        "labels-float",
-        "divergence",
-        "jsd-beta",
-        "reduction",
-        "soft-loss-scale",
-        "int-logits",
-        "1-D",
-        "shape-mismatch",
-        "hidden-weight-mismatch",
-        "linear-vocab-mismatch",
-        "linear-rows-mismatch",
-        "bias-shape",
-        "linear-label-range",
-        "empty-vocab",
-        "linear-empty-vocab",
-    ],
-)
+        ValueError,
+        ["vocabulary", "at least one", "student_weight", "(0, 8)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("call, error, words", list(BAD_CALLS.values()), ids=list(BAD_CALLS))
 def test_bad_input_is_a_clear_error(call, error, words):
     with raises_naming(error, words):
         call()
