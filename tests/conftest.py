@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import zlib
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -106,6 +107,18 @@ def assert_compiled_close_to_eager(f, grad_inputs, *other_inputs) -> None:
     torch.testing.assert_close(out_c, out_e)
     for a, b in zip(ins_c, ins_e):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+class KDOptions64(NamedTuple):
+    """kd_loss's scalar options with its documented defaults, as the float64 formulas written
+    out in the tests read them (a misspelt option is a TypeError)."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    ignore_index: int = -100
+    soft_loss_scale: str = "t2"
 
 
 def tiny_decoder_config(vocab_size: int, hidden_size: int = 32, **overrides) -> dict:

@@ -14,7 +14,14 @@ from memkern import reference_topk
 from memkern.kernels import kd_chunks
 from memkern.ops import kd_topk_ops
 from memkern.ops.kd_topk import kd_loss_topk, linear_kd_loss_topk
-from conftest import CPU_BACKENDS, LargestTensor, assert_compiled_close_to_eager, assert_rel_close, require_backend
+from conftest import (
+    CPU_BACKENDS,
+    KDOptions64,
+    LargestTensor,
+    assert_compiled_close_to_eager,
+    assert_rel_close,
+    require_backend,
+)
 
 
 # -- the expected values, from the definition --------------------------------------------------
@@ -25,22 +32,10 @@ def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
-def expected_topk_loss(
-    s,
-    lp,
-    idx,
-    labels,
-    *,
-    alpha=0.5,
-    temperature=1.0,
-    divergence="forward_kl",
-    beta=0.5,
-    ignore_index=-100,
-    reduction="mean",
-    soft_loss_scale="t2",
-):
+def expected_topk_loss(s, lp, idx, labels, *, reduction="mean", **options):
     """Float64, differentiable in s: the student's softmax summed into buckets with an explicit
     mask, the teacher's bucket probabilities p_j and 1 - sum p raised to 1 / T and normalised."""
+    alpha, temperature, divergence, beta, ignore_index, soft_loss_scale = KDOptions64(**options)
     vocab, k = s.shape[-1], lp.shape[-1]
     s2, lp2, idx2 = s.reshape(-1, vocab).double(), lp.reshape(-1, k).double(), idx.reshape(-1, k).long()
     q = torch.softmax(s2 / temperature, dim=-1)
