@@ -29,6 +29,9 @@ from conftest import (
 )
 
 
+_LOSS_OPTIONS = ("alpha", "temperature", "divergence", "beta", "reduction", "soft_loss_scale")
+
+
 @dataclass(frozen=True)
 class Case:
     shape: tuple[int, ...]
@@ -42,14 +45,8 @@ class Case:
     small_for_triton: tuple[int, ...] | None = None  # the interpreter runs one program per row
 
     def options(self) -> dict:
-        opts = dict(
-            alpha=self.alpha,
-            temperature=self.temperature,
-            divergence=self.divergence,
-            beta=self.beta,
-            reduction=self.reduction,
-            soft_loss_scale=self.soft_loss_scale,
-        )
+        """The keyword arguments of kd_loss: the loss options among the fields."""
+        opts = {name: getattr(self, name) for name in _LOSS_OPTIONS}
         if self.labels == "custom-ignore":
             opts["ignore_index"] = 3  # a valid class index used as the ignore marker
         return opts
