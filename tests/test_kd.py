@@ -272,6 +272,19 @@ def _s():
     return torch.randn(4, 10)
 
 
+def _hidden_and_weights(**shapes):
+    """linear_kd_loss's hidden states and weights: 4 rows, hidden sizes 8 and 5, a vocabulary of
+    10, with the shapes named in ``shapes`` changed."""
+    shapes = {
+        "student_hidden": (4, 8),
+        "student_weight": (10, 8),
+        "teacher_hidden": (4, 5),
+        "teacher_weight": (10, 5),
+        **shapes,
+    }
+    return [torch.randn(shape) for shape in shapes.values()]
+
+
 BAD_CALLS = {
     "vocab-mismatch": (
         lambda: memkern.ops.kd_loss(_s(), torch.randn(4, 12), torch.arange(4)),
@@ -347,46 +360,27 @@ BAD_CALLS = {
         ["shape"],
     ),
     "hidden-weight-mismatch": (
-        lambda: memkern.ops.linear_kd_loss(
-            torch.randn(4, 8), torch.randn(10, 6), torch.randn(4, 5), torch.randn(10, 5), torch.arange(4)
-        ),
+        lambda: memkern.ops.linear_kd_loss(*_hidden_and_weights(student_weight=(10, 6)), torch.arange(4)),
         ValueError,
         ["student_hidden", "8", "student_weight", "6"],
     ),
     "linear-vocab-mismatch": (
-        lambda: memkern.ops.linear_kd_loss(
-            torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 5), torch.randn(12, 5), torch.arange(4)
-        ),
+        lambda: memkern.ops.linear_kd_loss(*_hidden_and_weights(teacher_weight=(12, 5)), torch.arange(4)),
         ValueError,
         ["10", "12", "vocabulary"],
     ),
     "linear-rows-mismatch": (
-        lambda: memkern.ops.linear_kd_loss(
-            torch.randn(4, 8), torch.randn(10, 8), torch.randn(3, 5), torch.randn(10, 5), torch.arange(4)
-        ),
+        lambda: memkern.ops.linear_kd_loss(*_hidden_and_weights(teacher_hidden=(3, 5)), torch.arange(4)),
         ValueError,
         ["teacher_hidden", "rows"],
     ),
     "bias-shape": (
-        lambda: memkern.ops.linear_kd_loss(
-            torch.randn(4, 8),
-            torch.randn(10, 8),
-            torch.randn(4, 5),
-            torch.randn(10, 5),
-            torch.arange(4),
-            student_bias=torch.randn(9),
-        ),
+        lambda: memkern.ops.linear_kd_loss(*_hidden_and_weights(), torch.arange(4), student_bias=torch.randn(9)),
         ValueError,
         ["student_bias", "(10,)", "(9,)"],
     ),
     "linear-label-range": (
-        lambda: memkern.ops.linear_kd_loss(
-            torch.randn(4, 8),
-            torch.randn(10, 8),
-            torch.randn(4, 5),
-            torch.randn(10, 5),
-            torch.tensor([0, 1, 2, 10]),
-        ),
+        lambda: memkern.ops.linear_kd_loss(*_hidden_and_weights(), torch.tensor([0, 1, 2, 10])),
         ValueError,
         ["labels", "[0, 10)"],
     ),
@@ -397,7 +391,7 @@ BAD_CALLS = {
     ),
     "linear-empty-vocab": (
         lambda: memkern.ops.linear_kd_loss(
-            torch.randn(4, 8), torch.randn(0, 8), torch.randn(4, 5), torch.randn(0, 5), None, alpha=0.0
+            *_hidden_and_weights(student_weight=(0, 8), teacher_weight=(0, 5)), None, alpha=0.0
         ),
         ValueError,
         ["vocabulary", "at least one", "student_weight", "(0, 8)"],
