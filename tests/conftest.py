@@ -95,18 +95,20 @@ def dtype_pairs(*names: str) -> list:
     return [pytest.param(*(_DTYPE_NAMES[part] for part in name.split("-")), id=name) for name in names]
 
 
-def assert_compiled_close_to_eager(f, grad_inputs, *other_inputs) -> None:
+def assert_compiled_matches_eager(f, grad_inputs, *other_inputs, exact: bool = False) -> None:
     """``f(*grad_inputs, *other_inputs)`` compiled with ``fullgraph=True`` (no graph break) gives
-    eager's value and gradients with respect to ``grad_inputs``, within assert_close's tolerance."""
-    ins_c = [x.clone().requires_grad_() for x in grad_inputs]
-    ins_e = [x.clone().requires_grad_() for x in grad_inputs]
+    eager's value and gradients with respect to ``grad_inputs``: bit for bit when ``exact``
+    (aot_eager: no kernel fusion to round differently), else within assert_close's tolerance."""
+    tolerance = dict(rtol=0, atol=0) if exact else {}
+    ins_c = [x.detach().clone().requires_grad_() for x in grad_inputs]
+    ins_e = [x.detach().clone().requires_grad_() for x in grad_inputs]
     out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins_c, *other_inputs)
     out_e = f(*ins_e, *other_inputs)
     out_c.backward()
     out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(out_c, out_e, **tolerance)
     for a, b in zip(ins_c, ins_e):
-        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(a.grad, b.grad, **tolerance)
 
 
 class KDOptions64(NamedTuple):
@@ -218,10 +220,5 @@ def lowp_reference64(op: str, x, weight_args, bias=None):
 
 
 def assert_compiles_like_eager(f, x: torch.Tensor) -> None:
-    """``f`` compiled with ``fullgraph=True`` (no graph break) gives eager's value and
-    gradient with respect to ``x`` bit for bit (aot_eager: no kernel fusion to round differently)."""
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    (g_compiled,) = torch.autograd.grad(compiled(x), x)
-    (g_eager,) = torch.autograd.grad(f(x), x)
-    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+    """``f(x)`` compiled with ``fullgraph=True`` gives eager's value and gradient bit for bit."""
+    assert_compiled_matches_eager(f, [x], exact=True)
