@@ -87,7 +87,7 @@ def raises_naming(error: type[Exception], words, **raises_kwargs):
         assert word in message, f"{word!r} not in {message!r}"
 
 
-_DTYPE_NAMES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def dtype_pairs(*names: str) -> list:
@@ -109,6 +109,11 @@ def assert_compiled_matches_eager(f, grad_inputs, *other_inputs, exact: bool = F
     torch.testing.assert_close(out_c, out_e, **tolerance)
     for a, b in zip(ins_c, ins_e):
         torch.testing.assert_close(a.grad, b.grad, **tolerance)
+
+
+def assert_compiles_like_eager(f, x: torch.Tensor) -> None:
+    """``f(x)`` compiled with ``fullgraph=True`` gives eager's value and gradient bit for bit."""
+    assert_compiled_matches_eager(f, [x], exact=True)
 
 
 class KDOptions64(NamedTuple):
@@ -217,8 +222,3 @@ def lowp_reference64(op: str, x, weight_args, bias=None):
     if op == "int8_weight_only_linear":
         return reference.int8_weight_only_linear(x, *weight_args, bias, compute_dtype=f64)
     return reference.fp16_linear(x, *weight_args, bias, compute_dtype=f64)
-
-
-def assert_compiles_like_eager(f, x: torch.Tensor) -> None:
-    """``f(x)`` compiled with ``fullgraph=True`` gives eager's value and gradient bit for bit."""
-    assert_compiled_matches_eager(f, [x], exact=True)
