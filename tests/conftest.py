@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zlib
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -72,6 +74,72 @@ def require_backend(op: str, backend: str, *args) -> None:
     if backend in REQUIRED_BACKENDS:
         pytest.fail(f"backend {backend} is required (MEMKERN_REQUIRE_BACKENDS) but cannot run {op}: {reason}")
     pytest.skip(f"{backend} cannot run {op} here: {reason}")
+
+
+@contextlib.contextmanager
+def raises_naming(error: type[Exception], words, **raises_kwargs):
+    """``pytest.raises(error, **raises_kwargs)`` around the block, and then every one of ``words``
+    (the argument, the expected and the actual value) in the message."""
+    with pytest.raises(error, **raises_kwargs) as info:
+        yield info
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+_DTYPE_NAMES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_pairs(*names: str) -> list:
+    """Parameters (student dtype, teacher dtype) from names like "bf16-f32", which are their ids."""
+    return [pytest.param(*(_DTYPE_NAMES[part] for part in name.split("-")), id=name) for name in names]
+
+
+def assert_compiled_matches_eager(f, grad_inputs, *other_inputs, exact: bool = False) -> None:
+    """``f(*grad_inputs, *other_inputs)`` compiled with ``fullgraph=True`` (no graph break) gives
+    eager's value and gradients with respect to ``grad_inputs``: bit for bit when ``exact``
+    (aot_eager: no kernel fusion to round differently), else within assert_close's tolerance."""
+    tolerance = dict(rtol=0, atol=0) if exact else {}
+    ins_c = [x.detach().clone().requires_grad_() for x in grad_inputs]
+    ins_e = [x.detach().clone().requires_grad_() for x in grad_inputs]
+    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins_c, *other_inputs)
+    out_e = f(*ins_e, *other_inputs)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e, **tolerance)
+    for a, b in zip(ins_c, ins_e):
+        torch.testing.assert_close(a.grad, b.grad, **tolerance)
+
+
+def assert_compiles_like_eager(f, x: torch.Tensor) -> None:
+    """``f(x)`` compiled with ``fullgraph=True`` gives eager's value and gradient bit for bit."""
+    assert_compiled_matches_eager(f, [x], exact=True)
+
+
+class KDOptions64(NamedTuple):
+    """kd_loss's scalar options with its documented defaults, as the float64 formulas written
+    out in the tests read them (a misspelt option is a TypeError)."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    ignore_index: int = -100
+    soft_loss_scale: str = "t2"
+
+
+def tiny_decoder_config(vocab_size: int, hidden_size: int = 32, **overrides) -> dict:
+    """Keyword arguments of a two-layer Llama-style transformers config (LlamaConfig, Qwen2Config)
+    small enough for the CPU, with grouped-query attention: 4 query heads on 2 key-value heads."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **overrides,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -154,13 +222,3 @@ def lowp_reference64(op: str, x, weight_args, bias=None):
     if op == "int8_weight_only_linear":
         return reference.int8_weight_only_linear(x, *weight_args, bias, compute_dtype=f64)
     return reference.fp16_linear(x, *weight_args, bias, compute_dtype=f64)
-
-
-def assert_compiles_like_eager(f, x: torch.Tensor) -> None:
-    """``f`` compiled with ``fullgraph=True`` (no graph break) gives eager's value and
-    gradient with respect to ``x`` bit for bit (aot_eager: no kernel fusion to round differently)."""
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    (g_compiled,) = torch.autograd.grad(compiled(x), x)
-    (g_eager,) = torch.autograd.grad(f(x), x)
-    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)

@@ -12,7 +12,7 @@ from torch import nn
 
 import memkern
 from memkern.nn import Fp16Linear, Int8Linear, Int8WeightOnlyLinear
-from conftest import CPU_BACKENDS, sqnr_db
+from conftest import CPU_BACKENDS, raises_naming, sqnr_db
 
 SCHEMES = {"int8": Int8Linear, "int8_weight_only": Int8WeightOnlyLinear, "fp16": Fp16Linear}
 
@@ -193,10 +193,8 @@ def test_multihead_attention_projections_are_left_alone():
     ],
 )
 def test_convert_bad_arguments(kwargs, error, words):
-    with pytest.raises(error) as info:
+    with raises_naming(error, words):
         memkern.convert(TinyLM(), **kwargs)
-    for w in words:
-        assert w in str(info.value)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
         memkern.convert([nn.Linear(2, 2)], "int8")
 
@@ -304,9 +302,8 @@ def test_a_layer_that_fails_to_convert_leaves_the_model_untouched():
     model[2].weight = nn.Parameter(torch.arange(64, dtype=torch.int32).reshape(8, 8), requires_grad=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     types = [type(m) for m in model.modules()]
-    with pytest.raises(TypeError) as info:
+    with raises_naming(TypeError, ["convert: layer '2'", "floating point"]):
         memkern.convert(model, "int8")
-    assert "convert: layer '2'" in str(info.value) and "floating point" in str(info.value)
     assert [type(m) for m in model.modules()] == types
     after = model.state_dict()
     assert list(after) == list(state)

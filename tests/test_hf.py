@@ -18,29 +18,13 @@ from transformers import (
     TrainingArguments,
 )
 
-from conftest import CPU_BACKENDS, assert_rel_close  # noqa: E402
+from conftest import CPU_BACKENDS, assert_rel_close, tiny_decoder_config  # noqa: E402
 from memkern.integrations.hf import DistillationTrainer, distillation_loss  # noqa: E402
 
 VOCAB = 160
 CONFIGS = {
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    ),
-    "qwen2": lambda: Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    ),
+    "llama": lambda: LlamaConfig(**tiny_decoder_config(VOCAB, max_position_embeddings=64)),
+    "qwen2": lambda: Qwen2Config(**tiny_decoder_config(VOCAB, max_position_embeddings=64)),
     "gpt2": lambda: GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
     ),
@@ -132,17 +116,7 @@ def test_padding_and_ignored_labels_count_in_neither_term():
 
 
 def test_scaled_and_soft_capped_logits_are_followed():
-    student, teacher = _pair(
-        GraniteConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            logits_scaling=4.0,
-        )
-    )
+    student, teacher = _pair(GraniteConfig(**tiny_decoder_config(VOCAB, logits_scaling=4.0)))
     ids, mask = _batch()
     loss = distillation_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5)
     assert_rel_close(loss, full_logits_loss(student, teacher, ids, mask, alpha=0.2, temperature=1.5), torch.float32)

@@ -16,16 +16,9 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import memkern  # noqa: E402
 from memkern.integrations import hf  # noqa: E402,F401  (registers the "memkern" method)
+from conftest import tiny_decoder_config  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-)
+CONFIG = tiny_decoder_config(96, hidden_size=64, max_position_embeddings=32)
 
 CONVERSIONS = {
     "int8": lambda m: memkern.convert(m, "int8", skip=("lm_head",)),

@@ -19,7 +19,7 @@ from memkern.ops import kd_ops as kd_op_tables
 from memkern import kd_options
 from memkern import reference
 from memkern.ops import kd as kd_ops
-from conftest import LargestTensor, assert_rel_close, require_backend
+from conftest import LargestTensor, assert_rel_close, dtype_pairs, require_backend
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -278,16 +278,7 @@ def test_nan_in_an_ignored_row_stays_out():
 
 
 # -- (c) 16-bit inputs --------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "s_dtype, t_dtype",
-    [
-        (torch.bfloat16, torch.bfloat16),
-        (torch.bfloat16, torch.float32),
-        (torch.float16, torch.bfloat16),
-        (torch.float32, torch.bfloat16),
-    ],
-    ids=["bf16-bf16", "bf16-f32", "f16-bf16", "f32-bf16"],
-)
+@pytest.mark.parametrize("s_dtype, t_dtype", dtype_pairs("bf16-bf16", "bf16-f32", "f16-bf16", "f32-bf16"))
 def test_16_bit_inputs(s_dtype, t_dtype):
     rows, hidden_s, hidden_t, vocab = _shape()
     hs, ws, bs, ht, wt, bt, y = _inputs(rows, hidden_s, hidden_t, vocab, dtype=s_dtype, t_dtype=t_dtype)

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memkern
-from conftest import CPU_BACKENDS, LargestTensor, assert_rel_close, require_backend
+from conftest import CPU_BACKENDS, KDOptions64, LargestTensor, assert_rel_close, require_backend
 from memkern.ops import kd_loss, linear_kd_loss
 
 F32 = torch.float32
@@ -37,19 +37,15 @@ def terms64(
     t,
     labels,
     *,
-    alpha=0.5,
-    temperature=1.0,
-    divergence="forward_kl",
-    beta=0.5,
-    ignore_index=-100,
-    soft_loss_scale="t2",
     shared_vocab=None,
     student_logit_scale=None,
     teacher_logit_scale=None,
     student_softcap=None,
     teacher_softcap=None,
+    **options,
 ):
     """Per-row (loss, ce, kd, counted) in float64, differentiable in s."""
+    alpha, temperature, divergence, beta, ignore_index, soft_loss_scale = KDOptions64(**options)
     s = transformed(s.double(), student_logit_scale, student_softcap)
     t = transformed(t.double(), teacher_logit_scale, teacher_softcap)
     n = shared_vocab or s.shape[-1]

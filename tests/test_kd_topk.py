@@ -14,7 +14,14 @@ from memkern import reference_topk
 from memkern.kernels import kd_chunks
 from memkern.ops import kd_topk_ops
 from memkern.ops.kd_topk import kd_loss_topk, linear_kd_loss_topk
-from conftest import CPU_BACKENDS, LargestTensor, assert_rel_close, require_backend
+from conftest import (
+    CPU_BACKENDS,
+    KDOptions64,
+    LargestTensor,
+    assert_compiled_matches_eager,
+    assert_rel_close,
+    require_backend,
+)
 
 
 # -- the expected values, from the definition --------------------------------------------------
@@ -25,22 +32,10 @@ def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
-def expected_topk_loss(
-    s,
-    lp,
-    idx,
-    labels,
-    *,
-    alpha=0.5,
-    temperature=1.0,
-    divergence="forward_kl",
-    beta=0.5,
-    ignore_index=-100,
-    reduction="mean",
-    soft_loss_scale="t2",
-):
+def expected_topk_loss(s, lp, idx, labels, *, reduction="mean", **options):
     """Float64, differentiable in s: the student's softmax summed into buckets with an explicit
     mask, the teacher's bucket probabilities p_j and 1 - sum p raised to 1 / T and normalised."""
+    alpha, temperature, divergence, beta, ignore_index, soft_loss_scale = KDOptions64(**options)
     vocab, k = s.shape[-1], lp.shape[-1]
     s2, lp2, idx2 = s.reshape(-1, vocab).double(), lp.reshape(-1, k).double(), idx.reshape(-1, k).long()
     q = torch.softmax(s2 / temperature, dim=-1)
@@ -450,15 +445,7 @@ def test_compiles_without_graph_breaks():
     lp, idx = teacher_topk((3, 4), 23, 5)
     y = torch.randint(0, 23, (3, 4))
     s, h, w = torch.randn(3, 4, 23), torch.randn(3, 4, 6), torch.randn(23, 6)
-    ins_c = [x.clone().requires_grad_() for x in (s, h, w)]
-    ins_e = [x.clone().requires_grad_() for x in (s, h, w)]
-    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins_c, lp, idx, y)
-    out_e = f(*ins_e, lp, idx, y)
-    out_c.backward()
-    out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
-    for a, b in zip(ins_c, ins_e):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(f, [s, h, w], lp, idx, y)
 
 
 def test_double_backward_is_refused():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
@@ -29,19 +31,9 @@ UNMERGED_TOL = {
 MERGED_TOL = {"int8": 3e-2, "int8_weight_only": 2e-2, "fp16": REL_TOL[torch.float16]}
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(32, 64)
-        self.down = nn.Linear(64, 16)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
-def _base(scheme: str) -> Net:
+def _base(scheme: str) -> nn.Sequential:
     torch.manual_seed(0)
-    model = Net()
+    model = nn.Sequential(OrderedDict(up=nn.Linear(32, 64), act=nn.ReLU(), down=nn.Linear(64, 16)))
     if scheme in ("block", "2:4"):
         memkern.prune.prune_model(model, 0.5, "n:m" if scheme == "2:4" else "block", block=(16, 16), skip=())
     else:

@@ -81,6 +81,19 @@ def _setup(rank, backend):
     return memkern, init_device_mesh("cpu", (torch.distributed.get_world_size(),))
 
 
+def _grid_options(divergence, reduction, alpha, temperature, soft_loss_scale, *, beta):
+    """The loss options of one point of the DIVERGENCES x REDUCTIONS x SETTINGS grid."""
+    return dict(
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=-100,
+        reduction=reduction,
+        soft_loss_scale=soft_loss_scale,
+    )
+
+
 def _linear_case(memkern, mesh, errors, tag, *, rows_shape, hidden, vocab, labels_fn, options, bias, normalizer=None):
     """One linear_kd_loss call: sharded vs one-process vs float64, loss and the three gradients."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -174,15 +187,7 @@ def _parity_body(rank, world, backend):
         for div, red, (alpha, temp, scale, bias) in itertools.product(
             DIVERGENCES, REDUCTIONS, SETTINGS[::2] if _light(backend) else SETTINGS
         ):
-            options = dict(
-                alpha=alpha,
-                temperature=temp,
-                divergence=div,
-                beta=0.3,
-                ignore_index=-100,
-                reduction=red,
-                soft_loss_scale=scale,
-            )
+            options = _grid_options(div, red, alpha, temp, scale, beta=0.3)
             tag = f"{div}/{red}/{alpha}/{temp}/{scale}/bias={bias}"
             _linear_case(memkern, mesh, errors, tag, rows_shape=(9,), hidden=6, vocab=13, labels_fn=_random_labels,
                          options=options, bias=bias)  # fmt: skip
@@ -288,15 +293,7 @@ def _logits_body(rank, world, backend):
         for div, red, (alpha, temp, scale, _), shape in itertools.product(
             DIVERGENCES, REDUCTIONS, SETTINGS[:1] if _light(backend) else SETTINGS[:3], ((7, 10), (2, 3, 9))
         ):
-            options = dict(
-                alpha=alpha,
-                temperature=temp,
-                divergence=div,
-                beta=0.6,
-                ignore_index=-100,
-                reduction=red,
-                soft_loss_scale=scale,
-            )
+            options = _grid_options(div, red, alpha, temp, scale, beta=0.6)
             s, t = torch.randn(shape) * 2, torch.randn(shape) * 2
             labels = _random_labels(shape[:-1], shape[-1])
             dim = len(shape) - 1
