@@ -41,10 +41,10 @@
 namespace memkern {
 namespace {
 
-// Rows of x quantised and widened at a time: the int16 copy (128 KiB at K = 4096) stays in
-// L2 while the weight streams past it; each block reads the weight once. At 512 x 4096 x
-// 4096 on one thread of the AVX2 machine of bench/NOTES.md: 64 rows 637 ms, 32 rows 498 ms,
-// 16 rows 348 ms.
+// Rows of x per pass over a thread's weight tiles: their int16 copy (128 KiB at K = 4096)
+// stays in L2 while the weight streams past it; each block reads the weight once. At 512 x
+// 4096 x 4096 on one thread of the AVX2 machine of bench/NOTES.md: 64 rows 637 ms, 32 rows
+// 498 ms, 16 rows 348 ms.
 constexpr int64_t kAvx2RowBlock = 16;
 
 inline int32_t sum_lanes(__m256i v) {
@@ -83,75 +83,79 @@ void int8_avx2_tile(const int16_t* x16, int64_t ldx, const int8_t* const* w, con
     }
 }
 
-// The rows [m0, m0 + rows) of x (already quantised and widened into x16) against every
-// weight row: MR-row tiles against NR-row weight tiles, the epilogue applied as each tile
-// leaves registers.
+// All M rows of x (already quantised and widened into x16) against every weight row:
+// MR-row tiles against NR-row weight tiles, the epilogue applied as each tile leaves
+// registers. One parallel region per call: each thread takes a contiguous range of weight
+// tiles and walks the rows in blocks of kAvx2RowBlock against it (a region per row block
+// cost a scheduler wait per region whenever another process held a core: medians 4x the
+// minimum at 2048 x 64 x 256).
 template <int MR, int NR, typename out_t>
-void int8_avx2_rows(const int16_t* x16, int64_t ldx, const float* x_scale, int64_t m0, int64_t rows, const int8_t* w,
-                    int64_t N, int64_t K, const float* w_scale, const float* bias, out_t* out) {
+void int8_avx2_rows(const int16_t* x16, int64_t ldx, const float* x_scale, int64_t M, const int8_t* w, int64_t N,
+                    int64_t K, const float* w_scale, const float* bias, out_t* out) {
   const int64_t tiles = (N + NR - 1) / NR;
   // One contiguous range of weight tiles per thread (grain: tiles / threads at least).
   const int64_t grain = std::max<int64_t>(1, (tiles + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NR;
-      const int count = static_cast<int>(std::min<int64_t>(NR, N - n0));
-      const int8_t* wr[NR];
-      const int8_t* next[NR];
-      for (int j = 0; j < NR; ++j) {
-        wr[j] = w + std::min<int64_t>(n0 + j, N - 1) * K;  // past N: repeat the last row
-        next[j] = w + std::min<int64_t>(n0 + NR + j, N - 1) * K;
-      }
-      for (int64_t r = 0; r < rows; r += MR) {
-        int32_t sums[MR][NR];
-        const int16_t* xr = x16 + r * ldx;
-        const int64_t mr = std::min<int64_t>(MR, rows - r);
-        const bool first = r == 0 && t + 1 < t1;
-        switch (mr * 2 + (first ? 1 : 0)) {
-          case 2 * MR + 1: int8_avx2_tile<MR, NR, true>(xr, ldx, wr, next, K, sums); break;
-          case 2 * MR: int8_avx2_tile<MR, NR, false>(xr, ldx, wr, next, K, sums); break;
-          default:
-            // The last row tile is short: one row at a time.
-            for (int64_t i = 0; i < mr; ++i) {
-              int32_t one[1][NR];
-              int8_avx2_tile<1, NR, false>(xr + i * ldx, ldx, wr, next, K, one);
-              for (int j = 0; j < NR; ++j) sums[i][j] = one[0][j];
-            }
+    for (int64_t b0 = 0; b0 < M; b0 += kAvx2RowBlock) {
+      const int64_t b1 = std::min(M, b0 + kAvx2RowBlock);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * NR;
+        const int count = static_cast<int>(std::min<int64_t>(NR, N - n0));
+        const int8_t* wr[NR];
+        const int8_t* next[NR];
+        for (int j = 0; j < NR; ++j) {
+          wr[j] = w + std::min<int64_t>(n0 + j, N - 1) * K;  // past N: repeat the last row
+          next[j] = w + std::min<int64_t>(n0 + NR + j, N - 1) * K;
         }
-        for (int64_t i = 0; i < mr; ++i) {
-          const int64_t m = m0 + r + i;
-          for (int j = 0; j < count; ++j)
-            out[m * N + n0 + j] = static_cast<out_t>(
-                epilogue_value(static_cast<float>(sums[i][j]), x_scale[m], w_scale[n0 + j], bias ? bias + n0 + j : nullptr));
+        for (int64_t r = b0; r < b1; r += MR) {
+          int32_t sums[MR][NR];
+          const int16_t* xr = x16 + r * ldx;
+          const int64_t mr = std::min<int64_t>(MR, b1 - r);
+          const bool first = r == b0 && t + 1 < t1;
+          switch (mr * 2 + (first ? 1 : 0)) {
+            case 2 * MR + 1: int8_avx2_tile<MR, NR, true>(xr, ldx, wr, next, K, sums); break;
+            case 2 * MR: int8_avx2_tile<MR, NR, false>(xr, ldx, wr, next, K, sums); break;
+            default:
+              // The last row tile is short: one row at a time.
+              for (int64_t i = 0; i < mr; ++i) {
+                int32_t one[1][NR];
+                int8_avx2_tile<1, NR, false>(xr + i * ldx, ldx, wr, next, K, one);
+                for (int j = 0; j < NR; ++j) sums[i][j] = one[0][j];
+              }
+          }
+          for (int64_t i = 0; i < mr; ++i) {
+            const int64_t m = r + i;
+            for (int j = 0; j < count; ++j)
+              out[m * N + n0 + j] = static_cast<out_t>(epilogue_value(static_cast<float>(sums[i][j]), x_scale[m],
+                                                                      w_scale[n0 + j], bias ? bias + n0 + j : nullptr));
+          }
         }
       }
     }
   });
 }
 
-// int8_linear on AVX2: per block of kAvx2RowBlock rows, x quantised (quantize_row.h, the
-// quantize_rowwise kernel's arithmetic) and widened to int16, then the tiles above. One
+// int8_linear on AVX2: every row of x quantised (quantize_row.h, the quantize_rowwise
+// kernel's arithmetic) and widened to int16 once, in parallel, then the tiles above. One
 // row of x takes 4 weight rows per tile (4 independent accumulators), more rows 4 x 2.
 template <typename x_t, typename out_t>
 void int8_linear_avx2(const x_t* x, int64_t M, int64_t K, int64_t xs0, int64_t xs1, const int8_t* w, int64_t N,
                       const float* w_scale, const float* bias, out_t* out) {
   const int64_t ldx = (K + 15) / 16 * 16;
-  const int64_t block = std::min(M, kAvx2RowBlock);
-  std::vector<int16_t> x16(static_cast<size_t>(block * ldx), 0);
-  std::vector<uint8_t> q(static_cast<size_t>(K));
+  std::vector<int16_t> x16(static_cast<size_t>(M * ldx), 0);
   std::vector<float> x_scale(static_cast<size_t>(M));
-  for (int64_t m0 = 0; m0 < M; m0 += block) {
-    const int64_t rows = std::min(block, M - m0);
-    for (int64_t i = 0; i < rows; ++i) {
-      x_scale[m0 + i] = quantize_row(x + (m0 + i) * xs0, K, xs1, 0, q.data());
-      int16_t* row = x16.data() + i * ldx;
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    std::vector<uint8_t> q(static_cast<size_t>(K));
+    for (int64_t m = m0; m < m1; ++m) {
+      x_scale[m] = quantize_row(x + m * xs0, K, xs1, 0, q.data());
+      int16_t* row = x16.data() + m * ldx;
       for (int64_t k = 0; k < K; ++k) row[k] = static_cast<int8_t>(q[k]);
     }
-    if (rows == 1)
-      int8_avx2_rows<1, 4>(x16.data(), ldx, x_scale.data(), m0, rows, w, N, K, w_scale, bias, out);
-    else
-      int8_avx2_rows<4, 2>(x16.data(), ldx, x_scale.data(), m0, rows, w, N, K, w_scale, bias, out);
-  }
+  });
+  if (M == 1)
+    int8_avx2_rows<1, 4>(x16.data(), ldx, x_scale.data(), M, w, N, K, w_scale, bias, out);
+  else
+    int8_avx2_rows<4, 2>(x16.data(), ldx, x_scale.data(), M, w, N, K, w_scale, bias, out);
 }
 
 }  // namespace
