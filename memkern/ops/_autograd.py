@@ -1,5 +1,6 @@
-"""What the ops' backward passes share: the refusal of double backward where an op's
-gradient was computed by a kernel, not by differentiable tensor operations.
+"""What the ops' backward passes share: the context setup of the sparse matmuls, and the
+refusal of double backward where an op's gradient was computed by a kernel, not by
+differentiable tensor operations.
 
 Such a gradient is a plain tensor to autograd. Under ``create_graph=True`` it would come
 back with no graph behind it, so a penalty on it (``loss + g.pow(2).sum()``) would silently
@@ -12,6 +13,15 @@ from __future__ import annotations
 
 
 import torch
+
+
+def save_matmul_inputs(ctx, inputs, output) -> None:
+    """setup_context of a sparse matmul op whose inputs are ``(x, *weight storage, bias)``:
+    saves the tensors before the bias (its gradient needs only the upstream gradient; sizes
+    passed as ints are not saved) and whether a bias was given."""
+    *operands, bias = inputs
+    ctx.save_for_backward(*(t for t in operands if isinstance(t, torch.Tensor)))
+    ctx.has_bias = bias is not None
 
 
 class _NoDoubleBackward(torch.autograd.Function):

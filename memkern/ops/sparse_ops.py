@@ -9,6 +9,7 @@ import torch
 
 from memkern import _autocast, _validate, backends, reference
 from memkern.ops import sparse_format
+from memkern.ops._autograd import save_matmul_inputs
 
 # The C++ block-sparse kernels also take float64 (gradcheck on the CPU path); the public
 # function accepts the float dtypes only.
@@ -167,12 +168,6 @@ def _bsmm_bwd_fake(grad, x, values, crow, col, ccol, csc_row, csc_block):
     return x.new_empty(x.shape), sparse_format.row_panel_layout(values.new_empty(values.shape))
 
 
-def _bsmm_setup(ctx, inputs, output):
-    x, values, crow, col, ccol, csc_row, csc_block, _n_out, bias = inputs
-    ctx.save_for_backward(x, values, crow, col, ccol, csc_row, csc_block)
-    ctx.has_bias = bias is not None
-
-
 def _bsmm_backward(ctx, grad):
     x, values, crow, col, ccol, csc_row, csc_block = ctx.saved_tensors
     dx, dv = _bsmm_bwd_op(grad.contiguous(), x, values, crow, col, ccol, csc_row, csc_block)
@@ -180,7 +175,7 @@ def _bsmm_backward(ctx, grad):
     return dx, dv, None, None, None, None, None, None, db
 
 
-backends.register_autograd(block_sparse_matmul_op, _bsmm_backward, setup_context=_bsmm_setup)
+backends.register_autograd(block_sparse_matmul_op, _bsmm_backward, setup_context=save_matmul_inputs)
 
 
 @torch.library.custom_op("memkern::sparse24_compress", mutates_args=())
@@ -216,12 +211,6 @@ def _s24_fake(x, values, meta, bias):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
-def _s24_setup(ctx, inputs, output):
-    x, values, meta, bias = inputs
-    ctx.save_for_backward(x, values, meta)
-    ctx.has_bias = bias is not None
-
-
 def _s24_backward(ctx, grad):
     x, values, meta = ctx.saved_tensors
     cols = x.shape[1]
@@ -236,7 +225,7 @@ def _s24_backward(ctx, grad):
     return dx, dv, None, db
 
 
-backends.register_autograd(sparse24_matmul_op, _s24_backward, setup_context=_s24_setup)
+backends.register_autograd(sparse24_matmul_op, _s24_backward, setup_context=save_matmul_inputs)
 # Autocast: the products take x, the kept values and bias in the autocast dtype, as
 # torch.nn.functional.linear would; the rest runs as called.
 for _name in ("block_sparse_matmul", "sparse24_matmul"):
