@@ -23,7 +23,7 @@ import torch
 
 from memkern import _autocast, _validate, backends
 from memkern.ops.sparse_weights import StoredValues
-from memkern.ops._autograd import save_matmul_inputs
+from memkern.ops._autograd import dense_matmul_grads, save_matmul_inputs
 
 __all__ = ["BitmaskWeight", "bitmask_matmul", "pack_mask", "unpack_bits", "check_bitmask"]
 
@@ -221,13 +221,10 @@ def _matmul_fake(x, values, bits, bias):
 
 def _matmul_backward(ctx, grad):
     x, values, bits = ctx.saved_tensors
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    g = grad.to(acc)
-    w = bitmask_decompress_op(values, bits, x.shape[1]).to(acc)
-    dx = (g @ w).to(x.dtype)
+    w = bitmask_decompress_op(values, bits, x.shape[1])
+    dx, dw, db = dense_matmul_grads(grad, x, w, ctx.has_bias)
     # dW only at kept positions: pruned weights have no storage, so nothing revives them.
-    dv = (g.t() @ x.to(acc))[unpack_bits(bits, x.shape[1])].to(values.dtype)
-    db = g.sum(0).to(grad.dtype) if ctx.has_bias else None
+    dv = dw[unpack_bits(bits, x.shape[1])].to(values.dtype)
     return dx, dv, None, db
 
 

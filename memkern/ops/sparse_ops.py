@@ -9,7 +9,7 @@ import torch
 
 from memkern import _autocast, _validate, backends, reference
 from memkern.ops import sparse_format
-from memkern.ops._autograd import save_matmul_inputs
+from memkern.ops._autograd import dense_matmul_grads, save_matmul_inputs
 
 # The C++ block-sparse kernels also take float64 (gradcheck on the CPU path); the public
 # function accepts the float dtypes only.
@@ -214,14 +214,11 @@ def _s24_fake(x, values, meta, bias):
 def _s24_backward(ctx, grad):
     x, values, meta = ctx.saved_tensors
     cols = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = sparse24_decompress_op(values, meta, cols)
-    dx = (grad.to(acc) @ w.to(acc)).to(x.dtype)
+    dx, dw, db = dense_matmul_grads(grad, x, sparse24_decompress_op(values, meta, cols), ctx.has_bias)
     # dW only at the two slots of each group: positions outside the 2:4 pattern have no
     # storage, so they cannot be revived by any optimiser.
-    dw = (grad.to(acc).t() @ x.to(acc)).reshape(values.shape[0], cols // 4, 4)
+    dw = dw.reshape(values.shape[0], cols // 4, 4)
     dv = torch.gather(dw, 2, sparse_format.kept_positions(meta, cols)).reshape(values.shape).to(values.dtype)
-    db = grad.to(acc).sum(0).to(grad.dtype) if ctx.has_bias else None
     return dx, dv, None, db
 
 
