@@ -1,7 +1,6 @@
 """What the ops' backward passes share: the context setup and dense gradients of the sparse
-matmuls, and the
-refusal of double backward where an op's gradient was computed by a kernel, not by
-differentiable tensor operations.
+matmuls, and the refusal of double backward where an op's gradient was computed by a
+kernel, not by differentiable tensor operations.
 
 Such a gradient is a plain tensor to autograd. Under ``create_graph=True`` it would come
 back with no graph behind it, so a penalty on it (``loss + g.pow(2).sum()``) would silently
