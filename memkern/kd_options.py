@@ -29,12 +29,6 @@ _SCALES, _CAPS = ("student_logit_scale", "teacher_logit_scale"), ("student_softc
 EXTRA_OPTIONS = (*_SCALES, *_CAPS, "shared_vocab", "chunk_size", "return_components")
 
 
-def options_named(arguments: dict, names: tuple[str, ...]) -> dict:
-    """``names`` (CORE_OPTIONS, EXTRA_OPTIONS) and their values, picked by name from a public
-    function's arguments (its ``locals()``), so no caller restates the options' order."""
-    return {name: arguments[name] for name in names}
-
-
 class KDOptions(reference.RowOptions):
     """The scalar options of a call, checked: the fields of the per-row references
     (memkern.reference.RowOptions); ``kd_scale`` is T^2 or 1."""

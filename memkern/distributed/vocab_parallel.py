@@ -31,7 +31,7 @@ import torch.distributed as dist
 from memkern import _dense
 from memkern.distributed import vocab_shard
 from memkern.distributed.vocab_parallel_args import Call, check_kd_call, check_linear_call
-from memkern.kd_options import CORE_OPTIONS, KDOptions, check_label_range, kept_rows, options_named
+from memkern.kd_options import CORE_OPTIONS, KDOptions, check_label_range, kept_rows
 from memkern.kernels.kd_chunks import accumulate_fp32, chunk_logits, chunk_rows
 
 __all__ = ["kd_loss", "linear_kd_loss"]
@@ -172,7 +172,8 @@ def kd_loss(
     """:func:`memkern.ops.kd_loss` on logits that are DTensors sharded on the last dimension
     (a column-parallel lm_head's output); ``normalizer``: the summed loss is divided by it
     (reduction "mean" or "sum"). See docs/tensor_parallel.md."""
-    options = options_named(locals(), CORE_OPTIONS)
+    core = (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)
+    options = dict(zip(CORE_OPTIONS, core))
     call = check_kd_call(student_logits, teacher_logits, labels, normalizer, options)
     s, t = call.local(student_logits), call.local(teacher_logits).detach()
     rows, vocab_local = math.prod(call.lead), s.shape[-1]  # (not -1: a shard may be empty)
@@ -273,7 +274,8 @@ def linear_kd_loss(
     """:func:`memkern.ops.linear_kd_loss` with lm_head weights (and biases) that are DTensors
     sharded on the vocabulary (``Shard(0)``); ``normalizer`` as in :func:`kd_loss`. See
     docs/tensor_parallel.md."""
-    options = options_named(locals(), CORE_OPTIONS)
+    core = (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)
+    options = dict(zip(CORE_OPTIONS, core))
     call = check_linear_call(
         student_hidden,
         student_weight,

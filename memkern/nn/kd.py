@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memkern.kd_options import CORE_OPTIONS, EXTRA_OPTIONS, check_extras, options_named
+from memkern.kd_options import CORE_OPTIONS, EXTRA_OPTIONS, check_extras
 from memkern.ops import kd as _kd
 
 
@@ -24,7 +24,8 @@ class _CoreKDLossBase(nn.Module):
         soft_loss_scale: str = "t2",
     ) -> None:
         super().__init__()
-        self.options = options_named(locals(), CORE_OPTIONS)
+        core = (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)
+        self.options = dict(zip(CORE_OPTIONS, core))
         # Whether labels come is only known per call; the op checks alpha == 0 without them.
         _kd.check_options(type(self).__name__, has_labels=True, **self.options)
 
@@ -55,7 +56,8 @@ class _KDLossBase(_CoreKDLossBase):
         return_components: bool = False,
     ) -> None:
         super().__init__(alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)
-        extras = options_named(locals(), EXTRA_OPTIONS)
+        given = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, shared_vocab, chunk_size)
+        extras = dict(zip(EXTRA_OPTIONS, (*given, return_components)))
         check_extras(type(self).__name__, extras)
         self.options.update(extras)
 

@@ -34,7 +34,6 @@ from memkern.distributed import detect
 from memkern.kd_options import (
     CORE_OPTIONS,
     EXTRA_OPTIONS,
-    options_named,
     KD_DTYPES,
     TEMPERATURE_RANGE,
     check_extras,
@@ -141,7 +140,9 @@ def kd_loss(
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "kd_loss"
-    core, given = options_named(locals(), CORE_OPTIONS), options_named(locals(), EXTRA_OPTIONS)
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
+    given = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, shared_vocab, chunk_size)
+    given = dict(zip(EXTRA_OPTIONS, (*given, return_components)))
     if detect.any_dtensor(student_logits, teacher_logits, labels):
         from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops
 
@@ -215,7 +216,9 @@ def linear_kd_loss(
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "linear_kd_loss"
-    core, given = options_named(locals(), CORE_OPTIONS), options_named(locals(), EXTRA_OPTIONS)
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
+    given = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, shared_vocab, chunk_size)
+    given = dict(zip(EXTRA_OPTIONS, (*given, return_components)))
     sharded = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias)
     if detect.any_dtensor(*sharded):
         from memkern.distributed import vocab_parallel  # lazily: memkern.distributed builds on the ops

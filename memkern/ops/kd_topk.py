@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from memkern import _validate
-from memkern.kd_options import CORE_OPTIONS, KD_DTYPES, options_named
+from memkern.kd_options import CORE_OPTIONS, KD_DTYPES
 from memkern.ops import kd_topk_ops
 from memkern.ops.kd_args import check_head_biases, check_heads, run_loss
 
@@ -108,7 +108,7 @@ def kd_loss_topk(
         teacher_topk_logprobs=teacher_topk_logprobs,
         teacher_topk_indices=teacher_topk_indices,
     )
-    core = options_named(locals(), CORE_OPTIONS)
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
     tensors = (student_logits, teacher_topk_logprobs.detach(), teacher_topk_indices)
     operators = (kd_topk_ops.kd_loss_topk_op, kd_topk_ops.kd_loss_topk_body)
     return run_loss(op, operators, tensors, labels, (student_logits,), core)
@@ -166,7 +166,7 @@ def linear_kd_loss_topk(
         teacher_topk_logprobs=teacher_topk_logprobs,
         teacher_topk_indices=teacher_topk_indices,
     )
-    core = options_named(locals(), CORE_OPTIONS)
+    core = dict(zip(CORE_OPTIONS, (alpha, temperature, divergence, beta, ignore_index, reduction, soft_loss_scale)))
     student = (student_hidden, student_weight, student_bias)
     tensors = (*student, teacher_topk_logprobs.detach(), teacher_topk_indices)
     operators = (kd_topk_ops.linear_kd_loss_topk_op, kd_topk_ops.linear_kd_loss_topk_body)
