@@ -41,12 +41,10 @@ def _bsmm_triton(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
 @_bwd.register("torch")
 def _bsmm_bwd_torch(grad, x, values, crow, col, ccol, csc_row, csc_block):
     # Dense reference of both gradients; dW is read back only at the kept blocks.
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n_out, k = grad.shape[1], x.shape[1]
     nnzb, bn, bk = values.shape
-    w = reference.block_sparse_to_dense(values.to(acc), crow, col, n_out, k)
-    dx = (grad.to(acc) @ w).to(x.dtype)
-    dw = grad.to(acc).t() @ x.to(acc)
+    w = reference.block_sparse_to_dense(values, crow, col, n_out, k)
+    dx, dw, _ = dense_matmul_grads(grad, x, w, has_bias=False)
     n_br, n_bc = -(-n_out // bn), -(-k // bk)
     padded = dw.new_zeros(n_br * bn, n_bc * bk)
     padded[:n_out, :k] = dw
