@@ -1,5 +1,6 @@
-"""What the ops' backward passes share: the refusal of double backward where an op's
-gradient was computed by a kernel, not by differentiable tensor operations.
+"""What the ops' backward passes share: the context setup and dense gradients of the sparse
+matmuls, and the refusal of double backward where an op's gradient was computed by a
+kernel, not by differentiable tensor operations.
 
 Such a gradient is a plain tensor to autograd. Under ``create_graph=True`` it would come
 back with no graph behind it, so a penalty on it (``loss + g.pow(2).sum()``) would silently
@@ -12,6 +13,26 @@ from __future__ import annotations
 
 
 import torch
+
+
+def save_matmul_inputs(ctx, inputs, output) -> None:
+    """setup_context of a sparse matmul op whose inputs are ``(x, *weight storage, bias)``:
+    saves the tensors before the bias (its gradient needs only the upstream gradient; sizes
+    passed as ints are not saved) and whether a bias was given."""
+    *operands, bias = inputs
+    ctx.save_for_backward(*(t for t in operands if isinstance(t, torch.Tensor)))
+    ctx.has_bias = bias is not None
+
+
+def dense_matmul_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool):
+    """Gradients of ``x @ w.T + bias`` with ``w`` the decompressed sparse weight, accumulated
+    in float32 (float64 stays float64): dx in x's dtype, the dense dW in the accumulation
+    dtype (each storage keeps only its stored positions of it) and db (None without a bias)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)
+    dx = (g @ w.to(acc)).to(x.dtype)
+    db = g.sum(0).to(grad.dtype) if has_bias else None
+    return dx, g.t() @ x.to(acc), db
 
 
 class _NoDoubleBackward(torch.autograd.Function):

@@ -112,6 +112,18 @@ def _semi_structured_class():
     return cutlass
 
 
+def _runnable_class():
+    """(None, the class to build) where both forms may use PyTorch's kernels, else (why
+    not, None): a forced memkern backend decides alone, and this torch must have them."""
+    forced = backends.forced_backend()
+    if forced is not None:
+        return f"backend {forced!r} is forced", None
+    cls = _semi_structured_class()
+    if cls is None:
+        return "this torch has no torch.sparse.to_sparse_semi_structured", None
+    return None, cls
+
+
 def _uses_cusparselt(cls) -> bool:
     return cls is getattr(torch.sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
 
@@ -131,6 +143,15 @@ def _capability_reason(cls, device: torch.device) -> str | None:
 def _semi_structured_constraints(cls, dtype: torch.dtype):
     table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) or {}
     return table.get(dtype)
+
+
+def _tile_reason(constraints, n: int, k: int, kernel: str) -> str | None:
+    """Why an (n, k) weight does not fit the kernel's tiles (a positive multiple of its
+    minimum sparse tile), or None."""
+    rows, cols = constraints.sparse_min_rows, constraints.sparse_min_cols
+    if n < rows or n % rows or k < cols or k % cols:
+        return f"weight shape ({n}, {k}) is not a positive multiple of ({rows}, {cols}) ({kernel})"
+    return None
 
 
 def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24Weight) -> str | None:
@@ -160,19 +181,15 @@ def semi_structured_reason(x: torch.Tensor, weight: BlockSparseWeight | Sparse24
         return f"runs on CUDA tensors only, got {x.device.type}"
     if weight.values.requires_grad and torch.is_grad_enabled():
         return "weight.values needs a gradient: the memkern op computes it"
-    forced = backends.forced_backend()
-    if forced is not None:
-        return f"backend {forced!r} is forced"
-    cls = _semi_structured_class()
-    if cls is None:
-        return "this torch has no torch.sparse.to_sparse_semi_structured"
+    reason, cls = _runnable_class()
+    if reason is not None:
+        return reason
     constraints = _semi_structured_constraints(cls, x.dtype)
     if constraints is None:
         return f"{cls.__name__} does not take {_validate.dtype_name(x.dtype)}"
-    n, k = weight.shape
-    rows, cols = constraints.sparse_min_rows, constraints.sparse_min_cols
-    if n < rows or n % rows or k < cols or k % cols:
-        return f"weight shape ({n}, {k}) is not a positive multiple of ({rows}, {cols}) ({cls.__name__})"
+    reason = _tile_reason(constraints, *weight.shape, cls.__name__)
+    if reason is not None:
+        return reason
     if x.numel() == 0:
         return "empty batch"
     reason = _capability_reason(cls, x.device)
@@ -306,12 +323,9 @@ def semi_structured_int8_reason(
         return f"runs on CUDA tensors only, got {x.device.type}"
     if values.device != x.device:
         return f"the weight is on {values.device}, x on {x.device}: the memkern op reports it"
-    forced = backends.forced_backend()
-    if forced is not None:
-        return f"backend {forced!r} is forced"
-    cls = _semi_structured_class()
-    if cls is None:
-        return "this torch has no torch.sparse.to_sparse_semi_structured"
+    reason, cls = _runnable_class()
+    if reason is not None:
+        return reason
     product = _int8_product_name(cls)
     if not hasattr(torch, product):
         return f"this torch has no torch.{product}"
@@ -319,9 +333,9 @@ def semi_structured_int8_reason(
     if constraints is None:
         return f"{cls.__name__} does not take int8"
     n, k = values.shape[0], x.shape[-1]
-    rows, cols = constraints.sparse_min_rows, constraints.sparse_min_cols
-    if n < rows or n % rows or k < cols or k % cols:
-        return f"weight shape ({n}, {k}) is not a positive multiple of ({rows}, {cols}) ({cls.__name__}, int8)"
+    reason = _tile_reason(constraints, n, k, f"{cls.__name__}, int8")
+    if reason is not None:
+        return reason
     if k // 2 * _INT8_MAX_ABS**2 > _INT32_MAX:
         return f"in_features {k}: int32 sums of {k // 2} int8 products could overflow"
     if x.numel() == 0:

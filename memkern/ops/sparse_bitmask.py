@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from memkern import _autocast, _validate, backends
+from memkern.ops.sparse_weights import StoredValues
+from memkern.ops._autograd import dense_matmul_grads, save_matmul_inputs
 
 __all__ = ["BitmaskWeight", "bitmask_matmul", "pack_mask", "unpack_bits", "check_bitmask"]
 
@@ -77,7 +79,7 @@ def check_bitmask(op: str, values: object, bits: object, shape: tuple[int, int],
 
 
 @dataclass
-class BitmaskWeight:
+class BitmaskWeight(StoredValues):
     """An unstructured pruned weight as kept ``values`` + ``bits`` (see the module doc).
 
     Attributes:
@@ -96,14 +98,6 @@ class BitmaskWeight:
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         check_bitmask("BitmaskWeight", self.values, self.bits, self.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     @property
     def mask(self) -> torch.Tensor:
@@ -225,25 +219,16 @@ def _matmul_fake(x, values, bits, bias):
     return x.new_empty((x.shape[0], bits.shape[0]))
 
 
-def _matmul_setup(ctx, inputs, output):
-    x, values, bits, bias = inputs
-    ctx.save_for_backward(x, values, bits)
-    ctx.has_bias = bias is not None
-
-
 def _matmul_backward(ctx, grad):
     x, values, bits = ctx.saved_tensors
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    g = grad.to(acc)
-    w = bitmask_decompress_op(values, bits, x.shape[1]).to(acc)
-    dx = (g @ w).to(x.dtype)
+    w = bitmask_decompress_op(values, bits, x.shape[1])
+    dx, dw, db = dense_matmul_grads(grad, x, w, ctx.has_bias)
     # dW only at kept positions: pruned weights have no storage, so nothing revives them.
-    dv = (g.t() @ x.to(acc))[unpack_bits(bits, x.shape[1])].to(values.dtype)
-    db = g.sum(0).to(grad.dtype) if ctx.has_bias else None
+    dv = dw[unpack_bits(bits, x.shape[1])].to(values.dtype)
     return dx, dv, None, db
 
 
-backends.register_autograd(bitmask_matmul_op, _matmul_backward, setup_context=_matmul_setup)
+backends.register_autograd(bitmask_matmul_op, _matmul_backward, setup_context=save_matmul_inputs)
 _autocast.register("bitmask_matmul", cast=("x", "values", "bias"))
 _autocast.register("bitmask_decompress")
 

@@ -9,6 +9,7 @@ import torch
 
 from memkern import _autocast, _validate, backends, reference
 from memkern.ops import sparse_format
+from memkern.ops._autograd import dense_matmul_grads, save_matmul_inputs
 
 # The C++ block-sparse kernels also take float64 (gradcheck on the CPU path); the public
 # function accepts the float dtypes only.
@@ -40,12 +41,10 @@ def _bsmm_triton(x, values, crow, col, ccol, csc_row, csc_block, n_out, bias):
 @_bwd.register("torch")
 def _bsmm_bwd_torch(grad, x, values, crow, col, ccol, csc_row, csc_block):
     # Dense reference of both gradients; dW is read back only at the kept blocks.
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n_out, k = grad.shape[1], x.shape[1]
     nnzb, bn, bk = values.shape
-    w = reference.block_sparse_to_dense(values.to(acc), crow, col, n_out, k)
-    dx = (grad.to(acc) @ w).to(x.dtype)
-    dw = grad.to(acc).t() @ x.to(acc)
+    w = reference.block_sparse_to_dense(values, crow, col, n_out, k)
+    dx, dw, _ = dense_matmul_grads(grad, x, w, has_bias=False)
     n_br, n_bc = -(-n_out // bn), -(-k // bk)
     padded = dw.new_zeros(n_br * bn, n_bc * bk)
     padded[:n_out, :k] = dw
@@ -167,12 +166,6 @@ def _bsmm_bwd_fake(grad, x, values, crow, col, ccol, csc_row, csc_block):
     return x.new_empty(x.shape), sparse_format.row_panel_layout(values.new_empty(values.shape))
 
 
-def _bsmm_setup(ctx, inputs, output):
-    x, values, crow, col, ccol, csc_row, csc_block, _n_out, bias = inputs
-    ctx.save_for_backward(x, values, crow, col, ccol, csc_row, csc_block)
-    ctx.has_bias = bias is not None
-
-
 def _bsmm_backward(ctx, grad):
     x, values, crow, col, ccol, csc_row, csc_block = ctx.saved_tensors
     dx, dv = _bsmm_bwd_op(grad.contiguous(), x, values, crow, col, ccol, csc_row, csc_block)
@@ -180,7 +173,7 @@ def _bsmm_backward(ctx, grad):
     return dx, dv, None, None, None, None, None, None, db
 
 
-backends.register_autograd(block_sparse_matmul_op, _bsmm_backward, setup_context=_bsmm_setup)
+backends.register_autograd(block_sparse_matmul_op, _bsmm_backward, setup_context=save_matmul_inputs)
 
 
 @torch.library.custom_op("memkern::sparse24_compress", mutates_args=())
@@ -216,27 +209,18 @@ def _s24_fake(x, values, meta, bias):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
-def _s24_setup(ctx, inputs, output):
-    x, values, meta, bias = inputs
-    ctx.save_for_backward(x, values, meta)
-    ctx.has_bias = bias is not None
-
-
 def _s24_backward(ctx, grad):
     x, values, meta = ctx.saved_tensors
     cols = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = sparse24_decompress_op(values, meta, cols)
-    dx = (grad.to(acc) @ w.to(acc)).to(x.dtype)
+    dx, dw, db = dense_matmul_grads(grad, x, sparse24_decompress_op(values, meta, cols), ctx.has_bias)
     # dW only at the two slots of each group: positions outside the 2:4 pattern have no
     # storage, so they cannot be revived by any optimiser.
-    dw = (grad.to(acc).t() @ x.to(acc)).reshape(values.shape[0], cols // 4, 4)
+    dw = dw.reshape(values.shape[0], cols // 4, 4)
     dv = torch.gather(dw, 2, sparse_format.kept_positions(meta, cols)).reshape(values.shape).to(values.dtype)
-    db = grad.to(acc).sum(0).to(grad.dtype) if ctx.has_bias else None
     return dx, dv, None, db
 
 
-backends.register_autograd(sparse24_matmul_op, _s24_backward, setup_context=_s24_setup)
+backends.register_autograd(sparse24_matmul_op, _s24_backward, setup_context=save_matmul_inputs)
 # Autocast: the products take x, the kept values and bias in the autocast dtype, as
 # torch.nn.functional.linear would; the rest runs as called.
 for _name in ("block_sparse_matmul", "sparse24_matmul"):

@@ -15,11 +15,11 @@ from memkern.ops.sparse_ops import sparse24_compress_op, sparse24_decompress_op
 
 
 # -- weight containers ---------------------------------------------------------------------
-class _PrunedWeight:
-    """What both storages share: stored ``values`` with an optional element ``mask``."""
+class StoredValues:
+    """A pruned weight kept as ``values`` plus index tensors (also memkern.ops.sparse_bitmask's
+    BitmaskWeight): its dtype and device are those of the values."""
 
     values: torch.Tensor
-    mask: torch.Tensor | None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -28,6 +28,12 @@ class _PrunedWeight:
     @property
     def device(self) -> torch.device:
         return self.values.device
+
+
+class _PrunedWeight(StoredValues):
+    """What both storages share: stored ``values`` with an optional element ``mask``."""
+
+    mask: torch.Tensor | None
 
     def effective_values(self) -> torch.Tensor:
         """``values`` with the element mask applied (differentiable in ``values``): a pruned
