@@ -19,11 +19,14 @@ import triton.language as tl
 
 from memkern.kernels.quantize import quantize_rowwise
 from memkern.kernels.tiles import (
+    launch_on_rows,
     launch_on_tiles,
     load_tile,
     matrix_strides,
+    output_row,
     output_tile,
     scale_and_bias,
+    store_row,
     store_tile,
 )
 
@@ -166,11 +169,8 @@ def _scaled_gemv_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # One program: one row of x against BLOCK_N weight rows, reduced along K in fp32.
-    m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m, rn, n_ok = output_row(N, BLOCK_N)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -181,7 +181,7 @@ def _scaled_gemv_kernel(
         ).to(tl.float32)
         acc += tl.sum(w * a[None, :], axis=1)
     out = scale_and_bias(acc, ws_ptr, b_ptr, rn, n_ok, HAS_SCALE, HAS_BIAS)
-    tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    store_row(out_ptr, out, m, rn, n_ok, stride_om, stride_on)
 
 
 def _gemm_blocks(
@@ -245,10 +245,8 @@ def scaled_linear(
     common = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None)
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out)
     if M <= GEMV_MAX_ROWS:
-        bn, bk = (64, 128) if x.device.type == "cuda" else (32, 64)
-        _scaled_gemv_kernel[(M, triton.cdiv(N, bn))](
-            *args, N, K, *matrix_strides(x, w, out), **common, BLOCK_N=bn, BLOCK_K=bk, num_warps=4
-        )
+        blocks = (64, 128) if x.device.type == "cuda" else (32, 64)
+        launch_on_rows(_scaled_gemv_kernel, (M, N), blocks, *args, N, K, *matrix_strides(x, w, out), **common)
         return out
     dot_fp32 = x.dtype == torch.float32 or (w.dtype != torch.int8 and w.dtype != x.dtype)
     # Triton's interpreter (CPU tensors) returns garbage from a bfloat16 tl.dot; widening
