@@ -43,15 +43,32 @@ EXACT_CHUNK_K = 1 << 17
 
 
 @triton.jit
+def _operand_tiles(
+    x_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K: tl.constexpr
+):
+    """The tiles x[rm, k0:k0 + BLOCK_K] and w[rn, k0:k0 + BLOCK_K].T, zero past M, N and K."""
+    kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    k_ok = kk < K
+    a = load_tile(x_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
+    return a, load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
+
+
+@triton.jit
 def _int8_block_product(
     xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K: tl.constexpr
 ):
     # x_q[rm, k0:k0 + BLOCK_K] @ w[rn, k0:k0 + BLOCK_K].T in int32, zero past M, N and K.
-    kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-    k_ok = kk < K
-    a = load_tile(xq_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
-    b = load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
+    a, b = _operand_tiles(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K)
     return tl.dot(a, b, out_dtype=tl.int32)
+
+
+@triton.jit
+def dequantize_products(acc, xs_ptr, ws_ptr, rm, rn, m_ok, n_ok):
+    """The int8 x int8 sums ``acc`` of rows ``rm``, columns ``rn`` times x_scale[rm] and
+    w_scale[rn], in float32, the two scales multiplied first (as in reference.py)."""
+    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    return acc.to(tl.float32) * (xs[:, None] * ws[None, :])
 
 
 @triton.jit
@@ -97,9 +114,7 @@ def _int8_gemm_kernel(
             acc += _int8_block_product(
                 xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K
             )
-    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
-    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
+    out = dequantize_products(acc, xs_ptr, ws_ptr, rm, rn, m_ok, n_ok)
     out = scale_and_bias(out, ws_ptr, b_ptr, rn, n_ok, False, HAS_BIAS)
     store_tile(out_ptr, out, rm, rn, m_ok, n_ok, stride_om, stride_on)
 
@@ -128,13 +143,11 @@ def _scaled_gemm_kernel(
     BLOCK_K: tl.constexpr,
 ):
     rm, rn, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        a = load_tile(x_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
-        b = load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
+        a, b = _operand_tiles(
+            x_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K
+        )
         if DOT_FP32:
             # float32 activations, or a half weight of the other half type: widen both
             # (IEEE fp32 products, no tf32 rounding of x).

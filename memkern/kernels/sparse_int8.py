@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memkern.kernels.int8 import EXACT_CHUNK_K
+from memkern.kernels.int8 import EXACT_CHUNK_K, dequantize_products
 from memkern.kernels.quantize import quantize_rowwise
 from memkern.kernels.sparse import _block_m, _block_panel, _block_span, _kept_block, _launch, _mma
 from memkern.kernels.tiles import load_tile, matrix_strides, scale_and_bias, store_tile
@@ -77,9 +77,7 @@ def _block_sparse_int8_kernel(
     if WEIGHT_ONLY:
         out = scale_and_bias(acc, ws_ptr, bias_ptr, offs_n, n_ok, True, HAS_BIAS)
     else:
-        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-        xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-        out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
+        out = dequantize_products(acc, xs_ptr, ws_ptr, offs_m, offs_n, m_ok, n_ok)
         out = scale_and_bias(out, ws_ptr, bias_ptr, offs_n, n_ok, False, HAS_BIAS)
     store_tile(y_ptr, out, offs_m, offs_n, m_ok, n_ok, stride_ym, stride_yn)
 
