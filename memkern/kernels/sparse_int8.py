@@ -65,7 +65,8 @@ def _block_sparse_int8_kernel(
     for j in range(start, end):  # kept blocks of this block row only
         kk = _block_span(col_ptr, j, BK)
         a = load_tile(a_ptr, offs_m, kk, m_ok, kk < K, stride_am, stride_ak)
-        w = tl.load(_kept_block(v_ptr, j, stride_vb, stride_vn, stride_vk, BN, BK))
+        # the block's row offsets in int64: in int32, ptxas spills more on sm_80 (fp32 x)
+        w = tl.load(_kept_block(v_ptr, j, stride_vb, stride_vn.to(tl.int64), stride_vk, BN, BK))
         if WEIGHT_ONLY:
             # int8 -> x's dtype is exact; through float32, since Triton's interpreter turns a
             # direct int8 -> bfloat16 cast into garbage (kernels/int8.py).
