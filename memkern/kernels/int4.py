@@ -17,7 +17,15 @@ import triton
 import triton.language as tl
 
 from memkern.kernels.int8 import GEMV_MAX_ROWS
-from memkern.kernels.tiles import launch_on_tiles, output_tile, scale_and_bias, store_tile
+from memkern.kernels.tiles import (
+    launch_on_rows,
+    launch_on_tiles,
+    output_row,
+    output_tile,
+    scale_and_bias,
+    store_row,
+    store_tile,
+)
 
 
 @triton.jit
@@ -101,11 +109,8 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # One program: one row of x against BLOCK_N weight rows, reduced along K in fp32.
-    m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m, rn, n_ok = output_row(N, BLOCK_N)
     rb = tl.arange(0, BLOCK_K // 2).to(tl.int64)
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kb = k0 // 2 + rb
@@ -116,7 +121,7 @@ def _int4_gemv_kernel(
         x_odd = tl.load(x_ptr + m * stride_xm + (2 * kb + 1) * stride_xk, mask=odd_ok, other=0.0).to(tl.float32)
         acc += tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)
     out = scale_and_bias(acc, s_ptr, b_ptr, rn, n_ok, False, HAS_BIAS)
-    tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    store_row(out_ptr, out, m, rn, n_ok, stride_om, stride_on)
 
 
 def _block_k(group_size: int, largest: int) -> int:
@@ -141,18 +146,8 @@ def int4_weight_only_linear(x, w_int4, scales, zeros, group_size: int, bias) -> 
     args = (x, w_int4, scales, zeros, bias if bias is not None else out, out)
     strides = (x.stride(0), x.stride(1), w_int4.stride(0), scales.stride(0), out.stride(0), out.stride(1))
     if M <= GEMV_MAX_ROWS:
-        bn, bk = (64, _block_k(group_size, 128)) if on_gpu else (32, _block_k(group_size, 64))
-        _int4_gemv_kernel[(M, triton.cdiv(N, bn))](
-            *args,
-            N,
-            K,
-            group_size,
-            *strides,
-            HAS_BIAS=bias is not None,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            num_warps=4,
-        )
+        blocks = (64, _block_k(group_size, 128)) if on_gpu else (32, _block_k(group_size, 64))
+        launch_on_rows(_int4_gemv_kernel, (M, N), blocks, *args, N, K, group_size, *strides, HAS_BIAS=bias is not None)
         return out
     # Triton's interpreter (CPU tensors) returns garbage from a bfloat16 tl.dot; float32
     # products of the same values are exact there.

@@ -19,11 +19,14 @@ import triton.language as tl
 
 from memkern.kernels.quantize import quantize_rowwise
 from memkern.kernels.tiles import (
+    launch_on_rows,
     launch_on_tiles,
     load_tile,
     matrix_strides,
+    output_row,
     output_tile,
     scale_and_bias,
+    store_row,
     store_tile,
 )
 
@@ -40,15 +43,32 @@ EXACT_CHUNK_K = 1 << 17
 
 
 @triton.jit
+def _operand_tiles(
+    x_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K: tl.constexpr
+):
+    """The tiles x[rm, k0:k0 + BLOCK_K] and w[rn, k0:k0 + BLOCK_K].T, zero past M, N and K."""
+    kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    k_ok = kk < K
+    a = load_tile(x_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
+    return a, load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
+
+
+@triton.jit
 def _int8_block_product(
     xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K: tl.constexpr
 ):
     # x_q[rm, k0:k0 + BLOCK_K] @ w[rn, k0:k0 + BLOCK_K].T in int32, zero past M, N and K.
-    kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-    k_ok = kk < K
-    a = load_tile(xq_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
-    b = load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
+    a, b = _operand_tiles(xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K)
     return tl.dot(a, b, out_dtype=tl.int32)
+
+
+@triton.jit
+def dequantize_products(acc, xs_ptr, ws_ptr, rm, rn, m_ok, n_ok):
+    """The int8 x int8 sums ``acc`` of rows ``rm``, columns ``rn`` times x_scale[rm] and
+    w_scale[rn], in float32, the two scales multiplied first (as in reference.py)."""
+    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    return acc.to(tl.float32) * (xs[:, None] * ws[None, :])
 
 
 @triton.jit
@@ -94,9 +114,7 @@ def _int8_gemm_kernel(
             acc += _int8_block_product(
                 xq_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K
             )
-    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
-    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
+    out = dequantize_products(acc, xs_ptr, ws_ptr, rm, rn, m_ok, n_ok)
     out = scale_and_bias(out, ws_ptr, b_ptr, rn, n_ok, False, HAS_BIAS)
     store_tile(out_ptr, out, rm, rn, m_ok, n_ok, stride_om, stride_on)
 
@@ -125,13 +143,11 @@ def _scaled_gemm_kernel(
     BLOCK_K: tl.constexpr,
 ):
     rm, rn, m_ok, n_ok = output_tile(M, N, BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        a = load_tile(x_ptr, rm, kk, m_ok, k_ok, stride_xm, stride_xk)
-        b = load_tile(w_ptr, kk, rn, k_ok, n_ok, stride_wk, stride_wn)
+        a, b = _operand_tiles(
+            x_ptr, w_ptr, rm, rn, m_ok, n_ok, k0, K, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K
+        )
         if DOT_FP32:
             # float32 activations, or a half weight of the other half type: widen both
             # (IEEE fp32 products, no tf32 rounding of x).
@@ -166,11 +182,8 @@ def _scaled_gemv_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # One program: one row of x against BLOCK_N weight rows, reduced along K in fp32.
-    m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m, rn, n_ok = output_row(N, BLOCK_N)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    n_ok = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -181,7 +194,7 @@ def _scaled_gemv_kernel(
         ).to(tl.float32)
         acc += tl.sum(w * a[None, :], axis=1)
     out = scale_and_bias(acc, ws_ptr, b_ptr, rn, n_ok, HAS_SCALE, HAS_BIAS)
-    tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    store_row(out_ptr, out, m, rn, n_ok, stride_om, stride_on)
 
 
 def _gemm_blocks(
@@ -245,10 +258,8 @@ def scaled_linear(
     common = dict(HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None)
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out)
     if M <= GEMV_MAX_ROWS:
-        bn, bk = (64, 128) if x.device.type == "cuda" else (32, 64)
-        _scaled_gemv_kernel[(M, triton.cdiv(N, bn))](
-            *args, N, K, *matrix_strides(x, w, out), **common, BLOCK_N=bn, BLOCK_K=bk, num_warps=4
-        )
+        blocks = (64, 128) if x.device.type == "cuda" else (32, 64)
+        launch_on_rows(_scaled_gemv_kernel, (M, N), blocks, *args, N, K, *matrix_strides(x, w, out), **common)
         return out
     dot_fp32 = x.dtype == torch.float32 or (w.dtype != torch.int8 and w.dtype != x.dtype)
     # Triton's interpreter (CPU tensors) returns garbage from a bfloat16 tl.dot; widening

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memkern.kernels.tiles import load_tile, scale_and_bias, store_tile
+from memkern.kernels.tiles import load_tile, matrix_strides, output_tile, scale_and_bias, store_tile
 
 # Rows of x per program: 64 keeps a (64 x BN) fp32 accumulator in registers for BN <= 128.
 BLOCK_M = 64
@@ -23,6 +23,13 @@ def _precision(dtype: torch.dtype) -> dict[str, bool]:
     return {"IEEE": dtype == torch.float32, "UPCAST": dtype == torch.bfloat16 and _library.triton_interpret()}
 
 
+def _launch(kernel, grid, blocks: tuple[int, int, int], dtype: torch.dtype, *args, **constexprs):
+    """Launch ``kernel`` on ``grid`` with tiles ``blocks`` = (BM, BN, BK) and the products'
+    precision for activations of ``dtype``."""
+    bm, bn, bk = blocks
+    kernel[grid](*args, **constexprs, BM=bm, BN=bn, BK=bk, **_precision(dtype))
+
+
 @triton.jit
 def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
@@ -34,13 +41,26 @@ def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _block_panel(index_ptr, BM: tl.constexpr):
-    """Of program (i, p): its BM rows of x, its panel p (a block row of the weight, or a
-    block column) and the range [start, end) of the panel's kept blocks in ``index_ptr``
-    (crow, or ccol)."""
+def _block_panel(index_ptr, BM: tl.constexpr, BP: tl.constexpr):
+    """Of program (i, p): its BM rows of x, the BP columns of its panel p (a block row of
+    the weight: output columns; or a block column: input columns) and the range
+    [start, end) of the panel's kept blocks in ``index_ptr`` (crow, or ccol)."""
     offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     p = tl.program_id(1).to(tl.int64)
-    return offs_m, p, tl.load(index_ptr + p), tl.load(index_ptr + p + 1)
+    return offs_m, p * BP + tl.arange(0, BP), tl.load(index_ptr + p), tl.load(index_ptr + p + 1)
+
+
+@triton.jit
+def _block_span(index_ptr, j, B: tl.constexpr):
+    """The B rows (or columns) of the dense matrix that kept block ``j`` covers, from its
+    block row (or column) in ``index_ptr``."""
+    return tl.load(index_ptr + j) * B + tl.arange(0, B)
+
+
+@triton.jit
+def _kept_block(v_ptr, j, stride_vb, stride_vn, stride_vk, BN: tl.constexpr, BK: tl.constexpr):
+    """Pointers to the (BN x BK) kept block ``j`` of the block values."""
+    return v_ptr + j * stride_vb + tl.arange(0, BN)[:, None] * stride_vn + tl.arange(0, BK)[None, :] * stride_vk
 
 
 @triton.jit
@@ -66,15 +86,12 @@ def _block_sparse_fwd_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    offs_m, r, start, end = _block_panel(crow_ptr, BM)
-    offs_bn = tl.arange(0, BN)
-    offs_bk = tl.arange(0, BK)
-    offs_n = r * BN + offs_bn
+    offs_m, offs_n, start, end = _block_panel(crow_ptr, BM, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for j in range(start, end):  # kept blocks of block row r only
-        kk = tl.load(col_ptr + j) * BK + offs_bk
+    for j in range(start, end):  # kept blocks of this block row only
+        kk = _block_span(col_ptr, j, BK)
         xt = load_tile(x_ptr, offs_m, kk, offs_m < M, kk < K, stride_xm, stride_xk)
-        wt = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
+        wt = tl.load(_kept_block(v_ptr, j, stride_vb, stride_vn, 1, BN, BK))
         acc += _mma(xt, tl.trans(wt), IEEE, UPCAST)
     out = scale_and_bias(acc, bias_ptr, bias_ptr, offs_n, offs_n < N, False, HAS_BIAS)
     store_tile(y_ptr, out, offs_m, offs_n, offs_m < M, offs_n < N, stride_ym, 1)
@@ -102,16 +119,12 @@ def _block_sparse_dx_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    offs_m, c, start, end = _block_panel(ccol_ptr, BM)
-    offs_bn = tl.arange(0, BN)
-    offs_bk = tl.arange(0, BK)
-    offs_k = c * BK + offs_bk
+    offs_m, offs_k, start, end = _block_panel(ccol_ptr, BM, BK)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for j in range(start, end):  # kept blocks of block column c only
-        nn = tl.load(crow_of_ptr + j) * BN + offs_bn
-        b = tl.load(cblock_ptr + j)
+    for j in range(start, end):  # kept blocks of this block column only
+        nn = _block_span(crow_of_ptr, j, BN)
         gt = load_tile(g_ptr, offs_m, nn, offs_m < M, nn < N, stride_gm, stride_gn)
-        wt = tl.load(v_ptr + b * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :])
+        wt = tl.load(_kept_block(v_ptr, tl.load(cblock_ptr + j), stride_vb, stride_vn, 1, BN, BK))
         acc += _mma(gt, wt, IEEE, UPCAST)
     store_tile(dx_ptr, acc, offs_m, offs_k, offs_m < M, offs_k < K, stride_dxm, 1)
 
@@ -139,10 +152,8 @@ def _block_sparse_dw_kernel(
     UPCAST: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64)  # one program per kept block
-    offs_bn = tl.arange(0, BN)
-    offs_bk = tl.arange(0, BK)
-    nn = tl.load(row_ptr + j) * BN + offs_bn
-    kk = tl.load(col_ptr + j) * BK + offs_bk
+    nn = _block_span(row_ptr, j, BN)
+    kk = _block_span(col_ptr, j, BK)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     for m0 in range(0, M, BM):
         offs_m = m0 + tl.arange(0, BM).to(tl.int64)
@@ -151,7 +162,7 @@ def _block_sparse_dw_kernel(
         xt = load_tile(x_ptr, offs_m, kk, m_ok, kk < K, stride_xm, stride_xk)
         acc += _mma(tl.trans(gt), xt, IEEE, UPCAST)
     # Rows/columns past the matrix edge saw only zeros, so the padding is written as 0.
-    tl.store(dv_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :], acc.to(dv_ptr.dtype.element_ty))
+    tl.store(_kept_block(dv_ptr, j, stride_vb, stride_vn, 1, BN, BK), acc.to(dv_ptr.dtype.element_ty))
 
 
 def _block_m(m: int) -> int:
@@ -171,27 +182,9 @@ def block_sparse_matmul(x, values, crow, col, n_out, bias):
         return y
     bm = _block_m(m)
     grid = (triton.cdiv(m, bm), crow.numel() - 1)
-    _block_sparse_fwd_kernel[grid](
-        x,
-        values,
-        crow,
-        col,
-        bias if bias is not None else y,
-        y,
-        m,
-        n_out,
-        k,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        values.stride(0),
-        values.stride(1),
-        HAS_BIAS=bias is not None,
-        BM=bm,
-        BN=bn,
-        BK=bk,
-        **_precision(x.dtype),
-    )
+    args = (x, values, crow, col, bias if bias is not None else y, y, m, n_out, k, *matrix_strides(x))
+    strides = (y.stride(0), values.stride(0), values.stride(1))
+    _launch(_block_sparse_fwd_kernel, grid, (bm, bn, bk), x.dtype, *args, *strides, HAS_BIAS=bias is not None)
     return y
 
 
@@ -203,51 +196,15 @@ def block_sparse_matmul_backward(grad, x, values, crow, col, ccol, csc_row, csc_
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # The gradient takes the row-panel layout of memkern.ops.sparse_format.row_panel_layout.
     dv = torch.empty((bn, nnzb, bk), dtype=values.dtype, device=values.device).permute(1, 0, 2)
-    bm = _block_m(m)
-    prec = _precision(x.dtype)
+    blocks = (_block_m(m), bn, bk)
     if m > 0 and k > 0:
-        _block_sparse_dx_kernel[(triton.cdiv(m, bm), ccol.numel() - 1)](
-            grad,
-            values,
-            ccol,
-            csc_row,
-            csc_block,
-            dx,
-            m,
-            n_out,
-            k,
-            grad.stride(0),
-            grad.stride(1),
-            dx.stride(0),
-            values.stride(0),
-            values.stride(1),
-            BM=bm,
-            BN=bn,
-            BK=bk,
-            **prec,
-        )
+        grid = (triton.cdiv(m, blocks[0]), ccol.numel() - 1)
+        args = (grad, values, ccol, csc_row, csc_block, dx, m, n_out, k, *matrix_strides(grad), dx.stride(0))
+        _launch(_block_sparse_dx_kernel, grid, blocks, x.dtype, *args, values.stride(0), values.stride(1))
     if nnzb > 0:
         block_row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-        _block_sparse_dw_kernel[(nnzb,)](
-            grad,
-            x,
-            block_row,
-            col,
-            dv,
-            m,
-            n_out,
-            k,
-            grad.stride(0),
-            grad.stride(1),
-            x.stride(0),
-            x.stride(1),
-            dv.stride(0),
-            dv.stride(1),
-            BM=bm,
-            BN=bn,
-            BK=bk,
-            **prec,
-        )
+        args = (grad, x, block_row, col, dv, m, n_out, k, *matrix_strides(grad, x), dv.stride(0), dv.stride(1))
+        _launch(_block_sparse_dw_kernel, (nnzb,), blocks, x.dtype, *args)
     return dx, dv
 
 
@@ -288,11 +245,8 @@ def _sparse24_fwd_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    offs_m, offs_n, m_ok, n_ok = output_tile(M, N, BM, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK).to(tl.int64)
         k_ok = offs_k < K
@@ -318,27 +272,11 @@ def sparse24_matmul(x, values, meta, bias):
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    bm, bn, bk = _sparse24_blocks(m, x.dtype)
-    _sparse24_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x,
-        values,
-        meta,
-        bias if bias is not None else y,
-        y,
-        m,
-        n,
-        k,
-        x.stride(0),
-        x.stride(1),
-        values.stride(0),
-        meta.stride(0),
-        y.stride(0),
-        HAS_BIAS=bias is not None,
-        BM=bm,
-        BN=bn,
-        BK=bk,
-        **_precision(x.dtype),
-    )
+    blocks = _sparse24_blocks(m, x.dtype)
+    grid = (triton.cdiv(m, blocks[0]), triton.cdiv(n, blocks[1]))
+    args = (x, values, meta, bias if bias is not None else y, y, m, n, k, *matrix_strides(x))
+    strides = (values.stride(0), meta.stride(0), y.stride(0))
+    _launch(_sparse24_fwd_kernel, grid, blocks, x.dtype, *args, *strides, HAS_BIAS=bias is not None)
     return y
 
 

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memkern.kernels.sparse import _block_m, _mma, _precision
+from memkern.kernels.sparse import _block_m, _launch, _mma
+from memkern.kernels.tiles import load_tile, matrix_strides, scale_and_bias, store_tile
 
 BLOCK_K = 128  # columns per program of the expansion: 16 bytes of bits
 MATMUL_BLOCK_N = 64  # weight rows (outputs) per program of the product
@@ -62,6 +63,8 @@ def _bitmask_matmul_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    # The tile's rows and columns as output_tile's, but widened to int64 before the
+    # multiply: with output_tile's order ptxas spills 16 bytes a thread on sm_80 (fp32), not 4.
     offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     m_ok = offs_m < M
@@ -79,19 +82,10 @@ def _bitmask_matmul_kernel(
         index = base[:, None] + (tl.cumsum(bit, axis=1) - bit)
         # index < NVALUES: even bits that keep more weights than values holds stay inside it
         w = tl.load(v_ptr + index, mask=(bit != 0) & (index < NVALUES), other=0.0)
-        a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+        a = load_tile(x_ptr, offs_m, offs_k, m_ok, k_ok, stride_xm, stride_xk)
         acc += _mma(a, tl.trans(w).to(a.dtype), IEEE, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    out = scale_and_bias(acc, bias_ptr, bias_ptr, offs_n, n_ok, False, HAS_BIAS)
+    store_tile(y_ptr, out, offs_m, offs_n, m_ok, n_ok, stride_ym, stride_yn)
 
 
 def block_starts(bits: torch.Tensor, block: int = BLOCK_K) -> tuple[torch.Tensor, int]:
@@ -145,28 +139,9 @@ def matmul_from_starts(x, values, bits, starts, bias) -> torch.Tensor:
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    bm = _block_m(m)
-    _bitmask_matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, MATMUL_BLOCK_N))](
-        x,
-        values,
-        bits,
-        starts,
-        bias.contiguous() if bias is not None else y,
-        y,
-        m,
-        n,
-        k,
-        bits.shape[1],
-        starts.shape[1],
-        values.numel(),
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        HAS_BIAS=bias is not None,
-        BM=bm,
-        BN=MATMUL_BLOCK_N,
-        BK=MATMUL_BLOCK_K,
-        **_precision(x.dtype),
-    )
+    blocks = (_block_m(m), MATMUL_BLOCK_N, MATMUL_BLOCK_K)
+    grid = (triton.cdiv(m, blocks[0]), triton.cdiv(n, MATMUL_BLOCK_N))
+    bias_or_y = bias.contiguous() if bias is not None else y  # y is never read as a bias
+    args = (x, values, bits, starts, bias_or_y, y, m, n, k, bits.shape[1], starts.shape[1], values.numel())
+    _launch(_bitmask_matmul_kernel, grid, blocks, x.dtype, *args, *matrix_strides(x, y), HAS_BIAS=bias is not None)
     return y

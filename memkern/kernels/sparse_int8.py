@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from memkern.kernels.int8 import EXACT_CHUNK_K
+from memkern.kernels.int8 import EXACT_CHUNK_K, dequantize_products
 from memkern.kernels.quantize import quantize_rowwise
-from memkern.kernels.sparse import _block_m, _block_panel, _mma, _precision
-from memkern.kernels.tiles import load_tile, scale_and_bias, store_tile
+from memkern.kernels.sparse import _block_m, _block_panel, _block_span, _kept_block, _launch, _mma
+from memkern.kernels.tiles import load_tile, matrix_strides, scale_and_bias, store_tile
 
 
 @triton.jit
@@ -53,10 +53,7 @@ def _block_sparse_int8_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    offs_m, r, start, end = _block_panel(crow_ptr, BM)
-    offs_bn = tl.arange(0, BN).to(tl.int64)
-    offs_bk = tl.arange(0, BK).to(tl.int64)
-    offs_n = r * BN + offs_bn
+    offs_m, offs_n, start, end = _block_panel(crow_ptr, BM, BN)
     m_ok = offs_m < M
     n_ok = offs_n < N
     if WEIGHT_ONLY:
@@ -65,10 +62,11 @@ def _block_sparse_int8_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.int64)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for j in range(start, end):  # kept blocks of block row r only
-        kk = tl.load(col_ptr + j) * BK + offs_bk
+    for j in range(start, end):  # kept blocks of this block row only
+        kk = _block_span(col_ptr, j, BK)
         a = load_tile(a_ptr, offs_m, kk, m_ok, kk < K, stride_am, stride_ak)
-        w = tl.load(v_ptr + j * stride_vb + offs_bn[:, None] * stride_vn + offs_bk[None, :] * stride_vk)
+        # the block's row offsets in int64: in int32, ptxas spills more on sm_80 (fp32 x)
+        w = tl.load(_kept_block(v_ptr, j, stride_vb, stride_vn.to(tl.int64), stride_vk, BN, BK))
         if WEIGHT_ONLY:
             # int8 -> x's dtype is exact; through float32, since Triton's interpreter turns a
             # direct int8 -> bfloat16 cast into garbage (kernels/int8.py).
@@ -80,9 +78,7 @@ def _block_sparse_int8_kernel(
     if WEIGHT_ONLY:
         out = scale_and_bias(acc, ws_ptr, bias_ptr, offs_n, n_ok, True, HAS_BIAS)
     else:
-        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-        xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-        out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])  # scales first: see reference.py
+        out = dequantize_products(acc, xs_ptr, ws_ptr, offs_m, offs_n, m_ok, n_ok)
         out = scale_and_bias(out, ws_ptr, bias_ptr, offs_n, n_ok, False, HAS_BIAS)
     store_tile(y_ptr, out, offs_m, offs_n, m_ok, n_ok, stride_ym, stride_yn)
 
@@ -100,31 +96,9 @@ def block_sparse_int8_linear(x, values, scales, crow, col, bias, weight_only: bo
     else:
         a, x_scale = quantize_rowwise(x)
     bm = _block_m(m)
-    _block_sparse_int8_kernel[(triton.cdiv(m, bm), crow.numel() - 1)](
-        a,
-        x_scale,
-        values,
-        crow,
-        col,
-        scales.contiguous(),
-        bias.contiguous() if bias is not None else y,
-        y,
-        m,
-        n,
-        k,
-        a.stride(0),
-        a.stride(1),
-        y.stride(0),
-        y.stride(1),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
-        HAS_BIAS=bias is not None,
-        WEIGHT_ONLY=weight_only,
-        LONG_K=-(-k // bk) * bk > EXACT_CHUNK_K,
-        BM=bm,
-        BN=bn,
-        BK=bk,
-        **_precision(x.dtype),
-    )
+    grid = (triton.cdiv(m, bm), crow.numel() - 1)
+    bias_or_y = bias.contiguous() if bias is not None else y  # y is never read as a bias
+    args = (a, x_scale, values, crow, col, scales.contiguous(), bias_or_y, y, m, n, k, *matrix_strides(a, y))
+    flags = dict(HAS_BIAS=bias is not None, WEIGHT_ONLY=weight_only, LONG_K=-(-k // bk) * bk > EXACT_CHUNK_K)
+    _launch(_block_sparse_int8_kernel, grid, (bm, bn, bk), x.dtype, *args, *values.stride(), **flags)
     return y

@@ -1,7 +1,7 @@
 """What the linear-layer kernels (int8, int4, block-sparse, 2:4) share: the launch over
-output tiles, and the device functions for the tile a program owns, its masked loads, its
-epilogue and its store. Triton inlines device functions into each kernel, so a kernel
-compiles as if it spelled them out."""
+output tiles (or rows, for the GEMV kernels), and the device functions for the tile (or
+row) a program owns, its masked loads, its epilogue and its store.
+Triton inlines device functions into each kernel, so a kernel compiles as if it spelled them out."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ import triton.language as tl
 def matrix_strides(*matrices: torch.Tensor) -> tuple[int, ...]:
     """The row and column strides of each 2-D tensor, in order: a kernel's stride arguments."""
     return tuple(stride for t in matrices for stride in t.stride())
+
+
+def launch_on_rows(kernel, out_shape: tuple[int, int], blocks: tuple[int, int], *args, **constexprs):
+    """Launch the GEMV ``kernel`` with one program per row and BLOCK_N columns of an output
+    of ``out_shape``; ``blocks`` is (BLOCK_N, BLOCK_K)."""
+    (m, n), (bn, bk) = out_shape, blocks
+    kernel[(m, triton.cdiv(n, bn))](*args, **constexprs, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
 
 
 def launch_on_tiles(kernel, out_shape: tuple[int, int], blocks: tuple[int, int, int, int], *args, **constexprs):
@@ -30,6 +37,14 @@ def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     return rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def output_row(N, BLOCK_N: tl.constexpr):
+    """Of a GEMV program (m, j): its row m and its BLOCK_N output columns, and which of
+    them lie inside the N columns of the output."""
+    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return tl.program_id(0).to(tl.int64), rn, rn < N
 
 
 @triton.jit
@@ -52,6 +67,12 @@ def store_tile(out_ptr, out, rm, rn, m_ok, n_ok, stride_om, stride_on):
         out.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & n_ok[None, :],
     )
+
+
+@triton.jit
+def store_row(out_ptr, out, m, rn, n_ok, stride_om, stride_on):
+    """Store the float32 row ``out`` at row ``m``, columns ``rn`` in out's dtype."""
+    tl.store(out_ptr + m * stride_om + rn * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
